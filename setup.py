@@ -23,6 +23,7 @@ setup(
         "array-record>=0.8.6,<0.9",
         "math-verify>=0.9,<0.10",
         "tqdm",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch is pinned exactly: an unpinned torch pulls a multi-GB CUDA build.

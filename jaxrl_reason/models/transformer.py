@@ -1,0 +1,264 @@
+"""One NNX decoder for Qwen2 / Qwen3 / Llama-style LMs, autoregressive or masked-diffusion (DESIGN.md §1).
+
+RMSNorm, rotary embeddings (HF `rotate_half` layout), grouped-query attention, SwiGLU MLP; optional qkv
+bias (Qwen2), q/k RMSNorm over head_dim before RoPE (Qwen3) and tied embeddings. The model never chooses an
+attention pattern: the caller passes a boolean `mask_BxTxS` ("query t may attend key s", built with
+`models/attention.py`). `cfg.attention` is metadata for mask builders, HF export and callers.
+
+KV cache rule (one rule for AR prefill/decode and block-diffusion denoise/commit): with a cache of S slots,
+the K/V of the T input tokens are written at slots `[cache_index, cache_index + T)` (same index for every
+row, `lax.dynamic_update_slice`), then the T queries attend over all S slots with the given mask.
+
+Every parameter is an `nnx.Param` with `logical_axes` metadata (names: "vocab", "embed", "heads",
+"kv_heads", "mlp", "head_dim", "norm"), mapped to mesh axes by `models/sharding.py`. The key is not
+flax's `out_sharding`, so building a model outside a mesh works with default flax settings.
+"""
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_reason.models.attention import ATTENTION_KINDS
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture of a decoder LM. `attention`, `block_size`, `mask_token_id` are metadata only."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None -> hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False  # Qwen2
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k, before RoPE
+    tie_embeddings: bool = False
+    attention: str = "causal"  # "causal" | "bidirectional" | "block"
+    block_size: int = 1  # for attention == "block"
+    mask_token_id: int | None = None  # diffusion models
+    param_dtype: str = "float32"  # "float32" | "bfloat16"; compute in it, softmax + logits float32
+    max_position_embeddings: int = 4096
+
+    def validate(self) -> None:
+        """Raises ValueError with one sentence for an impossible configuration."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "block_size", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads}).")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) is not divisible by num_heads "
+                             f"({self.num_heads}); set head_dim explicitly.")
+        if self.head_dim_ % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim_}.")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"Unknown attention {self.attention!r}; expected one of {ATTENTION_KINDS}.")
+        if self.param_dtype not in _DTYPES:
+            raise ValueError(f"Unknown param_dtype {self.param_dtype!r}; expected one of {tuple(_DTYPES)}.")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ValueError("rope_theta and rms_norm_eps must be positive.")
+
+    @property
+    def head_dim_(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def dtype(self):
+        """The jnp dtype of parameters and activations."""
+        return _DTYPES[self.param_dtype]
+
+
+class LayerCache(NamedTuple):
+    k: jax.Array  # [B, S, n_kv, head_dim]
+    v: jax.Array  # [B, S, n_kv, head_dim]
+
+
+KVCache = tuple[LayerCache, ...]  # one per layer (a pytree)
+
+
+def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> KVCache:
+    """Zero KV cache: one `LayerCache` of `[batch, length, num_kv_heads, head_dim]` per layer."""
+    dtype = cfg.dtype if dtype is None else dtype
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim_)
+    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key, shape, std, dtype):
+    """One compiled kernel per (shape, std, dtype): eager model init stays cheap on CPU."""
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _param(key, shape, axes, dtype, std=None):
+    """Normal(0, std) init (std = fan_in ** -0.5 by default), or ones when key is None (norm scales)."""
+    if key is None:
+        return nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
+    std = shape[0] ** -0.5 if std is None else std
+    return nnx.Param(_normal(key, shape, float(std), jnp.dtype(dtype)), logical_axes=axes)
+
+
+def rms_norm(x, scale, eps):
+    """HF RMSNorm: normalise in float32, cast back to x.dtype, then multiply by the scale."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * x32.astype(x.dtype)
+
+
+def apply_rope(x_BxTxNxH, positions_BxT, theta):
+    """Rotary embedding, HF `rotate_half` layout (first half / second half), computed in float32."""
+    half = x_BxTxNxH.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / (2 * half)))
+    ang_BxTxH = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    cos, sin = jnp.cos(ang_BxTxH)[:, :, None, :], jnp.sin(ang_BxTxH)[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+    """Grouped-query softmax attention, scores and softmax in float32, no K/V repeat.
+
+    Query head n uses kv head n // (N // K) (HF `repeat_kv` order). Masked scores get a finite minimum and
+    rows with no visible key output zeros, so nothing is NaN. Returns [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q_BxTxNxH.shape
+    kv = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
+    s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+                             preferred_element_type=jnp.float32) * (h ** -0.5)
+    m = mask_BxTxS[:, None, None].astype(bool)
+    s_BxKxGxTxS = jnp.where(m, s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s_BxKxGxTxS, axis=-1)
+    p = jnp.where(jnp.any(m, axis=-1, keepdims=True), p, 0.0).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", p, v_BxSxKxH)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention with RoPE, optional qkv bias and q/k norm, optional KV-cache write."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        d, n, kv, h, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_, cfg.dtype
+        self.cfg = cfg
+        self.q_proj = _param(rngs.params(), (d, n * h), ("embed", "heads"), dt)
+        self.k_proj = _param(rngs.params(), (d, kv * h), ("embed", "kv_heads"), dt)
+        self.v_proj = _param(rngs.params(), (d, kv * h), ("embed", "kv_heads"), dt)
+        self.o_proj = _param(rngs.params(), (n * h, d), ("heads", "embed"), dt)
+        if cfg.qkv_bias:
+            self.q_bias = nnx.Param(jnp.zeros((n * h,), dt), logical_axes=("heads",))
+            self.k_bias = nnx.Param(jnp.zeros((kv * h,), dt), logical_axes=("kv_heads",))
+            self.v_bias = nnx.Param(jnp.zeros((kv * h,), dt), logical_axes=("kv_heads",))
+        if cfg.qk_norm:
+            self.q_norm = _param(None, (h,), ("head_dim",), dt)
+            self.k_norm = _param(None, (h,), ("head_dim",), dt)
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
+        cfg = self.cfg
+        b, t, _ = x_BxTxD.shape
+        h = cfg.head_dim_
+        q, k, v = x_BxTxD @ self.q_proj[...], x_BxTxD @ self.k_proj[...], x_BxTxD @ self.v_proj[...]
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        q = q.reshape(b, t, cfg.num_heads, h)
+        k = k.reshape(b, t, cfg.num_kv_heads, h)
+        v = v.reshape(b, t, cfg.num_kv_heads, h)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        q = apply_rope(q, positions_BxT, cfg.rope_theta)
+        k = apply_rope(k, positions_BxT, cfg.rope_theta)
+        if cache is not None:
+            idx = jnp.asarray(cache_index, jnp.int32)
+            zero = jnp.zeros((), jnp.int32)
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, idx, zero, zero))
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, idx, zero, zero))
+            cache = LayerCache(k_all, v_all)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        out = attend(q, k, v, mask_BxTxS).reshape(b, t, cfg.num_heads * h)
+        return out @ self.o_proj[...], cache
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: x + attn(norm(x)); x + swiglu(norm(x))."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.dtype
+        self.eps = cfg.rms_norm_eps
+        self.input_norm = _param(None, (d,), ("norm",), dt)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = _param(None, (d,), ("norm",), dt)
+        self.gate_proj = _param(rngs.params(), (d, f), ("embed", "mlp"), dt)
+        self.up_proj = _param(rngs.params(), (d, f), ("embed", "mlp"), dt)
+        self.down_proj = _param(rngs.params(), (f, d), ("mlp", "embed"), dt)
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
+        a, cache = self.attn(rms_norm(x_BxTxD, self.input_norm[...], self.eps), positions_BxT, mask_BxTxS,
+                             cache, cache_index)
+        x_BxTxD = x_BxTxD + a
+        y = rms_norm(x_BxTxD, self.post_attn_norm[...], self.eps)
+        y = jax.nn.silu(y @ self.gate_proj[...]) * (y @ self.up_proj[...])
+        return x_BxTxD + y @ self.down_proj[...], cache
+
+
+class Transformer(nnx.Module):
+    """Decoder LM. `__call__` -> (float32 logits [B, T, V], updated cache or None).
+
+    `lm_head=False` builds the backbone without an (untied) LM head, for value models (diffusion.md §7.4);
+    `logits` then raises.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        dt = cfg.dtype
+        self.embed = _param(rngs.params(), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, std=0.02)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = _param(None, (cfg.hidden_size,), ("norm",), dt)
+        self.has_lm_head = lm_head and not cfg.tie_embeddings
+        if self.has_lm_head:
+            self.lm_head = _param(rngs.params(), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
+
+    def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
+        """Final-normed hidden states [B, T, D] (param dtype) and the updated cache (or None)."""
+        if (cache is None) != (cache_index is None):
+            raise ValueError("cache and cache_index must be given together.")
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}.")
+        t = tokens_BxT.shape[1]
+        s = t if cache is None else cache[0].k.shape[1]
+        if isinstance(cache_index, int) and not 0 <= cache_index <= s - t:
+            raise ValueError(f"cache_index {cache_index} with {t} new tokens does not fit a cache of {s} slots.")
+        if mask_BxTxS.shape != (*tokens_BxT.shape, s):
+            raise ValueError(f"mask_BxTxS has shape {mask_BxTxS.shape}, expected {(*tokens_BxT.shape, s)}.")
+        x = jnp.take(self.embed[...], tokens_BxT, axis=0)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(x, positions_BxT, mask_BxTxS, None if cache is None else cache[i], cache_index)
+            new_cache.append(c)
+        h = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        return h, (None if cache is None else tuple(new_cache))
+
+    def logits(self, h_BxTxD):
+        """LM head (or tied embedding) -> float32 logits [B, T, V]."""
+        if self.cfg.tie_embeddings:
+            return jnp.einsum("btd,vd->btv", h_BxTxD, self.embed[...], preferred_element_type=jnp.float32)
+        if not self.has_lm_head:
+            raise ValueError("This Transformer was built with lm_head=False and has no LM head.")
+        return jnp.einsum("btd,dv->btv", h_BxTxD, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_BxT, positions_BxT, mask_BxTxS, cache: KVCache | None = None,
+                 cache_index=None):
+        """tokens int[B, T], positions int[B, T], mask bool[B, T, S] -> (logits f32[B, T, V], cache)."""
+        h, cache = self.hidden(tokens_BxT, positions_BxT, mask_BxTxS, cache, cache_index)
+        return self.logits(h), cache

@@ -1,0 +1,165 @@
+"""The shared config schema of every RL experiment; method files override parts of it.
+
+Each method file (`configs/grpo.py`, `configs/dapo.py`, ...) calls `get_base_config(arg)` and then applies its
+recipe from `jaxrl_reason.algorithms.RECIPES` (the paper defaults), so every field a method can change is visible
+here, with its meaning. `arg` picks the scale:
+
+  tiny   ~0.8M-parameter character-level model on the arithmetic task; runs on a 2-core CPU in minutes.
+  small  ~30M-parameter model, same task; a GPU or a many-core CPU.
+  full   the papers' scale (a local Hugging Face checkpoint, e.g. a Qwen2.5/Qwen3 model, and a JSONL/parquet data set
+         in verl format): set `model.init=hf:/path/to/model` and `task.name=jsonl` with `task.train_path`,
+         `task.eval_path`, and a mesh that covers your devices.
+"""
+from __future__ import annotations
+
+from ml_collections import config_dict
+
+SCALES = ("tiny", "small", "full")
+
+
+def _model(scale: str) -> config_dict.ConfigDict:
+    m = config_dict.ConfigDict()
+    # `init`: "sft" = the SFT checkpoint at `sft_dir` (HF format, shipped for tiny), "random", or "hf:<dir>".
+    m.init = "sft"
+    m.sft_dir = "checkpoints/arith_tiny_sft"
+    m.vocab_size = 0  # 0: taken from the tokenizer / checkpoint
+    m.hidden_size = {"tiny": 128, "small": 512, "full": 0}[scale]
+    m.intermediate_size = {"tiny": 512, "small": 2048, "full": 0}[scale]
+    m.num_layers = {"tiny": 4, "small": 8, "full": 0}[scale]
+    m.num_heads = {"tiny": 4, "small": 8, "full": 0}[scale]
+    m.num_kv_heads = {"tiny": 4, "small": 8, "full": 0}[scale]
+    m.rope_theta = 10000.0
+    m.tie_embeddings = False
+    m.attention = "causal"  # causal | bidirectional | block (diffusion models)
+    m.block_size = 1
+    m.param_dtype = "float32" if scale != "full" else "bfloat16"
+    return m
+
+
+def _task(scale: str) -> config_dict.ConfigDict:
+    t = config_dict.ConfigDict()
+    t.name = "arithmetic"  # arithmetic | reasoning_gym | jsonl
+    t.train_levels = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+    t.eval_levels = (0, 1, 2, 3, 4, 5, 6, 7, 8)
+    t.recheck_prob = 0.9  # SFT traces with redundant re-checks (calibration.md lesson 1)
+    t.error_prob = 0.0
+    t.reasoning_gym_task = "chain_sum"
+    t.train_path = ""
+    t.eval_path = ""
+    t.tokenizer_dir = ""  # "": the tokenizer stored next to the SFT checkpoint / built for the arithmetic task
+    t.eval_seed = 1234
+    return t
+
+
+def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
+    """The base config at scale `arg` (tiny | small | full) with GRPO-like defaults; method files override."""
+    scale = arg or "tiny"
+    if scale not in SCALES:
+        raise ValueError(f"unknown config arg {arg!r}; use one of {', '.join(SCALES)}.")
+    c = config_dict.ConfigDict()
+    c.algorithm = "grpo"
+    c.scale = scale
+    c.seed = 0
+    c.model = _model(scale)
+    c.task = _task(scale)
+
+    c.rollout = config_dict.ConfigDict()
+    c.rollout.prompts_per_step = {"tiny": 16, "small": 64, "full": 512}[scale]
+    c.rollout.group_size = {"tiny": 8, "small": 8, "full": 16}[scale]
+    c.rollout.max_prompt_len = {"tiny": 24, "small": 24, "full": 1024}[scale]
+    c.rollout.max_new_tokens = {"tiny": 160, "small": 160, "full": 4096}[scale]
+    c.rollout.temperature = 1.0
+    c.rollout.top_k = 0
+    c.rollout.top_p = 1.0
+    c.rollout.min_p = 0.0
+    c.rollout.hapo_tau = 0.0  # > 0: HAPO entropy-adaptive temperature (algorithms.md §4.2)
+    c.rollout.hapo_sign_compat = False
+
+    c.reward = config_dict.ConfigDict()
+    c.reward.kind = "binary"  # binary: {0, 1}; signed: {-1, +1} (DAPO verifier)
+    c.reward.overlong_buffer = 0  # > 0: DAPO soft overlong penalty over the last `buffer` tokens (§1.8)
+    c.reward.overlong_factor = 1.0
+    c.reward.truncation_penalty = False  # DLER: truncated responses get reward * stop_penalty_coef (§2.2.1)
+    c.reward.stop_penalty_coef = 0.0  # 0.0 = paper; 0.1 = released code
+    c.reward.da_dler_thresholds = ()  # DA-DLER pass-rate thresholds (§2.2.6); empty = off
+    c.reward.da_dler_budgets = ()  # one more budget than thresholds, shortest for the easiest tier
+    c.reward.repro_alpha = 0.0  # > 0: REPRO process advantage weight (§5.2)
+    c.reward.repro_w = 0.5
+    c.reward.repro_k = 10
+    c.reward.repro_delimiter = " "  # segment delimiter ("\n\n" for math text, " " for the char-level task)
+    c.reward.repro_answer_prefix = "#### "  # template between the reasoning prefix and the gold answer
+    c.reward.repro_think_end = "####"  # where the thinking part ends ("</think>" for R1-style models)
+    c.reward.verifier_workers = 0  # > 0: score in a process pool with a per-item time limit
+    c.reward.verifier_timeout_s = 5.0
+
+    c.filter = config_dict.ConfigDict()
+    c.filter.kind = "none"  # none | zero_variance | lspo | accuracy_band
+    c.filter.max_rounds = 4  # generation rounds to fill the batch before training on what there is
+    c.filter.lspo_low = 0.30
+    c.filter.lspo_high = 0.60
+    c.filter.lspo_max = 0.90
+    c.filter.band_low = 0.2
+    c.filter.band_high = 0.8
+
+    c.advantage = config_dict.ConfigDict()
+    c.advantage.estimator = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae | hapo
+    c.advantage.eps = 1e-6
+    c.advantage.gamma = 1.0
+    c.advantage.lam = 1.0
+    c.advantage.hapo_fallback_abs = 5.0
+
+    c.loss = config_dict.ConfigDict()
+    c.loss.mode = "ppo"  # ppo | gspo
+    c.loss.eps_low = 0.2
+    c.loss.eps_high = 0.2
+    c.loss.dual_clip_c = 0.0  # 0: off; > 1: dual clip constant (verl clip_ratio_c)
+    c.loss.agg = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    c.loss.agg_const = 0.0  # seq-mean-token-sum-norm constant; 0: max_new_tokens
+    c.loss.kl_coef = 0.0
+    c.loss.kl_kind = "k3"
+    c.loss.kl_in_reward_coef = 0.0  # > 0: k1 KL folded into the token rewards (REINFORCE++, §1.10)
+    c.loss.entropy_coef = 0.0
+    c.loss.value_coef = 0.5
+    c.loss.value_clip = 0.5
+    c.loss.hapo_adaptive_clip = False
+    c.loss.hapo_clip_alpha = 1.0
+    c.loss.hapo_redistribute = False
+    c.loss.hapo_adv_beta = 1.0
+    c.loss.hapo_pivot = 0.8
+    c.loss.hapo_sign_compat = False
+
+    c.optim = config_dict.ConfigDict()
+    c.optim.lr = {"tiny": 1e-4, "small": 3e-5, "full": 1e-6}[scale]  # calibration.md lesson 4
+    c.optim.value_lr = 1e-4 if scale != "full" else 1e-5
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"
+    c.optim.weight_decay = 0.0
+    c.optim.grad_clip = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.mini_batches = 1  # optimizer updates per rollout batch (per epoch)
+    c.optim.ppo_epochs = 1
+    c.optim.micro_batches = 1  # gradient accumulation inside one update
+
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.data = -1  # -1: all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.train = config_dict.ConfigDict()
+    c.train.num_steps = {"tiny": 150, "small": 500, "full": 500}[scale]
+    c.train.time_budget_s = {"tiny": 420.0, "small": 0.0, "full": 0.0}[scale]  # 0: no limit
+    c.train.eval_every = 0  # 0: only before and after
+    c.train.checkpoint_every = 50
+    c.train.keep_checkpoints = 2
+    c.train.log_every = 1
+    c.train.max_consecutive_skips = 5
+    c.train.export_hf = True
+
+    c.eval = config_dict.ConfigDict()
+    c.eval.num_problems = 500
+    c.eval.samples = 4  # pass@1 is averaged over these T=eval.temperature samples; pass@k, maj@k reported too
+    c.eval.temperature = 1.0
+    c.eval.greedy = True  # also report greedy accuracy
+    c.eval.batch_size = 256
+    return c

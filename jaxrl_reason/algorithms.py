@@ -1,0 +1,127 @@
+"""Named recipes: which reward shaping, filter, advantage, loss, aggregation and KL each method uses.
+
+A method is a recipe, not a class (DESIGN.md §2): a flat dict of config overrides (dotted keys into the schema of
+`configs/base.py`) holding the paper defaults. A config file applies a recipe and may override any single part,
+so combining parts (LSPO on GSPO, REPRO on PPO) is a config edit. Sources: algorithms.md §1.11 (baselines), §2.3
+(DLER), §3.2 (LSPO), §4.7 (HAPO), §5.4 (REPRO).
+
+Scale-dependent numbers (overlong buffer, DLER budget) are expressed as fractions of `rollout.max_new_tokens`
+where the paper ties them to the response budget, and resolved by `apply_recipe`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "hapo")
+LOSS_MODES = ("ppo", "gspo")
+FILTERS = ("none", "zero_variance", "lspo", "accuracy_band")
+KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+")
+
+_GRPO = {
+    "advantage.estimator": "grpo",
+    "loss.mode": "ppo",
+    "loss.eps_low": 0.2,
+    "loss.eps_high": 0.2,
+    "loss.agg": "seq-mean-token-mean",  # original GRPO objective (§1.6)
+    "loss.kl_coef": 0.001,  # verl use_kl_loss default coefficient, low_var_kl (§1.3)
+    "loss.kl_kind": "k3",
+}
+_DAPO = {
+    "advantage.estimator": "grpo",
+    "reward.kind": "signed",  # DAPO verifier: +1 / -1 (§1.8)
+    "reward.overlong_buffer": 0.2,  # fraction of max_new_tokens: 4096 of 20480 in the recipe
+    "reward.overlong_factor": 1.0,
+    "filter.kind": "zero_variance",
+    "loss.mode": "ppo",
+    "loss.eps_low": 0.2,
+    "loss.eps_high": 0.28,
+    "loss.dual_clip_c": 10.0,
+    "loss.agg": "token-mean",
+    "loss.kl_coef": 0.0,
+}
+_GSPO = {
+    "advantage.estimator": "grpo",
+    "loss.mode": "gspo",
+    "loss.eps_low": 3e-4,
+    "loss.eps_high": 4e-4,
+    "loss.agg": "seq-mean-token-mean",  # forced by GSPO (§1.9)
+    "loss.kl_coef": 0.0,
+    "optim.mini_batches": 4,  # GSPO only differs from GRPO off-policy (§1.9)
+}
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "grpo": _GRPO,
+    "dr_grpo": {
+        **_GRPO,
+        "advantage.estimator": "dr_grpo",
+        "loss.agg": "seq-mean-token-sum-norm",  # constant = max_new_tokens (§1.7)
+        "loss.kl_coef": 0.0,
+    },
+    "dapo": _DAPO,
+    "gspo": _GSPO,
+    "reinforce_pp": {
+        "advantage.estimator": "reinforce_pp",  # return-to-go with k1 KL in the reward, batch whitening (§1.10)
+        "loss.kl_in_reward_coef": 0.001,
+        "loss.kl_coef": 0.0,
+        "loss.agg": "token-mean",
+    },
+    "reinforce_pp_baseline": {
+        "advantage.estimator": "reinforce_pp_baseline",
+        "loss.kl_coef": 0.001,
+        "loss.agg": "token-mean",
+    },
+    "ppo": {
+        "advantage.estimator": "gae",  # critic + GAE, batch whitening (§1.2)
+        "loss.mode": "ppo",
+        "loss.dual_clip_c": 3.0,
+        "loss.agg": "token-mean",
+        "loss.kl_coef": 0.0,
+        "advantage.gamma": 1.0,
+        "advantage.lam": 1.0,
+    },
+    "dler": {
+        "reward.kind": "binary",
+        "reward.truncation_penalty": True,  # truncation at L_T = max_new_tokens (§2.2.1)
+        "reward.stop_penalty_coef": 0.0,  # paper; the released code uses 0.1
+        "filter.kind": "zero_variance",  # on the pre-penalty score (§2.2.4)
+        "advantage.estimator": "reinforce_pp_baseline",  # group mean + batch whitening (§2.2.2)
+        "loss.mode": "ppo",
+        "loss.eps_low": 0.2,
+        "loss.eps_high": 0.28,
+        "loss.dual_clip_c": 10.0,
+        "loss.agg": "token-mean",
+        "loss.kl_coef": 5e-4,
+        "loss.kl_kind": "k2",  # paper Table 4 says mse; the launcher leaves low_var_kl (§2.3)
+    },
+    "lspo": {"filter.kind": "lspo"},  # applied on top of grpo / dapo / gspo by configs/lspo.py (§3)
+    "hapo": {
+        **_DAPO,
+        "advantage.estimator": "hapo",  # token-level group average (§4.3)
+        "rollout.hapo_tau": 0.05,  # released scripts; paper notes say 0.1 (§4.2)
+        "loss.hapo_adaptive_clip": True,  # §4.5
+        "loss.hapo_redistribute": True,  # §4.4
+        "loss.eps_high": 0.2,  # released scripts 0.2/0.2; paper notes 0.2/0.28 (§4.5)
+    },
+    "repro": {"reward.repro_alpha": 0.1},  # applied on top of ppo / grpo by configs/repro.py (§5.4)
+}
+RECIPES["da_dler"] = {
+    **RECIPES["dler"],
+    "reward.da_dler_thresholds": (0.5,),  # one threshold (§2.2.6)
+    "reward.da_dler_budgets": (1.0, 0.5),  # fractions of max_new_tokens: hard (c < 0.5), easy (c >= 0.5)
+}
+
+# Recipe keys whose values are fractions of rollout.max_new_tokens.
+_FRACTION_OF_BUDGET = ("reward.overlong_buffer",)
+
+
+def apply_recipe(config, name: str) -> None:
+    """Writes the recipe `name` into `config` in place (config files call this, then override)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(sorted(RECIPES))}.")
+    for dotted, value in RECIPES[name].items():
+        if dotted in _FRACTION_OF_BUDGET:
+            value = int(round(value * config.rollout.max_new_tokens))
+        section, key = dotted.split(".")
+        getattr(config, section)[key] = value
+    if name not in ("lspo", "repro"):
+        config.algorithm = name

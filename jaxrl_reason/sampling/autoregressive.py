@@ -1,0 +1,164 @@
+"""Autoregressive sampling: prefill + decode with a static KV cache inside one jitted `lax.while_loop`.
+
+DESIGN.md §2–§3 (the Rollout contract), diffusion.md §6.1 (AR log-probs), §10 (static shapes),
+algorithms.md §4.2 (HAPO adaptive temperature, through `SamplingParams.hapo_tau` and `hapo_stats`).
+
+Layout: prompts are LEFT-padded to P = max_prompt_len; the cache has S = P + R slots (R = max_new_tokens);
+response token j of every row sits at slot P + j with RoPE position prompt_len + j, so left padding changes
+nothing. One prefill pass over the prompt writes slots [0, P) and gives the first token; then one decode
+pass per token inside a `while_loop` that exits as soon as every row has produced an EOS / stop token.
+Rows that have stopped emit the pad id (their model work is wasted but shapes stay static).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrl_reason.models import attention
+from jaxrl_reason.models.transformer import init_cache
+from jaxrl_reason.sampling.processors import SamplingParams, TokenSample, sample_logits
+from jaxrl_reason.sampling.types import STEP_MAP_PAD, Rollout
+
+
+def _check_args(max_prompt_len, max_new_tokens, eos_ids, pad_id, params):
+    if not isinstance(max_prompt_len, int) or max_prompt_len < 1:
+        raise ValueError(f"max_prompt_len must be a positive int, got {max_prompt_len!r}.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+    if any(not isinstance(e, (int, np.integer)) or e < 0 for e in eos_ids):
+        raise ValueError(f"eos_ids must be non-negative token ids, got {tuple(eos_ids)!r}.")
+    if not isinstance(pad_id, (int, np.integer)) or pad_id < 0:
+        raise ValueError(f"pad_id must be a non-negative token id, got {pad_id!r}.")
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}.")
+    params.validate()
+
+
+def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_ids: Sequence[int],
+                     pad_id: int, params: SamplingParams):
+    """Returns `fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout`.
+
+    `graphdef` comes from `nnx.split(model, nnx.Param)`; `params_state` is the matching `nnx.State` (may be
+    sharded; the batch may be sharded over ("data", "fsdp")). Prompts are LEFT-padded; a prompt shorter than
+    `max_prompt_len` is left-padded to it on the fly (no recompilation), a longer one raises ValueError.
+    `eos_ids` are the EOS and stop tokens: a row stops after emitting one (it is part of the response).
+    `hapo_stats` (dict from `core.hapo.entropy_stats` of the previous step) turns on HAPO's adaptive
+    temperature when `params.hapo_tau > 0` (algorithms.md §4.2). The compiled function is cached: equal
+    arguments return the same function, so calling this per RL step does not recompile.
+    """
+    eos_ids = tuple(int(e) for e in eos_ids)
+    _check_args(max_prompt_len, max_new_tokens, eos_ids, pad_id, params)
+    return _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, int(pad_id), params)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, pad_id, params):
+    core = jax.jit(functools.partial(_generate, graphdef=graphdef, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                     pad_id=pad_id, sampling=params))
+
+    def generate_fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout:
+        tokens, mask = _left_pad(prompt_tokens_BxP, prompt_mask_BxP, max_prompt_len, pad_id)
+        return core(params_state, tokens, mask, key, hapo_stats)
+
+    return generate_fn
+
+
+def _left_pad(tokens_BxP, mask_BxP, max_prompt_len, pad_id):
+    """Validates shapes and LEFT-pads prompts to `max_prompt_len` (int32 tokens, bool mask)."""
+    if tokens_BxP.ndim != 2 or tokens_BxP.shape != mask_BxP.shape:
+        raise ValueError(f"prompt tokens {tokens_BxP.shape} and mask {mask_BxP.shape} must be equal [B, P] shapes.")
+    p = tokens_BxP.shape[1]
+    if p > max_prompt_len:
+        raise ValueError(f"The prompts have length {p} but max_prompt_len is {max_prompt_len}.")
+    tokens_BxP, mask_BxP = jnp.asarray(tokens_BxP, jnp.int32), jnp.asarray(mask_BxP, bool)
+    if p < max_prompt_len:
+        widths = ((0, 0), (max_prompt_len - p, 0))
+        tokens_BxP = jnp.pad(tokens_BxP, widths, constant_values=pad_id)
+        mask_BxP = jnp.pad(mask_BxP, widths, constant_values=False)
+    return tokens_BxP, mask_BxP
+
+
+def _write(buf_BxR, t, col_B):
+    """buf[:, t] = col (a dynamic_update_slice, in place inside the loop)."""
+    return jax.lax.dynamic_update_slice(buf_BxR, col_B[:, None].astype(buf_BxR.dtype), (0, t))
+
+
+def _record(bufs, t, s: TokenSample, alive_B, pad_id):
+    """Writes step t of every output buffer; stopped rows get pad / 0 / STEP_MAP_PAD."""
+    tok, logp, logp_raw, ent, conf, step = bufs
+    zero = jnp.zeros_like(s.logp)
+    return (_write(tok, t, jnp.where(alive_B, s.token, pad_id)),
+            _write(logp, t, jnp.where(alive_B, s.logp, zero)),
+            _write(logp_raw, t, jnp.where(alive_B, s.logp_raw, zero)),
+            _write(ent, t, jnp.where(alive_B, s.entropy, zero)),
+            _write(conf, t, jnp.where(alive_B, s.prob, zero)),
+            _write(step, t, jnp.where(alive_B, t, STEP_MAP_PAD)))
+
+
+def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats, *, graphdef, max_new_tokens,
+              eos_ids, pad_id, sampling) -> Rollout:
+    """The jitted sampler body (see the module docstring)."""
+    model = nnx.merge(graphdef, params_state)
+    b, p = prompt_tokens_BxP.shape
+    r = max_new_tokens
+    eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1, dtype=jnp.int32)
+    key_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, r), bool)], axis=1)
+
+    # Prefill: write the prompt's K/V at slots [0, P); only the last position goes through the LM head.
+    cache = init_cache(model.cfg, b, p + r)
+    h_BxPxD, cache = model.hidden(prompt_tokens_BxP, attention.positions_from_mask(prompt_mask_BxP),
+                                  attention.cached_causal_mask(key_valid_BxS, 0, p), cache, 0)
+    first = sample_logits(jax.random.fold_in(key, 0), model.logits(h_BxPxD[:, -1:])[:, 0], sampling, hapo_stats)
+    bufs = (jnp.full((b, r), pad_id, jnp.int32),) + tuple(jnp.zeros((b, r), jnp.float32) for _ in range(4)) \
+        + (jnp.full((b, r), STEP_MAP_PAD, jnp.int32),)
+    alive_B = jnp.ones((b,), bool)
+    bufs = _record(bufs, 0, first, alive_B, pad_id)
+    done_B = jnp.isin(first.token, eos_E)
+
+    def cond(carry):
+        t, _, _, done_B, _ = carry
+        return (t < r) & ~jnp.all(done_B)
+
+    def body(carry):
+        t, cache, prev_B, done_B, bufs = carry
+        slot = p + t - 1  # slot of the previous token, whose K/V this pass writes
+        h_Bx1xD, cache = model.hidden(prev_B[:, None], (prompt_len_B + t - 1)[:, None],
+                                      attention.cached_causal_mask(key_valid_BxS, slot, 1), cache, slot)
+        s = sample_logits(jax.random.fold_in(key, t), model.logits(h_Bx1xD)[:, 0], sampling, hapo_stats)
+        alive_B = ~done_B
+        bufs = _record(bufs, t, s, alive_B, pad_id)
+        done_B = done_B | jnp.isin(s.token, eos_E)
+        return t + 1, cache, jnp.where(alive_B, s.token, pad_id), done_B, bufs
+
+    carry = (jnp.asarray(1, jnp.int32), cache, first.token, done_B, bufs)
+    _, _, _, done_B, bufs = jax.lax.while_loop(cond, body, carry)
+    tokens_BxR, logp_BxR, logp_raw_BxR, entropy_BxR, conf_BxR, step_BxR = bufs
+    response_mask_BxR = step_BxR != STEP_MAP_PAD
+    return Rollout(prompt_tokens_BxP=prompt_tokens_BxP, prompt_mask_BxP=prompt_mask_BxP, tokens_BxR=tokens_BxR,
+                   response_mask_BxR=response_mask_BxR, logp_BxR=logp_BxR, logp_raw_BxR=logp_raw_BxR,
+                   entropy_BxR=entropy_BxR, length_B=jnp.sum(response_mask_BxR, axis=-1, dtype=jnp.int32),
+                   truncated_B=~done_B, step_map_BxR=step_BxR, confidence_BxR=conf_BxR)
+
+
+def generate(model, prompt_tokens_BxP, prompt_mask_BxP, key, *, n_samples: int = 1, max_new_tokens: int,
+             eos_ids: Sequence[int], pad_id: int, params: SamplingParams = SamplingParams(),
+             max_prompt_len: int | None = None, hapo_stats=None) -> Rollout:
+    """Convenience: samples `n_samples` responses per prompt from an `nnx` model -> Rollout of B * n rows.
+
+    Groups are contiguous: rows `b * n .. b * n + n - 1` answer prompt b. `max_prompt_len` defaults to the
+    prompts' width. Uses the cached jitted function of `make_generate_fn`.
+    """
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}.")
+    graphdef, params_state = nnx.split(model, nnx.Param)
+    fn = make_generate_fn(graphdef, max_prompt_len=max_prompt_len or prompt_tokens_BxP.shape[1],
+                          max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, params=params)
+    tokens = jnp.repeat(jnp.asarray(prompt_tokens_BxP), n_samples, axis=0)
+    mask = jnp.repeat(jnp.asarray(prompt_mask_BxP), n_samples, axis=0)
+    return fn(params_state, tokens, mask, key, hapo_stats)

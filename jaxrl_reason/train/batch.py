@@ -1,0 +1,116 @@
+"""From collected rollout rows to the fixed-shape update batch: log-probs, values, advantages (DESIGN.md §2).
+
+`compute_advantages` is the one place that maps an estimator name to its `core.advantages` function
+(algorithms.md §0.4 step 5). The forward passes for old / reference log-probs and critic values are jitted
+once per shape (`make_forward_fns`). The resulting batch layout is the one documented in `train/objectives.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_reason.core import advantages as adv_lib
+from jaxrl_reason.train.objectives import ar_logps, ar_values
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig:
+    estimator: str = "grpo"
+    group_size: int = 8
+    eps: float = 1e-6
+    gamma: float = 1.0
+    lam: float = 1.0
+    hapo_fallback_abs: float = 5.0
+    kl_in_reward_coef: float = 0.0
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def compute_advantages(cfg: AdvantageConfig, reward_N, mask_NxR, logp_old_NxR=None, logp_ref_NxR=None,
+                       values_NxR=None):
+    """Advantages `[N, R]` (and returns for the critic) for the named estimator (algorithms.md §1, §2.2, §4.3)."""
+    mask = mask_NxR.astype(jnp.float32)
+    g, returns, metrics = cfg.group_size, None, {}
+    if cfg.estimator in ("grpo", "dr_grpo", "rloo"):
+        fn = {"grpo": partial(adv_lib.grpo_advantages, eps=cfg.eps), "dr_grpo": adv_lib.dr_grpo_advantages,
+              "rloo": adv_lib.rloo_advantages}[cfg.estimator]
+        adv = fn(reward_N, g)[:, None] * mask
+    elif cfg.estimator == "reinforce_pp_baseline":
+        adv = adv_lib.reinforce_pp_baseline_advantages(reward_N, mask, g)
+    elif cfg.estimator in ("reinforce_pp", "gae"):
+        token_reward = adv_lib.outcome_to_token_rewards(reward_N, mask)
+        if cfg.kl_in_reward_coef > 0:  # k1 KL in the reward, against the behaviour policy (§1.3)
+            token_reward = token_reward - cfg.kl_in_reward_coef * (logp_old_NxR - logp_ref_NxR) * mask
+        if cfg.estimator == "reinforce_pp":
+            adv = adv_lib.reinforce_pp_advantages(token_reward, mask, cfg.gamma)
+        else:
+            adv, returns = adv_lib.gae_advantages(token_reward, values_NxR, mask, cfg.gamma, cfg.lam)
+    elif cfg.estimator == "hapo":
+        adv, metrics = adv_lib.hapo_token_group_advantages(reward_N, mask, g, cfg.eps, cfg.hapo_fallback_abs)
+    else:
+        raise ValueError(f"unknown advantage estimator {cfg.estimator!r}.")
+    return adv, returns, metrics
+
+
+def make_forward_fns(policy_graphdef, value_graphdef=None):
+    """Jitted no-grad forwards: `logps(params, batch) -> (logp, entropy)`, `values(params, batch)`."""
+    logps = jax.jit(lambda p, b: ar_logps(policy_graphdef, p, b))
+    values = jax.jit(lambda p, b: ar_values(value_graphdef, p, b)) if value_graphdef is not None else None
+    return logps, values
+
+
+def model_inputs(rows: dict) -> dict:
+    """Prompt+response tokens `[N, P+R]` and validity of a collected batch (numpy)."""
+    return {
+        "tokens_NxL": np.concatenate([rows["prompt_tokens"], rows["tokens"]], axis=1).astype(np.int32),
+        "valid_NxL": np.concatenate([rows["prompt_mask"], rows["response_mask"]], axis=1),
+        "response_mask_NxR": rows["response_mask"].astype(np.float32),
+    }
+
+
+def build_update_batch(rows: dict, adv_cfg: AdvantageConfig, *, policy_params, logps_fn, ref_params=None,
+                       value_params=None, values_fn=None, extra_adv_NxR=None) -> tuple[dict, dict]:
+    """The full rollout batch (numpy) with logp_old, [logp_ref], [values_old, returns], adv.
+
+    `extra_adv_NxR` is added to the outcome advantage (REPRO's alpha-weighted process advantage, §5.2).
+    """
+    batch = model_inputs(rows)
+    logp_old, entropy_old = logps_fn(policy_params, batch)
+    batch["logp_old_NxR"] = logp_old
+    if ref_params is not None:
+        batch["logp_ref_NxR"] = logps_fn(ref_params, batch)[0]
+    values = values_fn(value_params, batch) if values_fn is not None else None
+    adv, returns, metrics = compute_advantages(adv_cfg, jnp.asarray(rows["reward_N"]), batch["response_mask_NxR"],
+                                               logp_old, batch.get("logp_ref_NxR"), values)
+    if extra_adv_NxR is not None:
+        adv = adv + extra_adv_NxR * batch["response_mask_NxR"]
+    batch["adv_NxR"] = adv
+    if returns is not None:
+        batch["returns_NxR"], batch["values_old_NxR"] = returns, values
+    mask = batch["response_mask_NxR"]
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["adv/mean"] = float(jnp.sum(adv * mask) / max(float(mask.sum()), 1.0))
+    metrics["adv/abs_max"] = float(jnp.max(jnp.abs(adv)))
+    metrics["policy/entropy"] = float(jnp.sum(entropy_old * mask) / max(float(mask.sum()), 1.0))
+    return jax.device_get(batch), metrics, np.asarray(entropy_old)
+
+
+def mini_batches(batch: dict, num_mini_batches: int, rng: np.random.Generator, group_size: int) -> list[dict]:
+    """Shuffles whole groups and splits the rollout batch into mini-batches, each with its global counts."""
+    n = batch["response_mask_NxR"].shape[0]
+    groups = n // group_size
+    if groups % num_mini_batches:
+        raise ValueError(f"{groups} groups do not split into {num_mini_batches} mini-batches.")
+    order = (rng.permutation(groups)[:, None] * group_size + np.arange(group_size)).reshape(num_mini_batches, -1)
+    out = []
+    for rows in order:
+        mb = {k: np.asarray(v)[rows] for k, v in batch.items()}
+        mask = mb["response_mask_NxR"]
+        m = len(rows)
+        mb["num_tokens_N"] = np.full((m,), max(mask.sum(), 1.0), np.float32)
+        mb["num_seqs_N"] = np.full((m,), max((mask.sum(-1) > 0).sum(), 1), np.float32)
+        out.append(mb)
+    return out

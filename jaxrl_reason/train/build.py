@@ -1,0 +1,165 @@
+"""Config -> objects: validation (before anything compiles), the task, the policy, the objective's hparams.
+
+`validate_config` turns every impossible setting into one clear sentence at start-up (DESIGN.md §3), so no run
+dies after minutes of compilation because of a typo.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxrl_reason import algorithms
+from jaxrl_reason.core.aggregate import AGG_MODES
+from jaxrl_reason.data import arithmetic
+from jaxrl_reason.data.example import Example
+from jaxrl_reason.data.tokenizer import build_char_tokenizer, load_tokenizer
+from jaxrl_reason.models.hf import load_hf
+from jaxrl_reason.models.transformer import Transformer, TransformerConfig
+from jaxrl_reason.train.objectives import ObjectiveConfig
+
+NUM_TRAIN_PROBLEMS = 20000
+
+
+def _require(ok: bool, sentence: str) -> None:
+    if not ok:
+        raise ValueError(sentence)
+
+
+def validate_config(config) -> None:
+    """Raises ValueError with one sentence for the first impossible setting in `config`."""
+    known = set(algorithms.RECIPES) | {f"lspo_{b}" for b in ("grpo", "dapo", "gspo")}
+    _require(config.algorithm in known, f"unknown algorithm {config.algorithm!r}; known: {', '.join(sorted(known))}.")
+    a, l, r, f, o, ro = config.advantage, config.loss, config.reward, config.filter, config.optim, config.rollout
+    _require(a.estimator in algorithms.ADVANTAGE_ESTIMATORS,
+             f"unknown advantage estimator {a.estimator!r}; use one of {algorithms.ADVANTAGE_ESTIMATORS}.")
+    _require(l.mode in algorithms.LOSS_MODES, f"unknown loss mode {l.mode!r}; use one of {algorithms.LOSS_MODES}.")
+    _require(l.agg in AGG_MODES, f"unknown loss aggregation {l.agg!r}; use one of {AGG_MODES}.")
+    _require(l.kl_kind in algorithms.KL_KINDS, f"unknown KL estimator {l.kl_kind!r}; use one of {algorithms.KL_KINDS}.")
+    _require(f.kind in algorithms.FILTERS, f"unknown filter {f.kind!r}; use one of {algorithms.FILTERS}.")
+    _require(r.kind in ("binary", "signed"), f"reward.kind must be 'binary' or 'signed', got {r.kind!r}.")
+    _require(ro.group_size >= 1 and ro.prompts_per_step >= 1, "rollout.group_size and prompts_per_step must be >= 1.")
+    _require(ro.max_prompt_len >= 1 and ro.max_new_tokens >= 1, "rollout lengths must be positive.")
+    _require(l.eps_low > 0 and l.eps_high > 0, f"clip ranges must be positive, got {l.eps_low} and {l.eps_high}.")
+    _require(l.dual_clip_c == 0 or l.dual_clip_c > 1, f"loss.dual_clip_c must be 0 (off) or > 1, got {l.dual_clip_c}.")
+    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
+    _require(ro.prompts_per_step % o.mini_batches == 0,
+             f"{ro.prompts_per_step} prompts per step do not split into {o.mini_batches} mini-batches.")
+    rows = ro.prompts_per_step * ro.group_size // o.mini_batches
+    _require(rows % o.micro_batches == 0,
+             f"a mini-batch of {rows} rows does not split into {o.micro_batches} micro-batches.")
+    if r.da_dler_thresholds:
+        _require(len(r.da_dler_budgets) == len(r.da_dler_thresholds) + 1,
+                 "reward.da_dler_budgets needs exactly one more entry than reward.da_dler_thresholds.")
+        _require(all(0 < b <= 1 for b in r.da_dler_budgets),
+                 "reward.da_dler_budgets are fractions of rollout.max_new_tokens in (0, 1].")
+    _require(0 <= r.overlong_buffer <= ro.max_new_tokens,
+             f"reward.overlong_buffer ({r.overlong_buffer}) must be within [0, max_new_tokens].")
+    _validate_mesh(config)
+    _validate_sources(config)
+
+
+def _validate_mesh(config) -> None:
+    n = jax.device_count()
+    m = config.mesh
+    _require(m.fsdp >= 1 and m.tensor >= 1, "mesh.fsdp and mesh.tensor must be >= 1.")
+    data = m.data if m.data > 0 else n // (m.fsdp * m.tensor)
+    _require(data >= 1 and data * m.fsdp * m.tensor == n,
+             f"mesh data={data} x fsdp={m.fsdp} x tensor={m.tensor} does not cover the {n} available devices.")
+
+
+def _validate_sources(config) -> None:
+    init = config.model.init
+    if init == "sft":
+        d = config.model.sft_dir
+        _require(os.path.isfile(os.path.join(d, "config.json")),
+                 f"model.init='sft' but {d!r} holds no checkpoint; run experiments/sft.py (see README) first.")
+    elif init.startswith("hf:"):
+        _require(os.path.isdir(init[3:]), f"model.init points to {init[3:]!r}, which is not a directory.")
+    else:
+        _require(init == "random", f"model.init must be 'sft', 'random' or 'hf:<dir>', got {init!r}.")
+    if config.task.name == "jsonl":
+        for p in (config.task.train_path, config.task.eval_path):
+            _require(os.path.isfile(p), f"task file {p!r} does not exist.")
+    else:
+        _require(config.task.name == "arithmetic", f"unknown task {config.task.name!r}; use 'arithmetic' or 'jsonl'.")
+
+
+@dataclasses.dataclass
+class Task:
+    tokenizer: object
+    train: list[Example]
+    heldout: list[Example]
+    scorer: Callable[[list[str], list[str]], np.ndarray]
+    count_fn: Callable[[str], int] | None = None
+
+
+def tokenizer_for(config):
+    """The tokenizer next to the SFT checkpoint, an explicit directory, or the arithmetic character tokenizer."""
+    if config.task.tokenizer_dir:
+        return load_tokenizer(config.task.tokenizer_dir)
+    if config.model.init == "sft":
+        return load_tokenizer(config.model.sft_dir)
+    if config.model.init.startswith("hf:"):
+        return load_tokenizer(config.model.init[3:])
+    return build_char_tokenizer(tempfile.mkdtemp(prefix="jaxrl_reason_char_tokenizer_"))
+
+
+def arithmetic_scorer(texts: list[str], answers: list[str]) -> np.ndarray:
+    return np.asarray([arithmetic.score(t, a) for t, a in zip(texts, answers)], np.float32)
+
+
+def build_task(config) -> Task:
+    """Training prompts, held-out problems (disjoint) and the scorer of `config.task`."""
+    tok = tokenizer_for(config)
+    t = config.task
+    if t.name == "arithmetic":
+        train, heldout = arithmetic.split_disjoint(NUM_TRAIN_PROBLEMS, config.eval.num_problems, t.train_levels,
+                                                   train_seed=config.seed, heldout_seed=t.eval_seed)
+        if tuple(t.eval_levels) != tuple(t.train_levels):
+            _, heldout = arithmetic.split_disjoint(0, config.eval.num_problems, t.eval_levels,
+                                                   heldout_seed=t.eval_seed)
+        return Task(tok, [arithmetic.to_example(p) for p in train], [arithmetic.to_example(p) for p in heldout],
+                    arithmetic_scorer, arithmetic.recheck_count)
+    from jaxrl_reason.data.loaders import load_examples
+    from jaxrl_reason.rewards.math import math_score
+
+    scorer = lambda texts, answers: np.asarray([math_score(x, a) for x, a in zip(texts, answers)], np.float32)
+    train, _ = load_examples(t.train_path)
+    heldout, _ = load_examples(t.eval_path)
+    return Task(tok, train, heldout[: config.eval.num_problems], scorer)
+
+
+def load_policy(config, tokenizer) -> tuple[Transformer, TransformerConfig]:
+    """The initial policy: the SFT checkpoint, a Hugging Face checkpoint, or a random model."""
+    init = config.model.init
+    if init == "sft":
+        return load_hf(config.model.sft_dir)
+    if init.startswith("hf:"):
+        return load_hf(init[3:], param_dtype=config.model.param_dtype)
+    m = config.model
+    cfg = TransformerConfig(vocab_size=m.vocab_size or len(tokenizer), hidden_size=m.hidden_size,
+                            intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                            num_kv_heads=m.num_kv_heads, rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings,
+                            attention=m.attention, block_size=m.block_size, param_dtype=m.param_dtype,
+                            mask_token_id=tokenizer.mask_token_id)
+    cfg.validate()
+    return Transformer(cfg, rngs=nnx.Rngs(config.seed)), cfg
+
+
+def objective_config(config) -> ObjectiveConfig:
+    """The static loss hyper-parameters (algorithms.md §1, §4) from the experiment config."""
+    l = config.loss
+    const = l.agg_const or float(config.rollout.max_new_tokens)
+    return ObjectiveConfig(
+        mode=l.mode, eps_low=l.eps_low, eps_high=l.eps_high, dual_clip_c=l.dual_clip_c or None, agg=l.agg,
+        agg_const=const, kl_coef=l.kl_coef, kl_kind=l.kl_kind, entropy_coef=l.entropy_coef,
+        value_coef=l.value_coef if config.advantage.estimator == "gae" else 0.0, value_clip=l.value_clip or None,
+        hapo_adaptive_clip=l.hapo_adaptive_clip, hapo_clip_alpha=l.hapo_clip_alpha,
+        hapo_redistribute=l.hapo_redistribute, hapo_adv_beta=l.hapo_adv_beta, hapo_pivot=l.hapo_pivot,
+        hapo_sign_compat=l.hapo_sign_compat)

@@ -1,0 +1,268 @@
+"""`run(config, workdir)`: the RL loop of DESIGN.md §2, readable top to bottom.
+
+    validate config -> task, tokenizer, policy (+ reference, + critic) -> mesh, shardings, optimizer, state
+    -> restore the latest checkpoint if any -> evaluate -> for each RL iteration:
+         collect_batch (sample, reward, shape, filter, refill) -> parts.build_batch (old/ref log-probs, values,
+         advantages) -> ppo_epochs x mini-batches of the jitted update step -> log -> checkpoint
+    -> evaluate -> export the policy as a Hugging Face checkpoint.
+
+What differs between policy kinds (autoregressive here; masked diffusion plugs in the same way) is bundled in
+`PolicyParts`: the samplers, the update-batch builder, the loss and the mini-batch split. The loop itself is
+shared.
+
+Determinism and exact resume: the rollout key of iteration i is `fold_in(PRNGKey(seed), i)`, mini-batch order
+uses `np.random.default_rng([seed, i])`, and the prompt stream position, HAPO statistics and iteration count are
+stored in the checkpoint meta, so a resumed run repeats the uninterrupted one (tested).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxrl_reason.core import hapo as hapo_lib
+from jaxrl_reason.models import sharding as sharding_lib
+from jaxrl_reason.models.hf import save_hf
+from jaxrl_reason.models.value import ValueModel
+from jaxrl_reason.sampling.autoregressive import make_generate_fn
+from jaxrl_reason.sampling.processors import SamplingParams
+from jaxrl_reason.train import batch as batch_lib
+from jaxrl_reason.train import repro as repro_lib
+from jaxrl_reason.train import rollout as rollout_lib
+from jaxrl_reason.train.build import build_task, load_policy, objective_config, validate_config
+from jaxrl_reason.train.checkpoint import Checkpointer, install_preemption_handler
+from jaxrl_reason.train.evaluation import evaluate
+from jaxrl_reason.train.metrics import MetricsWriter, ProgressBar
+from jaxrl_reason.train.objectives import rl_loss
+from jaxrl_reason.train.optimizer import make_optimizer
+from jaxrl_reason.train.state import init_train_state
+from jaxrl_reason.train.step import make_train_step
+
+
+class PolicyParts(NamedTuple):
+    """What the loop needs from a policy kind."""
+
+    train_gen: Callable  # (params, prompt_tokens, prompt_mask, key[, hapo_stats]) -> Rollout
+    eval_gen: Callable
+    greedy_gen: Callable | None
+    build_batch: Callable[[dict, dict], tuple[dict, dict, Any]]  # (rows, params) -> (batch, metrics, entropy)
+    loss_fn: Callable  # (params, micro_batch, rng) -> (loss, metrics)
+    split: Callable[[dict, np.random.Generator], list[dict]]  # rollout batch -> mini-batches
+
+
+def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=None) -> PolicyParts:
+    """Autoregressive policy: KV-cache sampler, token log-probs, the composed RL objective."""
+    r = config.rollout
+    common = dict(max_prompt_len=r.max_prompt_len, max_new_tokens=r.max_new_tokens,
+                  eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
+    train = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
+                           hapo_tau=r.hapo_tau, hapo_sign_compat=r.hapo_sign_compat)
+    logps_fn, values_fn = batch_lib.make_forward_fns(graphdef, value_graphdef)
+    adv_cfg = advantage_config(config)
+
+    rw = config.reward
+    repro_fn = None
+    if rw.repro_alpha > 0:  # REPRO process advantage added to the outcome advantage (algorithms.md §5)
+        repro_fn = repro_lib.make_repro_advantage_fn(
+            graphdef, tokenizer, alpha=rw.repro_alpha, k=rw.repro_k, w=rw.repro_w, delimiter=rw.repro_delimiter,
+            answer_prefix=rw.repro_answer_prefix, think_end=rw.repro_think_end)
+
+    def build_batch(rows, params):
+        extra, repro_metrics = repro_fn(rows, params["policy"]) if repro_fn else (None, {})
+        batch, metrics, entropy = batch_lib.build_update_batch(
+            rows, adv_cfg, policy_params=params["policy"], logps_fn=logps_fn, ref_params=ref_params,
+            value_params=params.get("value"), values_fn=values_fn, extra_adv_NxR=extra)
+        return batch, {**metrics, **repro_metrics}, entropy
+
+    def split(batch, rng):
+        return batch_lib.mini_batches(batch, config.optim.mini_batches, rng, r.group_size)
+
+    return PolicyParts(
+        train_gen=make_generate_fn(graphdef, params=train, **common),
+        eval_gen=make_generate_fn(graphdef, params=SamplingParams(temperature=config.eval.temperature), **common),
+        greedy_gen=make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common),
+        build_batch=build_batch,
+        loss_fn=functools.partial(rl_loss, cfg=objective_config(config), policy_graphdef=graphdef,
+                                  value_graphdef=value_graphdef),
+        split=split)
+
+
+def _mesh(config):
+    fsdp, tensor = config.mesh.fsdp, config.mesh.tensor
+    data = config.mesh.data if config.mesh.data > 0 else jax.device_count() // max(fsdp * tensor, 1)
+    return sharding_lib.make_mesh(data, fsdp, tensor)
+
+
+def _initial_state(config, mesh, params: dict, total_updates: int):
+    """TrainState with per-part optimizers (policy lr, critic lr), sharded by the logical-axis rules."""
+    o = config.optim
+    make = functools.partial(make_optimizer, warmup_steps=o.warmup_steps, total_steps=total_updates,
+                             schedule=o.schedule, weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1,
+                             b2=o.b2)
+    txs = {name: make(o.value_lr if name == "value" else o.lr) for name in params}
+    tx = optax.multi_transform(txs, {k: k for k in txs})
+    with jax.set_mesh(mesh):
+        params = {k: sharding_lib.shard_state(v, mesh) for k, v in params.items()}
+        state = init_train_state(params, tx, config.seed)
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    shardings = jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated, state)
+    return jax.device_put(state, shardings), tx, shardings
+
+
+def _batch_sharding(config, mesh):
+    """Rows over ('data', 'fsdp') when every micro-batch splits evenly over them, else replicated."""
+    o, r = config.optim, config.rollout
+    rows = r.prompts_per_step * r.group_size // o.mini_batches
+    if rows % (mesh.shape["data"] * mesh.shape["fsdp"] * o.micro_batches) == 0:
+        return sharding_lib.batch_sharding(mesh, 1)  # a prefix: one sharding for every leaf of the batch
+    return jax.sharding.NamedSharding(mesh, jax.P())
+
+
+def _update(config, update, state, mini_batches: list[dict], it: int, skips: int):
+    """ppo_epochs x mini-batches of the jitted step; stops the run after too many non-finite updates."""
+    step_metrics = {}
+    for _ in range(config.optim.ppo_epochs):
+        for mb in mini_batches:
+            state, step_metrics = update(state, mb)
+            step_metrics = jax.device_get(step_metrics)
+            skips = skips + 1 if step_metrics["skipped"] else 0
+            if skips >= config.train.max_consecutive_skips:
+                raise FloatingPointError(
+                    f"{skips} consecutive updates had a non-finite loss or gradient (last at RL iteration {it}); "
+                    f"stopping without writing a checkpoint of the poisoned state.")
+    return state, {f"train/{k}": float(v) for k, v in step_metrics.items()}, skips
+
+
+def _entropy_stats(config, entropy, mask):
+    """HAPO statistics of this step's entropies for the next rollout (JSON-safe, None when not finite)."""
+    stats = hapo_lib.entropy_stats(entropy, mask, config.loss.hapo_pivot)
+    stats = {k: float(v) for k, v in stats.items()}
+    return stats if all(np.isfinite(list(stats.values()))) else None
+
+
+def _fmt(m: dict) -> str:
+    keys = [k for k in ("pass@1", "greedy_acc", "maj@4", "length_mean", "recheck_per_response") if k in m]
+    return "  ".join(f"{k}={m[k]:.3f}" for k in keys)
+
+
+def run(config, workdir: str) -> dict:
+    """Runs RL as configured; returns the final metrics (eval before/after and the last step's)."""
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = _mesh(config)
+    task = build_task(config)
+    policy, mcfg = load_policy(config, task.tokenizer)
+    graphdef, policy_params = nnx.split(policy, nnx.Param)
+    params, value_graphdef, ref_params = {"policy": policy_params}, None, None
+    if config.advantage.estimator == "gae":
+        value_graphdef, params["value"] = nnx.split(ValueModel.from_policy(policy, rngs=nnx.Rngs(config.seed)),
+                                                    nnx.Param)
+    if config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0:
+        ref_params = jax.tree.map(lambda x: x.copy(), policy_params)
+    parts = ar_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef, ref_params=ref_params)
+    o = config.optim
+    state, tx, state_sh = _initial_state(config, mesh, params, config.train.num_steps * o.ppo_epochs * o.mini_batches)
+    update = make_train_step(parts.loss_fn, tx, num_micro_batches=o.micro_batches, state_shardings=state_sh,
+                             batch_shardings=_batch_sharding(config, mesh))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
+    meta = {"iteration": 0, "stream_position": 0, "hapo_stats": None, "eval_before": None}
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                                state, state_sh))
+        print(f"resumed from {ckpt.directory} at iteration {meta['iteration']}", flush=True)
+    eval_fn = functools.partial(
+        evaluate, examples=task.heldout, tokenizer=task.tokenizer, scorer=task.scorer, sample_fn=parts.eval_gen,
+        greedy_fn=parts.greedy_gen if config.eval.greedy else None, samples=config.eval.samples,
+        batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len, count_fn=task.count_fn)
+    writer = MetricsWriter(workdir, truncate_after=meta["iteration"])
+    if meta["eval_before"] is None:
+        meta["eval_before"] = eval_fn(state.params["policy"], key=jax.random.PRNGKey(config.seed + 1))
+        writer.write(0, {f"eval/{k}": v for k, v in meta["eval_before"].items()})
+        print("held-out before RL: " + _fmt(meta["eval_before"]), flush=True)
+    state, meta, last = _train(config, parts, update, state, meta, task, ckpt, writer)
+    if last.get("preempted"):
+        writer.close()
+        return last
+    after = eval_fn(state.params["policy"], key=jax.random.PRNGKey(config.seed + 2))
+    writer.write(meta["iteration"] + 1, {f"eval/{k}": v for k, v in after.items()})
+    writer.close()
+    print("held-out before RL: " + _fmt(meta["eval_before"]), flush=True)
+    print("held-out after RL:  " + _fmt(after), flush=True)
+    if config.train.export_hf:
+        nnx.update(policy, jax.device_get(state.params["policy"]))
+        save_hf(policy, mcfg, os.path.join(workdir, "hf_export"))
+        task.tokenizer.save_pretrained(os.path.join(workdir, "hf_export"))
+    final_params = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params["policy"]))]
+    return {"eval_before": meta["eval_before"], "eval_after": after, "iterations": meta["iteration"],
+            "final_params": final_params, **last}
+
+
+def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer):
+    """The RL iterations from `meta["iteration"]` to `config.train.num_steps` (or the time budget)."""
+    reward_cfg, filter_cfg = reward_config(config), filter_config(config)
+    r = config.rollout
+    spec = rollout_lib.RolloutSpec(parts.train_gen, task.tokenizer, task.scorer, r.prompts_per_step, r.group_size,
+                                   r.max_prompt_len, r.max_new_tokens)
+    stream = rollout_lib.PromptStream(task.train, config.seed, meta["stream_position"])
+    preempt, bar = install_preemption_handler(), ProgressBar(config.train.num_steps, desc=config.algorithm)
+    base_key, start, skips, last = jax.random.PRNGKey(config.seed), time.time(), 0, {}
+    for it in range(meta["iteration"], config.train.num_steps):
+        t0 = time.time()
+        stats = meta["hapo_stats"] if r.hapo_tau > 0 else None
+        hapo_stats = None if stats is None else {k: np.float32(v) for k, v in stats.items()}
+        rows, metrics, _ = rollout_lib.collect_batch(spec, state.params["policy"], stream,
+                                                     jax.random.fold_in(base_key, it), train_groups=r.prompts_per_step,
+                                                     reward_cfg=reward_cfg, filter_cfg=filter_cfg,
+                                                     hapo_stats=hapo_stats)
+        t1 = time.time()
+        batch, batch_metrics, entropy = parts.build_batch(rows, state.params)
+        meta["hapo_stats"] = _entropy_stats(config, entropy, batch["response_mask_NxR"])
+        t2 = time.time()
+        mbs = parts.split(batch, np.random.default_rng([config.seed, it]))
+        state, step_metrics, skips = _update(config, update, state, mbs, it, skips)
+        last = {**metrics, **batch_metrics, **step_metrics, "time/rollout_s": t1 - t0,
+                "time/logps_adv_s": t2 - t1, "time/update_s": time.time() - t2}
+        writer.write(it + 1, last)
+        bar.update(it + 1, reward=metrics["reward/accuracy"], length=metrics["response/length_mean"])
+        meta.update(iteration=it + 1, stream_position=stream.position)
+        out_of_time = config.train.time_budget_s > 0 and time.time() - start > config.train.time_budget_s
+        if (it + 1) % config.train.checkpoint_every == 0 or preempt.requested or out_of_time:
+            ckpt.save(it + 1, state, meta, force=True)
+        if preempt.requested:
+            print(f"preempted: saved iteration {it + 1}, exiting cleanly", flush=True)
+            last = {"preempted": True, **last}
+            break
+        if out_of_time:
+            print(f"time budget of {config.train.time_budget_s:.0f}s reached after {it + 1} iterations", flush=True)
+            break
+    bar.close()
+    preempt.close()
+    ckpt.save(meta["iteration"], state, meta, force=True)
+    ckpt.close()
+    return state, meta, last
+
+
+def reward_config(config) -> rollout_lib.RewardConfig:
+    r = config.reward
+    budgets = tuple(int(round(b * config.rollout.max_new_tokens)) for b in r.da_dler_budgets)
+    return rollout_lib.RewardConfig(r.kind, int(r.overlong_buffer), r.overlong_factor, r.truncation_penalty,
+                                    r.stop_penalty_coef, tuple(r.da_dler_thresholds), budgets)
+
+
+def filter_config(config) -> rollout_lib.FilterConfig:
+    f = config.filter
+    return rollout_lib.FilterConfig(f.kind, f.max_rounds, f.lspo_low, f.lspo_high, f.lspo_max, f.band_low,
+                                    f.band_high)
+
+
+def advantage_config(config) -> batch_lib.AdvantageConfig:
+    a = config.advantage
+    return batch_lib.AdvantageConfig(a.estimator, config.rollout.group_size, a.eps, a.gamma, a.lam,
+                                     a.hapo_fallback_abs, config.loss.kl_in_reward_coef)

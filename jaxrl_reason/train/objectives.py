@@ -1,0 +1,145 @@
+"""RL objectives assembled from `core/` pieces, plus the forward passes that produce their log-probs.
+
+DESIGN.md §3: `logps_fn(params, batch) -> (logp_NxR, entropy_NxR)` is separate from the loss, which sees only
+log-probs. `rl_loss` composes, per micro-batch:
+
+    policy term   ppo_clip_loss (dual clip, clip-higher, HAPO adaptive bounds + redistribution) | gspo_loss
+  + kl_coef * agg(kl_estimate(logp, logp_ref))                      (KL as a loss, algorithms.md §1.3)
+  - entropy_coef * agg(H)                                            (§1.4)
+  + value_coef * value_loss(v, v_old, returns)                       (PPO critic, §1.2)
+
+Every aggregation uses the global token / sequence counts of the whole mini-batch (`batch["num_tokens"]`,
+`batch["num_seqs"]`), so micro-batch losses sum to the mini-batch loss (verl 0.8 semantics, §1.5) and the generic
+step in `train/step.py` can accumulate them. HAPO's entropy normalization is per micro-batch by design (§4.1).
+
+Batch layout (rows N = prompts x group size, prompt left-padded to P, response right-padded to R, L = P + R):
+  tokens_NxL int32, valid_NxL bool, response_mask_NxR f32, logp_old_NxR, adv_NxR,
+  optional logp_ref_NxR (KL), values_old_NxR and returns_NxR (critic), num_tokens_N, num_seqs_N (broadcast).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_reason.core import hapo as hapo_lib
+from jaxrl_reason.core import kl as kl_lib
+from jaxrl_reason.core import policy_loss as pl
+from jaxrl_reason.core.advantages import hapo_redistribute_advantages
+from jaxrl_reason.core.aggregate import aggregate
+from jaxrl_reason.models.attention import causal_mask, positions_from_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Static hyper-parameters of the RL loss (hashable: part of the jitted function's identity)."""
+
+    mode: str = "ppo"  # ppo | gspo
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip_c: float | None = None
+    agg: str = "token-mean"
+    agg_const: float | None = None
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    entropy_coef: float = 0.0
+    value_coef: float = 0.0  # > 0 only with a critic in params["value"]
+    value_clip: float | None = 0.5
+    hapo_adaptive_clip: bool = False
+    hapo_clip_alpha: float = 1.0
+    hapo_redistribute: bool = False
+    hapo_adv_beta: float = 1.0
+    hapo_pivot: float = 0.8
+    hapo_sign_compat: bool = False
+
+    @property
+    def uses_entropy_stats(self) -> bool:
+        return self.hapo_adaptive_clip or self.hapo_redistribute
+
+
+def token_logps(logits_NxRxV: jax.Array, targets_NxR: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Float32 log-prob of each target token and the entropy of each predictive distribution."""
+    logprobs = jax.nn.log_softmax(logits_NxRxV.astype(jnp.float32), axis=-1)
+    logp = jnp.take_along_axis(logprobs, targets_NxR[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
+    return logp, entropy
+
+
+def causal_forward_inputs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """tokens, positions and the causal mask of a prompt+response batch."""
+    valid = batch["valid_NxL"]
+    return batch["tokens_NxL"], positions_from_mask(valid), causal_mask(valid)
+
+
+def ar_logps(graphdef: nnx.GraphDef, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Autoregressive `logps_fn` (diffusion.md §6.1): logits at positions P-1 .. L-2 predict the response."""
+    model = nnx.merge(graphdef, params)
+    tokens, positions, mask = causal_forward_inputs(batch)
+    num_resp = batch["response_mask_NxR"].shape[1]
+    logits, _ = model(tokens, positions, mask)
+    return token_logps(logits[:, -num_resp - 1 : -1], tokens[:, -num_resp:])
+
+
+def ar_values(graphdef: nnx.GraphDef, params, batch: dict) -> jax.Array:
+    """Critic values of the states before each response token (verl `values[:, -R-1:-1]`)."""
+    model = nnx.merge(graphdef, params)
+    tokens, positions, mask = causal_forward_inputs(batch)
+    num_resp = batch["response_mask_NxR"].shape[1]
+    return model(tokens, positions, mask)[:, -num_resp - 1 : -1].astype(jnp.float32)
+
+
+def _agg_kwargs(cfg: ObjectiveConfig, batch: dict) -> dict:
+    return dict(agg=cfg.agg, agg_const=cfg.agg_const, num_tokens=batch["num_tokens_N"][0],
+                num_seqs=batch["num_seqs_N"][0])
+
+
+def policy_term(cfg: ObjectiveConfig, logp, entropy, batch: dict) -> tuple[jax.Array, dict]:
+    """The clipped policy-gradient term, with HAPO's entropy-adaptive pieces when enabled (§4.4-§4.5)."""
+    mask, adv, logp_old = batch["response_mask_NxR"], batch["adv_NxR"], batch["logp_old_NxR"]
+    agg = _agg_kwargs(cfg, batch)
+    if cfg.mode == "gspo":
+        return pl.gspo_loss(logp, logp_old, adv, mask, cfg.eps_low, cfg.eps_high,
+                            num_seqs=agg["num_seqs"])
+    eps_low, eps_high, metrics = cfg.eps_low, cfg.eps_high, {}
+    if cfg.uses_entropy_stats:
+        stats = hapo_lib.entropy_stats(jax.lax.stop_gradient(entropy), mask, cfg.hapo_pivot)
+        h = hapo_lib.normalize_entropy(jax.lax.stop_gradient(entropy), mask, stats, cfg.hapo_sign_compat)
+        if cfg.hapo_adaptive_clip:
+            eps_low, eps_high = pl.hapo_adaptive_clip_bounds(h, cfg.eps_low, cfg.eps_high, cfg.hapo_clip_alpha)
+        if cfg.hapo_redistribute:
+            ratio = jnp.exp(jnp.clip(logp - logp_old, -20.0, 20.0))
+            adv = hapo_redistribute_advantages(adv, h, ratio, eps_low, eps_high, cfg.hapo_adv_beta)
+        metrics["hapo_h_mean"] = jnp.sum(h * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    loss, pg_metrics = pl.ppo_clip_loss(logp, logp_old, adv, mask, eps_low, eps_high, cfg.dual_clip_c, **agg)
+    return loss, {**pg_metrics, **metrics}
+
+
+def rl_loss(params: dict, batch: dict, rng: jax.Array, *, cfg: ObjectiveConfig, policy_graphdef,
+            value_graphdef=None, logps_fn=ar_logps) -> tuple[jax.Array, dict]:
+    """Total RL loss of one micro-batch; `params = {"policy": ..., ["value": ...]}`."""
+    del rng
+    logp, entropy = logps_fn(policy_graphdef, params["policy"], batch)
+    loss, metrics = policy_term(cfg, logp, entropy, batch)
+    mask = batch["response_mask_NxR"]
+    agg = _agg_kwargs(cfg, batch)
+    metrics["pg_loss"] = loss
+    if cfg.kl_coef > 0:
+        kl_tok = kl_lib.kl_estimate(logp, batch["logp_ref_NxR"], cfg.kl_kind)
+        kl = aggregate(kl_tok, mask, agg["agg"], agg["agg_const"], num_tokens=agg["num_tokens"],
+                       num_seqs=agg["num_seqs"])
+        loss = loss + cfg.kl_coef * kl
+        metrics["kl_loss"] = kl
+    ent_term, ent_metrics = pl.entropy_bonus(entropy, mask, cfg.entropy_coef, **agg)
+    metrics.update(ent_metrics)
+    if cfg.entropy_coef > 0:
+        loss = loss + ent_term
+    if cfg.value_coef > 0:
+        values = ar_values(value_graphdef, params["value"], batch)
+        v_loss, v_metrics = pl.value_loss(values, batch["values_old_NxR"], batch["returns_NxR"], mask,
+                                          cfg.value_clip, **agg)
+        loss = loss + cfg.value_coef * v_loss
+        metrics.update(v_metrics, vf_loss=v_loss)
+    return loss, metrics
+

@@ -1,0 +1,201 @@
+"""Host loop of one RL step's data: sample -> reward -> shaping -> filter -> refill -> fixed-shape rows.
+
+DESIGN.md §2. Everything here is host-side numpy around two jitted calls (the sampler and the reward shaping's
+jnp pieces). Dynamic sampling changes the number of groups, so it happens here, before the jitted update: kept
+groups of successive generation rounds are accumulated (`core.filters.accumulate_groups`) until the batch is
+full or `max_rounds` rounds were drawn; then a short batch is padded with zero-weight rows (response mask 0, so
+they add nothing to any loss or count) and the shortfall is logged (algorithms.md §0.5 "filter leaves 0 kept
+groups": train on the partial batch, log it).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxrl_reason.core import filters as filters_lib
+from jaxrl_reason.core import length as length_lib
+from jaxrl_reason.data.example import Example
+from jaxrl_reason.data.tokenizer import decode_until_eos, encode_batch_left_padded
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Reward shaping (algorithms.md §1.8 DAPO, §2.2 DLER / DA-DLER). Budgets are in tokens."""
+
+    kind: str = "binary"  # binary {0,1} | signed {-1,+1}
+    overlong_buffer: int = 0
+    overlong_factor: float = 1.0
+    truncation_penalty: bool = False
+    stop_penalty_coef: float = 0.0
+    da_dler_thresholds: tuple[float, ...] = ()
+    da_dler_budgets: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+    kind: str = "none"  # none | zero_variance | lspo | accuracy_band
+    max_rounds: int = 4
+    lspo_low: float = 0.30
+    lspo_high: float = 0.60
+    lspo_max: float = 0.90
+    band_low: float = 0.2
+    band_high: float = 0.8
+
+
+class PromptStream:
+    """Deterministic, resumable stream of training examples: epoch-wise permutations of a fixed list.
+
+    `position` (examples consumed so far) is the only state; store it in the checkpoint meta and pass it back.
+    """
+
+    def __init__(self, examples: Sequence[Example], seed: int, position: int = 0):
+        if not examples:
+            raise ValueError("the training set is empty.")
+        self.examples, self.seed, self.position = list(examples), seed, position
+
+        self._epoch, self._order = -1, None
+
+    def take(self, n: int) -> list[Example]:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.examples))
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            out.append(self.examples[int(self._order[i])])
+            self.position += 1
+        return out
+
+
+def shape_rewards(score_N, length_N, truncated_N, group_size: int, cfg: RewardConfig, max_new_tokens: int):
+    """Correctness score -> training reward (numpy in, numpy out) and the shaping metrics."""
+    score = np.asarray(score_N, np.float32)
+    truncated = np.asarray(truncated_N, bool)
+    metrics = {}
+    reward = 2.0 * score - 1.0 if cfg.kind == "signed" else score.copy()
+    if cfg.da_dler_thresholds:
+        reward, info = length_lib.da_dler_truncation_reward(
+            score, length_N, truncated, group_size, cfg.da_dler_thresholds, cfg.da_dler_budgets,
+            cfg.stop_penalty_coef)
+        reward = np.asarray(reward)
+        metrics["da_dler_virtual_trunc"] = float(np.mean(np.asarray(info["truncated_N"]) & ~truncated))
+    elif cfg.truncation_penalty:
+        reward = np.asarray(length_lib.dler_truncation_reward(reward, truncated, cfg.stop_penalty_coef))
+    if cfg.overlong_buffer > 0:
+        penalty = np.asarray(length_lib.dapo_overlong_penalty(length_N, max_new_tokens, cfg.overlong_buffer,
+                                                              cfg.overlong_factor))
+        reward = reward + penalty
+        metrics["overlong_penalty"] = float(penalty.mean())
+    return reward.astype(np.float32), metrics
+
+
+def group_filter(rows: dict, group_size: int, cfg: FilterConfig) -> tuple[np.ndarray, dict]:
+    """keep_B for one generation round (algorithms.md §1.8, §3.3; diffusion.md §7.1)."""
+    score = rows["score_N"]
+    n_groups = score.shape[0] // group_size
+    if cfg.kind == "none":
+        return np.ones(n_groups, bool), {}
+    if cfg.kind == "accuracy_band":
+        return filters_lib.accuracy_band_filter(score > 0, group_size, cfg.band_low, cfg.band_high)
+    keep, metrics = filters_lib.zero_variance_filter(score, group_size)
+    if cfg.kind == "lspo":
+        keep, lspo_metrics = filters_lib.lspo_length_filter(rows["length_N"], group_size, cfg.lspo_low,
+                                                            cfg.lspo_high, cfg.lspo_max, candidates_B=keep)
+        metrics = {**metrics, **{f"lspo_{k}": v for k, v in lspo_metrics.items()}}
+    return keep, metrics
+
+
+@dataclasses.dataclass
+class RolloutSpec:
+    """What one round of sampling needs (host objects and the jitted sampler)."""
+
+    generate_fn: Callable  # (params, prompt_tokens_BxP, prompt_mask_BxP, key[, hapo_stats]) -> Rollout
+    tokenizer: object
+    scorer: Callable[[list[str], list[str]], np.ndarray]  # (texts, answers) -> score_N
+    prompts_per_round: int
+    group_size: int
+    max_prompt_len: int
+    max_new_tokens: int
+
+
+def sample_round(spec: RolloutSpec, params, examples: list[Example], key, hapo_stats=None) -> dict:
+    """Samples `group_size` responses per example and scores them; returns numpy rows (groups contiguous)."""
+    g = spec.group_size
+    prompts = [ex.prompt for ex in examples for _ in range(g)]
+    answers = [ex.answer for ex in examples for _ in range(g)]
+    ids, mask = encode_batch_left_padded(spec.tokenizer, prompts, spec.max_prompt_len)
+    args = (params, ids, mask, key) + ((hapo_stats,) if hapo_stats is not None else ())
+    ro = jax.device_get(spec.generate_fn(*args))
+    texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
+    score = np.asarray(spec.scorer(texts, answers), np.float32)
+    return {
+        "prompt_tokens": np.asarray(ro.prompt_tokens_BxP, np.int32),
+        "prompt_mask": np.asarray(ro.prompt_mask_BxP, bool),
+        "tokens": np.asarray(ro.tokens_BxR, np.int32),
+        "response_mask": np.asarray(ro.response_mask_BxR, bool),
+        "logp_sampler": np.asarray(ro.logp_BxR, np.float32),
+        "entropy": np.asarray(ro.entropy_BxR, np.float32),
+        "length_N": np.asarray(ro.length_B, np.int32),
+        "truncated_N": np.asarray(ro.truncated_B, bool),
+        "score_N": score,
+        "example_index": np.repeat(np.arange(len(examples)), g),
+        "answer": np.asarray(answers),
+        "step_map": np.asarray(ro.step_map_BxR, np.int32),
+    }, texts
+
+
+def pad_groups(rows: dict, num_rows: int) -> dict:
+    """Pads a short batch to `num_rows` with zero-weight copies of its first rows (response mask all 0)."""
+    have = rows["score_N"].shape[0]
+    if have >= num_rows:
+        return rows
+    idx = np.arange(num_rows - have) % max(have, 1)
+    out = {}
+    for name, x in rows.items():
+        extra = x[idx] if have else np.zeros((num_rows - have,) + x.shape[1:], x.dtype)
+        if name == "response_mask":
+            extra = np.zeros_like(extra)
+        out[name] = np.concatenate([x, extra], axis=0)
+    return out
+
+
+def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train_groups: int,
+                  reward_cfg: RewardConfig, filter_cfg: FilterConfig, hapo_stats=None):
+    """Rounds of sampling until `train_groups` groups pass the filter (or `max_rounds`), then a fixed batch.
+
+    Returns:
+      (rows: dict of numpy arrays with exactly train_groups * group_size rows, metrics, texts of the batch rows).
+    """
+    acc = filters_lib.empty_accumulator(spec.group_size, train_groups)
+    metrics, all_scores, all_lengths, all_truncated, texts_kept = {}, [], [], [], []
+    for r in range(max(filter_cfg.max_rounds, 1)):
+        key, sub = jax.random.split(key)
+        rows, texts = sample_round(spec, params, stream.take(spec.prompts_per_round), sub, hapo_stats)
+        rows["reward_N"], shape_metrics = shape_rewards(rows["score_N"], rows["length_N"], rows["truncated_N"],
+                                                        spec.group_size, reward_cfg, spec.max_new_tokens)
+        all_scores.append(rows["score_N"]), all_lengths.append(rows["length_N"])
+        all_truncated.append(rows["truncated_N"])
+        keep_B, filter_metrics = group_filter(rows, spec.group_size, filter_cfg)
+        rows_kept = np.repeat(keep_B, spec.group_size)
+        room = (train_groups - acc.num_groups) * spec.group_size
+        texts_kept += [t for t, k in zip(texts, rows_kept) if k][:room]
+        acc, full = filters_lib.accumulate_groups(acc, rows, keep_B)
+        for k, v in {**shape_metrics, **filter_metrics}.items():
+            metrics.setdefault(k, []).append(float(v))
+        if full:
+            break
+    rounds = acc.rounds
+    metrics = {k: float(np.nanmean(v)) if np.isfinite(v).any() else 0.0 for k, v in metrics.items()}
+    metrics.update({
+        "rollout/rounds": rounds,
+        "rollout/kept_groups": acc.num_groups,
+        "rollout/missing_groups": train_groups - acc.num_groups,
+        "rollout/kept_frac": acc.num_groups / max(rounds * spec.prompts_per_round, 1),
+        "reward/accuracy": float(np.mean(np.concatenate(all_scores) > 0)),
+        "response/length_mean": float(np.mean(np.concatenate(all_lengths))),
+        "response/truncated_frac": float(np.mean(np.concatenate(all_truncated))),
+    })
+    return pad_groups(dict(acc.arrays), train_groups * spec.group_size), metrics, texts_kept

@@ -36,6 +36,7 @@ VERIFIERS = {
     "arithmetic": ("jaxrl_reason.data.arithmetic:score", ("1+2=3 #### 3", "3")),
     "math": ("jaxrl_reason.rewards.math:math_score", ("so \\boxed{\\frac{x}{2}(x+2)}", "x^2/2+x")),
     "reasoning_gym": ("jaxrl_reason.data.reasoning_gym_tasks:score", None),
+    "code": ("jaxrl_reason.rewards.code:code_score", None),  # pool timeout_s >= sandbox timeout + 2 s
 }
 
 

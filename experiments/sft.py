@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "SFT config file[:arg].", lock_config=True)
@@ -16,6 +16,7 @@ _OUT = flags.DEFINE_string("out", "checkpoints/arith_tiny_sft", "Output director
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     import jax
 
     from jaxrl_reason.train import build, sft

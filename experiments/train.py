@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].", lock_config=True)
@@ -24,6 +24,7 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's id (multi-host).
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     import jax
 
     if _MULTIHOST.value:

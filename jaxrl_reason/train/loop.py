@@ -125,6 +125,12 @@ def _batch_sharding(config, mesh):
     return jax.sharding.NamedSharding(mesh, jax.P())
 
 
+def _global(batch: dict, sharding) -> dict:
+    """Host arrays (identical on every process) -> global jax arrays with `sharding`; multi-host safe."""
+    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]),
+                        batch)
+
+
 def _update(config, update, state, mini_batches: list[dict], it: int, skips: int):
     """ppo_epochs x mini-batches of the jitted step; stops the run after too many non-finite updates."""
     step_metrics = {}
@@ -169,8 +175,10 @@ def run(config, workdir: str) -> dict:
     parts = ar_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef, ref_params=ref_params)
     o = config.optim
     state, tx, state_sh = _initial_state(config, mesh, params, config.train.num_steps * o.ppo_epochs * o.mini_batches)
-    update = make_train_step(parts.loss_fn, tx, num_micro_batches=o.micro_batches, state_shardings=state_sh,
-                             batch_shardings=_batch_sharding(config, mesh))
+    batch_sh = _batch_sharding(config, mesh)
+    step = make_train_step(parts.loss_fn, tx, num_micro_batches=o.micro_batches, state_shardings=state_sh,
+                           batch_shardings=batch_sh)
+    update = lambda state, mb: step(state, _global(mb, batch_sh))  # noqa: E731
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
     meta = {"iteration": 0, "stream_position": 0, "hapo_stats": None, "eval_before": None}
     if ckpt.latest_step() is not None:

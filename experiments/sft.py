@@ -33,7 +33,7 @@ def main(argv):
     arrays = sft.sft_arrays(tok, prompts, traces, c.rollout.max_prompt_len, c.rollout.max_new_tokens)
     model, _ = sft.train_sft(model, tok, arrays, steps=c.sft.steps, batch_size=c.sft.batch_size, lr=c.sft.lr,
                              warmup_steps=c.sft.warmup_steps, seed=c.seed, micro_batches=c.sft.micro_batches,
-                             time_budget_s=c.sft.time_budget_s)
+                             time_budget_s=c.sft.time_budget_s, prompt_len=c.rollout.max_prompt_len)
     sft.save_sft_checkpoint(model, mcfg, tok, _OUT.value)
     c.eval.num_problems = c.sft.eval_problems
     c.model.init, c.model.sft_dir = "sft", _OUT.value

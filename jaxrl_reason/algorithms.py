@@ -103,6 +103,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "loss.eps_high": 0.2,  # released scripts 0.2/0.2; paper notes 0.2/0.28 (§4.5)
     },
     "repro": {"reward.repro_alpha": 0.1},  # applied on top of ppo / grpo by configs/repro.py (§5.4)
+    "tracerl": {  # masked-diffusion policies; rows, objective and value model in train/tracerl.py (diffusion.md §7)
+        "filter.kind": "accuracy_band",
+        "filter.band_low": 0.2,
+        "filter.band_high": 0.8,
+        "advantage.estimator": "grpo",
+        "loss.kl_coef": 0.0,
+        "loss.kl_in_reward_coef": 0.0,
+    },  # applied on top of ppo / grpo by configs/repro.py (§5.4)
 }
 RECIPES["da_dler"] = {
     **RECIPES["dler"],
@@ -123,5 +131,5 @@ def apply_recipe(config, name: str) -> None:
             value = int(round(value * config.rollout.max_new_tokens))
         section, key = dotted.split(".")
         getattr(config, section)[key] = value
-    if name not in ("lspo", "repro"):
+    if name not in ("lspo", "repro"):  # meta-recipes keep the base method's name
         config.algorithm = name

@@ -23,6 +23,8 @@ def tiny_config(module: str = "grpo", arg: str = "tiny", **overrides):
     c.train.num_steps, c.train.checkpoint_every, c.train.time_budget_s = 2, 100, 0.0
     c.train.export_hf = False
     c.eval.num_problems, c.eval.samples, c.eval.batch_size, c.eval.greedy = 4, 4, 16, False
+    if "tracerl" in c and c.model.attention == "bidirectional":  # LLaDA blocks must fit the 24-token budget
+        c.tracerl.llada_block_len, c.tracerl.llada_steps = 8, 12
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         getattr(c, section)[key] = value

@@ -12,7 +12,8 @@ from jaxrl_reason.train.checkpoint import Checkpointer
 from jaxrl_reason.train.metrics import read_metrics
 
 METHODS = [("grpo", "tiny"), ("dr_grpo", "tiny"), ("dapo", "tiny"), ("gspo", "tiny"), ("reinforce_pp", "tiny"),
-           ("ppo", "tiny"), ("dler", "tiny"), ("da_dler", "tiny"), ("hapo", "tiny"), ("lspo", "gspo,tiny"), ("repro", "ppo,tiny")]
+           ("ppo", "tiny"), ("dler", "tiny"), ("da_dler", "tiny"), ("hapo", "tiny"), ("lspo", "gspo,tiny"), ("repro", "ppo,tiny"),
+           ("tracerl", "block,tiny"), ("tracerl", "full,value,tiny")]
 
 
 def _policy_leaves(state):

@@ -62,6 +62,10 @@ def validate_config(config) -> None:
              f"reward.overlong_buffer ({r.overlong_buffer}) must be within [0, max_new_tokens].")
     _validate_mesh(config)
     _validate_sources(config)
+    if config.model.attention != "causal":
+        from jaxrl_reason.train.tracerl import validate_tracerl_config
+
+        validate_tracerl_config(config)
 
 
 def _validate_mesh(config) -> None:

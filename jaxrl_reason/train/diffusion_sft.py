@@ -171,8 +171,10 @@ def train_diffusion_sft(model, arrays: dict, *, spec: DiffusionSFTSpec, steps: i
     return model, history
 
 
+_loss_jit = jax.jit(diffusion_sft_loss, static_argnames=("graphdef", "spec"))
+
+
 def heldout_loss(model, arrays: dict, spec: DiffusionSFTSpec, seed: int = 0) -> float:
     """The SFT loss of `arrays` under `model` for one fixed forward-process draw (for plateau checks)."""
     graphdef, params = nnx.split(model, nnx.Param)
-    fn = jax.jit(functools.partial(diffusion_sft_loss, graphdef=graphdef, spec=spec))
-    return float(fn(params, with_counts(arrays), jax.random.PRNGKey(seed))[0])
+    return float(_loss_jit(params, with_counts(arrays), jax.random.PRNGKey(seed), graphdef=graphdef, spec=spec)[0])

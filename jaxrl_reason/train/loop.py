@@ -43,6 +43,7 @@ from jaxrl_reason.train.objectives import rl_loss
 from jaxrl_reason.train.optimizer import make_optimizer
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step
+from jaxrl_reason.train.tracerl import diffusion_parts
 
 
 class PolicyParts(NamedTuple):
@@ -172,7 +173,10 @@ def run(config, workdir: str) -> dict:
                                                     nnx.Param)
     if config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0:
         ref_params = jax.tree.map(lambda x: x.copy(), policy_params)
-    parts = ar_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef, ref_params=ref_params)
+    if config.model.attention == "causal":
+        parts = ar_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef, ref_params=ref_params)
+    else:  # masked-diffusion policy: TraceRL rows and objective, same loop (diffusion.md §7)
+        parts = diffusion_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef)
     o = config.optim
     state, tx, state_sh = _initial_state(config, mesh, params, config.train.num_steps * o.ppo_epochs * o.mini_batches)
     batch_sh = _batch_sharding(config, mesh)

@@ -387,8 +387,11 @@ def _require(ok: bool, sentence: str) -> None:
 
 def validate_tracerl_config(config) -> None:
     """One clear sentence for the first impossible `config.tracerl` / diffusion setting (DESIGN.md §3)."""
-    m, r, t = config.model, config.rollout, config.tracerl
+    m, r = config.model, config.rollout
     _require(m.attention in KINDS, f"TraceRL needs model.attention 'block' or 'bidirectional', got {m.attention!r}.")
+    _require("tracerl" in config,
+             f"a {m.attention}-attention policy needs the `tracerl` section of configs/tracerl.py.")
+    t = config.tracerl
     _require(t.estimator in ESTIMATORS, f"unknown tracerl.estimator {t.estimator!r}; use one of {ESTIMATORS}.")
     _require(config.advantage.estimator in ("grpo", "gae"),
              "TraceRL uses advantage.estimator 'grpo' (group z-score) or 'gae' (with the diffusion value model).")

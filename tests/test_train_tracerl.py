@@ -1,0 +1,371 @@
+"""Tests for train/tracerl.py (diffusion.md §6.5, §7, §11 test 2) on tiny random models over the char tokenizer.
+
+References written here: the per-step naive block-causal forward of the sampler's trajectory (numpy mask), the
+§5.5 two-stream table by brute force, the population z-score by hand, and the d1 input fed straight to the model.
+"""
+import functools
+import tempfile
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxrl_reason.core import diffusion as diff_lib
+from jaxrl_reason.data.tokenizer import build_char_tokenizer
+from jaxrl_reason.models.transformer import Transformer, TransformerConfig
+from jaxrl_reason.models.value import ValueModel
+from jaxrl_reason.sampling.diffusion import make_block_generate_fn, make_llada_generate_fn
+from jaxrl_reason.sampling.processors import SamplingParams
+from jaxrl_reason.sampling.types import STEP_MAP_PAD
+from jaxrl_reason.train import tracerl as T
+from jaxrl_reason.train.state import init_train_state
+from jaxrl_reason.train.step import make_train_step, split_micro_batches
+
+P, R, BS, N, G = 8, 12, 4, 8, 4
+REWARD = np.array([1, 0, 0, 1, 1, 1, 1, 1], np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _tok():
+    return build_char_tokenizer(tempfile.mkdtemp(prefix="tracerl_tok_"))
+
+
+@functools.lru_cache(maxsize=None)
+def _model(attn: str):
+    tok = _tok()
+    cfg = TransformerConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                            num_kv_heads=1, head_dim=16, attention=attn, block_size=BS if attn == "block" else 1,
+                            mask_token_id=tok.mask_token_id)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    model.lm_head[...] = model.lm_head[...] * 8.0  # peaked predictions: the threshold commits several tokens
+    return model
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, len(_tok()), (N, P)).astype(np.int32)
+    mask = np.ones((N, P), bool)
+    for i in range(N):
+        mask[i, : i % 5] = False  # left padding of different widths
+    return np.where(mask, ids, _tok().pad_token_id), mask
+
+
+def _rows(ro):
+    ro = jax.device_get(ro)
+    return {"prompt_tokens": np.asarray(ro.prompt_tokens_BxP), "prompt_mask": np.asarray(ro.prompt_mask_BxP),
+            "tokens": np.asarray(ro.tokens_BxR), "response_mask": np.asarray(ro.response_mask_BxR),
+            "step_map": np.asarray(ro.step_map_BxR), "entropy": np.asarray(ro.entropy_BxR),
+            "logp_raw": np.asarray(ro.logp_raw_BxR), "reward_N": REWARD.copy()}
+
+
+# An EOS id outside the vocabulary: every response runs the full budget, and `diffusion_parts` with this id builds
+# the very same compiled sampler (one compilation for the whole file).
+NO_EOS = 99
+
+
+@functools.lru_cache(maxsize=None)
+def _block_rollout():
+    """Block KV-cache sampler, dynamic threshold 0.6, T = 1, no EOS."""
+    g, params = nnx.split(_model("block"), nnx.Param)
+    tok = _tok()
+    fn = make_block_generate_fn(g, prompt_len=P, max_new_tokens=R, block_size=BS, steps_per_block=4,
+                                mask_token_id=tok.mask_token_id, eos_ids=(NO_EOS,), pad_id=tok.pad_token_id,
+                                sampling=SamplingParams(temperature=1.0), remasking="dynamic", threshold=0.6)
+    return _rows(fn(params, *_prompts(), jax.random.PRNGKey(3))[0])
+
+
+def _with_eos(rows, eos_at):
+    """The rollout as if token `eos_at[n]` had been an EOS: later slots pad / not valid / STEP_MAP_PAD, exactly
+    as the samplers finalize a response (sampling/diffusion.py `_finalize`)."""
+    keep = np.arange(R)[None, :] <= np.asarray(eos_at)[:, None]
+    return {**rows, "tokens": np.where(keep, rows["tokens"], _tok().pad_token_id), "response_mask": keep,
+            "step_map": np.where(keep, rows["step_map"], STEP_MAP_PAD)}
+
+
+def _spec(kind="block", shrink=1, num_rows=4, estimator="trace"):
+    return T.TraceSpec(kind=kind, block_size=BS if kind == "block" else None, shrink=shrink, num_rows=num_rows,
+                       mask_token_id=_tok().mask_token_id, group_size=G, estimator=estimator,
+                       norm="response_len" if kind == "block" else "targets", forward_rows=16)
+
+
+def _logp_fn(spec):
+    return _logp_fn_of_kind(spec.kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _logp_fn_of_kind(kind):
+    """One compiled row_logp per model kind (it only reads spec.kind / block_size)."""
+    graphdef = nnx.graphdef(_model("block" if kind == "block" else "bidirectional"))
+    return jax.jit(functools.partial(T.row_logp, graphdef, _spec(kind, num_rows=1)))
+
+
+def _block_causal(valid, p):
+    """Numpy reference of the sampler's naive mask (§5.3, response-aligned blocks, diagonal forced)."""
+    idx = np.arange(valid.shape[0])
+    blk = np.floor_divide(idx - p, BS)
+    return (valid[None, :] & (blk[None, :] <= blk[:, None])) | np.eye(len(idx), dtype=bool)
+
+
+def _dense_rank_in_block(step_row, j_block):
+    steps = sorted(set(step_row[j_block * BS:(j_block + 1) * BS].tolist()))
+    return {s: k for k, s in enumerate(steps)}
+
+
+def test_noisy_stream_logits_equal_block_sampler_logits_at_each_step():
+    """§11 test 2: row k's noisy-stream logits = the logits the block sampler saw at that denoising step (s = 1)."""
+    rows, spec, model = _block_rollout(), _spec(), _model("block")
+    assert rows["response_mask"].all()
+    g, params = nnx.split(model, nnx.Param)
+    batch = T.pack_batch(rows, spec)
+    logits_W = np.asarray(jax.jit(functools.partial(T.row_logits, g, spec))(params, batch))
+    fwd = jax.jit(lambda x, pos, m: model(x, pos, m)[0])
+    multi_token_steps, checked = 0, 0
+    for n in range(N):
+        sm = rows["step_map"][n]
+        for t in np.unique(sm):
+            at_t = np.flatnonzero(sm == t)
+            j = at_t[0] // BS
+            assert np.all(at_t // BS == j)  # one decoding step touches one block
+            multi_token_steps += len(at_t) > 1
+            x = np.where(sm < t, rows["tokens"][n], _tok().mask_token_id)
+            valid = np.concatenate([rows["prompt_mask"][n], np.ones(R, bool)])
+            pos = np.maximum(np.cumsum(valid) - 1, 0)
+            ref = fwd(np.concatenate([rows["prompt_tokens"][n], x])[None], pos[None], _block_causal(valid, P)[None])
+            ref = np.asarray(ref)[0, P + j * BS: P + (j + 1) * BS]
+            k = _dense_rank_in_block(sm, j)[t]
+            w = np.flatnonzero((batch["seq_index_W"] == n) & (batch["row_index_W"] == k) & batch["row_valid_W"])
+            assert len(w) == 1
+            np.testing.assert_allclose(logits_W[w[0], j * BS:(j + 1) * BS], ref, atol=2e-4, rtol=1e-4)
+            checked += 1
+    assert multi_token_steps > 0 and checked > N * (R // BS)  # the threshold did commit several tokens at once
+    # and the KV-cached sampler's own log-probs of the committed tokens are the old log-probs of the rows
+    b, _, _ = T.build_update_batch(rows, {"policy": params}, spec=spec, logp_fn=_logp_fn(spec))
+    tgt, s = b["target_WxR"], b["seq_index_W"]
+    np.testing.assert_allclose(b["logp_old_WxR"][tgt], rows["logp_raw"][s][tgt], atol=1e-4)
+
+
+def test_rows_targets_and_padding_from_a_rollout_with_eos():
+    rows, spec = _with_eos(_block_rollout(), [5, 11, 0, 6, 9, 2, 11, 7]), _spec()
+    assert (~rows["response_mask"]).any() and rows["response_mask"].any(-1).all()
+    g, params = nnx.split(_model("block"), nnx.Param)
+    batch, metrics, entropy = T.build_update_batch(rows, {"policy": params}, spec=spec, logp_fn=_logp_fn(spec))
+    w = batch["row_valid_W"].shape[0]
+    assert w == spec.num_rows * N and entropy.shape == (N, R)
+    real, tgt = batch["row_valid_W"], batch["target_WxR"]
+    assert not tgt[~real].any() and tgt[real].any(-1).all()
+    count = np.zeros((N, R), int)
+    for i in np.flatnonzero(real):
+        n, k = batch["seq_index_W"][i], batch["row_index_W"][i]
+        count[n] += tgt[i]
+        sm, valid = rows["step_map"][n], rows["response_mask"][n]
+        for j in range(R // BS):
+            blk = slice(j * BS, (j + 1) * BS)
+            steps = sorted(set(sm[blk][valid[blk]].tolist()))
+            rank = np.array([steps.index(v) if ok else 99 for v, ok in zip(sm[blk], valid[blk])])
+            np.testing.assert_array_equal(tgt[i, blk], rank == k)
+            want = np.where(rank < k, rows["tokens"][n, blk], _tok().mask_token_id)
+            np.testing.assert_array_equal(batch["noisy_WxR"][i, blk], want)
+        np.testing.assert_array_equal(batch["clean_WxR"][i], rows["tokens"][n])
+    np.testing.assert_array_equal(count, rows["response_mask"].astype(int))  # every valid token exactly once
+    assert metrics["tracerl/rows"] == real.sum()
+    z = np.array([1, -1, -1, 1, 0, 0, 0, 0]) / (1 + 2e-6)  # population std 0.5 -> +-1; all-equal group -> 0
+    np.testing.assert_allclose(batch["adv_WxR"][real][:, 0], z[batch["seq_index_W"][real]], atol=1e-5)
+    mbs = T.split_rows(batch, 2, np.random.default_rng(0))
+    assert [len(mb["noisy_WxR"]) for mb in mbs] == [w // 2] * 2
+    assert sum(int(mb["target_WxR"].any(-1).sum()) for mb in mbs) == real.sum()
+    assert [mb["num_rows_W"][0] for mb in mbs] == [mb["target_WxR"].any(-1).sum() for mb in mbs]
+
+
+def test_group_zscore_population_std_and_errors():
+    np.testing.assert_allclose(T.group_zscore([3.0, 1.0, 2.0, 2.0], 4, eps=0.0),
+                               np.array([1.0, -1.0, 0.0, 0.0]) / np.sqrt(0.5), rtol=1e-6)
+    assert np.all(T.group_zscore([0.3] * 3, 3) == 0.0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        T.group_zscore([1.0, 0.0, 1.0], 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _value_setup():
+    """Policy + value model (random, non-zero head) and the packed batch of the EOS rollout."""
+    model = _model("block")
+    g, params = nnx.split(model, nnx.Param)
+    value = ValueModel.from_policy(model, rngs=nnx.Rngs(1))
+    value.head[...] = jax.random.normal(jax.random.PRNGKey(5), value.head[...].shape) * 0.5
+    vg, vparams = nnx.split(value, nnx.Param)
+    spec = _spec()
+    rows = _with_eos(_block_rollout(), [5, 11, 0, 6, 9, 2, 11, 7])
+    value_fn = jax.jit(functools.partial(T.row_values, vg, spec))
+    batch, metrics, _ = T.build_update_batch(rows, {"policy": params, "value": vparams}, spec=spec,
+                                             logp_fn=_logp_fn(spec), value_fn=value_fn)
+    return g, vg, {"policy": params, "value": vparams}, spec, rows, batch, metrics
+
+
+def _tracerl_mask_np(p, r, key_valid):
+    """Brute force of the §5.5 table."""
+    length = p + 2 * r
+    allow = np.zeros((length, length), bool)
+    for q in range(length):
+        for k in range(length):
+            cq, ck = (0 if i < p else 1 if i < p + r else 2 for i in (q, k))
+            bq, bk = ((i - p) // BS if i < p + r else (i - p - r) // BS for i in (q, k))
+            allow[q, k] = ((ck == 0 and (cq != 0 or bk <= bq)) or (cq == 1 and ck == 1 and bk <= bq)
+                           or (cq == 2 and ck == 1 and bk < bq) or (cq == 2 and ck == 2 and bk == bq))
+    return (allow & key_valid[None, :]) | np.eye(length, dtype=bool)
+
+
+def test_value_model_advantage_is_reward_minus_value_at_gamma_lambda_one():
+    _, vg, params, spec, rows, batch, metrics = _value_setup()
+    real, tgt, s = batch["row_valid_W"], batch["target_WxR"], batch["seq_index_W"]
+    z = T.group_zscore(REWARD, G)
+    v = batch["values_old_WxR"]
+    assert np.abs(v[tgt]).max() > 1e-3  # the head is non-zero, so the identity is not trivially 0 = 0
+    np.testing.assert_allclose(batch["adv_WxR"][tgt], (z[s][:, None] - v)[tgt], atol=1e-5)
+    np.testing.assert_allclose(batch["returns_WxR"][tgt], np.broadcast_to(z[s][:, None], v.shape)[tgt], atol=1e-5)
+    # the stored value of a token is the value model at its noisy slot in the row where it is a target
+    value = nnx.merge(vg, params["value"])
+    i = np.flatnonzero(real & (batch["row_index_W"] == 1))[0]
+    n = s[i]
+    kv = np.concatenate([rows["prompt_mask"][n], np.ones(2 * R, bool)])
+    pos = np.concatenate([np.maximum(np.cumsum(rows["prompt_mask"][n]) - 1, 0)] +
+                         [rows["prompt_mask"][n].sum() + np.arange(R)] * 2)
+    toks = np.concatenate([rows["prompt_tokens"][n], rows["tokens"][n], batch["noisy_WxR"][i]])
+    ref = np.asarray(jax.jit(value.__call__)(toks[None], pos[None], _tracerl_mask_np(P, R, kv)[None]))[0, P + R:]
+    np.testing.assert_allclose(v[i][tgt[i]], ref[tgt[i]], atol=1e-5)
+    assert np.isfinite(metrics["value/mean"])
+
+
+def _perturbed(params, scale=0.05, seed=7):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape).astype(np.float32), params)
+
+
+def test_micro_batched_losses_sum_to_the_mini_batch_loss():
+    """Global row counts: the strided micro-batches of train/step.py sum to the mini-batch loss (policy + value).
+
+    The normalisers are data, not parameters, so equal losses at every parameter value also mean equal gradients;
+    checked at the old parameters and at perturbed ones (ratio != 1, clipping and KL active).
+    """
+    g, vg, params, spec, _, batch, _ = _value_setup()
+    mb = T.split_rows(batch, 2, np.random.default_rng(1))[0]
+    loss = jax.jit(lambda p, b: T.tracerl_loss(p, b, None, spec=spec, graphdef=g, value_graphdef=vg))
+    micro = split_micro_batches(mb, 4)
+    for prm in (params, _perturbed(params)):
+        parts = [float(loss(prm, jax.tree.map(lambda x, m=m: x[m], micro))[0]) for m in range(4)]
+        full, metrics = loss(prm, mb)
+        np.testing.assert_allclose(sum(parts), float(full), rtol=1e-5, atol=1e-7)
+        assert abs(float(full)) > 1e-6 and sum(abs(x) > 0 for x in parts) >= 2
+    # at the old parameters (as in the first update of an RL step): ratio 1, nothing clipped, KL 0
+    _, m = loss(params, mb)
+    np.testing.assert_allclose([m["ratio_mean"], m["clip_frac"], m["kl"]], [1.0, 0.0, 0.0], atol=1e-5)
+
+
+def test_full_attention_rows_replay_the_llada_sampler():
+    """Full attention (§7.2): with s = 1 the row log-probs are the LLaDA sampler's own; s = 2 halves the rows."""
+    model, tok = _model("bidirectional"), _tok()
+    g, params = nnx.split(model, nnx.Param)
+    fn = make_llada_generate_fn(g, prompt_len=P, gen_len=R, block_len=6, steps=6, mask_token_id=tok.mask_token_id,
+                                eos_id=None, pad_id=tok.pad_token_id, sampling=SamplingParams(temperature=1.0))
+    rows = _rows(fn(params, *_prompts(), jax.random.PRNGKey(4))[0])
+    spec = _spec("full", shrink=1, num_rows=6)
+    batch, _, _ = T.build_update_batch(rows, {"policy": params}, spec=spec, logp_fn=_logp_fn(spec))
+    tgt, s = batch["target_WxR"], batch["seq_index_W"]
+    assert batch["row_valid_W"].all() and np.all(tgt.sum(-1) == 2)  # 6 steps x 2 tokens, every row used
+    np.testing.assert_allclose(batch["logp_old_WxR"][tgt], rows["logp_raw"][s][tgt], atol=1e-4)
+    spec2 = _spec("full", shrink=2, num_rows=3)
+    b2 = T.pack_batch(rows, spec2)
+    assert b2["row_valid_W"].all() and b2["row_valid_W"].shape == (3 * N,) and np.all(b2["target_WxR"].sum(-1) == 4)
+    counts = np.zeros((N, R), int)
+    np.add.at(counts, b2["seq_index_W"], b2["target_WxR"].astype(int))
+    assert np.all(counts == 1)
+
+
+def test_onestep_estimator_scores_the_d1_input():
+    """d1 (§6.2): one row per response, whole response masked, prompt tokens masked with p; fixed per batch."""
+    model, tok = _model("bidirectional"), _tok()
+    g, params = nnx.split(model, nnx.Param)
+    rows = dict(_block_rollout())
+    spec = T.TraceSpec(kind="full", block_size=None, shrink=1, num_rows=1, mask_token_id=tok.mask_token_id,
+                       group_size=G, estimator="onestep", norm="targets", p_mask_prompt=0.5)
+    batch, _, _ = T.build_update_batch(rows, {"policy": params}, spec=spec, logp_fn=_logp_fn(spec))
+    m = tok.mask_token_id
+    assert batch["row_valid_W"].all() and np.all(batch["noisy_WxR"] == m)
+    np.testing.assert_array_equal(batch["target_WxR"], rows["response_mask"])
+    changed = batch["prompt_in_WxP"] != rows["prompt_tokens"]
+    assert changed.any() and np.all(batch["prompt_in_WxP"][changed] == m) and not changed[~rows["prompt_mask"]].any()
+    inputs = np.concatenate([batch["prompt_in_WxP"], np.full((N, R), m)], 1)
+    valid = np.concatenate([rows["prompt_mask"], np.ones((N, R), bool)], 1)
+    mask = valid[:, None, :] | np.eye(P + R, dtype=bool)[None]
+    logits = jax.jit(model.__call__)(inputs, np.maximum(np.cumsum(valid, 1) - 1, 0), mask)[0][:, P:]
+    np.testing.assert_allclose(batch["logp_old_WxR"], diff_lib.token_logp(logits, rows["tokens"]), atol=1e-5)
+    again = T.pack_batch(rows, spec)
+    np.testing.assert_array_equal(again["prompt_in_WxP"], batch["prompt_in_WxP"])  # old == new input (mask seed)
+    rows["tokens"] = np.roll(rows["tokens"], 1, axis=1)
+    assert not np.array_equal(T.pack_batch(rows, spec)["prompt_in_WxP"], batch["prompt_in_WxP"])
+
+
+def test_configs_give_specs_and_bad_settings_fail_with_one_sentence():
+    from configs import tracerl as cfg_lib
+
+    tok = _tok()
+    for arg, kind, k, norm in [("block", "block", 4, "response_len"), ("block,value,tiny", "block", 4, "response_len"),
+                               ("full", "full", 10, "targets"), ("full,value", "full", 10, "targets"),
+                               ("block,onestep", "block", 1, "response_len")]:
+        c = cfg_lib.get_config(arg)
+        T.validate_tracerl_config(c)
+        spec = T.trace_spec(c, tok.mask_token_id)
+        assert (spec.kind, spec.num_rows, spec.norm) == (kind, k, norm)
+        assert (c.advantage.estimator == "gae") == ("value" in arg)
+    c = cfg_lib.get_config("block")
+    c.tracerl.steps_per_block = 3
+    with pytest.raises(ValueError, match="must divide 4"):
+        T.validate_tracerl_config(c)
+    c = cfg_lib.get_config("block,onestep")
+    c.advantage.estimator = "gae"
+    with pytest.raises(ValueError, match="no value-model variant"):
+        T.validate_tracerl_config(c)
+    with pytest.raises(ValueError, match="must start with one of"):
+        cfg_lib.get_config("causal")
+    from configs import grpo
+
+    c = grpo.get_config("tiny")
+    c.model.attention = "block"
+    with pytest.raises(ValueError, match="needs the `tracerl` section"):
+        T.validate_tracerl_config(c)
+    with pytest.raises(ValueError, match="no 'step_map'"):
+        T.pack_batch({k: v for k, v in _block_rollout().items() if k != "step_map"}, _spec())
+
+
+def test_diffusion_parts_run_rl_updates_end_to_end():
+    """diffusion_parts from the tiny `block,value` config: sample -> rows -> build_batch -> split -> jitted updates
+    change both the policy and the value model with finite losses."""
+    from configs import tracerl as cfg_lib
+
+    tok = _tok()
+    c = cfg_lib.get_config("block,value")
+    c.rollout.max_prompt_len, c.rollout.max_new_tokens, c.rollout.group_size = P, R, G
+    c.optim.mini_batches, c.tracerl.threshold, c.tracerl.forward_rows = 2, 0.6, 16
+    model = _model("block")
+    g, params = nnx.split(model, nnx.Param)
+    vg, vparams = nnx.split(ValueModel.from_policy(model, rngs=nnx.Rngs(1)), nnx.Param)
+    ids = types.SimpleNamespace(mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id, eos_token_id=NO_EOS)
+    parts = T.diffusion_parts(c, g, ids, value_graphdef=vg)
+    assert parts.greedy_gen is not None and parts.eval_gen is not None
+    rows = {**_rows(parts.train_gen(params, *_prompts(), jax.random.PRNGKey(9))), "reward_N": REWARD[::-1].copy()}
+    init = {"policy": params, "value": vparams}
+    batch, metrics, entropy = parts.build_batch(rows, init)
+    assert metrics["tracerl/rows"] >= N and entropy.shape == (N, R)
+    tx = optax.multi_transform({"policy": optax.adam(1e-2), "value": optax.adam(1e-2)},
+                               {"policy": "policy", "value": "value"})
+    state = init_train_state(jax.tree.map(jnp.copy, init), tx, 0)
+    step = make_train_step(parts.loss_fn, tx, num_micro_batches=2, donate=False)
+    for mb in parts.split(batch, np.random.default_rng(0)) * 2:
+        state, m = step(state, mb)
+        assert np.isfinite(float(m["loss"])) and m["skipped"] == 0.0
+    for part in ("policy", "value"):
+        changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(init[part]),
+                                                         jax.tree.leaves(state.params[part]))]
+        assert any(changed), part

@@ -196,14 +196,3 @@ def test_launcher_kills_a_hung_worker(tmp_path):
         os.killpg(procs[0].pid, 0)
     assert not (tmp_path / "never.npz").exists()
 
-
-def test_worker_reports_a_coordinator_it_cannot_start_as_platform_failure(tmp_path):
-    """The exit-77 path that `run_all` retries (port taken) or skips on: a coordinator port already bound here."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        cmd = worker_cmd(str(tmp_path / "never.npz"), num_processes=2, process_id=0, local_devices=1,
-                         port=s.getsockname()[1])
-        [(rc, log)] = launch([cmd], str(tmp_path), timeout_s=DEADLINE_S)
-    assert rc == PLATFORM_EXIT, log
-    assert "PLATFORM: CPU multi-process collectives failed" in log and "Failed to start RPC server" in log

@@ -110,10 +110,12 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
     prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1, dtype=jnp.int32)
     key_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, r), bool)], axis=1)
 
-    # Prefill: write the prompt's K/V at slots [0, P); only the last position goes through the LM head.
-    cache = init_cache(model.cfg, b, p + r)
+    # Prefill into a P-slot cache (attention P x P, not P x (P + R)), then grow it to P + R slots once;
+    # only the last prompt position goes through the LM head.
     h_BxPxD, cache = model.hidden(prompt_tokens_BxP, attention.positions_from_mask(prompt_mask_BxP),
-                                  attention.cached_causal_mask(key_valid_BxS, 0, p), cache, 0)
+                                  attention.causal_mask(prompt_mask_BxP), init_cache(model.cfg, b, p), 0)
+    cache = jax.tree.map(lambda full, pre: jax.lax.dynamic_update_slice(full, pre, (0,) * full.ndim),
+                         init_cache(model.cfg, b, p + r), cache)  # layout-agnostic: slots [0, P) of the big one
     first = sample_logits(jax.random.fold_in(key, 0), model.logits(h_BxPxD[:, -1:])[:, 0], sampling, hapo_stats)
     bufs = (jnp.full((b, r), pad_id, jnp.int32),) + tuple(jnp.zeros((b, r), jnp.float32) for _ in range(4)) \
         + (jnp.full((b, r), STEP_MAP_PAD, jnp.int32),)

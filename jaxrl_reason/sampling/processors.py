@@ -193,7 +193,8 @@ def sample_logits(key: jax.Array, logits: jax.Array, params: SamplingParams, hap
     """
     raw = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(raw, axis=-1)
-    entropy = lse - jnp.sum(jnp.where(raw > _NEG_INF, jax.nn.softmax(raw, axis=-1) * raw, 0.0), axis=-1)
+    probs = jnp.exp(raw - lse[..., None])  # one fused pass: H = lse - sum(p * z)
+    entropy = lse - jnp.sum(jnp.where(raw > _NEG_INF, probs * raw, 0.0), axis=-1)
     if params.greedy:
         token = jnp.argmax(raw, axis=-1).astype(jnp.int32)
         logp = jnp.zeros(raw.shape[:-1], jnp.float32)

@@ -1,0 +1,234 @@
+"""AR sampler (sampling/autoregressive.py) vs transformers' generate, a naive uncached loop, and full forwards."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxrl_reason.core import hapo
+from jaxrl_reason.models import attention as A
+from jaxrl_reason.models import hf, sharding
+from jaxrl_reason.sampling import autoregressive as ar
+from jaxrl_reason.sampling import processors as pr
+from jaxrl_reason.sampling.types import STEP_MAP_PAD
+
+V, PAD, P, R = 128, 0, 7, 10
+SAMPLED = pr.SamplingParams(temperature=0.8, top_k=40, top_p=0.95, hapo_tau=0.1)
+EOS_SAMPLED = tuple(range(100, 128))  # many stop ids, so that some rows stop early under sampling
+
+
+def _hf_model(arch, seed):
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "eager"
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    with torch.no_grad():  # larger weights than the default init: peaked, well separated logits
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.3)
+            if "norm" in name:
+                p.add_(1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for arch, seed in (("Qwen2", 0), ("Llama", 1)):
+        path = str(tmp_path_factory.mktemp(arch))
+        torch_model = _hf_model(arch, seed)
+        torch_model.save_pretrained(path)
+        out[arch] = (torch_model, hf.load_hf(path)[0])
+    return out
+
+
+def _prompts(b=8, seed=0):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, P + 1, b)
+    lens[0] = P
+    valid = np.arange(P)[None, :] >= (P - lens)[:, None]  # LEFT padded
+    return np.where(valid, rng.integers(3, 100, (b, P)), PAD).astype(np.int32), valid
+
+
+def _hf_generate(torch_model, tokens, valid, eos):
+    with torch.no_grad():
+        out = torch_model.generate(input_ids=torch.tensor(tokens, dtype=torch.long),
+                                   attention_mask=torch.tensor(valid, dtype=torch.long), do_sample=False,
+                                   max_new_tokens=R, min_new_tokens=0, pad_token_id=PAD, eos_token_id=eos)
+    gen = out[:, tokens.shape[1]:].numpy()
+    return np.pad(gen, ((0, 0), (0, R - gen.shape[1])), constant_values=PAD)
+
+
+def _full_forward_logits(model, prompt_tokens, prompt_mask, tokens_BxR, response_mask_BxR):
+    """Logits predicting each response slot from ONE uncached causal forward over [prompt; response]."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    return _forward(graphdef, state, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), jnp.asarray(tokens_BxR),
+                    jnp.asarray(response_mask_BxR))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, prompt_tokens, prompt_mask, tokens_BxR, response_mask_BxR):
+    seq = jnp.concatenate([prompt_tokens, tokens_BxR], axis=1)
+    valid = jnp.concatenate([prompt_mask, response_mask_BxR], axis=1)
+    logits, _ = nnx.merge(graphdef, state)(seq, A.positions_from_mask(valid), A.causal_mask(valid))
+    return logits[:, P - 1:-1]
+
+
+_sample = jax.jit(pr.sample_logits, static_argnums=2)
+
+
+def _naive_loop(model, tokens, valid, key, params, eos_ids, stats):
+    """Reference: recompute the whole forward (no cache) at every step; same per-step keys and stop rule."""
+    b = tokens.shape[0]
+    resp, rmask = np.full((b, R), PAD, np.int32), np.zeros((b, R), bool)
+    done = np.zeros(b, bool)
+    for t in range(R):
+        logits = _full_forward_logits(model, tokens, valid, resp, rmask)[:, t]
+        tok = np.asarray(_sample(jax.random.fold_in(key, t), logits, params, stats).token)
+        resp[:, t] = np.where(done, PAD, tok)
+        rmask[:, t] = ~done
+        done |= np.isin(tok, eos_ids)
+        if done.all():
+            break
+    return resp, rmask
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Llama"])
+def test_greedy_matches_transformers_generate(models, arch):
+    """Token for token equal to transformers' generate(do_sample=False) on a LEFT-padded batch, with an EOS
+    that stops some rows early (transformers pads finished rows with pad_token_id, as we do)."""
+    torch_model, model = models[arch]
+    tokens, valid = _prompts(8, seed=1)
+    eos = int(_hf_generate(torch_model, tokens, valid, 2)[0, 3])  # row 0 stops at its 4th token at the latest
+    want = _hf_generate(torch_model, tokens, valid, eos)
+    ro = ar.generate(model, tokens, valid, jax.random.key(0), max_new_tokens=R, eos_ids=(eos,), pad_id=PAD,
+                     params=pr.SamplingParams(greedy=True))
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), want)
+    length = np.asarray(ro.length_B)
+    assert length[0] <= 4 and not ro.truncated_B[0] and (length == R).any(), length
+    np.testing.assert_array_equal(np.asarray(ro.logp_BxR), 0.0)
+
+
+@pytest.fixture(scope="module")
+def sampled(models):
+    """One sampled rollout (temperature, top-k, top-p, HAPO temperature, stop ids) of the Qwen2 model."""
+    model = models["Qwen2"][1]
+    tokens, valid = _prompts(8)
+    ent = jax.random.uniform(jax.random.key(5), (4, 16), minval=0.01, maxval=3.0)
+    stats = hapo.entropy_stats(ent, jnp.ones((4, 16)))
+    graphdef, state = nnx.split(model, nnx.Param)
+    fn = ar.make_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD,
+                             params=SAMPLED)
+    key = jax.random.key(42)
+    return dict(model=model, tokens=tokens, valid=valid, stats=stats, fn=fn, state=state, key=key,
+                rollout=fn(state, tokens, valid, key, stats))
+
+
+def test_cached_sampling_equals_naive_recompute(sampled):
+    ro = sampled["rollout"]
+    length = np.asarray(ro.length_B)
+    assert (length < R).any() and (length == R).any(), length  # the case exercises stops and truncation
+    resp, rmask = _naive_loop(sampled["model"], sampled["tokens"], sampled["valid"], sampled["key"], SAMPLED,
+                              EOS_SAMPLED, sampled["stats"])
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), resp)
+    np.testing.assert_array_equal(np.asarray(ro.response_mask_BxR), rmask)
+
+
+def _np_log_softmax(x):
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def test_logps_and_entropy_match_full_forward(sampled):
+    ro, stats = sampled["rollout"], sampled["stats"]
+    logits = _full_forward_logits(sampled["model"], ro.prompt_tokens_BxP, ro.prompt_mask_BxP, ro.tokens_BxR,
+                                  ro.response_mask_BxR)
+    m = np.asarray(ro.response_mask_BxR)
+    tok = np.asarray(ro.tokens_BxR)[..., None]
+    proc = np.asarray(jax.jit(pr.process_logits, static_argnums=1)(logits, SAMPLED, stats), np.float64)
+    raw, proc = _np_log_softmax(np.asarray(logits, np.float64)), _np_log_softmax(proc)
+    want = {"logp_raw_BxR": np.take_along_axis(raw, tok, -1)[..., 0],
+            "logp_BxR": np.take_along_axis(proc, tok, -1)[..., 0],
+            "entropy_BxR": -np.sum(np.exp(raw) * raw, axis=-1)}
+    for name, value in want.items():
+        got = np.asarray(getattr(ro, name))
+        np.testing.assert_allclose(got[m], np.asarray(value)[m], atol=2e-5, err_msg=name)
+        assert np.all(got[~m] == 0.0), name
+    assert not np.allclose(np.asarray(ro.logp_BxR)[m], np.asarray(ro.logp_raw_BxR)[m], atol=1e-3)
+    np.testing.assert_allclose(np.asarray(ro.confidence_BxR)[m], np.exp(np.asarray(ro.logp_BxR))[m], rtol=1e-6)
+
+
+def test_rollout_fields(sampled):
+    ro = sampled["rollout"]
+    m, tok, length = np.asarray(ro.response_mask_BxR), np.asarray(ro.tokens_BxR), np.asarray(ro.length_B)
+    np.testing.assert_array_equal(length, m.sum(-1))
+    np.testing.assert_array_equal(m, np.arange(R)[None] < length[:, None])  # a prefix of the response
+    assert np.all(tok[~m] == PAD)
+    ends = tok[np.arange(len(tok)), np.maximum(length - 1, 0)]
+    np.testing.assert_array_equal(np.asarray(ro.truncated_B), ~np.isin(ends, EOS_SAMPLED))
+    np.testing.assert_array_equal(np.asarray(ro.step_map_BxR), np.where(m, np.arange(R)[None], STEP_MAP_PAD))
+    np.testing.assert_array_equal(np.asarray(ro.prompt_tokens_BxP), sampled["tokens"])
+    assert ro.tokens_BxR.dtype == jnp.int32 and ro.entropy_BxR.dtype == jnp.float32 and ro.truncated_B.dtype == bool
+
+
+def test_deterministic_and_key_dependent(sampled):
+    fn, state, tokens, valid, stats = (sampled[k] for k in ("fn", "state", "tokens", "valid", "stats"))
+    again = fn(state, tokens, valid, sampled["key"], stats)
+    jax.tree.map(np.testing.assert_array_equal, again, sampled["rollout"])
+    other = fn(state, tokens, valid, jax.random.key(7), stats)
+    assert not np.array_equal(np.asarray(other.tokens_BxR), np.asarray(sampled["rollout"].tokens_BxR))
+
+
+def test_sharded_equals_unsharded(sampled):
+    mesh = sharding.make_mesh(2, 2, 2)
+    state = sharding.shard_state(sampled["state"], mesh)
+    put = lambda x: jax.device_put(jnp.asarray(x), sharding.batch_sharding(mesh, 2))  # noqa: E731
+    ro = sampled["fn"](state, put(sampled["tokens"]), put(sampled["valid"]), sampled["key"], sampled["stats"])
+    assert len(ro.tokens_BxR.sharding.device_set) == 8
+    ref = sampled["rollout"]
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), np.asarray(ref.tokens_BxR))
+    np.testing.assert_allclose(np.asarray(ro.logp_BxR), np.asarray(ref.logp_BxR), atol=1e-5)
+
+
+def test_groups_are_contiguous_and_short_prompts_are_padded(sampled):
+    """generate(n_samples=4): rows 4b..4b+3 answer prompt b; a narrower prompt batch is left-padded to P."""
+    tokens, valid = sampled["tokens"][:2, 2:], sampled["valid"][:2, 2:]  # width P - 2, still LEFT padded
+    ro = ar.generate(sampled["model"], tokens, valid, jax.random.key(3), n_samples=4, max_new_tokens=R,
+                     eos_ids=EOS_SAMPLED, pad_id=PAD, params=SAMPLED, max_prompt_len=P,
+                     hapo_stats=sampled["stats"])  # same shapes and arguments as `sampled`: no recompilation
+    np.testing.assert_array_equal(np.asarray(ro.prompt_tokens_BxP)[:, 2:], np.repeat(tokens, 4, axis=0))
+    np.testing.assert_array_equal(np.asarray(ro.prompt_mask_BxP)[:, :2], False)
+    resp = np.asarray(ro.tokens_BxR)
+    assert resp.shape == (8, R) and not np.array_equal(resp[0], resp[1])
+
+
+def _one_sentence(msg):
+    return msg.endswith(".") and "\n" not in msg
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_prompt_len=3), "max_prompt_len is 3"),
+    (dict(params=pr.SamplingParams(order=("temperature", "nucleus"))), "Unknown logits processor 'nucleus'"),
+    (dict(params=pr.SamplingParams(top_p=0.0)), "top_p"),
+    (dict(eos_ids=(-1,)), "eos_ids"),
+    (dict(n_samples=0), "n_samples"),
+])
+def test_bad_arguments_raise_one_sentence(models, kwargs, match):
+    tokens, valid = _prompts(2)
+    args = dict(max_new_tokens=R, eos_ids=(2,), pad_id=PAD, params=pr.SamplingParams(greedy=True)) | kwargs
+    with pytest.raises(ValueError, match=match) as e:
+        ar.generate(models["Llama"][1], tokens, valid, jax.random.key(0), **args)
+    assert _one_sentence(str(e.value)), str(e.value)
+
+
+def test_jitted_function_is_cached(models):
+    graphdef, _ = nnx.split(models["Llama"][1], nnx.Param)
+    kw = dict(max_prompt_len=P, max_new_tokens=R, eos_ids=[2], pad_id=PAD, params=pr.SamplingParams())
+    assert ar.make_generate_fn(graphdef, **kw) is ar.make_generate_fn(graphdef, **kw)

@@ -120,6 +120,9 @@ def test_greedy_and_determinism(logits):
     np.testing.assert_array_equal(np.asarray(g.token), logits.argmax(-1))
     np.testing.assert_array_equal(np.asarray(g.logp), 0.0)
     np.testing.assert_allclose(np.asarray(g.logp_raw), np.log(_np_softmax(logits).max(-1)), atol=1e-6)
+    ties = jnp.array([[1.0, 3.0, 3.0, 0.0], [-jnp.inf, 2.0, -jnp.inf, 2.0]])  # the first maximum, as np.argmax
+    np.testing.assert_array_equal(np.asarray(_sample(jax.random.key(0), ties, pr.SamplingParams(greedy=True)).token),
+                                  [1, 1])
     s = pr.SamplingParams(top_p=0.9)
     a, b = _sample(jax.random.key(3), x, s), _sample(jax.random.key(3), x, s)
     np.testing.assert_array_equal(np.asarray(a.token), np.asarray(b.token))

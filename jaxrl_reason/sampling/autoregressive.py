@@ -5,8 +5,9 @@ algorithms.md §4.2 (HAPO adaptive temperature, through `SamplingParams.hapo_tau
 
 Layout: prompts are LEFT-padded to P = max_prompt_len; the cache has S = P + R slots (R = max_new_tokens);
 response token j of every row sits at slot P + j with RoPE position prompt_len + j, so left padding changes
-nothing. One prefill pass over the prompt writes slots [0, P) and gives the first token; then one decode
-pass per token inside a `while_loop` that exits as soon as every row has produced an EOS / stop token.
+nothing. One prefill pass over the prompt fills slots [0, P) and gives the logits of the first token; then
+each iteration of one `while_loop` samples token t and runs it through the model (writing slot P + t), and the
+loop exits as soon as every row has produced an EOS / stop token.
 Rows that have stopped emit the pad id (their model work is wasted but shapes stay static).
 """
 from __future__ import annotations
@@ -70,6 +71,7 @@ def _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, pad_i
 
 def _left_pad(tokens_BxP, mask_BxP, max_prompt_len, pad_id):
     """Validates shapes and LEFT-pads prompts to `max_prompt_len` (int32 tokens, bool mask)."""
+    tokens_BxP, mask_BxP = (x if hasattr(x, "ndim") else np.asarray(x) for x in (tokens_BxP, mask_BxP))
     if tokens_BxP.ndim != 2 or tokens_BxP.shape != mask_BxP.shape:
         raise ValueError(f"prompt tokens {tokens_BxP.shape} and mask {mask_BxP.shape} must be equal [B, P] shapes.")
     p = tokens_BxP.shape[1]
@@ -116,29 +118,30 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
                                   attention.causal_mask(prompt_mask_BxP), init_cache(model.cfg, b, p), 0)
     cache = jax.tree.map(lambda full, pre: jax.lax.dynamic_update_slice(full, pre, (0,) * full.ndim),
                          init_cache(model.cfg, b, p + r), cache)  # layout-agnostic: slots [0, P) of the big one
-    first = sample_logits(jax.random.fold_in(key, 0), model.logits(h_BxPxD[:, -1:])[:, 0], sampling, hapo_stats)
     bufs = (jnp.full((b, r), pad_id, jnp.int32),) + tuple(jnp.zeros((b, r), jnp.float32) for _ in range(4)) \
         + (jnp.full((b, r), STEP_MAP_PAD, jnp.int32),)
-    alive_B = jnp.ones((b,), bool)
-    bufs = _record(bufs, 0, first, alive_B, pad_id)
-    done_B = jnp.isin(first.token, eos_E)
 
     def cond(carry):
         t, _, _, done_B, _ = carry
         return (t < r) & ~jnp.all(done_B)
 
     def body(carry):
-        t, cache, prev_B, done_B, bufs = carry
-        slot = p + t - 1  # slot of the previous token, whose K/V this pass writes
-        h_Bx1xD, cache = model.hidden(prev_B[:, None], (prompt_len_B + t - 1)[:, None],
-                                      attention.cached_causal_mask(key_valid_BxS, slot, 1), cache, slot)
-        s = sample_logits(jax.random.fold_in(key, t), model.logits(h_Bx1xD)[:, 0], sampling, hapo_stats)
+        """Samples token t from the carried logits, then runs it through the model (slot P + t) for step t + 1.
+
+        One sampling site in the program (a shorter compile); the forward of the last step is unused.
+        """
+        t, cache, logits_BxV, done_B, bufs = carry
+        s = sample_logits(jax.random.fold_in(key, t), logits_BxV, sampling, hapo_stats)
         alive_B = ~done_B
         bufs = _record(bufs, t, s, alive_B, pad_id)
         done_B = done_B | jnp.isin(s.token, eos_E)
-        return t + 1, cache, jnp.where(alive_B, s.token, pad_id), done_B, bufs
+        slot = p + t
+        h_Bx1xD, cache = model.hidden(jnp.where(alive_B, s.token, pad_id)[:, None], (prompt_len_B + t)[:, None],
+                                      attention.cached_causal_mask(key_valid_BxS, slot, 1), cache, slot)
+        return t + 1, cache, model.logits(h_Bx1xD)[:, 0], done_B, bufs
 
-    carry = (jnp.asarray(1, jnp.int32), cache, first.token, done_B, bufs)
+    logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
+    carry = (jnp.asarray(0, jnp.int32), cache, logits_BxV, jnp.zeros((b,), bool), bufs)
     _, _, _, done_B, bufs = jax.lax.while_loop(cond, body, carry)
     tokens_BxR, logp_BxR, logp_raw_BxR, entropy_BxR, conf_BxR, step_BxR = bufs
     response_mask_BxR = step_BxR != STEP_MAP_PAD
@@ -159,7 +162,8 @@ def generate(model, prompt_tokens_BxP, prompt_mask_BxP, key, *, n_samples: int =
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}.")
     graphdef, params_state = nnx.split(model, nnx.Param)
-    fn = make_generate_fn(graphdef, max_prompt_len=max_prompt_len or prompt_tokens_BxP.shape[1],
+    width = np.shape(prompt_tokens_BxP)[-1]
+    fn = make_generate_fn(graphdef, max_prompt_len=width if max_prompt_len is None else max_prompt_len,
                           max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, params=params)
     tokens = jnp.repeat(jnp.asarray(prompt_tokens_BxP), n_samples, axis=0)
     mask = jnp.repeat(jnp.asarray(prompt_mask_BxP), n_samples, axis=0)

@@ -177,6 +177,17 @@ def process_logits(logits: jax.Array, params: SamplingParams, hapo_stats=None) -
     return x
 
 
+def _argmax(x: jax.Array) -> jax.Array:
+    """First index of the maximum over the last axis (= jnp.argmax for non-NaN input), int32.
+
+    Written as max + min-of-iota: two vectorized single-operand reductions, about 3x faster on XLA:CPU than the
+    variadic (value, index) reduction of `jnp.argmax` for [32, 8192] logits.
+    """
+    v = x.shape[-1]
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.minimum(jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1), v - 1)
+
+
 class TokenSample(NamedTuple):
     """One sampled token per row. All `[...]` (the leading dims of the logits)."""
     token: jax.Array     # int32
@@ -196,11 +207,11 @@ def sample_logits(key: jax.Array, logits: jax.Array, params: SamplingParams, hap
     probs = jnp.exp(raw - lse[..., None])  # one fused pass: H = lse - sum(p * z)
     entropy = lse - jnp.sum(jnp.where(raw > _NEG_INF, probs * raw, 0.0), axis=-1)
     if params.greedy:
-        token = jnp.argmax(raw, axis=-1).astype(jnp.int32)
+        token = _argmax(raw)
         logp = jnp.zeros(raw.shape[:-1], jnp.float32)
     else:
         proc = process_logits(raw, params, hapo_stats)
-        token = jax.random.categorical(key, proc, axis=-1).astype(jnp.int32)
+        token = _argmax(proc + jax.random.gumbel(key, proc.shape, jnp.float32))  # Gumbel-max = categorical
         chosen = jnp.take_along_axis(proc, token[..., None], axis=-1)[..., 0]
         logp = chosen - jax.nn.logsumexp(proc, axis=-1)
     logp_raw = jnp.take_along_axis(raw, token[..., None], axis=-1)[..., 0] - lse

@@ -294,7 +294,7 @@ def iteration_table(split: dict) -> str:
              f"{split['max_new_tokens']} new tokens (mean sampled length {split['response/length_mean']:.1f}), "
              f"mean of {split['iterations_averaged']} iterations after the first", "",
              "| phase | s / iteration | share |", "|---|---|---|"]
-    lines += [f"| {name} | {s:.3f} | {100 * s / max(total, 1e-12):.1f}% |" for name, s in rows]
+    lines += [f"| {name} | {s:.4f} | {100 * s / max(total, 1e-12):.1f}% |" for name, s in rows]
     return "\n".join(lines)
 
 

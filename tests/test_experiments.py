@@ -220,7 +220,7 @@ def test_bench_update_and_iteration_split():
     assert split == {"time/rollout_s": 2.0, "time/logps_adv_s": 1.0, "time/update_s": 3.0,
                      "response/length_mean": 35.0, "iterations_averaged": 2}
     table = bt.iteration_table({**split, "score_s": 0.5, "rows": 128, "max_new_tokens": 160})
-    assert "| sampling (rollout minus scorer) | 1.500 | 25.0% |" in table
+    assert "| sampling (rollout minus scorer) | 1.5000 | 25.0% |" in table
     assert bt.time_scorer(8) >= 0.0
     peak = bt.measure_matmul_peak((64,), repeats=1)
     assert list(peak) == [64] and peak[64]["wall"] > 0 and peak[64]["cpu"] > 0

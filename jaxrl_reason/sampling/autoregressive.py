@@ -50,7 +50,9 @@ def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_
     `eos_ids` are the EOS and stop tokens: a row stops after emitting one (it is part of the response).
     `hapo_stats` (dict from `core.hapo.entropy_stats` of the previous step) turns on HAPO's adaptive
     temperature when `params.hapo_tau > 0` (algorithms.md §4.2). The compiled function is cached: equal
-    arguments return the same function, so calling this per RL step does not recompile.
+    arguments return the same function, so calling this per RL step does not recompile. Nothing is donated:
+    the one large buffer, the KV cache, lives inside the jitted function (updated in place by XLA), and the
+    parameters are reused by the caller.
     """
     eos_ids = tuple(int(e) for e in eos_ids)
     _check_args(max_prompt_len, max_new_tokens, eos_ids, pad_id, params)

@@ -16,7 +16,7 @@ def get_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.model.init = "random"
     c.sft = config_dict.ConfigDict()
     c.sft.num_problems = 8000
-    c.sft.steps = {"tiny": 800, "small": 4000, "full": 2000}[c.scale]
+    c.sft.steps = {"tiny": 1500, "small": 4000, "full": 2000}[c.scale]
     c.sft.batch_size = 32
     c.sft.lr = 1e-3 if c.scale == "tiny" else 3e-4
     c.sft.warmup_steps = 50

@@ -39,8 +39,8 @@ def test_attend_matches_numpy_gqa():
     q, k, v = rng.normal(size=(b, t, n, h)), rng.normal(size=(b, s, kv, h)), rng.normal(size=(b, s, kv, h))
     mask = rng.random((b, t, s)) < 0.6
     mask[1, 2] = False  # a row that sees nothing -> zeros, not NaN
-    got = np.asarray(tf.attend(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
-                               jnp.asarray(v, jnp.float32), jnp.asarray(mask)))
+    heads_major = lambda x: jnp.asarray(x.transpose(0, 2, 1, 3), jnp.float32)  # the [B, K, S, H] cache layout
+    got = np.asarray(tf.attend(jnp.asarray(q, jnp.float32), heads_major(k), heads_major(v), jnp.asarray(mask)))
     want = np.zeros((b, t, n, h))
     for bi in range(b):
         for ti in range(t):

@@ -79,17 +79,17 @@ class TransformerConfig:
 
 
 class LayerCache(NamedTuple):
-    k: jax.Array  # [B, S, n_kv, head_dim]
-    v: jax.Array  # [B, S, n_kv, head_dim]
+    k: jax.Array  # [B, n_kv, S, head_dim]: heads-major, so attention is a plain batched matmul (XLA:CPU)
+    v: jax.Array  # [B, n_kv, S, head_dim]
 
 
 KVCache = tuple[LayerCache, ...]  # one per layer (a pytree)
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> KVCache:
-    """Zero KV cache: one `LayerCache` of `[batch, length, num_kv_heads, head_dim]` per layer."""
+    """Zero KV cache: one `LayerCache` of `[batch, num_kv_heads, length, head_dim]` per layer."""
     dtype = cfg.dtype if dtype is None else dtype
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim_)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim_)
     return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
 
 
@@ -126,23 +126,32 @@ def apply_rope(x_BxTxNxH, positions_BxT, theta):
     return out.astype(x_BxTxNxH.dtype)
 
 
-def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+def dense(x_BxTxD, w_DxF):
+    """`x @ w` as one 2-D matmul ([B*T, D] @ [D, F]): XLA:CPU runs the weight gradient of a 3-D `x @ w` ~2x
+    slower than the same contraction on the flattened rows."""
+    return (x_BxTxD.reshape(-1, x_BxTxD.shape[-1]) @ w_DxF).reshape(*x_BxTxD.shape[:-1], w_DxF.shape[-1])
+
+
+def attend(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS):
     """Grouped-query softmax attention, scores and softmax in float32, no K/V repeat.
 
-    Query head n uses kv head n // (N // K) (HF `repeat_kv` order). Masked scores get a finite minimum and
-    rows with no visible key output zeros, so nothing is NaN. Returns [B, T, N, H] in q's dtype.
+    Query head n uses kv head n // (N // K) (HF `repeat_kv` order). K/V are heads-major ([B, K, S, H], the KV
+    cache layout) and the G query heads of a kv head are stacked as G*T rows, so both contractions are 4-D batched
+    matmuls over (B, K) (2-3x faster on XLA:CPU than the 5-D einsum over [B, T, K, G, H]). Masked scores get a
+    finite minimum and rows with no visible key output zeros, so nothing is NaN. Returns [B, T, N, H] in q's dtype.
     """
     b, t, n, h = q_BxTxNxH.shape
-    kv = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
-    s_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
-                             preferred_element_type=jnp.float32) * (h ** -0.5)
+    kv, s = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+    g = n // kv
+    q_BxKxQxH = q_BxTxNxH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+    s_BxKxGxTxS = jnp.einsum("bkqh,bksh->bkqs", q_BxKxQxH, k_BxKxSxH,
+                             preferred_element_type=jnp.float32).reshape(b, kv, g, t, s) * (h ** -0.5)
     m = mask_BxTxS[:, None, None].astype(bool)
     s_BxKxGxTxS = jnp.where(m, s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s_BxKxGxTxS, axis=-1)
-    p = jnp.where(jnp.any(m, axis=-1, keepdims=True), p, 0.0).astype(v_BxSxKxH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", p, v_BxSxKxH)
-    return out.reshape(b, t, n, h)
+    p = jnp.where(jnp.any(m, axis=-1, keepdims=True), p, 0.0).astype(v_BxKxSxH.dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", p.reshape(b, kv, g * t, s), v_BxKxSxH)
+    return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
@@ -167,7 +176,8 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
         h = cfg.head_dim_
-        q, k, v = x_BxTxD @ self.q_proj[...], x_BxTxD @ self.k_proj[...], x_BxTxD @ self.v_proj[...]
+        q = dense(x_BxTxD, self.q_proj[...])
+        k, v = dense(x_BxTxD, self.k_proj[...]), dense(x_BxTxD, self.v_proj[...])
         if cfg.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q = q.reshape(b, t, cfg.num_heads, h)
@@ -177,16 +187,17 @@ class Attention(nnx.Module):
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
         q = apply_rope(q, positions_BxT, cfg.rope_theta)
-        k = apply_rope(k, positions_BxT, cfg.rope_theta)
+        k = apply_rope(k, positions_BxT, cfg.rope_theta).transpose(0, 2, 1, 3)  # -> [B, K, T, H]
+        v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             idx = jnp.asarray(cache_index, jnp.int32)
             zero = jnp.zeros((), jnp.int32)
-            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, idx, zero, zero))
-            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, idx, zero, zero))
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, zero, idx, zero))
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, zero, idx, zero))
             cache = LayerCache(k_all, v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
         out = attend(q, k, v, mask_BxTxS).reshape(b, t, cfg.num_heads * h)
-        return out @ self.o_proj[...], cache
+        return dense(out, self.o_proj[...]), cache
 
 
 class Block(nnx.Module):
@@ -207,8 +218,8 @@ class Block(nnx.Module):
                              cache, cache_index)
         x_BxTxD = x_BxTxD + a
         y = rms_norm(x_BxTxD, self.post_attn_norm[...], self.eps)
-        y = jax.nn.silu(y @ self.gate_proj[...]) * (y @ self.up_proj[...])
-        return x_BxTxD + y @ self.down_proj[...], cache
+        y = jax.nn.silu(dense(y, self.gate_proj[...])) * dense(y, self.up_proj[...])
+        return x_BxTxD + dense(y, self.down_proj[...]), cache
 
 
 class Transformer(nnx.Module):
@@ -236,7 +247,7 @@ class Transformer(nnx.Module):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}.")
         t = tokens_BxT.shape[1]
-        s = t if cache is None else cache[0].k.shape[1]
+        s = t if cache is None else cache[0].k.shape[2]
         if isinstance(cache_index, int) and not 0 <= cache_index <= s - t:
             raise ValueError(f"cache_index {cache_index} with {t} new tokens does not fit a cache of {s} slots.")
         if mask_BxTxS.shape != (*tokens_BxT.shape, s):

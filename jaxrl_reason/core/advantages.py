@@ -20,245 +20,245 @@ HAPO_FALLBACK_SCOPES = ("valid", "padded")
 
 
 def _float(x):
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _groups(reward_N, group_size: int):
-  """Checks the flat layout and returns the rewards as `[B, G]` float."""
-  reward_N = _float(reward_N)
-  if reward_N.ndim != 1:
-    raise ValueError(f"reward_N must be 1-D [N], got shape {reward_N.shape}.")
-  if not isinstance(group_size, numbers.Integral) or group_size < 1 or reward_N.shape[0] % group_size:
-    raise ValueError(f"group_size must be a positive int dividing N={reward_N.shape[0]}, got {group_size!r}.")
-  return reward_N.reshape(-1, group_size)
+    """Checks the flat layout and returns the rewards as `[B, G]` float."""
+    reward_N = _float(reward_N)
+    if reward_N.ndim != 1:
+        raise ValueError(f"reward_N must be 1-D [N], got shape {reward_N.shape}.")
+    if not isinstance(group_size, numbers.Integral) or group_size < 1 or reward_N.shape[0] % group_size:
+        raise ValueError(f"group_size must be a positive int dividing N={reward_N.shape[0]}, got {group_size!r}.")
+    return reward_N.reshape(-1, group_size)
 
 
 def _check_mask(mask_NxT, n: int):
-  mask = jnp.asarray(mask_NxT, jnp.float32)
-  if mask.ndim != 2 or mask.shape[0] != n:
-    raise ValueError(f"mask_NxT must be [N={n}, T], got shape {mask.shape}.")
-  return mask
+    mask = jnp.asarray(mask_NxT, jnp.float32)
+    if mask.ndim != 2 or mask.shape[0] != n:
+        raise ValueError(f"mask_NxT must be [N={n}, T], got shape {mask.shape}.")
+    return mask
 
 
 def _group_centred(r_BxG):
-  """`R_i - mean_g(R)` computed on values shifted by the first group member (exact 0 for ties)."""
-  c_BxG = r_BxG - r_BxG[:, :1]
-  return c_BxG - jnp.mean(c_BxG, axis=1, keepdims=True)
+    """`R_i - mean_g(R)` computed on values shifted by the first group member (exact 0 for ties)."""
+    c_BxG = r_BxG - r_BxG[:, :1]
+    return c_BxG - jnp.mean(c_BxG, axis=1, keepdims=True)
 
 
 def grpo_advantages(reward_N, group_size: int, eps: float = 1e-6, norm_by_std: bool = True,
                     singleton: str = "verl"):
-  """GRPO group-normalized outcome advantage `adv_N` (algorithms.md §1.6, verl `compute_grpo_outcome_advantage`).
+    """GRPO group-normalized outcome advantage `adv_N` (algorithms.md §1.6, verl `compute_grpo_outcome_advantage`).
 
-  A_i = (R_i - mean_g) / (std_g + eps) with the unbiased (Bessel) group std; `norm_by_std=False` gives
-  Dr.GRPO's A_i = R_i - mean_g (§1.7). All-equal groups give exactly 0.
+    A_i = (R_i - mean_g) / (std_g + eps) with the unbiased (Bessel) group std; `norm_by_std=False` gives
+    Dr.GRPO's A_i = R_i - mean_g (§1.7). All-equal groups give exactly 0.
 
-  Args:
-    reward_N: outcome reward per response `[N]`.
-    group_size: G (static); N must be a multiple of it.
-    eps: added to the std (verl 1e-6, TRL 1e-4).
-    norm_by_std: divide by the group std (verl `norm_adv_by_std_in_grpo`).
-    singleton: behaviour when G == 1 (§0.5): "verl" = mean 0, std 1 (raw reward / (1 + eps) passes through);
-      "trl" = advantage 0. [switch; the two sources differ]
-  """
-  if singleton not in SINGLETON_MODES:
-    raise ValueError(f"singleton must be one of {SINGLETON_MODES}, got {singleton!r}.")
-  r_BxG = _groups(reward_N, group_size)
-  if group_size == 1:
-    if singleton == "trl":
-      return jnp.zeros_like(r_BxG[:, 0])
-    return r_BxG[:, 0] / (1.0 + eps) if norm_by_std else r_BxG[:, 0]
-  a_BxG = _group_centred(r_BxG)
-  if norm_by_std:
-    std_B = jnp.sqrt(jnp.sum(jnp.square(a_BxG), axis=1, keepdims=True) / (group_size - 1))
-    a_BxG = a_BxG / (std_B + eps)
-  return a_BxG.reshape(-1)
+    Args:
+      reward_N: outcome reward per response `[N]`.
+      group_size: G (static); N must be a multiple of it.
+      eps: added to the std (verl 1e-6, TRL 1e-4).
+      norm_by_std: divide by the group std (verl `norm_adv_by_std_in_grpo`).
+      singleton: behaviour when G == 1 (§0.5): "verl" = mean 0, std 1 (raw reward / (1 + eps) passes through);
+        "trl" = advantage 0. [switch; the two sources differ]
+    """
+    if singleton not in SINGLETON_MODES:
+        raise ValueError(f"singleton must be one of {SINGLETON_MODES}, got {singleton!r}.")
+    r_BxG = _groups(reward_N, group_size)
+    if group_size == 1:
+        if singleton == "trl":
+            return jnp.zeros_like(r_BxG[:, 0])
+        return r_BxG[:, 0] / (1.0 + eps) if norm_by_std else r_BxG[:, 0]
+    a_BxG = _group_centred(r_BxG)
+    if norm_by_std:
+        std_B = jnp.sqrt(jnp.sum(jnp.square(a_BxG), axis=1, keepdims=True) / (group_size - 1))
+        a_BxG = a_BxG / (std_B + eps)
+    return a_BxG.reshape(-1)
 
 
 def dr_grpo_advantages(reward_N, group_size: int, singleton: str = "verl"):
-  """Dr.GRPO advantage `adv_N` = R_i - mean_g(R) (algorithms.md §1.7); `grpo_advantages` without the std."""
-  return grpo_advantages(reward_N, group_size, norm_by_std=False, singleton=singleton)
+    """Dr.GRPO advantage `adv_N` = R_i - mean_g(R) (algorithms.md §1.7); `grpo_advantages` without the std."""
+    return grpo_advantages(reward_N, group_size, norm_by_std=False, singleton=singleton)
 
 
 def rloo_advantages(reward_N, group_size: int):
-  """RLOO leave-one-out advantage `adv_N` (verl `compute_rloo_outcome_advantage`; Ahmadian et al. 2024).
+    """RLOO leave-one-out advantage `adv_N` (verl `compute_rloo_outcome_advantage`; Ahmadian et al. 2024).
 
-  A_i = R_i - mean_{j≠i} R_j = G/(G-1) · (R_i - mean_g). A singleton group passes the raw reward (verl).
-  """
-  r_BxG = _groups(reward_N, group_size)
-  if group_size == 1:
-    return r_BxG[:, 0]
-  return (_group_centred(r_BxG) * (group_size / (group_size - 1))).reshape(-1)
+    A_i = R_i - mean_{j≠i} R_j = G/(G-1) · (R_i - mean_g). A singleton group passes the raw reward (verl).
+    """
+    r_BxG = _groups(reward_N, group_size)
+    if group_size == 1:
+        return r_BxG[:, 0]
+    return (_group_centred(r_BxG) * (group_size / (group_size - 1))).reshape(-1)
 
 
 def masked_whiten(x_NxT, mask_NxT, shift_mean: bool = True, eps: float = 1e-8):
-  """Batch-wide token whitening (algorithms.md §1.2, verl `masked_whiten`).
+    """Batch-wide token whitening (algorithms.md §1.2, verl `masked_whiten`).
 
-  (x - mean_m(x)) * rsqrt(var_m(x) + eps), mean and unbiased (Bessel) variance over every valid token of the
-  batch. `shift_mean=False` adds the mean back. Guard (§0.5): with fewer than 2 valid tokens the result is
-  all zeros (verl raises). Padding positions are 0 in the output.
+    (x - mean_m(x)) * rsqrt(var_m(x) + eps), mean and unbiased (Bessel) variance over every valid token of the
+    batch. `shift_mean=False` adds the mean back. Guard (§0.5): with fewer than 2 valid tokens the result is
+    all zeros (verl raises). Padding positions are 0 in the output.
 
-  Returns:
-    `[N, T]` (any shape matching the mask works).
-  """
-  x = _float(x_NxT)
-  mask = jnp.asarray(mask_NxT, jnp.float32)
-  if x.shape != mask.shape:
-    raise ValueError(f"masked_whiten needs x and mask of the same shape, got {x.shape} and {mask.shape}.")
-  valid = mask > 0
-  count = jnp.sum(mask)
-  ref = x.reshape(-1)[jnp.argmax(valid.reshape(-1))]  # first valid value: exact zeros for constant inputs
-  xc = jnp.where(valid, x - ref, 0.0)
-  mean = jnp.sum(xc * mask) / jnp.maximum(count, 1.0)
-  var = jnp.sum(jnp.square(xc - mean) * mask) / jnp.maximum(count - 1.0, 1.0)
-  white = (xc - mean) * jax.lax.rsqrt(var + eps)
-  if not shift_mean:
-    white = white + mean + ref
-  return jnp.where(valid & (count >= 2), white, 0.0)
+    Returns:
+      `[N, T]` (any shape matching the mask works).
+    """
+    x = _float(x_NxT)
+    mask = jnp.asarray(mask_NxT, jnp.float32)
+    if x.shape != mask.shape:
+        raise ValueError(f"masked_whiten needs x and mask of the same shape, got {x.shape} and {mask.shape}.")
+    valid = mask > 0
+    count = jnp.sum(mask)
+    ref = x.reshape(-1)[jnp.argmax(valid.reshape(-1))]  # first valid value: exact zeros for constant inputs
+    xc = jnp.where(valid, x - ref, 0.0)
+    mean = jnp.sum(xc * mask) / jnp.maximum(count, 1.0)
+    var = jnp.sum(jnp.square(xc - mean) * mask) / jnp.maximum(count - 1.0, 1.0)
+    white = (xc - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        white = white + mean + ref
+    return jnp.where(valid & (count >= 2), white, 0.0)
 
 
 def outcome_to_token_rewards(reward_N, mask_NxT):
-  """Places each outcome reward at the response's last valid token, zeros elsewhere (algorithms.md §0.3).
+    """Places each outcome reward at the response's last valid token, zeros elsewhere (algorithms.md §0.3).
 
-  `reward_{i,t} = R_i` at `t = last index with m=1`; an all-masked row gets no reward.
-  Returns `[N, T]`.
-  """
-  reward_N = _float(reward_N)
-  mask = _check_mask(mask_NxT, reward_N.shape[0])
-  T = mask.shape[1]
-  last_N = T - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)
-  onehot_NxT = jax.nn.one_hot(last_N, T, dtype=reward_N.dtype) * jnp.any(mask > 0, axis=1, keepdims=True)
-  return onehot_NxT * reward_N[:, None]
+    `reward_{i,t} = R_i` at `t = last index with m=1`; an all-masked row gets no reward.
+    Returns `[N, T]`.
+    """
+    reward_N = _float(reward_N)
+    mask = _check_mask(mask_NxT, reward_N.shape[0])
+    T = mask.shape[1]
+    last_N = T - 1 - jnp.argmax(mask[:, ::-1] > 0, axis=1)
+    onehot_NxT = jax.nn.one_hot(last_N, T, dtype=reward_N.dtype) * jnp.any(mask > 0, axis=1, keepdims=True)
+    return onehot_NxT * reward_N[:, None]
 
 
 def reinforce_pp_advantages(token_reward_NxT, mask_NxT, gamma: float = 1.0):
-  """REINFORCE++ advantage `[N, T]` (algorithms.md §1.10, verl `reinforce_plus_plus`).
+    """REINFORCE++ advantage `[N, T]` (algorithms.md §1.10, verl `reinforce_plus_plus`).
 
-  Discounted return-to-go G_t = r_t + γ G_{t+1}, where the running return is reset after every masked position
-  (so rewards never flow back across padding), then `masked_whiten` over all valid tokens of the batch.
-  """
-  r = _float(token_reward_NxT)
-  mask = _check_mask(mask_NxT, r.shape[0])
+    Discounted return-to-go G_t = r_t + γ G_{t+1}, where the running return is reset after every masked position
+    (so rewards never flow back across padding), then `masked_whiten` over all valid tokens of the batch.
+    """
+    r = _float(token_reward_NxT)
+    mask = _check_mask(mask_NxT, r.shape[0])
 
-  def step(running_N, xs):
-    r_N, m_N = xs
-    running_N = r_N + gamma * running_N
-    return running_N * m_N, running_N
+    def step(running_N, xs):
+        r_N, m_N = xs
+        running_N = r_N + gamma * running_N
+        return running_N * m_N, running_N
 
-  _, ret_TxN = jax.lax.scan(step, jnp.zeros(r.shape[0], r.dtype), (r.T, mask.T), reverse=True)
-  return masked_whiten(ret_TxN.T, mask)
+    _, ret_TxN = jax.lax.scan(step, jnp.zeros(r.shape[0], r.dtype), (r.T, mask.T), reverse=True)
+    return masked_whiten(ret_TxN.T, mask)
 
 
 def reinforce_pp_baseline_advantages(reward_N, mask_NxT, group_size: int):
-  """REINFORCE++-baseline = DLER batch-normalized advantage `[N, T]` (algorithms.md §1.10, §2.2 item 2, Eq. 3).
+    """REINFORCE++-baseline = DLER batch-normalized advantage `[N, T]` (algorithms.md §1.10, §2.2 item 2, Eq. 3).
 
-  a_i = R_i - mean_g(R) (baseline 0 for a singleton group), broadcast over the response tokens, then whitened
-  over all valid tokens of the batch (token-weighted mean/std). An all-equal group has a_i = 0 exactly but gets
-  -mean/std after whitening (§2.4 edge cases); an all-zero batch gives 0.
-  """
-  r_BxG = _groups(reward_N, group_size)
-  mask = _check_mask(mask_NxT, r_BxG.size)
-  a_N = r_BxG[:, 0] if group_size == 1 else _group_centred(r_BxG).reshape(-1)
-  return masked_whiten(a_N[:, None] * mask, mask)
+    a_i = R_i - mean_g(R) (baseline 0 for a singleton group), broadcast over the response tokens, then whitened
+    over all valid tokens of the batch (token-weighted mean/std). An all-equal group has a_i = 0 exactly but gets
+    -mean/std after whitening (§2.4 edge cases); an all-zero batch gives 0.
+    """
+    r_BxG = _groups(reward_N, group_size)
+    mask = _check_mask(mask_NxT, r_BxG.size)
+    a_N = r_BxG[:, 0] if group_size == 1 else _group_centred(r_BxG).reshape(-1)
+    return masked_whiten(a_N[:, None] * mask, mask)
 
 
 def gae_advantages(token_reward_NxT, values_NxT, mask_NxT, gamma: float = 1.0, lam: float = 1.0,
                    whiten: bool = True):
-  """GAE with masked skipping (algorithms.md §1.2, verl `compute_gae_advantage_return`).
+    """GAE with masked skipping (algorithms.md §1.2, verl `compute_gae_advantage_return`).
 
-  Backward over t (lax.scan, reverse):
-    delta = r_t + γ·next_v − V_t;  cand = delta + γλ·last
-    next_v = V_t·m_t + (1−m_t)·next_v;  last = cand·m_t + (1−m_t)·last;  adv_t = last
-  Padding positions are skipped (values and advantages carried through them).
-  returns = adv + V (before whitening); adv is then `masked_whiten`-ed over the batch (`whiten=True`, verl).
+    Backward over t (lax.scan, reverse):
+      delta = r_t + γ·next_v − V_t;  cand = delta + γλ·last
+      next_v = V_t·m_t + (1−m_t)·next_v;  last = cand·m_t + (1−m_t)·last;  adv_t = last
+    Padding positions are skipped (values and advantages carried through them).
+    returns = adv + V (before whitening); adv is then `masked_whiten`-ed over the batch (`whiten=True`, verl).
 
-  Returns:
-    (adv_NxT, returns_NxT), both 0 on padding.
-  """
-  r = _float(token_reward_NxT)
-  v = _float(values_NxT)
-  mask = _check_mask(mask_NxT, r.shape[0])
-  if v.shape != r.shape:
-    raise ValueError(f"values_NxT must match token_reward_NxT's shape {r.shape}, got {v.shape}.")
+    Returns:
+      (adv_NxT, returns_NxT), both 0 on padding.
+    """
+    r = _float(token_reward_NxT)
+    v = _float(values_NxT)
+    mask = _check_mask(mask_NxT, r.shape[0])
+    if v.shape != r.shape:
+        raise ValueError(f"values_NxT must match token_reward_NxT's shape {r.shape}, got {v.shape}.")
 
-  def step(carry, xs):
-    next_v, last = carry
-    r_N, v_N, m_N = xs
-    delta = r_N + gamma * next_v - v_N
-    cand = delta + gamma * lam * last
-    next_v = v_N * m_N + (1.0 - m_N) * next_v
-    last = cand * m_N + (1.0 - m_N) * last
-    return (next_v, last), last
+    def step(carry, xs):
+        next_v, last = carry
+        r_N, v_N, m_N = xs
+        delta = r_N + gamma * next_v - v_N
+        cand = delta + gamma * lam * last
+        next_v = v_N * m_N + (1.0 - m_N) * next_v
+        last = cand * m_N + (1.0 - m_N) * last
+        return (next_v, last), last
 
-  zeros = jnp.zeros(r.shape[0], r.dtype)
-  _, adv_TxN = jax.lax.scan(step, (zeros, zeros), (r.T, v.T, mask.T), reverse=True)
-  adv = adv_TxN.T
-  valid = mask > 0
-  returns = jnp.where(valid, adv + v, 0.0)
-  adv = masked_whiten(adv, mask) if whiten else jnp.where(valid, adv, 0.0)
-  return adv, returns
+    zeros = jnp.zeros(r.shape[0], r.dtype)
+    _, adv_TxN = jax.lax.scan(step, (zeros, zeros), (r.T, v.T, mask.T), reverse=True)
+    adv = adv_TxN.T
+    valid = mask > 0
+    returns = jnp.where(valid, adv + v, 0.0)
+    adv = masked_whiten(adv, mask) if whiten else jnp.where(valid, adv, 0.0)
+    return adv, returns
 
 
 def hapo_token_group_advantages(reward_N, mask_NxT, group_size: int, eps: float = 1e-6,
                                 fallback_abs: float = 5.0, norm_by_std: bool = True,
                                 fallback_scope: str = "valid"):
-  """HAPO token-level group average advantage `[N, T]` (algorithms.md §4.3, HAPO Eq. 9,
-  code `compute_hapo_outcome_advantage`).
+    """HAPO token-level group average advantage `[N, T]` (algorithms.md §4.3, HAPO Eq. 9,
+    code `compute_hapo_outcome_advantage`).
 
-  a_{i,t} = R_i on every valid token; μ_g, σ_g = mean and *population* std over all valid tokens of the group
-  (length-weighted); A_{i,t} = (a_{i,t} − μ_g) / (σ_g + eps) (`norm_by_std=False`: no division).
-  Fallback: when any |A| ≥ `fallback_abs` in the group, the group uses the ordinary GRPO advantage
-  (`grpo_advantages`, singleton="verl"). All-equal or singleton groups give σ_g = 0 ⇒ A = 0.
+    a_{i,t} = R_i on every valid token; μ_g, σ_g = mean and *population* std over all valid tokens of the group
+    (length-weighted); A_{i,t} = (a_{i,t} − μ_g) / (σ_g + eps) (`norm_by_std=False`: no division).
+    Fallback: when any |A| ≥ `fallback_abs` in the group, the group uses the ordinary GRPO advantage
+    (`grpo_advantages`, singleton="verl"). All-equal or singleton groups give σ_g = 0 ⇒ A = 0.
 
-  Args:
-    fallback_scope: "valid" (default) checks |A| on valid tokens only; "padded" reproduces the released code,
-      which also checks the padding positions, whose value there is (0 − μ_g)/(σ_g + eps). [switch; CODE quirk]
+    Args:
+      fallback_scope: "valid" (default) checks |A| on valid tokens only; "padded" reproduces the released code,
+        which also checks the padding positions, whose value there is (0 − μ_g)/(σ_g + eps). [switch; CODE quirk]
 
-  Returns:
-    (adv_NxT, metrics) with metrics["hapo_fallback_frac"] = fraction of groups that fell back. Padding is 0
-    (the released code leaves (0 − μ_g)/σ_g there; every loss masks it anyway).
-  """
-  if fallback_scope not in HAPO_FALLBACK_SCOPES:
-    raise ValueError(f"fallback_scope must be one of {HAPO_FALLBACK_SCOPES}, got {fallback_scope!r}.")
-  r_BxG = _groups(reward_N, group_size)
-  mask = _check_mask(mask_NxT, r_BxG.size)
-  len_BxG = jnp.sum(mask, axis=1).reshape(r_BxG.shape)
-  ref_B1 = r_BxG[:, :1]
-  c_BxG = r_BxG - ref_B1                                   # shifted: exact zeros for ties
-  mu_B1 = masked_mean(c_BxG, len_BxG, axis=1)[:, None]     # length-weighted mean (weights = token counts)
-  dev_BxG = c_BxG - mu_B1
-  std_B1 = jnp.sqrt(masked_mean(jnp.square(dev_BxG), len_BxG, axis=1))[:, None]
-  scale_B1 = (std_B1 + eps) if norm_by_std else jnp.ones_like(std_B1)
-  normed_BxG = dev_BxG / scale_B1
-  valid_row_BxG = len_BxG > 0
-  big_B = jnp.any(valid_row_BxG & (jnp.abs(normed_BxG) >= fallback_abs), axis=1)
-  if fallback_scope == "padded":
-    pad_value_B = (-(mu_B1 + ref_B1) / scale_B1)[:, 0]    # original-units score 0 on padding
-    has_pad_B = jnp.any(len_BxG < mask.shape[1], axis=1)
-    big_B = big_B | (has_pad_B & (jnp.abs(pad_value_B) >= fallback_abs))
-  grpo_BxG = grpo_advantages(reward_N, group_size, eps=eps, norm_by_std=norm_by_std,
-                             singleton="verl").reshape(r_BxG.shape)
-  adv_N = jnp.where(big_B[:, None], grpo_BxG, normed_BxG).reshape(-1)
-  adv_NxT = jnp.where(mask > 0, adv_N[:, None] * mask, 0.0)
-  return adv_NxT, {"hapo_fallback_frac": jnp.mean(big_B.astype(jnp.float32))}
+    Returns:
+      (adv_NxT, metrics) with metrics["hapo_fallback_frac"] = fraction of groups that fell back. Padding is 0
+      (the released code leaves (0 − μ_g)/σ_g there; every loss masks it anyway).
+    """
+    if fallback_scope not in HAPO_FALLBACK_SCOPES:
+        raise ValueError(f"fallback_scope must be one of {HAPO_FALLBACK_SCOPES}, got {fallback_scope!r}.")
+    r_BxG = _groups(reward_N, group_size)
+    mask = _check_mask(mask_NxT, r_BxG.size)
+    len_BxG = jnp.sum(mask, axis=1).reshape(r_BxG.shape)
+    ref_B1 = r_BxG[:, :1]
+    c_BxG = r_BxG - ref_B1                                   # shifted: exact zeros for ties
+    mu_B1 = masked_mean(c_BxG, len_BxG, axis=1)[:, None]     # length-weighted mean (weights = token counts)
+    dev_BxG = c_BxG - mu_B1
+    std_B1 = jnp.sqrt(masked_mean(jnp.square(dev_BxG), len_BxG, axis=1))[:, None]
+    scale_B1 = (std_B1 + eps) if norm_by_std else jnp.ones_like(std_B1)
+    normed_BxG = dev_BxG / scale_B1
+    valid_row_BxG = len_BxG > 0
+    big_B = jnp.any(valid_row_BxG & (jnp.abs(normed_BxG) >= fallback_abs), axis=1)
+    if fallback_scope == "padded":
+        pad_value_B = (-(mu_B1 + ref_B1) / scale_B1)[:, 0]    # original-units score 0 on padding
+        has_pad_B = jnp.any(len_BxG < mask.shape[1], axis=1)
+        big_B = big_B | (has_pad_B & (jnp.abs(pad_value_B) >= fallback_abs))
+    grpo_BxG = grpo_advantages(reward_N, group_size, eps=eps, norm_by_std=norm_by_std,
+                               singleton="verl").reshape(r_BxG.shape)
+    adv_N = jnp.where(big_B[:, None], grpo_BxG, normed_BxG).reshape(-1)
+    adv_NxT = jnp.where(mask > 0, adv_N[:, None] * mask, 0.0)
+    return adv_NxT, {"hapo_fallback_frac": jnp.mean(big_B.astype(jnp.float32))}
 
 
 def hapo_redistribute_advantages(adv_NxT, h_NxT, ratio_NxT, eps_low_NxT, eps_high_NxT, beta: float = 1.0):
-  """HAPO differential advantage redistribution `[N, T]` (algorithms.md §4.4, HAPO Eq. 10-11, code
-  `ada_advantage`).
+    """HAPO differential advantage redistribution `[N, T]` (algorithms.md §4.4, HAPO Eq. 10-11, code
+    `ada_advantage`).
 
-  Neutral zone (γ_L, γ_U) = (1 − ε_L/2, 1 + ε_R/2) (strict, with the already-adapted clip ranges);
-  A_ent = A·(1 + β·h̃).  h̃ > 0: Â = A_ent outside the zone, A inside (amplify tokens already moving).
-  h̃ ≤ 0: Â = A_ent inside the zone, A outside (damp near-on-policy low-entropy tokens).
+    Neutral zone (γ_L, γ_U) = (1 − ε_L/2, 1 + ε_R/2) (strict, with the already-adapted clip ranges);
+    A_ent = A·(1 + β·h̃).  h̃ > 0: Â = A_ent outside the zone, A inside (amplify tokens already moving).
+    h̃ ≤ 0: Â = A_ent inside the zone, A outside (damp near-on-policy low-entropy tokens).
 
-  Args:
-    adv_NxT: advantages; h_NxT: normalized entropy h̃ ∈ [−1, 1] (from core/hapo.py);
-    ratio_NxT: live importance ratio π_θ/π_old; eps_low_NxT / eps_high_NxT: clip ranges (scalars or `[N, T]`).
-  Everything is under stop-gradient (the code runs it in `torch.no_grad`).
-  """
-  adv, h, ratio, eps_low, eps_high = jax.lax.stop_gradient(
-      (_float(adv_NxT), _float(h_NxT), _float(ratio_NxT), _float(eps_low_NxT), _float(eps_high_NxT)))
-  adv_ent = adv * (1.0 + beta * h)
-  inside = (ratio > 1.0 - eps_low / 2.0) & (ratio < 1.0 + eps_high / 2.0)
-  return jnp.where(h > 0, jnp.where(inside, adv, adv_ent), jnp.where(inside, adv_ent, adv))
+    Args:
+      adv_NxT: advantages; h_NxT: normalized entropy h̃ ∈ [−1, 1] (from core/hapo.py);
+      ratio_NxT: live importance ratio π_θ/π_old; eps_low_NxT / eps_high_NxT: clip ranges (scalars or `[N, T]`).
+    Everything is under stop-gradient (the code runs it in `torch.no_grad`).
+    """
+    adv, h, ratio, eps_low, eps_high = jax.lax.stop_gradient(
+        (_float(adv_NxT), _float(h_NxT), _float(ratio_NxT), _float(eps_low_NxT), _float(eps_high_NxT)))
+    adv_ent = adv * (1.0 + beta * h)
+    inside = (ratio > 1.0 - eps_low / 2.0) & (ratio < 1.0 + eps_high / 2.0)
+    return jnp.where(h > 0, jnp.where(inside, adv, adv_ent), jnp.where(inside, adv_ent, adv))

@@ -21,17 +21,17 @@ AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mea
 
 
 def check_agg_mode(mode: str) -> None:
-  """Raises ValueError (at trace time) when `mode` is not one of `AGG_MODES`."""
-  if mode not in AGG_MODES:
-    raise ValueError(f"Unknown loss aggregation mode {mode!r}; expected one of {AGG_MODES}.")
+    """Raises ValueError (at trace time) when `mode` is not one of `AGG_MODES`."""
+    if mode not in AGG_MODES:
+        raise ValueError(f"Unknown loss aggregation mode {mode!r}; expected one of {AGG_MODES}.")
 
 
 def masked_mean(x, mask, axis=None):
-  """Σ m·x / max(Σ m, 1) over `axis` (all axes when None); 0 where nothing is valid."""
-  mask = jnp.asarray(mask, jnp.float32)
-  x = jnp.asarray(x)
-  total = jnp.sum(jnp.where(mask > 0, x * mask, 0.0), axis=axis)
-  return total / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
+    """Σ m·x / max(Σ m, 1) over `axis` (all axes when None); 0 where nothing is valid."""
+    mask = jnp.asarray(mask, jnp.float32)
+    x = jnp.asarray(x)
+    total = jnp.sum(jnp.where(mask > 0, x * mask, 0.0), axis=axis)
+    return total / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
 def aggregate(
@@ -43,46 +43,46 @@ def aggregate(
     num_seqs=None,
     sum_norm_per_seq: bool = True,
 ):
-  """Aggregates a per-token loss `[N, T]` into a scalar (algorithms.md §1.5).
+    """Aggregates a per-token loss `[N, T]` into a scalar (algorithms.md §1.5).
 
-  Args:
-    loss_NxT: per-token loss `[N, T]`.
-    mask_NxT: response mask `[N, T]` (1 = real token, 0 = padding); weights in [0, 1] also work.
-    mode: one of `AGG_MODES` (static; unknown -> ValueError at trace time).
-    const: the constant C of `seq-mean-token-sum-norm` (e.g. the max response length); None -> T.
-    num_tokens: optional global token count used as the token-mean denominator (micro-batching).
-    num_seqs: optional global count of non-empty rows used as the seq-mean denominator (micro-batching).
-    sum_norm_per_seq: `seq-mean-token-sum-norm` only. True (default): Σ m·L / (num_seqs · C), as verl 0.8,
-      TRL `dr_grpo` and the Dr.GRPO paper. False: Σ m·L / C, the older verl (0.4-0.7) formula quoted in the
-      §1.5 table (it scales with the batch size). [switch; the spec table and verl 0.8 differ]
+    Args:
+      loss_NxT: per-token loss `[N, T]`.
+      mask_NxT: response mask `[N, T]` (1 = real token, 0 = padding); weights in [0, 1] also work.
+      mode: one of `AGG_MODES` (static; unknown -> ValueError at trace time).
+      const: the constant C of `seq-mean-token-sum-norm` (e.g. the max response length); None -> T.
+      num_tokens: optional global token count used as the token-mean denominator (micro-batching).
+      num_seqs: optional global count of non-empty rows used as the seq-mean denominator (micro-batching).
+      sum_norm_per_seq: `seq-mean-token-sum-norm` only. True (default): Σ m·L / (num_seqs · C), as verl 0.8,
+        TRL `dr_grpo` and the Dr.GRPO paper. False: Σ m·L / C, the older verl (0.4-0.7) formula quoted in the
+        §1.5 table (it scales with the batch size). [switch; the spec table and verl 0.8 differ]
 
-  Returns:
-    Scalar loss (float32 or wider). 0 when no token is valid.
-  """
-  check_agg_mode(mode)
-  mask = jnp.asarray(mask_NxT, jnp.float32)
-  loss = jnp.asarray(loss_NxT)
-  if loss.ndim != 2 or loss.shape != mask.shape:
-    raise ValueError(f"aggregate needs loss and mask of the same [N, T] shape, got {loss.shape} and {mask.shape}.")
-  # where() keeps NaN/inf in padded positions from leaking into the sum.
-  masked = jnp.where(mask > 0, loss * mask, 0.0)
-  tok_count_N = jnp.sum(mask, axis=-1)
-  seq_sum_N = jnp.sum(masked, axis=-1)
-  nonempty_N = (tok_count_N > 0).astype(seq_sum_N.dtype)
-  n_seqs = jnp.sum(nonempty_N) if num_seqs is None else jnp.asarray(num_seqs, seq_sum_N.dtype)
-  n_seqs = jnp.maximum(n_seqs, 1.0)
-  if mode == "token-mean":
-    n_tok = jnp.sum(tok_count_N) if num_tokens is None else jnp.asarray(num_tokens, seq_sum_N.dtype)
-    return jnp.sum(seq_sum_N) / jnp.maximum(n_tok, 1.0)
-  if mode == "seq-mean-token-sum":
-    return jnp.sum(seq_sum_N * nonempty_N) / n_seqs
-  if mode == "seq-mean-token-mean":
-    seq_mean_N = seq_sum_N / jnp.maximum(tok_count_N, 1.0)
-    return jnp.sum(seq_mean_N * nonempty_N) / n_seqs
-  # seq-mean-token-sum-norm
-  if const is not None and isinstance(const, (int, float)) and const <= 0:
-    raise ValueError(f"aggregate const must be positive, got {const}.")
-  c = float(loss.shape[-1]) if const is None else const
-  if not sum_norm_per_seq:
-    return jnp.sum(seq_sum_N) / c
-  return jnp.sum(seq_sum_N * nonempty_N) / n_seqs / c
+    Returns:
+      Scalar loss (float32 or wider). 0 when no token is valid.
+    """
+    check_agg_mode(mode)
+    mask = jnp.asarray(mask_NxT, jnp.float32)
+    loss = jnp.asarray(loss_NxT)
+    if loss.ndim != 2 or loss.shape != mask.shape:
+        raise ValueError(f"aggregate needs loss and mask of the same [N, T] shape, got {loss.shape} and {mask.shape}.")
+    # where() keeps NaN/inf in padded positions from leaking into the sum.
+    masked = jnp.where(mask > 0, loss * mask, 0.0)
+    tok_count_N = jnp.sum(mask, axis=-1)
+    seq_sum_N = jnp.sum(masked, axis=-1)
+    nonempty_N = (tok_count_N > 0).astype(seq_sum_N.dtype)
+    n_seqs = jnp.sum(nonempty_N) if num_seqs is None else jnp.asarray(num_seqs, seq_sum_N.dtype)
+    n_seqs = jnp.maximum(n_seqs, 1.0)
+    if mode == "token-mean":
+        n_tok = jnp.sum(tok_count_N) if num_tokens is None else jnp.asarray(num_tokens, seq_sum_N.dtype)
+        return jnp.sum(seq_sum_N) / jnp.maximum(n_tok, 1.0)
+    if mode == "seq-mean-token-sum":
+        return jnp.sum(seq_sum_N * nonempty_N) / n_seqs
+    if mode == "seq-mean-token-mean":
+        seq_mean_N = seq_sum_N / jnp.maximum(tok_count_N, 1.0)
+        return jnp.sum(seq_mean_N * nonempty_N) / n_seqs
+    # seq-mean-token-sum-norm
+    if const is not None and isinstance(const, (int, float)) and const <= 0:
+        raise ValueError(f"aggregate const must be positive, got {const}.")
+    c = float(loss.shape[-1]) if const is None else const
+    if not sum_norm_per_seq:
+        return jnp.sum(seq_sum_N) / c
+    return jnp.sum(seq_sum_N * nonempty_N) / n_seqs / c

@@ -14,52 +14,52 @@ KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 
 
 def _kl_forward(d, kind: str):
-  if kind in ("k1", "kl"):
-    return d
-  if kind == "abs":
-    return jnp.abs(d)
-  if kind in ("k2", "mse"):
-    return 0.5 * jnp.square(d)
-  # k3 / low_var_kl: log(pi_ref/pi) clamped, then the estimate clamped (verl numerical guards).
-  neg_d = jnp.clip(-d, -20.0, 20.0)
-  return jnp.clip(jnp.exp(neg_d) - neg_d - 1.0, -10.0, 10.0)
+    if kind in ("k1", "kl"):
+        return d
+    if kind == "abs":
+        return jnp.abs(d)
+    if kind in ("k2", "mse"):
+        return 0.5 * jnp.square(d)
+    # k3 / low_var_kl: log(pi_ref/pi) clamped, then the estimate clamped (verl numerical guards).
+    neg_d = jnp.clip(-d, -20.0, 20.0)
+    return jnp.clip(jnp.exp(neg_d) - neg_d - 1.0, -10.0, 10.0)
 
 
 def kl_estimate(logp_NxT, logp_ref_NxT, kind: str = "low_var_kl"):
-  """Per-token KL(π_θ || π_ref) estimate `[N, T]` (algorithms.md §1.3).
+    """Per-token KL(π_θ || π_ref) estimate `[N, T]` (algorithms.md §1.3).
 
-  Args:
-    logp_NxT: log-probs of the sampled tokens under the live (or old, for KL-in-reward) policy.
-    logp_ref_NxT: log-probs of the same tokens under the reference policy.
-    kind: one of `KL_KINDS`, optionally with a `+` suffix (straight-through k2 gradient).
+    Args:
+      logp_NxT: log-probs of the sampled tokens under the live (or old, for KL-in-reward) policy.
+      logp_ref_NxT: log-probs of the same tokens under the reference policy.
+      kind: one of `KL_KINDS`, optionally with a `+` suffix (straight-through k2 gradient).
 
-  Returns:
-    `[N, T]` float32 (or wider) estimate; padding is not masked here, aggregate with `aggregate`.
-  """
-  straight_through = kind.endswith("+")
-  base = kind[:-1] if straight_through else kind
-  if base not in KL_KINDS:
-    raise ValueError(f"Unknown KL estimator {kind!r}; expected one of {KL_KINDS}, optionally with a '+' suffix.")
-  dtype = jnp.promote_types(jnp.result_type(logp_NxT), jnp.float32)
-  d = jnp.asarray(logp_NxT, dtype) - jnp.asarray(logp_ref_NxT, dtype)
-  forward = _kl_forward(d, base)
-  if not straight_through or base in ("k2", "mse"):
-    return forward
-  k2 = 0.5 * jnp.square(d)
-  return k2 - jax.lax.stop_gradient(k2) + jax.lax.stop_gradient(forward)
+    Returns:
+      `[N, T]` float32 (or wider) estimate; padding is not masked here, aggregate with `aggregate`.
+    """
+    straight_through = kind.endswith("+")
+    base = kind[:-1] if straight_through else kind
+    if base not in KL_KINDS:
+        raise ValueError(f"Unknown KL estimator {kind!r}; expected one of {KL_KINDS}, optionally with a '+' suffix.")
+    dtype = jnp.promote_types(jnp.result_type(logp_NxT), jnp.float32)
+    d = jnp.asarray(logp_NxT, dtype) - jnp.asarray(logp_ref_NxT, dtype)
+    forward = _kl_forward(d, base)
+    if not straight_through or base in ("k2", "mse"):
+        return forward
+    k2 = 0.5 * jnp.square(d)
+    return k2 - jax.lax.stop_gradient(k2) + jax.lax.stop_gradient(forward)
 
 
 def adaptive_kl_coef(beta, kl, target: float = 0.1, horizon: float = 10000.0, n=1):
-  """One step of the adaptive KL controller (algorithms.md §1.3; Ziegler et al. 2019).
+    """One step of the adaptive KL controller (algorithms.md §1.3; Ziegler et al. 2019).
 
-  β ← β · (1 + clip(KL/target − 1, −0.2, 0.2) · n / horizon), with `n` the number of responses in the batch.
+    β ← β · (1 + clip(KL/target − 1, −0.2, 0.2) · n / horizon), with `n` the number of responses in the batch.
 
-  Returns:
-    The new coefficient (scalar array).
-  """
-  if isinstance(target, (int, float)) and target <= 0:
-    raise ValueError(f"adaptive_kl_coef target must be positive, got {target}.")
-  if isinstance(horizon, (int, float)) and horizon <= 0:
-    raise ValueError(f"adaptive_kl_coef horizon must be positive, got {horizon}.")
-  err = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -0.2, 0.2)
-  return jnp.asarray(beta, jnp.float32) * (1.0 + err * n / horizon)
+    Returns:
+      The new coefficient (scalar array).
+    """
+    if isinstance(target, (int, float)) and target <= 0:
+        raise ValueError(f"adaptive_kl_coef target must be positive, got {target}.")
+    if isinstance(horizon, (int, float)) and horizon <= 0:
+        raise ValueError(f"adaptive_kl_coef horizon must be positive, got {horizon}.")
+    err = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -0.2, 0.2)
+    return jnp.asarray(beta, jnp.float32) * (1.0 + err * n / horizon)

@@ -15,156 +15,156 @@ GSPO_LOG_RATIO_MAX = 10.0  # verl's clamp on log s_{i,t} (§1.9)
 
 
 def _float(x):
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _check_eps(eps, name: str):
-  if isinstance(eps, (int, float)) and not 0.0 <= eps < 1.0:
-    raise ValueError(f"{name} must lie in [0, 1), got {eps}.")
+    if isinstance(eps, (int, float)) and not 0.0 <= eps < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {eps}.")
 
 
 def hapo_adaptive_clip_bounds(h_NxT, eps_low, eps_high, alpha: float = 1.0):
-  """HAPO asymmetric adaptive clipping ranges (algorithms.md §4.5, HAPO Eq. 12-13, code `ada_clip`).
+    """HAPO asymmetric adaptive clipping ranges (algorithms.md §4.5, HAPO Eq. 12-13, code `ada_clip`).
 
-  ε_L(i,t) = ε_L·(1 − α·h̃) if h̃ ≤ 0 else ε_L;   ε_R(i,t) = ε_R·(1 + α·h̃) if h̃ > 0 else ε_R.
-  With α = 1 and h̃ ∈ [−1, 1] the clip range spans [1 − 2ε_L, 1 + 2ε_R]. Stop-gradient (code: no_grad).
+    ε_L(i,t) = ε_L·(1 − α·h̃) if h̃ ≤ 0 else ε_L;   ε_R(i,t) = ε_R·(1 + α·h̃) if h̃ > 0 else ε_R.
+    With α = 1 and h̃ ∈ [−1, 1] the clip range spans [1 − 2ε_L, 1 + 2ε_R]. Stop-gradient (code: no_grad).
 
-  Args:
-    h_NxT: normalized entropy h̃ ∈ [−1, 1] (core/hapo.py). eps_low / eps_high: base ranges (scalars).
-  Returns:
-    (eps_low_NxT, eps_high_NxT).
-  """
-  _check_eps(eps_low, "eps_low")
-  _check_eps(eps_high, "eps_high")
-  h = jax.lax.stop_gradient(_float(h_NxT))
-  eps_low_NxT = jnp.where(h <= 0, eps_low * (1.0 - alpha * h), eps_low)
-  eps_high_NxT = jnp.where(h > 0, eps_high * (1.0 + alpha * h), eps_high)
-  return eps_low_NxT, eps_high_NxT
+    Args:
+      h_NxT: normalized entropy h̃ ∈ [−1, 1] (core/hapo.py). eps_low / eps_high: base ranges (scalars).
+    Returns:
+      (eps_low_NxT, eps_high_NxT).
+    """
+    _check_eps(eps_low, "eps_low")
+    _check_eps(eps_high, "eps_high")
+    h = jax.lax.stop_gradient(_float(h_NxT))
+    eps_low_NxT = jnp.where(h <= 0, eps_low * (1.0 - alpha * h), eps_low)
+    eps_high_NxT = jnp.where(h > 0, eps_high * (1.0 + alpha * h), eps_high)
+    return eps_low_NxT, eps_high_NxT
 
 
 def _ratio_metrics(log_ratio, ratio, mask):
-  """ppo_kl = masked mean of logp_old − logp (clamped); ratio mean / max over valid tokens."""
-  return {
-      "ppo_kl": masked_mean(-log_ratio, mask),
-      "ratio_mean": masked_mean(ratio, mask),
-      "ratio_max": jnp.max(jnp.where(mask > 0, ratio, 0.0)),
-  }
+    """ppo_kl = masked mean of logp_old − logp (clamped); ratio mean / max over valid tokens."""
+    return {
+        "ppo_kl": masked_mean(-log_ratio, mask),
+        "ratio_mean": masked_mean(ratio, mask),
+        "ratio_max": jnp.max(jnp.where(mask > 0, ratio, 0.0)),
+    }
 
 
 def ppo_clip_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_high=0.2,
                   dual_clip_c: Optional[float] = 3.0, agg: str = "token-mean", agg_const=None,
                   token_weights_NxT=None, **agg_kwargs):
-  """PPO clipped surrogate with asymmetric (clip-higher) ranges and dual clip (algorithms.md §1.1, verl
-  `compute_policy_loss_vanilla`; DAPO §1.8; HAPO adaptive ranges §4.5).
+    """PPO clipped surrogate with asymmetric (clip-higher) ranges and dual clip (algorithms.md §1.1, verl
+    `compute_policy_loss_vanilla`; DAPO §1.8; HAPO adaptive ranges §4.5).
 
-    log r = clamp(logp − logp_old, −20, 20);  L1 = −A·r;  L2 = −A·clip(r, 1−ε_low, 1+ε_high)
-    Lc = max(L1, L2);  Lpg = where(A < 0, min(Lc, −A·c), Lc)   (dual clip only when `dual_clip_c` is set)
-    loss = aggregate(Lpg · weights, mask, agg)
+      log r = clamp(logp − logp_old, −20, 20);  L1 = −A·r;  L2 = −A·clip(r, 1−ε_low, 1+ε_high)
+      Lc = max(L1, L2);  Lpg = where(A < 0, min(Lc, −A·c), Lc)   (dual clip only when `dual_clip_c` is set)
+      loss = aggregate(Lpg · weights, mask, agg)
 
-  Args:
-    logp_NxT, logp_old_NxT: current / behaviour log-probs `[N, T]` (logp_old is treated as a constant).
-    adv_NxT: advantages `[N, T]` (constant). eps_low, eps_high: scalars or `[N, T]` arrays.
-    dual_clip_c: dual-clip constant c > 1 (verl default 3.0, DAPO/DLER/HAPO 10.0); None disables it.
-    agg, agg_const, **agg_kwargs: see `aggregate`. token_weights_NxT: optional per-token multiplicative weights
-      (rollout/training mismatch correction, §1.1), treated as constants.
+    Args:
+      logp_NxT, logp_old_NxT: current / behaviour log-probs `[N, T]` (logp_old is treated as a constant).
+      adv_NxT: advantages `[N, T]` (constant). eps_low, eps_high: scalars or `[N, T]` arrays.
+      dual_clip_c: dual-clip constant c > 1 (verl default 3.0, DAPO/DLER/HAPO 10.0); None disables it.
+      agg, agg_const, **agg_kwargs: see `aggregate`. token_weights_NxT: optional per-token multiplicative weights
+        (rollout/training mismatch correction, §1.1), treated as constants.
 
-  Returns:
-    (loss, metrics): pg_clipfrac (L2 > L1), pg_clipfrac_lower (A < 0 and Lc > −A·c), ppo_kl, ratio_mean,
-    ratio_max.
-  """
-  check_agg_mode(agg)
-  _check_eps(eps_low, "eps_low")
-  _check_eps(eps_high, "eps_high")
-  if dual_clip_c is not None and isinstance(dual_clip_c, (int, float)) and dual_clip_c <= 1.0:
-    raise ValueError(f"dual_clip_c must be greater than 1, got {dual_clip_c}.")
-  logp = _float(logp_NxT)
-  logp_old = jax.lax.stop_gradient(_float(logp_old_NxT))
-  adv = jax.lax.stop_gradient(_float(adv_NxT))
-  mask = jnp.asarray(mask_NxT, jnp.float32)
-  eps_low, eps_high = jax.lax.stop_gradient((eps_low, eps_high))
-  log_ratio = jnp.clip(logp - logp_old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-  ratio = jnp.exp(log_ratio)
-  l1 = -adv * ratio
-  l2 = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
-  lc = jnp.maximum(l1, l2)
-  if dual_clip_c is None:
-    lpg = lc
-    clipfrac_lower = jnp.zeros((), jnp.float32)
-  else:
-    l3 = -adv * dual_clip_c
-    lpg = jnp.where(adv < 0, jnp.minimum(lc, l3), lc)
-    clipfrac_lower = masked_mean(((lc > l3) & (adv < 0)).astype(jnp.float32), mask)
-  if token_weights_NxT is not None:
-    lpg = lpg * jax.lax.stop_gradient(_float(token_weights_NxT))
-  loss = aggregate(lpg, mask, agg, agg_const, **agg_kwargs)
-  metrics = {"pg_clipfrac": masked_mean((l2 > l1).astype(jnp.float32), mask),
-             "pg_clipfrac_lower": clipfrac_lower, **_ratio_metrics(log_ratio, ratio, mask)}
-  return loss, jax.lax.stop_gradient(metrics)
+    Returns:
+      (loss, metrics): pg_clipfrac (L2 > L1), pg_clipfrac_lower (A < 0 and Lc > −A·c), ppo_kl, ratio_mean,
+      ratio_max.
+    """
+    check_agg_mode(agg)
+    _check_eps(eps_low, "eps_low")
+    _check_eps(eps_high, "eps_high")
+    if dual_clip_c is not None and isinstance(dual_clip_c, (int, float)) and dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c must be greater than 1, got {dual_clip_c}.")
+    logp = _float(logp_NxT)
+    logp_old = jax.lax.stop_gradient(_float(logp_old_NxT))
+    adv = jax.lax.stop_gradient(_float(adv_NxT))
+    mask = jnp.asarray(mask_NxT, jnp.float32)
+    eps_low, eps_high = jax.lax.stop_gradient((eps_low, eps_high))
+    log_ratio = jnp.clip(logp - logp_old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
+    l1 = -adv * ratio
+    l2 = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    lc = jnp.maximum(l1, l2)
+    if dual_clip_c is None:
+        lpg = lc
+        clipfrac_lower = jnp.zeros((), jnp.float32)
+    else:
+        l3 = -adv * dual_clip_c
+        lpg = jnp.where(adv < 0, jnp.minimum(lc, l3), lc)
+        clipfrac_lower = masked_mean(((lc > l3) & (adv < 0)).astype(jnp.float32), mask)
+    if token_weights_NxT is not None:
+        lpg = lpg * jax.lax.stop_gradient(_float(token_weights_NxT))
+    loss = aggregate(lpg, mask, agg, agg_const, **agg_kwargs)
+    metrics = {"pg_clipfrac": masked_mean((l2 > l1).astype(jnp.float32), mask),
+               "pg_clipfrac_lower": clipfrac_lower, **_ratio_metrics(log_ratio, ratio, mask)}
+    return loss, jax.lax.stop_gradient(metrics)
 
 
 def gspo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=3e-4, eps_high=4e-4, **agg_kwargs):
-  """GSPO-token loss with the sequence-level ratio (algorithms.md §1.9, GSPO paper, verl
-  `compute_policy_loss_gspo`).
+    """GSPO-token loss with the sequence-level ratio (algorithms.md §1.9, GSPO paper, verl
+    `compute_policy_loss_gspo`).
 
-    log s_i = Σ_t m·(logp − logp_old) / max(|o_i|, 1)
-    log s_{i,t} = min(logp_{i,t} − sg[logp_{i,t}] + sg[log s_i], 10)   (value s_i, gradient through each token)
-    L = max(−A·s, −A·clip(s, 1−ε_low, 1+ε_high)),  aggregated with seq-mean-token-mean (forced).
-  No dual clip. With per-row constant advantages the gradient equals that of the sequence-level objective.
+      log s_i = Σ_t m·(logp − logp_old) / max(|o_i|, 1)
+      log s_{i,t} = min(logp_{i,t} − sg[logp_{i,t}] + sg[log s_i], 10)   (value s_i, gradient through each token)
+      L = max(−A·s, −A·clip(s, 1−ε_low, 1+ε_high)),  aggregated with seq-mean-token-mean (forced).
+    No dual clip. With per-row constant advantages the gradient equals that of the sequence-level objective.
 
-  Returns:
-    (loss, metrics): pg_clipfrac, pg_clipfrac_lower (always 0), ppo_kl, ratio_mean / ratio_max (of s).
-  """
-  _check_eps(eps_low, "eps_low")
-  _check_eps(eps_high, "eps_high")
-  logp = _float(logp_NxT)
-  logp_old = jax.lax.stop_gradient(_float(logp_old_NxT))
-  adv = jax.lax.stop_gradient(_float(adv_NxT))
-  mask = jnp.asarray(mask_NxT, jnp.float32)
-  log_ratio = logp - logp_old
-  seq_len_N1 = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
-  seq_log_ratio_N1 = jnp.sum(jnp.where(mask > 0, log_ratio * mask, 0.0), axis=-1, keepdims=True) / seq_len_N1
-  log_s = logp - jax.lax.stop_gradient(logp) + jax.lax.stop_gradient(seq_log_ratio_N1)
-  s = jnp.exp(jnp.minimum(log_s, GSPO_LOG_RATIO_MAX))
-  l1 = -adv * s
-  l2 = -adv * jnp.clip(s, 1.0 - eps_low, 1.0 + eps_high)
-  loss = aggregate(jnp.maximum(l1, l2), mask, "seq-mean-token-mean", **agg_kwargs)
-  metrics = {"pg_clipfrac": masked_mean((l2 > l1).astype(jnp.float32), mask),
-             "pg_clipfrac_lower": jnp.zeros((), jnp.float32), **_ratio_metrics(log_ratio, s, mask)}
-  return loss, jax.lax.stop_gradient(metrics)
+    Returns:
+      (loss, metrics): pg_clipfrac, pg_clipfrac_lower (always 0), ppo_kl, ratio_mean / ratio_max (of s).
+    """
+    _check_eps(eps_low, "eps_low")
+    _check_eps(eps_high, "eps_high")
+    logp = _float(logp_NxT)
+    logp_old = jax.lax.stop_gradient(_float(logp_old_NxT))
+    adv = jax.lax.stop_gradient(_float(adv_NxT))
+    mask = jnp.asarray(mask_NxT, jnp.float32)
+    log_ratio = logp - logp_old
+    seq_len_N1 = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+    seq_log_ratio_N1 = jnp.sum(jnp.where(mask > 0, log_ratio * mask, 0.0), axis=-1, keepdims=True) / seq_len_N1
+    log_s = logp - jax.lax.stop_gradient(logp) + jax.lax.stop_gradient(seq_log_ratio_N1)
+    s = jnp.exp(jnp.minimum(log_s, GSPO_LOG_RATIO_MAX))
+    l1 = -adv * s
+    l2 = -adv * jnp.clip(s, 1.0 - eps_low, 1.0 + eps_high)
+    loss = aggregate(jnp.maximum(l1, l2), mask, "seq-mean-token-mean", **agg_kwargs)
+    metrics = {"pg_clipfrac": masked_mean((l2 > l1).astype(jnp.float32), mask),
+               "pg_clipfrac_lower": jnp.zeros((), jnp.float32), **_ratio_metrics(log_ratio, s, mask)}
+    return loss, jax.lax.stop_gradient(metrics)
 
 
 def value_loss(v_pred_NxT, v_old_NxT, returns_NxT, mask_NxT, clip: Optional[float] = 0.5,
                agg: str = "token-mean", agg_const=None, **agg_kwargs):
-  """Clipped value loss (algorithms.md §1.2, verl `compute_value_loss`).
+    """Clipped value loss (algorithms.md §1.2, verl `compute_value_loss`).
 
-    v_clip = clip(v_pred, V_old − c, V_old + c);  loss = 0.5·agg(max((v_pred−R)², (v_clip−R)²), m)
-  `clip=None` disables clipping. Returns (loss, {"vf_clipfrac", "vpred_mean"}).
-  """
-  check_agg_mode(agg)
-  if clip is not None and isinstance(clip, (int, float)) and clip < 0:
-    raise ValueError(f"value clip must be non-negative, got {clip}.")
-  v_pred = _float(v_pred_NxT)
-  v_old = jax.lax.stop_gradient(_float(v_old_NxT))
-  ret = jax.lax.stop_gradient(_float(returns_NxT))
-  mask = jnp.asarray(mask_NxT, jnp.float32)
-  l1 = jnp.square(v_pred - ret)
-  if clip is None:
-    l2 = l1
-  else:
-    l2 = jnp.square(jnp.clip(v_pred, v_old - clip, v_old + clip) - ret)
-  loss = 0.5 * aggregate(jnp.maximum(l1, l2), mask, agg, agg_const, **agg_kwargs)
-  metrics = {"vf_clipfrac": masked_mean((l2 > l1).astype(jnp.float32), mask),
-             "vpred_mean": masked_mean(v_pred, mask)}
-  return loss, jax.lax.stop_gradient(metrics)
+      v_clip = clip(v_pred, V_old − c, V_old + c);  loss = 0.5·agg(max((v_pred−R)², (v_clip−R)²), m)
+    `clip=None` disables clipping. Returns (loss, {"vf_clipfrac", "vpred_mean"}).
+    """
+    check_agg_mode(agg)
+    if clip is not None and isinstance(clip, (int, float)) and clip < 0:
+        raise ValueError(f"value clip must be non-negative, got {clip}.")
+    v_pred = _float(v_pred_NxT)
+    v_old = jax.lax.stop_gradient(_float(v_old_NxT))
+    ret = jax.lax.stop_gradient(_float(returns_NxT))
+    mask = jnp.asarray(mask_NxT, jnp.float32)
+    l1 = jnp.square(v_pred - ret)
+    if clip is None:
+        l2 = l1
+    else:
+        l2 = jnp.square(jnp.clip(v_pred, v_old - clip, v_old + clip) - ret)
+    loss = 0.5 * aggregate(jnp.maximum(l1, l2), mask, agg, agg_const, **agg_kwargs)
+    metrics = {"vf_clipfrac": masked_mean((l2 > l1).astype(jnp.float32), mask),
+               "vpred_mean": masked_mean(v_pred, mask)}
+    return loss, jax.lax.stop_gradient(metrics)
 
 
 def entropy_bonus(entropy_NxT, mask_NxT, coef: float, agg: str = "token-mean", agg_const=None,
                   **agg_kwargs):
-  """Entropy bonus term to *add* to the loss: −coef·agg(H, m) (algorithms.md §1.4; verl default coef 0).
+    """Entropy bonus term to *add* to the loss: −coef·agg(H, m) (algorithms.md §1.4; verl default coef 0).
 
-  Returns (loss_term, {"entropy": agg(H, m)}).
-  """
-  check_agg_mode(agg)
-  ent = aggregate(_float(entropy_NxT), mask_NxT, agg, agg_const, **agg_kwargs)
-  return -coef * ent, {"entropy": jax.lax.stop_gradient(ent)}
+    Returns (loss_term, {"entropy": agg(H, m)}).
+    """
+    check_agg_mode(agg)
+    ent = aggregate(_float(entropy_NxT), mask_NxT, agg, agg_const, **agg_kwargs)
+    return -coef * ent, {"entropy": jax.lax.stop_gradient(ent)}

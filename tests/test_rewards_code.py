@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxrl_reason.rewards import code as code_lib
+from jaxrl_reason.rewards import sandbox as sandbox_lib
 from jaxrl_reason.rewards.code import (SANDBOX_TAG, TAIL_BYTES, code_reward, code_rewards, extract_code,
                                        run_tests)
 from jaxrl_reason.rewards.pool import VerifierPool
@@ -200,7 +201,7 @@ def test_user_namespace_path_blocks_network_and_writes(monkeypatch):
     would allow the write and only the read-only mount stops it)."""
     if not code_lib._namespaces_available():
         pytest.skip("namespaces are not permitted on this machine")
-    monkeypatch.setattr(code_lib, "_is_root", lambda: False)
+    monkeypatch.setattr(sandbox_lib, "_is_root", lambda: False)
     target = Path(__file__).resolve().parent / f"_escape_{uuid.uuid4().hex}.txt"
     probe = _writer(target) + "import socket\ndef talk():\n    socket.create_connection(('127.0.0.1', 9))\n"
     try:
@@ -233,7 +234,7 @@ def test_a_sandbox_without_its_own_namespace_is_refused(monkeypatch):
     sweep must not turn on this machine's processes: the run is refused and nothing else is signalled."""
     if not code_lib._namespaces_available():
         pytest.skip("namespaces are not permitted on this machine")
-    monkeypatch.setattr(code_lib, "CLONE_NEWNET", 0)
+    monkeypatch.setattr(sandbox_lib, "CLONE_NEWNET", 0)
     with pytest.raises(RuntimeError, match="own network namespace"):
         run_tests(ADD, ADD_TESTS, timeout_s=SLOW_OK, isolation="namespaces")
     assert not code_lib._matches(os.getppid(), ("net", os.readlink("/proc/self/ns/net")))

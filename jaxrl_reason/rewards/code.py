@@ -1,97 +1,34 @@
 """Code-execution reward: untrusted model-written Python run against its test asserts in a sandbox.
 
 `extract_code(text)` takes the last ```python block. `run_tests(code, tests)` runs the code, then each test,
-in a SEPARATE fresh interpreter (`python -I -S`: stdlib only, PYTHON* variables ignored) and returns
+in a SEPARATE fresh interpreter (`rewards/sandbox.py`: "namespaces" or audit-hook "guard" isolation, rlimits,
+wall-clock and output caps; its docstring says what is and is not isolated) and returns
 `ExecResult(passed, total, status, stdout_tail, stderr_tail)`. `code_reward` makes it a float;
 `code_score(response, gold)` / `code_rewards` are the per-item and batch forms for
 `rewards.pool.VerifierPool` (gold = the tests, or {"tests": ..., limits...}).
 
-Isolated in both modes:
-  - environment: the child sees only PATH, LANG, LC_ALL, HOME, TMPDIR (no secret of the parent); stdin is
-    /dev/null;
-  - resources, set in `preexec_fn`: RLIMIT_CPU (timeout + 1 s, SIGKILL a second later), RLIMIT_AS
-    (memory_mb), RLIMIT_NPROC (max_processes), RLIMIT_NOFILE, RLIMIT_FSIZE (max_file_mb), RLIMIT_CORE=0,
-    PR_SET_NO_NEW_PRIVS (set-uid binaries gain nothing), PR_SET_PDEATHSIG (the main child dies with the
-    calling thread);
-  - time and output: past the wall-clock limit, or past max_output_bytes of stdout + stderr, the child's
-    process group is killed (`start_new_session`, `os.killpg`) and so is every live process carrying the
-    sandbox's marker (its network namespace, or its private uid; a run whose marker is the caller's own
-    is refused), which catches children that called `setsid()`; the same sweep runs when the main
-    process ends;
-  - as root (namespaces mode; guard mode only if the interpreter is reachable by others), the code runs as
-    a fresh random uid in 0x70000000..0x7FFEFFFF with no groups: RLIMIT_NPROC, which root ignores, then
-    counts exactly this sandbox's processes, and file permissions apply.
-
-isolation="namespaces" (Linux, as root or where unprivileged user namespaces are allowed; "auto" takes it
-when a probe run works): new mount and network namespaces, plus a user namespace when not root, mapped to
-the caller's own uid (never 0 inside), so the code holds no capability once Python starts.
-  - network: only a loopback interface, down: no IP traffic at all, 127.0.0.1 included; abstract unix
-    sockets are per namespace;
-  - files: the whole mount tree is read-only and nosuid; /root, /home, $HOME, /var/tmp, /dev/shm, /run,
-    /proc, /mnt, /media, /srv are covered by empty read-only tmpfs (the interpreter's install re-mounted
-    read-only if it lives under one); /tmp is a fresh private tmpfs of max_file_mb MiB, the cwd, gone
-    with the namespace;
-  - NOT isolated: the rest of the filesystem is readable where permissions allow (when not root, as the
-    caller's uid: its readable files outside the covered directories); filesystem unix sockets outside
-    them stay connectable where permissions allow; CPU time is per process (max_processes of them);
-    kernel bugs.
-isolation="guard" (where namespaces are not permitted, e.g. Docker's default seccomp profile): cwd is a fresh
-temp directory, deleted afterwards, and a PEP 578 audit hook installed before the code runs raises
-PermissionError on sockets, process creation (fork, exec, spawn, subprocess, system), kill, ctypes,
-importing _posixsubprocess, writing/renaming/deleting/chmod-ing paths outside the temp directory (except
-/dev/null), and opening /proc/<other pid>/.
-  - NOT isolated: it is a speed bump, not a boundary: C extensions, `dir_fd` arguments, symlink races and
-    interpreter bugs get past it; host files stay readable; without a uid drop the code runs as the caller
-    (root included) and, as root, RLIMIT_NPROC is void.
-
-Not protected in either mode: processes forked by the code outlive a caller that is SIGKILLed mid-run
-(still confined; RLIMIT_CPU ends busy ones); and the pass count: the harness shares the interpreter with
-the code, so code that deliberately introspects it (frames, gc, file descriptors) can forge results;
-printing "passed" or exiting early cannot (a run scores only the passes the harness reported).
-Tested on Linux only (elsewhere "auto" gives guard mode without prctl, untested). `preexec_fn` runs
-Python in the forked child: call `run_tests` from a single-threaded process (a VerifierPool worker), as
-the `subprocess` docs advise.
+Not protected: the pass count: the harness shares the interpreter with the code, so code that deliberately
+introspects it (frames, gc, file descriptors) can forge results; printing "passed" or exiting early cannot
+(a run scores only the passes the harness reported, tagged with a per-run nonce).
 """
-import ctypes
 import dataclasses
 import functools
-import json
-import math
-import os
 import re
-import resource
 import secrets
-import selectors
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 import warnings
 
 import numpy as np
 
+from jaxrl_reason.rewards import sandbox
 from jaxrl_reason.rewards.pool import VerifierPool
+from jaxrl_reason.rewards.sandbox import SANDBOX_TAG, TAIL_BYTES, _matches  # noqa: F401 (re-exported)
 
 MAX_CODE_CHARS = 100_000
-TAIL_BYTES = 4096
-SANDBOX_TAG = "jaxrl-reason-code-sandbox"     # argv[1] of every sandbox interpreter
 STATUSES = ("ok", "syntax_error", "runtime_error", "timeout", "output_limit", "crash")
 _FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n", re.IGNORECASE)
-_HIDDEN_DIRS = ("/root", "/home", "/var/tmp", "/dev/shm", "/run", "/proc", "/mnt", "/media", "/srv")
-_UID_RANGE = (0x70000000, 0x7FFF0000)        # unused by distributions and by systemd's allocations
-_NS_UID_FOR_ROOT = 1000                      # inner uid of a user namespace made by root (tests only)
 _STARTUP_MARGIN_S = 2.0                      # a pool's timeout must exceed the sandbox's by this much
-_RESULT_CAP = 1 << 20
-# Linux uapi constants (sched.h, mount.h, prctl.h); these syscall numbers are the same on all arches.
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x20000, 0x10000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
-AT_FDCWD, AT_RECURSIVE, OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = -100, 0x8000, 1, 0o2000000
-MOVE_MOUNT_F_EMPTY_PATH, MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 4, 1, 2
-SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,37 +59,11 @@ def extract_code(text: str, max_chars: int = MAX_CODE_CHARS) -> str | None:
     return code if code.strip() else None
 
 
-# The harness: runs in the sandbox. Reads {nonce, code, tests, guard} from an inherited file, waits for
-# the parent's "go" byte, then reports "<nonce> syntax_error|runtime_error|test <i> <0|1>|done" lines.
-_HARNESS = r'''
+# The harness: the script `sandbox.run_sandboxed` runs, after its audit-hook guard source. Reads {nonce,
+# code, tests, guard} from an inherited file, waits for the parent's "go" byte, then reports
+# "<nonce> syntax_error|runtime_error|test <i> <0|1>|done" lines.
+_HARNESS = sandbox.GUARD_SOURCE + r'''
 import json, linecache, os, sys, traceback
-
-def _guard(root):
-    realpath, fsdecode, sep, pid = os.path.realpath, os.fsdecode, os.sep, str(os.getpid())
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    blocked = ("socket.", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
-               "os.kill", "subprocess.", "ctypes.", "pty.")
-    path_events = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link",
-                   "os.symlink", "os.truncate", "os.utime", "shutil.")
-    def inside(p):
-        p = realpath(fsdecode(p))
-        return p == root or p.startswith(root + sep) or p == "/dev/null"
-    def other_proc(p):
-        parts = realpath(fsdecode(p)).split(sep)
-        return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != pid
-    def hook(event, args):
-        if event.startswith(blocked) or (event == "import" and args[0] == "_posixsubprocess"):
-            raise PermissionError("sandbox guard blocks " + event)
-        if event == "open" and not isinstance(args[0], int):
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & write_flags)
-            if (writing and not inside(path)) or other_proc(path):
-                raise PermissionError("sandbox guard blocks open(%r)" % (path,))
-        elif event.startswith(path_events) and not all(
-                inside(a) for a in args if isinstance(a, (str, bytes)) or hasattr(a, "__fspath__")):
-            raise PermissionError("sandbox guard blocks " + event)
-    sys.addaudithook(hook)
 
 def _run(src, name, env):
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)
@@ -189,233 +100,6 @@ _main(*map(int, sys.argv[2:5]))
 '''
 
 
-# ------------------------------------------------------------------ sandbox set-up (parent plans, child acts)
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    namespaces: bool
-    userns: bool              # not root: a user namespace grants the right to make the others
-    uid: int                  # the code's uid: fresh when root drops, the inner one in a user namespace
-    gid: int
-    host_ids: tuple           # the caller's (uid, gid), mapped to (uid, gid) in a user namespace
-    drop: bool                # root: switch to uid/gid before exec
-    workdir: str
-    scratch_mb: int
-    hide: tuple               # directories covered by an empty tmpfs (the workdir by the scratch tmpfs)
-    expose: tuple             # interpreter directories under `hide`, re-mounted read-only
-    rlimits: tuple            # (resource, soft, hard)
-    res_w: int                # result pipe: set-up errors are reported there
-
-
-def _ok(ret: int, what: str) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
-
-def _sys(number: int, *args, what: str) -> int:
-    return _ok(_LIBC.syscall(ctypes.c_long(number), *args), what)
-
-
-def _mount(src, target: str, fstype, flags: int, data=None):
-    _ok(_LIBC.mount(src, target.encode(), fstype, ctypes.c_ulong(flags), data), f"mount {target}")
-
-
-def _set_ro(path: str, recursive: bool, readonly: bool):
-    """mount_setattr: (recursively) make read-only + nosuid, or clear read-only."""
-    attr = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID if readonly else 0,
-                                 0 if readonly else MOUNT_ATTR_RDONLY, 0, 0)
-    _sys(SYS_MOUNT_SETATTR, AT_FDCWD, path.encode(), ctypes.c_uint(AT_RECURSIVE if recursive else 0),
-         ctypes.byref(attr), ctypes.c_size_t(32), what=f"mount_setattr {path}")
-
-
-def _enter_namespaces(p: _Plan):
-    """New mount + network (+ user) namespaces: read-only tree, covered dirs, private rw tmpfs workdir."""
-    _ok(_LIBC.unshare(CLONE_NEWNS | CLONE_NEWNET | (CLONE_NEWUSER if p.userns else 0)), "unshare")
-    if p.userns:
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{p.uid} {p.host_ids[0]} 1"),
-                           ("gid_map", f"{p.gid} {p.host_ids[1]} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)      # nothing below propagates to the host
-    clones = [_sys(SYS_OPEN_TREE, AT_FDCWD, e.encode(), ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
-                                                                     | AT_RECURSIVE), what=f"open_tree {e}")
-              for e in p.expose]
-    for d in p.hide:
-        data = (f"mode=700,uid={p.uid},gid={p.gid},size={p.scratch_mb}m" if d == p.workdir
-                else "mode=755,size=64k")
-        _mount(b"tmpfs", d, b"tmpfs", MS_NOSUID | MS_NODEV, data.encode())
-    for fd, e in zip(clones, p.expose):
-        os.makedirs(e, exist_ok=True)
-        _sys(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, e.encode(), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
-             what=f"move_mount {e}")
-        os.close(fd)
-    _set_ro("/", recursive=True, readonly=True)
-    _set_ro(p.workdir, recursive=False, readonly=False)
-
-
-def _preexec(p: _Plan):
-    """Runs in the forked child before exec: namespaces, rlimits, uid drop, no_new_privs, pdeathsig, cwd."""
-    try:
-        if p.namespaces:
-            _enter_namespaces(p)
-        for res, soft, hard in p.rlimits:
-            resource.setrlimit(res, (soft, hard))
-        if p.drop:
-            os.setgroups([])
-            os.setresgid(p.gid, p.gid, p.gid)
-            os.setresuid(p.uid, p.uid, p.uid)
-        for option, value in ((PR_SET_NO_NEW_PRIVS, 1), (PR_SET_PDEATHSIG, signal.SIGKILL)) if _LIBC else ():
-            _ok(_LIBC.prctl(option, *(ctypes.c_ulong(v) for v in (value, 0, 0, 0))), f"prctl {option}")
-        os.chdir(p.workdir)
-    except BaseException as e:
-        tb = e.__traceback__.tb_next or e.__traceback__
-        os.write(p.res_w, f"setup_error {e!r} (code.py line {tb.tb_lineno})\n".encode())
-        raise
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def _python() -> str:
-    return os.path.realpath(sys.executable)
-
-
-def _is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def _mount_layout(workdir: str):
-    """(hide, expose): top-level dirs to cover (incl. workdir) and interpreter dirs living under them."""
-    dirs = {os.path.realpath(d) for d in _HIDDEN_DIRS + (os.path.expanduser("~"),)}
-    dirs = {d for d in dirs if d != "/" and os.path.isdir(d) and not _under(workdir, d)} | {workdir}
-    hide = sorted(d for d in dirs if not any(o != d and _under(d, o) for o in dirs))
-    need = {os.path.realpath(d) for d in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(_python()))}
-    need = {n for n in need if not any(o != n and _under(n, o) for o in need)}
-    return tuple(hide), tuple(sorted(n for n in need if any(_under(n, h) for h in hide)))
-
-
-def _reachable_by_others(path: str) -> bool:
-    """Every directory above `path` is searchable by 'others' (a fresh uid without groups)."""
-    parts = os.path.realpath(path).split("/")
-    return all(os.stat("/" + "/".join(parts[1:i])).st_mode & 0o001 for i in range(1, len(parts)))
-
-
-def _rlimits(timeout_s, memory_mb, max_processes, max_open_files, max_file_mb) -> tuple:
-    cpu = math.ceil(timeout_s) + 1
-    out = []
-    for res, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory_mb << 20, None),
-                            (resource.RLIMIT_NPROC, max_processes, None),
-                            (resource.RLIMIT_NOFILE, max_open_files, None),
-                            (resource.RLIMIT_FSIZE, max_file_mb << 20, None), (resource.RLIMIT_CORE, 0, None)):
-        hard = soft if hard is None else hard
-        cap = resource.getrlimit(res)[1]
-        if cap != resource.RLIM_INFINITY and not _is_root():   # only root may raise a hard limit
-            soft, hard = min(soft, cap), min(hard, cap)
-        out.append((res, soft, hard))
-    return tuple(out)
-
-
-def _make_plan(namespaces: bool, workdir: str, rlimits: tuple, max_file_mb: int, res_w: int) -> _Plan:
-    root = _is_root()
-    reachable = all(_reachable_by_others(p) for p in (_python(), sys.base_prefix, workdir))
-    drop = root and (namespaces or reachable)
-    uid = secrets.randbelow(_UID_RANGE[1] - _UID_RANGE[0]) + _UID_RANGE[0] if drop else os.getuid()
-    gid = uid if drop else os.getgid()
-    if namespaces and not root:      # inner ids of the user namespace; never 0: no capability after exec
-        uid, gid = uid or _NS_UID_FOR_ROOT, gid or _NS_UID_FOR_ROOT
-    hide, expose = _mount_layout(workdir) if namespaces else ((), ())
-    return _Plan(namespaces=namespaces, userns=namespaces and not root, uid=uid, gid=gid,
-                 host_ids=(os.getuid(), os.getgid()), drop=drop, workdir=workdir, scratch_mb=max_file_mb,
-                 hide=hide, expose=expose, rlimits=rlimits, res_w=res_w)
-
-
-# ------------------------------------------------------------------ parent side: watch, kill, collect
-
-def _own_markers() -> tuple:
-    return ("net", os.readlink("/proc/self/ns/net")), ("uid", os.getuid())
-
-
-def _matches(pid: int, marker) -> bool:
-    """Whether live process `pid` carries the sandbox marker: ("net", netns link) or ("uid", real uid).
-    Never true for a marker this process carries itself (a sandbox that failed to isolate)."""
-    if marker in _own_markers() or pid == os.getpid():
-        return False
-    try:
-        if marker[0] == "net":
-            return os.readlink(f"/proc/{pid}/ns/net") == marker[1]
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return fields["State"].split()[0] not in ("Z", "X") and int(fields["Uid"].split()[0]) == marker[1]
-    except (OSError, KeyError, ValueError, IndexError):
-        return False
-
-
-def _kill_sandbox(pgid: int, marker):
-    """SIGKILL the process group, then every live process carrying `marker`, until none is left."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for _ in range(1000 if marker is not None else 0):
-        pids = [int(n) for n in os.listdir("/proc") if n.isdigit() and _matches(int(n), marker)]
-        if not pids:
-            return
-        for pid in pids:
-            try:   # a pidfd pins the process: the check and the signal cannot hit a recycled pid
-                fd = os.pidfd_open(pid)
-            except OSError:
-                continue
-            try:
-                if _matches(pid, marker):
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        time.sleep(0.001)
-
-
-def _collect(proc, res_r: int, deadline: float, max_output_bytes: int, kill):
-    """Reads stdout, stderr and results until EOF. Past the deadline (main process alive) or the output
-    cap, or once the main process ends, calls `kill()` once. Returns (stdout_tail, stderr_tail, results,
-    status or None)."""
-    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), res_r: bytearray()}
-    sel = selectors.DefaultSelector()
-    for fd in bufs:
-        os.set_blocking(fd, False)
-        sel.register(fd, selectors.EVENT_READ)
-    total, status, killed_at = 0, None, None
-    while sel.get_map():
-        now = time.monotonic()   # waitid(WNOWAIT): the zombie keeps its pid (= the pgid) reserved until reaped
-        alive = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-        if killed_at is None:
-            if total > max_output_bytes:
-                status = "output_limit"
-            elif now >= deadline and alive:
-                status = "timeout"
-            if status is not None or not alive or now >= deadline:
-                kill()
-                killed_at = now
-        elif now > killed_at + 2.0:   # an unkillable writer (guard mode, no marker): stop waiting
-            break
-        for key, _ in sel.select(timeout=0.05):
-            chunk = os.read(key.fd, 65536)
-            if not chunk:
-                sel.unregister(key.fd)
-            elif key.fd == res_r:
-                bufs[res_r] += chunk[:max(0, _RESULT_CAP - len(bufs[res_r]))]
-            else:
-                total += len(chunk)
-                bufs[key.fd] += chunk
-                del bufs[key.fd][:-TAIL_BYTES]
-    sel.close()
-    out, err = (bytes(bufs[f.fileno()]).decode("utf-8", "replace") for f in (proc.stdout, proc.stderr))
-    return out, err, bytes(bufs[res_r]).decode("ascii", "replace"), status
-
-
 def _result(res_text: str, nonce: str, total: int, status, returncode, out: str, err: str) -> ExecResult:
     """Parses the harness's report lines (only those with this run's nonce) into an ExecResult."""
     msgs, passed = set(), set()
@@ -434,35 +118,6 @@ def _result(res_text: str, nonce: str, total: int, status, returncode, out: str,
     return ExecResult(len({i for i in passed if i < total}), total, status, out, err)
 
 
-def _spawn(plan: _Plan, payload: bytes, res_r: int):
-    """Starts the sandboxed interpreter, which waits for a byte on `go_w`; returns (proc, go_w)."""
-    go_r, go_w = os.pipe()
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": plan.workdir,
-           "TMPDIR": plan.workdir}
-    try:
-        with tempfile.TemporaryFile() as f:
-            f.write(payload)
-            f.flush()
-            f.seek(0)
-            fds = (f.fileno(), go_r, plan.res_w)
-            argv = [_python(), "-I", "-S", "-c", _HARNESS, SANDBOX_TAG, *map(str, fds)]
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, start_new_session=True, pass_fds=fds,
-                                    preexec_fn=functools.partial(_preexec, plan)), go_w
-    except BaseException as e:
-        os.close(go_w)
-        if not isinstance(e, subprocess.SubprocessError):
-            raise
-        os.set_blocking(res_r, False)
-        try:
-            why = os.read(res_r, 4096).decode("utf-8", "replace").strip()
-        except BlockingIOError:
-            why = str(e)
-        raise RuntimeError(f"the code sandbox could not be set up ({why}).") from None
-    finally:
-        os.close(go_r)
-
-
 def run_tests(code: str, tests: list[str] | str, *, timeout_s: float = 5.0, memory_mb: int = 512,
               max_output_bytes: int = 64_000, max_processes: int = 32, max_open_files: int = 64,
               max_file_mb: int = 16, isolation: str = "auto") -> ExecResult:
@@ -470,7 +125,7 @@ def run_tests(code: str, tests: list[str] | str, *, timeout_s: float = 5.0, memo
 
     The code runs as module `solution` (so an `if __name__ == "__main__":` block does not run), the tests
     in its globals, one after another; a test passes if it raises nothing. Limits are per run: the wall
-    clock `timeout_s` covers start-up, code and all tests. See the module docstring for what is isolated.
+    clock `timeout_s` covers start-up, code and all tests. See `rewards/sandbox.py` for what is isolated.
 
     Args:
       isolation: "namespaces", "guard", or "auto" (namespaces if a probe run works here, else guard with a
@@ -484,65 +139,22 @@ def run_tests(code: str, tests: list[str] | str, *, timeout_s: float = 5.0, memo
     tests = [tests] if isinstance(tests, str) else list(tests)
     if not tests or not all(isinstance(t, str) for t in tests) or not isinstance(code, str):
         raise ValueError("code must be a str and tests a non-empty str or list of str.")
-    if not (timeout_s > 0 and memory_mb >= 64 and max_output_bytes > 0 and max_processes >= 1
-            and max_open_files >= 16 and max_file_mb >= 1):
-        raise ValueError("need timeout_s > 0, memory_mb >= 64, max_output_bytes > 0, max_processes >= 1, "
-                         "max_open_files >= 16 and max_file_mb >= 1.")
     if isolation not in ("auto", "namespaces", "guard"):
         raise ValueError(f"isolation must be 'auto', 'namespaces' or 'guard', got {isolation!r}.")
     namespaces = _namespaces_available() if isolation == "auto" else isolation == "namespaces"
-    workdir = os.path.realpath("/tmp") if namespaces else tempfile.mkdtemp(prefix="jaxrl_code_")
-    res_r, res_w = os.pipe()
-    try:
-        plan = _make_plan(namespaces, workdir, _rlimits(timeout_s, memory_mb, max_processes, max_open_files,
-                                                        max_file_mb), max_file_mb, res_w)
-        if plan.drop and not namespaces:
-            os.chown(workdir, plan.uid, plan.gid)
-        return _run(plan, code, tests, res_r, timeout_s, max_output_bytes)
-    finally:
-        for fd in (res_r, res_w):
-            try:
-                os.close(fd)
-            except OSError:   # res_w is closed by _run once the child holds it
-                pass
-        if not namespaces:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _run(plan: _Plan, code: str, tests: list, res_r: int, timeout_s: float, max_output_bytes: int):
-    """Spawns, releases, watches and reaps one sandbox run."""
     nonce = secrets.token_hex(16)
-    payload = json.dumps({"nonce": nonce, "code": code, "tests": tests, "guard": not plan.namespaces})
-    proc, go_w = _spawn(plan, payload.encode(), res_r)
-    try:
-        os.close(plan.res_w)   # the child's copy is the only writer left: EOF when the sandbox is gone
-        marker = (("net", os.readlink(f"/proc/{proc.pid}/ns/net")) if plan.namespaces else
-                  ("uid", plan.uid) if plan.drop else None)
-        if marker is not None and marker in _own_markers():
-            raise RuntimeError("the code sandbox did not get its own network namespace or uid.")
-        kill = functools.partial(_kill_sandbox, proc.pid, marker)
-        try:
-            os.write(go_w, b"g")
-        except BrokenPipeError:
-            pass
-        out, err, res, status = _collect(proc, res_r, time.monotonic() + timeout_s, max_output_bytes, kill)
-        kill()
-        proc.wait()
-        return _result(res, nonce, len(tests), status, proc.returncode, out, err)
-    finally:
-        os.close(go_w)
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    out, err, res, status, returncode = sandbox.run_sandboxed(
+        _HARNESS, {"nonce": nonce, "code": code, "tests": tests}, namespaces=namespaces, timeout_s=timeout_s,
+        memory_mb=memory_mb, max_output_bytes=max_output_bytes, max_processes=max_processes,
+        max_open_files=max_open_files, max_file_mb=max_file_mb)
+    return _result(res, nonce, len(tests), status, returncode, out, err)
 
 
 @functools.lru_cache(maxsize=None)
 def _namespaces_available() -> bool:
     """Whether a namespace sandbox can be made here (one probe run per process); warns when it cannot."""
     ok = False
-    if _LIBC is not None:
+    if sys.platform.startswith("linux"):   # as sandbox._LIBC
         try:
             r = run_tests("x = 1", ["assert x == 1"], timeout_s=30.0, isolation="namespaces")
             ok = r.status == "ok" and r.passed == 1

@@ -3,7 +3,7 @@
 diffusion.md §3.1 (full-attention SFT: 1/t-weighted masked CE on the response, prompt never masked, per-sequence
 normalisation by the answer length), §3.3 (block diffusion: two-stream input, per-block or per-sequence t),
 §5.4 / §5.5 (layouts). The same jitted update step as RL and AR SFT (`train/step.py`), a different loss; the loop
-mirrors `train/sft.train_sft`.
+is `train/sft.sft_loop`, shared with AR SFT.
 
 Layouts (`DiffusionSFTSpec.layout`):
   full     [prompt; x_t] with bidirectional attention (LLaDA), logits of the response slots.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +32,7 @@ from jaxrl_reason.core import diffusion as diff_lib
 from jaxrl_reason.data.tokenizer import encode_batch_left_padded, encode_responses_right_padded
 from jaxrl_reason.models import attention
 from jaxrl_reason.train.optimizer import make_optimizer
+from jaxrl_reason.train.sft import sft_loop
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step
 
@@ -145,28 +145,16 @@ def diffusion_sft_loss(params, batch: dict, rng, *, graphdef, spec: DiffusionSFT
 def train_diffusion_sft(model, arrays: dict, *, spec: DiffusionSFTSpec, steps: int, batch_size: int, lr: float,
                         warmup_steps: int, seed: int, micro_batches: int = 1, log_every: int = 50, log_fn=print,
                         time_budget_s: float = 0.0):
-    """Runs `steps` masked-diffusion SFT updates over `arrays` (epoch-wise shuffled); returns (model, history)."""
+    """Runs `steps` masked-diffusion SFT updates over `arrays` (epoch-wise shuffled, `sft.sft_loop`); returns
+    (model, history)."""
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(lr, warmup_steps=warmup_steps, total_steps=steps, schedule="cosine", weight_decay=0.01)
     state = init_train_state(params, tx, seed)
     loss_fn = functools.partial(diffusion_sft_loss, graphdef=graphdef, spec=spec.validate())
     step_fn = make_train_step(loss_fn, tx, num_micro_batches=micro_batches)
-    n = arrays["response_NxR"].shape[0]
-    rng = np.random.default_rng([seed, 2])
-    order, pos, history, start = rng.permutation(n), 0, [], time.time()
-    for step in range(steps):
-        if pos + batch_size > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        state, metrics = step_fn(state, with_counts({k: v[idx] for k, v in arrays.items()}))
-        if (step + 1) % log_every == 0 or step == 0:
-            loss = float(metrics["loss"])
-            history.append({"step": step + 1, "loss": loss, "time_s": time.time() - start})
-            log_fn(f"diffusion sft step {step + 1}/{steps}  loss {loss:.4f}  {time.time() - start:.0f}s")
-        if time_budget_s and time.time() - start > time_budget_s:
-            log_fn(f"diffusion sft time budget reached at step {step + 1}")
-            break
+    state, history = sft_loop(step_fn, state, arrays, steps=steps, batch_size=batch_size, seed=seed,
+                              prepare_batch=with_counts, log_every=log_every, log_fn=log_fn,
+                              time_budget_s=time_budget_s, name="diffusion sft")
     nnx.update(model, state.params)
     return model, history
 

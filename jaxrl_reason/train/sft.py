@@ -72,10 +72,49 @@ def arithmetic_sft_set(seed: int, n: int, levels, recheck_prob: float, error_pro
     return [p.prompt for p in train], traces
 
 
+def sft_loop(step_fn, state, arrays: dict, *, steps: int, batch_size: int, seed: int, prepare_batch,
+             log_every: int = 50, log_fn=print, time_budget_s: float = 0.0, name: str = "sft"):
+    """The supervised loop shared by AR and masked-diffusion SFT; returns (state, history).
+
+    Data order: epoch-wise shuffling with `np.random.default_rng([seed, 2])`; each epoch is one permutation
+    of the N rows, cut into consecutive `batch_size` slices, and the `N % batch_size` rows left at its end
+    are skipped. Step i trains on `prepare_batch({k: v[idx] for k, v in arrays.items()})` with
+    `step_fn(state, batch) -> (state, metrics)`. The loss is logged (history row + `log_fn`) at step 1
+    and every `log_every` steps; with `time_budget_s` > 0 the loop stops after the step that exceeds it.
+
+    Args:
+      arrays: dict of [N, ...] arrays sharing their first dimension N.
+      prepare_batch: the host-side batch transform (bucketing, global token counts).
+      name: the prefix of the log lines.
+    """
+    sizes = {v.shape[0] for v in arrays.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"SFT arrays must share their first dimension, got sizes {sorted(sizes)}.")
+    n = sizes.pop()
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, N={n}], got {batch_size}.")
+    rng = np.random.default_rng([seed, 2])
+    order, pos, history, start = rng.permutation(n), 0, [], time.time()
+    for step in range(steps):
+        if pos + batch_size > n:
+            order, pos = rng.permutation(n), 0
+        idx = order[pos : pos + batch_size]
+        pos += batch_size
+        state, metrics = step_fn(state, prepare_batch({k: v[idx] for k, v in arrays.items()}))
+        if (step + 1) % log_every == 0 or step == 0:
+            loss = float(metrics["loss"])
+            history.append({"step": step + 1, "loss": loss, "time_s": time.time() - start})
+            log_fn(f"{name} step {step + 1}/{steps}  loss {loss:.4f}  {time.time() - start:.0f}s")
+        if time_budget_s and time.time() - start > time_budget_s:
+            log_fn(f"{name} time budget reached at step {step + 1}")
+            break
+    return state, history
+
+
 def train_sft(model, tokenizer, arrays: dict, *, steps: int, batch_size: int, lr: float, warmup_steps: int,
               seed: int, micro_batches: int = 1, log_every: int = 50, log_fn=print, time_budget_s: float = 0.0,
               prompt_len: int | None = None):
-    """Runs `steps` SFT updates over `arrays` (epoch-wise shuffled) and returns (model, history).
+    """Runs `steps` SFT updates over `arrays` (epoch-wise shuffled, `sft_loop`) and returns (model, history).
 
     With `prompt_len` (the left-padded prompt width of `arrays`), each batch's response padding is trimmed
     (`bucket_batch`), which changes no loss value: trimmed columns are padding.
@@ -84,25 +123,13 @@ def train_sft(model, tokenizer, arrays: dict, *, steps: int, batch_size: int, lr
     tx = make_optimizer(lr, warmup_steps=warmup_steps, total_steps=steps, schedule="cosine", weight_decay=0.01)
     state = init_train_state(params, tx, seed)
     step_fn = make_train_step(functools.partial(ar_sft_loss, graphdef=graphdef), tx, num_micro_batches=micro_batches)
-    n = arrays["tokens_NxL"].shape[0]
-    rng = np.random.default_rng([seed, 2])
-    order, pos, history, start = rng.permutation(n), 0, [], time.time()
-    for step in range(steps):
-        if pos + batch_size > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        batch = {k: v[idx] for k, v in arrays.items()}
-        if prompt_len is not None:
-            batch = bucket_batch(batch, prompt_len)
-        state, metrics = step_fn(state, with_counts(batch))
-        if (step + 1) % log_every == 0 or step == 0:
-            loss = float(metrics["loss"])
-            history.append({"step": step + 1, "loss": loss, "time_s": time.time() - start})
-            log_fn(f"sft step {step + 1}/{steps}  loss {loss:.4f}  {time.time() - start:.0f}s")
-        if time_budget_s and time.time() - start > time_budget_s:
-            log_fn(f"sft time budget reached at step {step + 1}")
-            break
+
+    def prepare(batch):
+        return with_counts(batch if prompt_len is None else bucket_batch(batch, prompt_len))
+
+    state, history = sft_loop(step_fn, state, arrays, steps=steps, batch_size=batch_size, seed=seed,
+                              prepare_batch=prepare, log_every=log_every, log_fn=log_fn,
+                              time_budget_s=time_budget_s)
     nnx.update(model, state.params)
     return model, history
 

@@ -193,7 +193,8 @@ def run(config, workdir: str) -> dict:
         evaluate, examples=task.heldout, tokenizer=task.tokenizer, scorer=task.scorer, sample_fn=parts.eval_gen,
         greedy_fn=parts.greedy_gen if config.eval.greedy else None, samples=config.eval.samples,
         batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len, count_fn=task.count_fn)
-    writer = MetricsWriter(workdir, truncate_after=meta["iteration"])
+    # Lines after the restored iteration are written again; with no evaluation restored, step 0 is too (-1: drop all).
+    writer = MetricsWriter(workdir, truncate_after=meta["iteration"] if meta["eval_before"] is not None else -1)
     if meta["eval_before"] is None:
         meta["eval_before"] = eval_fn(state.params["policy"], key=jax.random.PRNGKey(config.seed + 1))
         writer.write(0, {f"eval/{k}": v for k, v in meta["eval_before"].items()})
@@ -241,6 +242,7 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
         state, step_metrics, skips = _update(config, update, state, mbs, it, skips)
         last = {**metrics, **batch_metrics, **step_metrics, "time/rollout_s": t1 - t0,
                 "time/logps_adv_s": t2 - t1, "time/update_s": time.time() - t2}
+        ckpt.wait()  # the previous save is on disk before iteration it+1 counts as done: a kill loses <= 1 interval
         writer.write(it + 1, last)
         bar.update(it + 1, reward=metrics["reward/accuracy"], length=metrics["response/length_mean"])
         meta.update(iteration=it + 1, stream_position=stream.position)

@@ -3,6 +3,9 @@
   python experiments/bench_sampler.py              # full run, all cores
   python experiments/bench_sampler.py --one_core   # pin the process to one core (robust on a shared machine)
   python experiments/bench_sampler.py --quick      # smoke run (about a minute)
+  python experiments/bench_sampler.py --issue      # the issue's rows in <= 6 min on an idle 2-core machine:
+                                                   # both models, batch 1 and 32, 256 new tokens, one timed call
+                                                   # each; per-token table for llama-1M at 64/256/1024; no diffusion
 
 Tables (markdown on stdout):
   (1) AR generated tokens/s, ours vs transformers, same weights (built with torch, `save_pretrained`, imported
@@ -13,8 +16,13 @@ Tables (markdown on stdout):
       peers; `--one_core` pins everything to one core (XLA sizes its pool from the affinity mask) and the CPU
       metric then measures the work itself. Timings are the best of `--repeats` calls; our compile time is
       excluded and reported separately. "match" = fraction of generated tokens equal to transformers' ones.
-  (2) AR time per generated token at 64 / 256 / 1024 new tokens (batch 1). The MLP / projection work per token
-      is constant; the attention reads the whole static cache of P + R slots, so its share grows with R.
+  (2) AR time per generated token at 64 / 256 / 1024 new tokens (batch 1, greedy, no EOS, prompt 32): one whole
+      `generate` call (prefill + R decode steps, compile excluded) divided by R, by wall clock and by process CPU
+      time. The MLP / projection work per token is constant; the attention of step t reads the cache slots the
+      sampler carries (P + the end of t's decode segment, `sampling/autoregressive.py`), so its cost grows with R.
+      Below the table: a least-squares line `cpu ms/token = a + b * R` per model, the slope b (µs per token per
+      extra 1000 tokens of length; 0 = total time exactly linear in R) and the ratio ms/token(R_max) / ms/token(R_min)
+      (1 = linear; a cost quadratic in R would give R_max / R_min).
   (3) the rows of `experiments/_bench_diffusion.py::diffusion_rows(quick)` when that module exists.
 """
 import argparse
@@ -143,6 +151,35 @@ def scaling_rows(models, lengths, repeats):
     return rows
 
 
+def per_token_fit(lengths, cpu_s):
+    """Least-squares line through (R, per-token seconds = cpu_s / R): {"a_ms", "b_us_per_1k", "ratio"}.
+
+    a_ms: intercept (ms / token), b_us_per_1k: slope in µs per token per 1000 extra new tokens, ratio: per-token time
+    at the largest R over the one at the smallest R.
+    """
+    r = np.asarray(lengths, np.float64)
+    per_token_ms = 1e3 * np.asarray(cpu_s, np.float64) / r
+    if r.size < 2:
+        raise ValueError("per_token_fit needs at least two lengths.")
+    b, a = np.polyfit(r, per_token_ms, 1)
+    lo, hi = int(np.argmin(r)), int(np.argmax(r))
+    return {"a_ms": float(a), "b_us_per_1k": float(1e6 * b), "ratio": float(per_token_ms[hi] / per_token_ms[lo])}
+
+
+def fit_lines(rows):
+    """One line per model of table (2): the fit of `per_token_fit` on its cpu time per token."""
+    lines = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        lengths = [r["new tokens"] for r in mine]
+        fit = per_token_fit(lengths, [float(r["cpu ms / token"]) * r["new tokens"] / 1e3 for r in mine])
+        lines.append(f"- {name}: cpu ms/token = a + b * R with a = {fit['a_ms']:.4f} ms, b = {fit['b_us_per_1k']:.2f} µs "
+                     f"per 1k tokens of R; "
+                     f"ms/token at R={max(lengths)} / at R={min(lengths)} = {fit['ratio']:.2f} "
+                     f"(linear total cost: 1.00, quadratic: {max(lengths) / min(lengths):.0f})")
+    return "\n".join(lines)
+
+
 def diffusion_bench_rows(quick):
     """Table (3): rows from experiments/_bench_diffusion.py (written with the diffusion sampler), if present."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bench_diffusion.py")
@@ -157,6 +194,7 @@ def diffusion_bench_rows(quick):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--issue", action="store_true", help="the issue's rows, one timed call each (<= 6 min)")
     parser.add_argument("--one_core", action="store_true", help="pin the process (jax and torch) to one core")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (best is kept)")
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS))
@@ -165,8 +203,9 @@ def main(argv=None):
     import torch
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick or args.issue else 3)
     names = args.models or (["llama-1M"] if args.quick else list(MODELS))
+    scaling_names = ["llama-1M"] if args.issue and "llama-1M" in names else names
     with tempfile.TemporaryDirectory() as workdir:
         models = {n: build_models(n, workdir) for n in names}
         print(f"\n## AR sampler vs transformers generate (CPU, {cores} of {os.cpu_count()} cores, load average "
@@ -175,9 +214,12 @@ def main(argv=None):
         rows = ar_vs_hf_rows(models, [1, 4] if args.quick else [1, 32], 32 if args.quick else 256, repeats)
         print(_table(rows, list(rows[0])), flush=True)
         print("\n## AR time per generated token vs length (greedy, no EOS)\n")
-        rows = scaling_rows(models, [16, 64] if args.quick else [64, 256, 1024], repeats)
+        rows = scaling_rows({n: models[n] for n in scaling_names}, [16, 64] if args.quick else [64, 256, 1024],
+                            repeats)
         print(_table(rows, list(rows[0])), flush=True)
-    if not args.skip_diffusion:
+        print("\nLine fit of the per-token CPU time against R (see the module docstring):\n")
+        print(fit_lines(rows), flush=True)
+    if not args.skip_diffusion and not args.issue:
         rows = diffusion_bench_rows(args.quick)
         if rows:
             print("\n## Diffusion sampler (experiments/_bench_diffusion.py)\n")

@@ -1,6 +1,10 @@
 """Training benchmark: matmul peak, RL update-step throughput and MFU, and the time split of an RL iteration.
 
-  python experiments/bench_train.py [--quick] [--sweep] [--steps=3] [--iterations=4]
+  python experiments/bench_train.py [--quick] [--issue] [--sweep] [--steps=3] [--iterations=4]
+
+`--issue`: the issue's rows in <= 6 min on an idle 2-core machine: the peak over n = 512, 1024 (3 repeats), the
+full-size ~1M and ~30M update cases with one timed step each (after the compiling one), two RL iterations in (c).
+`--quick`: a smoke run at reduced batch sizes.
 
 Prints one markdown table per part (DESIGN.md §5), with the machine and its load average in the header:
   (a) the measured matmul peak of this machine: best GFLOP/s of a jitted float32 `a @ b` over a few sizes;
@@ -316,6 +320,8 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     """A fresh FlagValues parsed from `argv` (argv[0] is the program name)."""
     fv = flags.FlagValues()
     flags.DEFINE_bool("quick", False, "Small sizes, one timed step, two RL iterations.", flag_values=fv)
+    flags.DEFINE_bool("issue", False, "Issue sizes, one timed step, two RL iterations (<= 6 min idle).",
+                      flag_values=fv)
     flags.DEFINE_bool("sweep", False, "Also try batch size / micro-batches / bf16 for the ~30M model.", flag_values=fv)
     flags.DEFINE_integer("steps", 3, "Timed update steps per case (after one compiling step).", flag_values=fv)
     flags.DEFINE_integer("iterations", 4, "RL iterations of the tiny config for part (c).", flag_values=fv)
@@ -330,11 +336,12 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
 def main(argv: list[str]) -> str:
     fv = parse_flags(argv)
     load_start = os.getloadavg()
-    sizes, repeats = ((512, 1024), 3) if fv.quick else ((512, 1024, 2048), 5)
+    short = fv.quick or fv.issue
+    sizes, repeats = ((512, 1024), 3) if short else ((512, 1024, 2048), 5)
     peaks = [measure_matmul_peak(sizes, repeats)]
     parts = []
     if "b" in fv.parts:
-        steps = 1 if fv.quick else fv.steps
+        steps = 1 if short else fv.steps
         results = [bench_update(c, steps) for c in update_cases(fv.quick, fv.sweep)]
         peaks.append(measure_matmul_peak(sizes, repeats))  # again after (b): the best of both is the peak
     if "a" in fv.parts:
@@ -342,7 +349,7 @@ def main(argv: list[str]) -> str:
     if "b" in fv.parts:
         parts.append(update_table(results, best_peak(*peaks)))
     if "c" in fv.parts:
-        parts.append(iteration_table(bench_iteration(2 if fv.quick else fv.iterations)))
+        parts.append(iteration_table(bench_iteration(2 if short else fv.iterations)))
     report = "\n\n".join([machine_header(load_start, os.getloadavg())] + parts)
     print(report, flush=True)
     return report

@@ -256,3 +256,19 @@ def test_bench_iteration_reads_the_loop_metrics(monkeypatch):
     assert split["score_s"] >= 0.0
     with pytest.raises(ValueError, match="no field 'rollout.nope'"):
         bt.tiny_rl_config(1, overrides={"rollout.nope": 1})
+
+
+# ------------------------------------------------------------------------------------------------- bench_sampler.py
+def test_bench_sampler_per_token_fit_by_hand():
+    bs = _load("bench_sampler")
+    lengths = [64, 256, 1024]
+    cpu_s = [n * (0.5 + 0.001 * n) / 1e3 for n in lengths]  # exactly 0.5 ms + 1 µs per token of length
+    fit = bs.per_token_fit(lengths, cpu_s)
+    assert fit["a_ms"] == pytest.approx(0.5) and fit["b_us_per_1k"] == pytest.approx(1000.0)
+    assert fit["ratio"] == pytest.approx(1.524 / 0.564)
+    flat = bs.per_token_fit([64, 1024], [0.064, 1.024])  # 1 ms / token at both lengths: a linear total cost
+    assert flat["ratio"] == pytest.approx(1.0) and flat["b_us_per_1k"] == pytest.approx(0.0, abs=1e-6)
+    rows = [{"model": "m", "new tokens": n, "cpu ms / token": f"{1e3 * c / n:.4f}"} for n, c in zip(lengths, cpu_s)]
+    assert "ms/token at R=1024 / at R=64 = 2.70" in bs.fit_lines(rows)
+    with pytest.raises(ValueError, match="two lengths"):
+        bs.per_token_fit([64], [0.1])

@@ -19,6 +19,7 @@ from jaxrl_reason.sampling.types import STEP_MAP_PAD
 V, PAD, P, R = 128, 0, 7, 10
 SAMPLED = pr.SamplingParams(temperature=0.8, top_k=40, top_p=0.95, hapo_tau=0.1)
 EOS_SAMPLED = tuple(range(100, 128))  # many stop ids, so that some rows stop early under sampling
+SEG = 3  # decode segments of 3 steps in the sampled fixture: 4 segments for R = 10, the last one partial
 
 
 def _hf_model(arch, seed):
@@ -99,16 +100,17 @@ def _naive_loop(model, tokens, valid, key, params, eos_ids, stats):
     return resp, rmask
 
 
-@pytest.mark.parametrize("arch", ["Qwen2", "Llama"])
-def test_greedy_matches_transformers_generate(models, arch):
+@pytest.mark.parametrize("arch,segment_len", [("Qwen2", None), ("Llama", 4)])
+def test_greedy_matches_transformers_generate(models, arch, segment_len):
     """Token for token equal to transformers' generate(do_sample=False) on a LEFT-padded batch, with an EOS
-    that stops some rows early (transformers pads finished rows with pad_token_id, as we do)."""
+    that stops some rows early (transformers pads finished rows with pad_token_id, as we do); one decode
+    segment (the default for R = 10) and three (4 + 4 + 2 steps)."""
     torch_model, model = models[arch]
     tokens, valid = _prompts(8, seed=1)
     eos = int(_hf_generate(torch_model, tokens, valid, 2)[0, 3])  # row 0 stops at its 4th token at the latest
     want = _hf_generate(torch_model, tokens, valid, eos)
     ro = ar.generate(model, tokens, valid, jax.random.key(0), max_new_tokens=R, eos_ids=(eos,), pad_id=PAD,
-                     params=pr.SamplingParams(greedy=True))
+                     params=pr.SamplingParams(greedy=True), segment_len=segment_len)
     np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), want)
     length = np.asarray(ro.length_B)
     assert length[0] <= 4 and not ro.truncated_B[0] and (length == R).any(), length
@@ -117,14 +119,15 @@ def test_greedy_matches_transformers_generate(models, arch):
 
 @pytest.fixture(scope="module")
 def sampled(models):
-    """One sampled rollout (temperature, top-k, top-p, HAPO temperature, stop ids) of the Qwen2 model."""
+    """One sampled rollout (temperature, top-k, top-p, HAPO temperature, stop ids) of the Qwen2 model, decoded
+    in segments of SEG steps (the references below know nothing of segments)."""
     model = models["Qwen2"][1]
     tokens, valid = _prompts(8)
     ent = jax.random.uniform(jax.random.key(5), (4, 16), minval=0.01, maxval=3.0)
     stats = hapo.entropy_stats(ent, jnp.ones((4, 16)))
     graphdef, state = nnx.split(model, nnx.Param)
     fn = ar.make_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD,
-                             params=SAMPLED)
+                             params=SAMPLED, segment_len=SEG)
     key = jax.random.key(42)
     return dict(model=model, tokens=tokens, valid=valid, stats=stats, fn=fn, state=state, key=key,
                 rollout=fn(state, tokens, valid, key, stats))
@@ -201,7 +204,7 @@ def test_groups_are_contiguous_and_short_prompts_are_padded(sampled):
     tokens, valid = sampled["tokens"][:2, 2:], sampled["valid"][:2, 2:]  # width P - 2, still LEFT padded
     ro = ar.generate(sampled["model"], tokens, valid, jax.random.key(3), n_samples=4, max_new_tokens=R,
                      eos_ids=EOS_SAMPLED, pad_id=PAD, params=SAMPLED, max_prompt_len=P,
-                     hapo_stats=sampled["stats"])  # same shapes and arguments as `sampled`: no recompilation
+                     hapo_stats=sampled["stats"], segment_len=SEG)  # same shapes and arguments as `sampled`: no recompilation
     np.testing.assert_array_equal(np.asarray(ro.prompt_tokens_BxP)[:, 2:], np.repeat(tokens, 4, axis=0))
     np.testing.assert_array_equal(np.asarray(ro.prompt_mask_BxP)[:, :2], False)
     resp = np.asarray(ro.tokens_BxR)
@@ -219,6 +222,7 @@ def _one_sentence(msg):
     (dict(params=pr.SamplingParams(top_p=0.0)), "top_p"),
     (dict(eos_ids=(-1,)), "eos_ids"),
     (dict(n_samples=0), "n_samples"),
+    (dict(segment_len=0), "segment_len"),
 ])
 def test_bad_arguments_raise_one_sentence(models, kwargs, match):
     tokens, valid = _prompts(2)
@@ -232,3 +236,22 @@ def test_jitted_function_is_cached(models):
     graphdef, _ = nnx.split(models["Llama"][1], nnx.Param)
     kw = dict(max_prompt_len=P, max_new_tokens=R, eos_ids=[2], pad_id=PAD, params=pr.SamplingParams())
     assert ar.make_generate_fn(graphdef, **kw) is ar.make_generate_fn(graphdef, **kw)
+
+
+def test_segments_do_not_change_the_rollout(sampled):
+    """One segment of R steps (a cache of P + R slots throughout) gives the fields of SEG-step segments."""
+    graphdef, _ = nnx.split(sampled["model"], nnx.Param)
+    fn = ar.make_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD,
+                             params=SAMPLED, segment_len=R)
+    one = fn(sampled["state"], sampled["tokens"], sampled["valid"], sampled["key"], sampled["stats"])
+    ref = sampled["rollout"]
+    for name in ("tokens_BxR", "response_mask_BxR", "length_B", "truncated_B", "step_map_BxR"):
+        np.testing.assert_array_equal(np.asarray(getattr(one, name)), np.asarray(getattr(ref, name)), err_msg=name)
+    for name in ("logp_BxR", "logp_raw_BxR", "entropy_BxR", "confidence_BxR"):
+        np.testing.assert_allclose(np.asarray(getattr(one, name)), np.asarray(getattr(ref, name)), atol=1e-5,
+                                   err_msg=name)
+
+
+def test_default_segment_len():
+    # one segment up to 64 new tokens; then ceil(R / 4) steps per segment, never fewer than 64
+    assert [ar.default_segment_len(r) for r in (1, 10, 64, 200, 256, 257, 1024)] == [64, 64, 64, 64, 64, 65, 256]

@@ -6,9 +6,15 @@ algorithms.md §4.2 (HAPO adaptive temperature, through `SamplingParams.hapo_tau
 Layout: prompts are LEFT-padded to P = max_prompt_len; the cache has S = P + R slots (R = max_new_tokens);
 response token j of every row sits at slot P + j with RoPE position prompt_len + j, so left padding changes
 nothing. One prefill pass over the prompt fills slots [0, P) and gives the logits of the first token; then
-each iteration of one `while_loop` samples token t and runs it through the model (writing slot P + t), and the
+each iteration of a `while_loop` samples token t and runs it through the model (writing slot P + t), and the
 loop exits as soon as every row has produced an EOS / stop token.
 Rows that have stopped emit the pad id (their model work is wasted but shapes stay static).
+
+Decode segments: the R steps run as a few static segments of W steps (a Python loop of while_loops); segment k
+carries a cache of only P + min((k + 1) W, R) slots, grown once between segments. A decode step reads the whole
+cache it carries, and at batch 32 that read (not the matmuls) is what grows with length on XLA:CPU, so
+attention only over the used part cuts the per-token cost at long R (and keeps it near flat in R). Each
+segment compiles its own copy of the step: `segment_len` trades compile time for speed.
 """
 from __future__ import annotations
 
@@ -40,8 +46,13 @@ def _check_args(max_prompt_len, max_new_tokens, eos_ids, pad_id, params):
     params.validate()
 
 
+def default_segment_len(max_new_tokens: int) -> int:
+    """W of the decode segments: one segment up to 64 new tokens, else at most 4 segments of >= 64 steps."""
+    return max(64, -(-max_new_tokens // 4))
+
+
 def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_ids: Sequence[int],
-                     pad_id: int, params: SamplingParams):
+                     pad_id: int, params: SamplingParams, segment_len: int | None = None):
     """Returns `fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout`.
 
     `graphdef` comes from `nnx.split(model, nnx.Param)`; `params_state` is the matching `nnx.State` (may be
@@ -52,17 +63,23 @@ def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_
     temperature when `params.hapo_tau > 0` (algorithms.md §4.2). The compiled function is cached: equal
     arguments return the same function, so calling this per RL step does not recompile. Nothing is donated:
     the one large buffer, the KV cache, lives inside the jitted function (updated in place by XLA), and the
-    parameters are reused by the caller.
+    parameters are reused by the caller. `segment_len` is W of the decode segments (module docstring; None ->
+    `default_segment_len`); the results do not depend on it.
     """
     eos_ids = tuple(int(e) for e in eos_ids)
     _check_args(max_prompt_len, max_new_tokens, eos_ids, pad_id, params)
-    return _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, int(pad_id), params)
+    if segment_len is None:
+        segment_len = default_segment_len(max_new_tokens)
+    if not isinstance(segment_len, (int, np.integer)) or segment_len < 1:
+        raise ValueError(f"segment_len must be a positive int or None, got {segment_len!r}.")
+    return _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, int(pad_id), params,
+                               min(int(segment_len), max_new_tokens))
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, pad_id, params):
+def _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, pad_id, params, segment_len):
     core = jax.jit(functools.partial(_generate, graphdef=graphdef, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                     pad_id=pad_id, sampling=params))
+                                     pad_id=pad_id, sampling=params, segment_len=segment_len))
 
     def generate_fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout:
         tokens, mask = _left_pad(prompt_tokens_BxP, prompt_mask_BxP, max_prompt_len, pad_id)
@@ -104,47 +121,59 @@ def _record(bufs, t, s: TokenSample, alive_B, pad_id):
             _write(step, t, jnp.where(alive_B, t, STEP_MAP_PAD)))
 
 
+def _grow(cache, slots):
+    """The cache with `slots` slots: the old slots first, zeros after (slot axis 2 of [B, n_kv, S, head_dim])."""
+    return jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, slots - x.shape[2]), (0, 0))), cache)
+
+
 def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats, *, graphdef, max_new_tokens,
-              eos_ids, pad_id, sampling) -> Rollout:
+              eos_ids, pad_id, sampling, segment_len) -> Rollout:
     """The jitted sampler body (see the module docstring)."""
     model = nnx.merge(graphdef, params_state)
     b, p = prompt_tokens_BxP.shape
     r = max_new_tokens
     eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1, dtype=jnp.int32)
-    key_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, r), bool)], axis=1)
 
-    # Prefill into a P-slot cache (attention P x P, not P x (P + R)), then grow it to P + R slots once;
-    # only the last prompt position goes through the LM head.
+    # Prefill into a P-slot cache (attention P x P, not P x (P + R)); only the last prompt position goes through
+    # the LM head. The cache then grows segment by segment.
     h_BxPxD, cache = model.hidden(prompt_tokens_BxP, attention.positions_from_mask(prompt_mask_BxP),
                                   attention.causal_mask(prompt_mask_BxP), init_cache(model.cfg, b, p), 0)
-    cache = jax.tree.map(lambda full, pre: jax.lax.dynamic_update_slice(full, pre, (0,) * full.ndim),
-                         init_cache(model.cfg, b, p + r), cache)  # layout-agnostic: slots [0, P) of the big one
     bufs = (jnp.full((b, r), pad_id, jnp.int32),) + tuple(jnp.zeros((b, r), jnp.float32) for _ in range(4)) \
         + (jnp.full((b, r), STEP_MAP_PAD, jnp.int32),)
 
-    def cond(carry):
-        t, _, _, done_B, _ = carry
-        return (t < r) & ~jnp.all(done_B)
+    def segment(carry, end):
+        """Decode steps t < end (a while_loop) with a cache of P + end slots."""
+        key_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, end), bool)], axis=1)
 
-    def body(carry):
-        """Samples token t from the carried logits, then runs it through the model (slot P + t) for step t + 1.
+        def cond(carry):
+            t, _, _, done_B, _ = carry
+            return (t < end) & ~jnp.all(done_B)
 
-        One sampling site in the program (a shorter compile); the forward of the last step is unused.
-        """
+        def body(carry):
+            """Samples token t from the carried logits, then runs it through the model (slot P + t) for step t + 1.
+
+            One sampling site per segment (a shorter compile); the forward of the last step is unused.
+            """
+            t, cache, logits_BxV, done_B, bufs = carry
+            s = sample_logits(jax.random.fold_in(key, t), logits_BxV, sampling, hapo_stats)
+            alive_B = ~done_B
+            bufs = _record(bufs, t, s, alive_B, pad_id)
+            done_B = done_B | jnp.isin(s.token, eos_E)
+            slot = p + t
+            h_Bx1xD, cache = model.hidden(jnp.where(alive_B, s.token, pad_id)[:, None],
+                                          (prompt_len_B + t)[:, None],
+                                          attention.cached_causal_mask(key_valid_BxS, slot, 1), cache, slot)
+            return t + 1, cache, model.logits(h_Bx1xD)[:, 0], done_B, bufs
+
         t, cache, logits_BxV, done_B, bufs = carry
-        s = sample_logits(jax.random.fold_in(key, t), logits_BxV, sampling, hapo_stats)
-        alive_B = ~done_B
-        bufs = _record(bufs, t, s, alive_B, pad_id)
-        done_B = done_B | jnp.isin(s.token, eos_E)
-        slot = p + t
-        h_Bx1xD, cache = model.hidden(jnp.where(alive_B, s.token, pad_id)[:, None], (prompt_len_B + t)[:, None],
-                                      attention.cached_causal_mask(key_valid_BxS, slot, 1), cache, slot)
-        return t + 1, cache, model.logits(h_Bx1xD)[:, 0], done_B, bufs
+        return jax.lax.while_loop(cond, body, (t, _grow(cache, p + end), logits_BxV, done_B, bufs))
 
     logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
     carry = (jnp.asarray(0, jnp.int32), cache, logits_BxV, jnp.zeros((b,), bool), bufs)
-    _, _, _, done_B, bufs = jax.lax.while_loop(cond, body, carry)
+    for end in range(segment_len, r + segment_len, segment_len):
+        carry = segment(carry, min(end, r))
+    _, _, _, done_B, bufs = carry
     tokens_BxR, logp_BxR, logp_raw_BxR, entropy_BxR, conf_BxR, step_BxR = bufs
     response_mask_BxR = step_BxR != STEP_MAP_PAD
     return Rollout(prompt_tokens_BxP=prompt_tokens_BxP, prompt_mask_BxP=prompt_mask_BxP, tokens_BxR=tokens_BxR,
@@ -155,18 +184,19 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
 
 def generate(model, prompt_tokens_BxP, prompt_mask_BxP, key, *, n_samples: int = 1, max_new_tokens: int,
              eos_ids: Sequence[int], pad_id: int, params: SamplingParams = SamplingParams(),
-             max_prompt_len: int | None = None, hapo_stats=None) -> Rollout:
+             max_prompt_len: int | None = None, hapo_stats=None, segment_len: int | None = None) -> Rollout:
     """Convenience: samples `n_samples` responses per prompt from an `nnx` model -> Rollout of B * n rows.
 
     Groups are contiguous: rows `b * n .. b * n + n - 1` answer prompt b. `max_prompt_len` defaults to the
-    prompts' width. Uses the cached jitted function of `make_generate_fn`.
+    prompts' width. Uses the cached jitted function of `make_generate_fn` (`segment_len`: see there).
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}.")
     graphdef, params_state = nnx.split(model, nnx.Param)
     width = np.shape(prompt_tokens_BxP)[-1]
     fn = make_generate_fn(graphdef, max_prompt_len=width if max_prompt_len is None else max_prompt_len,
-                          max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, params=params)
+                          max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, params=params,
+                          segment_len=segment_len)
     tokens = jnp.repeat(jnp.asarray(prompt_tokens_BxP), n_samples, axis=0)
     mask = jnp.repeat(jnp.asarray(prompt_mask_BxP), n_samples, axis=0)
     return fn(params_state, tokens, mask, key, hapo_stats)

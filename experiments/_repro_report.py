@@ -1,0 +1,455 @@
+"""Tables, verdicts and plots of the reproduction study (issue 6), computed from results/<study>.json only.
+
+Statistics: mean ± sample standard deviation (ddof 1) over seeds; one seed is shown as "(n=1)". A claim gets
+"yes"/"no" only when the study is powered (>= MIN_SEEDS seeds and >= MIN_PROBLEMS held-out problems, issue 6);
+otherwise "inconclusive", with whether the criterion held on the means. A claim "A > B" is
+`verdict_greater`: yes if mean(A) - mean(B) > 2 SE with SE = sqrt(s_A^2/n_A + s_B^2/n_B), no if
+mean(A) <= mean(B), inconclusive in between. Threshold claims (DLER length, accuracy tolerances) are
+`verdict_if` on the means. The papers' numbers are the only typed-in numbers (PAPER, with the spec section).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+MIN_SEEDS, MIN_PROBLEMS = 3, 500
+_S = "algorithms.md"
+PAPER = {  # the papers' own numbers, transcribed from the spec sections cited
+    "dler_half": f"avg length −77% (R1-1.5B 10499 → 2466 tokens), −69% (7B 7747 → 2405) ({_S} §2.5)",
+    "dler_control": f"no correctness-only control in the paper; vs Laser-DE-L4096-1.5B 4882 → 2466 tokens "
+                    f"({_S} §2.5)",
+    "dler_acc": f"MATH 84.31 → 86.95, AIME-24 29.79 → 34.38 (R1-1.5B → DLER; {_S} §2.5)",
+    "da_easy": f"DA-DLER a further −15% (1.5B: 2466 → 2106 avg tokens), −11–12% (7B) ({_S} §2.5)",
+    "da_hard": f"AIME-24 34.38 (DLER) vs 34.37 (DA-DLER) 1.5B; 55.62 vs 53.90 7B ({_S} §2.5)",
+    "merge": f"AIME-24 66.40 → DLER 63.54 → merged 66.66; length 5996 → 2735 → 3237 ({_S} §2.5, Table 2)",
+    "lspo_grpo": f"GRPO 37.5 → 38.7 (AIME-25/Olympiad/Minerva avg, Qwen2.5-Math-7B; {_S} §3.5)",
+    "lspo_dapo": f"DAPO 37.9 → 38.6 ({_S} §3.5)",
+    "lspo_gspo": f"GSPO 38.5 → 39.2 ({_S} §3.5)",
+    "hapo_acc": f"DAPO 46.97 → HAPO 50.04 (Qwen2.5-Math-7B, 6-benchmark avg; {_S} §4.8)",
+    "hapo_entropy": f"no number in the spec ({_S} §4.8); the issue's claim",
+    "hapo_ablation": f"add-one ablation over DAPO 46.97: +A 48.85, +B 48.56, +C 48.28, +D 48.02; all 50.04 "
+                     f"({_S} §4.8)",
+    "repro_ppo": f"PPO → +REPRO: AIME24 34.8 → 36.3, MATH500 86.9 → 87.7 (R1-Distill-1.5B; {_S} §5.6)",
+    "repro_grpo": f"GRPO → +REPRO: AIME24 32.9 → 36.0, MATH500 86.0 → 87.1 (R1-Distill-1.5B; {_S} §5.6)",
+    "repro_tokens": f"reasoning tokens −36.8% at most (abstract-level; {_S} §5.6)",
+}
+ABLATIONS = {"hapo_no_A_temperature": "A (adaptive temperature, §4.2)",
+             "hapo_no_B_token_group_adv": "B (token-level group average, §4.3)",
+             "hapo_no_C_redistribution": "C (advantage redistribution, §4.4)",
+             "hapo_no_D_adaptive_clip": "D (asymmetric adaptive clip, §4.5)"}
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def mean_std(values) -> tuple[float, float, int]:
+    """(mean, sample std with ddof 1 (0.0 for one value), n) of the finite values; (nan, nan, 0) if none."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def fmt(values, scale: float = 1.0, digits: int = 1) -> str:
+    """"m ± s" (values × scale), "m (n=1)" for one value, "–" for none."""
+    m, s, n = mean_std(values)
+    if n == 0:
+        return "–"
+    if n == 1:
+        return f"{m * scale:.{digits}f} (n=1)"
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def _note(met: bool, ctx: dict) -> str:
+    return f"inconclusive ({'met' if met else 'not met'} at n={ctx['seeds']}, {ctx['problems']} problems)"
+
+
+def verdict_if(met: bool | None, ctx: dict) -> str:
+    """yes / no for a criterion on the means when `ctx["powered"]`, else inconclusive (with the outcome)."""
+    if met is None:
+        return "inconclusive (missing results)"
+    return ("yes" if met else "no") if ctx["powered"] else _note(met, ctx)
+
+
+def verdict_greater(a, b, ctx: dict) -> str:
+    """Claim mean(a) > mean(b): yes if the difference exceeds 2 SE (Welch, over seeds), no if it is <= 0."""
+    (ma, sa, na), (mb, sb, nb) = mean_std(a), mean_std(b)
+    if na == 0 or nb == 0:
+        return "inconclusive (missing results)"
+    diff, se = ma - mb, float(np.sqrt(sa**2 / na + sb**2 / nb))
+    if not ctx["powered"]:
+        return _note(diff > 0, ctx)
+    if diff > 2.0 * se and diff > 0:
+        return "yes"
+    return "no" if diff <= 0 else "inconclusive (difference < 2 SE)"
+
+
+def context(settings: dict, seeds) -> dict:
+    n = len(seeds)
+    return {"seeds": n, "problems": settings["eval_problems"],
+            "powered": n >= MIN_SEEDS and settings["eval_problems"] >= MIN_PROBLEMS}
+
+
+# ----------------------------------------------------------------------------------------------- accessors
+def ev(runs: list[dict], key: str, where: str = "eval_after") -> list[float]:
+    return [r[where].get(key) for r in runs if r.get(where)]
+
+
+def common(runs: list[dict], key: str, tier: str = "all") -> list[float]:
+    return [r["eval_common"][tier].get(key) for r in runs if r.get("eval_common") and tier in r["eval_common"]]
+
+
+def curve_stat(runs: list[dict], key: str, how: str = "mean") -> list[float]:
+    """Per seed: the mean over steps ("mean"), the value at the last step ("last") or the std over steps ("std")
+    of a curve metric (finite values only; nan when a seed logged none)."""
+    out = []
+    for r in runs:
+        v = np.asarray([c[key] for c in r.get("curve", []) if c.get(key) is not None and np.isfinite(c[key])])
+        if v.size == 0:
+            out.append(float("nan"))
+        else:
+            out.append(float({"mean": v.mean, "last": lambda: v[-1], "std": v.std}[how]()))
+    return out
+
+
+def nonfinite_skips(runs: list[dict]) -> list[float]:
+    return [float(sum(1 for c in r.get("curve", []) if c.get("train/skipped") or c.get("train/loss") is None))
+            for r in runs]
+
+
+def lspo_filtered(runs: list[dict]) -> tuple[list[float], list[float]]:
+    """Per seed, over all generation rounds of the run: (share of the accuracy-kept prompts the LSPO length rule
+    dropped, share of all sampled prompts dropped by accuracy + length). Curve values are per-step means over that
+    step's rounds, so sums are mean x rounds (algorithms.md §3.3)."""
+    by_length, total = [], []
+    for r in runs:
+        kept = cand = sampled = 0.0
+        for c in r.get("curve", []):
+            if all(c.get(k) is not None for k in ("lspo_kept_fraction", "lspo_num_candidates", "num_groups")):
+                rounds = c.get("rollout/rounds", 1)
+                kept += c["lspo_kept_fraction"] * c["num_groups"] * rounds
+                cand += c["lspo_num_candidates"] * rounds
+                sampled += c["num_groups"] * rounds
+        by_length.append(1.0 - kept / cand if cand > 0 else float("nan"))
+        total.append(1.0 - kept / sampled if sampled > 0 else float("nan"))
+    return by_length, total
+
+
+def _m(values) -> float:
+    return mean_std(values)[0]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def claim(text: str, criterion: str, ours: str, paper: str, verdict: str) -> list[str]:
+    return [text, criterion, ours, paper, verdict]
+
+
+CLAIM_HEADER = ["claim", "criterion (reproduced? rule)", "ours", "paper (reference)", "reproduced?"]
+
+
+# ----------------------------------------------------------------------------------------------- DLER (§2.5)
+DLER_ROWS = ("sft", "grpo", "dapo", "dler", "da_dler", "dler_merged")
+
+
+def dler_section(res: dict, ctx: dict) -> str:
+    """Run table at the control's budget (T=1 samples, per tier) and the DLER / DA-DLER / merging claims."""
+    rows = []
+    for name in [n for n in DLER_ROWS if n in res]:
+        r = res[name]
+        rows.append([name, fmt(common(r, "pass@1"), 100), fmt(common(r, "length_mean")),
+                     fmt(common(r, "recheck_per_response"), 1, 2), fmt(common(r, "truncated_frac"), 100),
+                     fmt(common(r, "pass@1", "easy"), 100), fmt(common(r, "length_mean", "easy")),
+                     fmt(common(r, "pass@1", "hard"), 100), fmt(common(r, "length_mean", "hard")),
+                     fmt(curve_stat(r, "response/length_mean", "last"))])
+    runs = table(["run", "pass@1 %", "length", "re-checks / resp.", "truncated %", "pass@1 easy %",
+                  "length easy", "pass@1 hard %", "length hard", "train length, last step"], rows)
+    L = {n: common(res[n], "length_mean") for n in res}
+    A = {n: common(res[n], "pass@1") for n in res}
+    claims = []
+    if {"sft", "dler"} <= set(res):
+        claims.append(claim("DLER halves the length of the SFT policy", "len(DLER) ≤ 0.5 × len(SFT)",
+                            f"{fmt(L['sft'])} → {fmt(L['dler'])}", PAPER["dler_half"],
+                            verdict_if(_m(L["dler"]) <= 0.5 * _m(L["sft"]), ctx)))
+    for ctrl in [c for c in ("grpo", "dapo") if {c, "dler"} <= set(res)]:
+        claims.append(claim(f"DLER clearly shorter than the correctness-only {ctrl.upper()} at the same step",
+                            f"len(DLER) ≤ 0.8 × len({ctrl})", f"{fmt(L[ctrl])} vs {fmt(L['dler'])}",
+                            PAPER["dler_control"], verdict_if(_m(L["dler"]) <= 0.8 * _m(L[ctrl]), ctx)))
+        claims.append(claim(f"DLER accuracy within 2 points of {ctrl.upper()}",
+                            f"pass@1(DLER) ≥ pass@1({ctrl}) − 2 pts",
+                            f"{fmt(A[ctrl], 100)} vs {fmt(A['dler'], 100)}",
+                            PAPER["dler_acc"], verdict_if(_m(A["dler"]) >= _m(A[ctrl]) - 0.02, ctx)))
+    if {"dler", "da_dler"} <= set(res):
+        claims += da_dler_claims(res, ctx)
+    if {"sft", "dler", "dler_merged"} <= set(res):
+        claims.append(merge_claim(A, L, ctx))
+    return "\n\n".join([runs, table(CLAIM_HEADER, claims)])
+
+
+def da_dler_claims(res: dict, ctx: dict) -> list[list[str]]:
+    """DA-DLER vs DLER: shorter on the easy tier, accuracy kept (within 2 points) on the hard tier."""
+    le = {n: common(res[n], "length_mean", "easy") for n in ("dler", "da_dler")}
+    ah = {n: common(res[n], "pass@1", "hard") for n in ("dler", "da_dler")}
+    return [claim("DA-DLER shorter than DLER on easy problems", "len_easy(DA-DLER) < len_easy(DLER)",
+                  f"{fmt(le['dler'])} vs {fmt(le['da_dler'])}", PAPER["da_easy"],
+                  verdict_if(_m(le["da_dler"]) < _m(le["dler"]), ctx)),
+            claim("DA-DLER keeps accuracy on hard problems", "pass@1_hard(DA-DLER) ≥ pass@1_hard(DLER) − 2 pts",
+                  f"{fmt(ah['dler'], 100)} vs {fmt(ah['da_dler'], 100)}", PAPER["da_hard"],
+                  verdict_if(_m(ah["da_dler"]) >= _m(ah["dler"]) - 0.02, ctx))]
+
+
+def merge_claim(A: dict, L: dict, ctx: dict) -> list[str]:
+    """Merging recovers >= half of the accuracy DLER lost vs SFT, staying shorter than SFT; inconclusive if DLER
+    lost none."""
+    lost = _m(A["sft"]) - _m(A["dler"])
+    ours = (f"SFT {fmt(A['sft'], 100)} → DLER {fmt(A['dler'], 100)} → merged {fmt(A['dler_merged'], 100)}; "
+            f"length {fmt(L['dler_merged'])}")
+    crit = "SFT − DLER = loss > 0; pass@1(merged) ≥ pass@1(DLER) + loss/2 and len(merged) < len(SFT)"
+    if not np.isfinite(lost) or lost <= 0:
+        verdict = "inconclusive (DLER lost no accuracy to recover)" if np.isfinite(lost) else verdict_if(None, ctx)
+    else:
+        verdict = verdict_if(_m(A["dler_merged"]) >= _m(A["dler"]) + lost / 2 and
+                             _m(L["dler_merged"]) < _m(L["sft"]), ctx)
+    return claim("update-selective merge recovers accuracy lost to over-shortening", crit, ours, PAPER["merge"],
+                 verdict)
+
+
+# ----------------------------------------------------------------------------------------------- LSPO (§3.5)
+def lspo_section(res: dict, ctx: dict) -> str:
+    rows = []
+    for name, r in res.items():
+        filt, total = lspo_filtered(r)
+        rows.append([name, fmt(ev(r, "pass@1", "eval_before"), 100), fmt(ev(r, "pass@1"), 100),
+                     fmt(ev(r, "length_mean")), fmt(filt, 100), fmt(total, 100),
+                     fmt([x["iterations"] for x in r], 1, 0)])
+    runs = table(["run", "pass@1 before %", "pass@1 after %", "length after", "filtered by length rule % "
+                  "(of accuracy-kept)", "filtered in all % (accuracy + length)", "RL iterations"], rows)
+    claims = []
+    for base in [b for b in ("grpo", "dapo", "gspo") if {b, f"lspo_{b}"} <= set(res)]:
+        a, b = ev(res[f"lspo_{base}"], "pass@1"), ev(res[base], "pass@1")
+        share = lspo_filtered(res[f"lspo_{base}"])[0]
+        claims.append(claim(f"LSPO on {base.upper()} raises accuracy at equal updates",
+                            f"pass@1(LSPO-{base}) > pass@1({base}) by > 2 SE",
+                            f"{fmt(b, 100)} → {fmt(a, 100)}; filtered {fmt(share, 100)} %", PAPER[f"lspo_{base}"],
+                            verdict_greater(a, b, ctx)))
+    return "\n\n".join([runs, table(CLAIM_HEADER, claims)])
+
+
+# ----------------------------------------------------------------------------------------------- HAPO (§4.8)
+def hapo_section(res: dict, ctx: dict) -> str:
+    rows = [[n, fmt(ev(r, "pass@1"), 100), fmt(ev(r, "length_mean")), fmt(curve_stat(r, "policy/entropy"), 1, 3),
+             fmt(curve_stat(r, "policy/entropy", "last"), 1, 3)] for n, r in res.items()]
+    runs = table(["run", "pass@1 after %", "length after", "entropy, mean over steps", "entropy, last step"], rows)
+    A = {n: ev(r, "pass@1") for n, r in res.items()}
+    H = {n: curve_stat(r, "policy/entropy") for n, r in res.items()}
+    if "hapo" not in res:
+        return runs
+    claims = [] if "dapo" not in res else [
+        claim("HAPO beats DAPO in accuracy", "pass@1(HAPO) > pass@1(DAPO) by > 2 SE",
+              f"{fmt(A['dapo'], 100)} → {fmt(A['hapo'], 100)}", PAPER["hapo_acc"],
+              verdict_greater(A["hapo"], A["dapo"], ctx)),
+        claim("HAPO keeps policy entropy higher than DAPO", "mean entropy over steps, HAPO > DAPO by > 2 SE",
+              f"{fmt(H['dapo'], 1, 3)} vs {fmt(H['hapo'], 1, 3)}", PAPER["hapo_entropy"],
+              verdict_greater(H["hapo"], H["dapo"], ctx))]
+    for name, what in ABLATIONS.items():
+        if name in res:
+            claims.append(claim(f"switching off {what} costs accuracy", f"pass@1(HAPO) > pass@1({name}) by > 2 SE",
+                                f"{fmt(A[name], 100)} vs HAPO {fmt(A['hapo'], 100)}", PAPER["hapo_ablation"],
+                                verdict_greater(A["hapo"], A[name], ctx)))
+    return "\n\n".join([runs, table(CLAIM_HEADER, claims)])
+
+
+# ----------------------------------------------------------------------------------------------- REPRO (§5.6)
+def repro_section(res: dict, ctx: dict) -> str:
+    rows = [[n, fmt(ev(r, "pass@1", "eval_before"), 100), fmt(ev(r, "pass@1"), 100),
+             fmt(ev(r, "length_mean", "eval_before")), fmt(ev(r, "length_mean"))] for n, r in res.items()]
+    runs = table(["run", "pass@1 before %", "pass@1 after %", "tokens before", "tokens after"], rows)
+    claims = []
+    for base in [b for b in ("ppo", "grpo") if {b, f"repro_{b}"} <= set(res)]:
+        a, b = ev(res[f"repro_{base}"], "pass@1"), ev(res[base], "pass@1")
+        la, lb = ev(res[f"repro_{base}"], "length_mean"), ev(res[base], "length_mean")
+        claims.append(claim(f"REPRO on {base.upper()} raises accuracy", f"pass@1(REPRO-{base}) > pass@1({base}) "
+                            "by > 2 SE", f"{fmt(b, 100)} → {fmt(a, 100)}", PAPER[f"repro_{base}"],
+                            verdict_greater(a, b, ctx)))
+        claims.append(claim(f"REPRO on {base.upper()} uses fewer response tokens",
+                            f"tokens({base}) > tokens(REPRO-{base}) by > 2 SE", f"{fmt(lb)} → {fmt(la)}",
+                            PAPER["repro_tokens"], verdict_greater(lb, la, ctx)))
+    return "\n\n".join([runs, table(CLAIM_HEADER, claims)])
+
+
+# ----------------------------------------------------------------------------------------------- TraceRL
+def tracerl_section(res: dict, ctx: dict, paper: dict) -> str:
+    """Accuracy before -> after, TraceRL vs the one-step estimator, stability with vs without the value model
+    (std of the per-step training loss and the count of skipped / non-finite updates)."""
+    rows = [[n, fmt(ev(r, "pass@1", "eval_before"), 100), fmt(ev(r, "pass@1"), 100), fmt(ev(r, "length_mean")),
+             fmt(curve_stat(r, "train/loss", "std"), 1, 4), fmt(curve_stat(r, "reward/accuracy", "std"), 100),
+             fmt(nonfinite_skips(r), 1, 1)] for n, r in res.items()]
+    runs = table(["run", "pass@1 before %", "pass@1 after %", "length after", "std of step loss",
+                  "std of step reward %", "skipped updates"], rows)
+    claims = []
+    for name in ("block_tracerl", "full_tracerl"):
+        if name in res:
+            b, a = ev(res[name], "pass@1", "eval_before"), ev(res[name], "pass@1")
+            claims.append(claim(f"{name}: RL raises accuracy", "pass@1 after > before by > 2 SE",
+                                f"{fmt(b, 100)} → {fmt(a, 100)}", "see the paper's numbers below",
+                                verdict_greater(a, b, ctx)))
+    if "block_tracerl" in res and "block_onestep" in res:
+        a, b = ev(res["block_tracerl"], "pass@1"), ev(res["block_onestep"], "pass@1")
+        claims.append(claim("TraceRL beats the one-step estimator", "pass@1(block_tracerl) > pass@1(block_onestep) "
+                            "by > 2 SE", f"{fmt(b, 100)} vs {fmt(a, 100)}", "see below", verdict_greater(a, b, ctx)))
+    if "block_tracerl" in res and "block_tracerl_value" in res:
+        s0, s1 = curve_stat(res["block_tracerl"], "train/loss", "std"), curve_stat(res["block_tracerl_value"],
+                                                                                    "train/loss", "std")
+        claims.append(claim("the value model stabilises training", "std of step loss: without > with value by > 2 SE",
+                            f"{fmt(s0, 1, 4)} vs {fmt(s1, 1, 4)}; skips "
+                            f"{fmt(nonfinite_skips(res['block_tracerl']), 1, 1)} vs "
+                            f"{fmt(nonfinite_skips(res['block_tracerl_value']), 1, 1)}", "see below",
+                            verdict_greater(s0, s1, ctx)))
+    ref = "\n".join(f"- {k}: {v}" for k, v in (paper or {}).items()) or "- (the TraceRL module gave none)"
+    return "\n\n".join([runs, table(CLAIM_HEADER, claims), "The paper's numbers (TraceRL helper, diffusion.md):", ref])
+
+
+SECTIONS = {"dler": ("DLER vs correctness-only GRPO / DAPO (length at the control's budget, T=1 samples)",
+                     dler_section),
+            "lspo": ("LSPO on GRPO, DAPO, GSPO vs without (equal number of updates)", lspo_section),
+            "hapo": ("HAPO vs DAPO, and each HAPO component switched off alone", hapo_section),
+            "repro": ("REPRO on PPO and GRPO vs without", repro_section),
+            "tracerl": ("TraceRL on tiny diffusion models", None)}
+
+
+def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
+    """results/summary.md from {study: study_json}: settings, the verdict rule, a run table and a claim table each."""
+    out = ["# Small-scale reproduction study (issue 6)", "",
+           "Generated by `experiments/reproduce.py` from `results/<study>.json`; only the papers' numbers are "
+           "typed in (with their spec section). Mean ± sample std over seeds ((n=1): one seed). Accuracy = held-out "
+           "pass@1 at T=1 averaged over the samples per problem; length = mean response tokens of those samples.",
+           "", f"Verdicts: 'yes'/'no' only with ≥ {MIN_SEEDS} seeds and ≥ {MIN_PROBLEMS} held-out problems, else "
+           "'inconclusive' (with whether the criterion held on the means). 'X > Y by > 2 SE': yes if "
+           "mean(X) − mean(Y) > 2·sqrt(s_X²/n_X + s_Y²/n_Y), no if mean(X) ≤ mean(Y), inconclusive in between. "
+           "Threshold criteria are "
+           "checked on the means."]
+    for name, (title, fn) in SECTIONS.items():
+        if name not in studies:
+            continue
+        st = studies[name]
+        out += ["", f"## {title}", ""]
+        if st["status"] != "run" or not st["results"]:
+            out.append("not run" + (" (experiments/_repro_tracerl.py absent or not importable)"
+                                    if name == "tracerl" else ""))
+            continue
+        s = st["settings"]
+        ctx = context(s, st["seeds"])
+        out.append(f"Seeds {st['seeds']}, {s['rl_steps']} RL iterations per run, {s['eval_problems']} held-out "
+                   f"problems × {s['eval_samples']} samples.")
+        out += ["", tracerl_section(st["results"], ctx, tracerl_paper) if name == "tracerl"
+                else fn(st["results"], ctx)]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- plots
+CURVE_PANELS = {"reward/accuracy": "training accuracy (T=1)", "response/length_mean": "response length (tokens)",
+                "policy/entropy": "policy entropy (nats/token)", "train/loss": "training loss"}
+_STUDY_PANELS = {"hapo": ("reward/accuracy", "response/length_mean", "policy/entropy"),
+                 "tracerl": ("reward/accuracy", "response/length_mean", "train/loss")}
+
+
+def curve_series(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, sample std (ddof 1; 0 for one seed) over seeds) of a curve metric at the steps every seed
+    logged with a finite value."""
+    per_seed = [{c["step"]: c[key] for c in r.get("curve", []) if c.get(key) is not None and np.isfinite(c[key])}
+                for r in runs]
+    steps = sorted(set.intersection(*(set(d) for d in per_seed))) if per_seed else []
+    vals = np.asarray([[d[t] for t in steps] for d in per_seed], np.float64).reshape(len(per_seed), len(steps))
+    std = vals.std(axis=0, ddof=1) if len(per_seed) > 1 else np.zeros(len(steps))
+    return np.asarray(steps, np.float64), vals.mean(axis=0), std
+
+
+def plot_curves(study: str, results: dict, path: str) -> str | None:
+    """`path`: one panel per metric (accuracy, length[, entropy | loss]) vs RL iteration, mean ± std band per run."""
+    from matplotlib.figure import Figure
+
+    keys = _STUDY_PANELS.get(study, ("reward/accuracy", "response/length_mean"))
+    fig = Figure(figsize=(5.0 * len(keys), 4.0), dpi=100)
+    drawn = 0
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        for name, runs in results.items():
+            steps, mean, std = curve_series(runs, key)
+            if steps.size == 0:
+                continue
+            ax.plot(steps, mean, marker="o" if steps.size < 8 else None, label=name)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            drawn += 1
+        ax.set_xlabel("RL iteration")
+        ax.set_title(CURVE_PANELS.get(key, key))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if not drawn:
+        return None
+    fig.suptitle(f"{study}: curves (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def tradeoff_points(studies: dict) -> tuple[dict, tuple | None]:
+    """{run: (length mean, length std, pass@1 mean, pass@1 std)} after RL for every AR run (DLER-study runs at
+    the control's budget), and the SFT start point (or None)."""
+    points, start = {}, None
+    for name, st in studies.items():
+        if name == "tracerl" or st.get("status") != "run":
+            continue
+        for run, seeds in st["results"].items():
+            if seeds and "eval_common" in seeds[0]:
+                L, A = common(seeds, "length_mean"), common(seeds, "pass@1")
+            else:
+                L, A = ev(seeds, "length_mean"), ev(seeds, "pass@1")
+            if run == "sft":
+                start = (*mean_std(L)[:2], *mean_std(A)[:2])
+            elif run not in points:
+                points[run] = (*mean_std(L)[:2], *mean_std(A)[:2])
+            if start is None and seeds and seeds[0].get("eval_before"):
+                start = (*mean_std(ev(seeds, "length_mean", "eval_before"))[:2],
+                         *mean_std(ev(seeds, "pass@1", "eval_before"))[:2])
+    return points, start
+
+
+def plot_tradeoff(studies: dict, path: str) -> str | None:
+    """`path`: held-out pass@1 vs mean response length after RL, one point per run, with the SFT start."""
+    from matplotlib.figure import Figure
+
+    points, start = tradeoff_points(studies)
+    if not points:
+        return None
+    fig = Figure(figsize=(7.0, 5.0), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for run, (lm, ls, am, as_) in points.items():
+        ax.errorbar(lm, 100 * am, xerr=ls, yerr=100 * as_, fmt="o", capsize=3)
+        ax.annotate(run, (lm, 100 * am), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if start is not None:
+        ax.errorbar(start[0], 100 * start[2], xerr=start[1], yerr=100 * start[3], fmt="*", ms=14, color="k")
+        ax.annotate("SFT start", (start[0], 100 * start[2]), fontsize=8, xytext=(4, -10), textcoords="offset points")
+    ax.set_xlabel("mean response length (tokens, T=1)")
+    ax.set_ylabel("held-out pass@1 (%)")
+    ax.set_title("accuracy-length trade-off after RL")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def write_report(studies: dict, out_dir: str, tracerl_paper: dict | None = None) -> list[str]:
+    """Writes summary.md, <study>_curves.png and tradeoff.png under `out_dir`; returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "summary.md")]
+    with open(paths[0], "w") as f:
+        f.write(summary_markdown(studies, tracerl_paper))
+    for name, st in studies.items():
+        if st.get("status") == "run" and st["results"]:
+            p = plot_curves(name, st["results"], os.path.join(out_dir, f"{name}_curves.png"))
+            paths += [p] if p else []
+    p = plot_tradeoff(studies, os.path.join(out_dir, "tradeoff.png"))
+    return paths + ([p] if p else [])

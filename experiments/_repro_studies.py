@@ -1,0 +1,335 @@
+"""The studies of the small-scale reproduction (issue 6) as data, and the machinery that runs them.
+
+A run is `RunSpec(name, module, arg, overrides)`: `configs/<module>.py:get_config(arg)` plus dotted overrides. A
+study is a tuple of RunSpecs trained with the same budget (the same number of RL iterations, hence optimizer
+updates, `train.time_budget_s = 0`) and evaluated on the same held-out set (`task.eval_seed` is fixed, so every
+seed sees the same problems). Runs are keyed on their resolved settings (`run_key`), so an identical run shared by
+several studies (the DAPO control of DLER, LSPO and HAPO) trains once, and a finished run (its `result.json`)
+is never trained again: the study is restartable.
+
+The DLER study also evaluates every checkpoint (and the SFT start, and the DLER checkpoint merged with the SFT base
+by update-selective merging, algorithms.md §2.2 item 7) at the correctness-only control's response budget, per
+difficulty tier (`split_eval`): DLER trains with a 64-token budget, and a length comparison must not be capped by it.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from typing import NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# Difficulty tiers of the arithmetic task (level = (n_terms - 3) * 3 + (digits - 1)): 1-digit terms are easy,
+# 3-digit terms hard (calibration.md: 78-94% vs 0-19% at 44% overall).
+TIERS = {"easy": (0, 3, 6), "medium": (1, 4, 7), "hard": (2, 5, 8)}
+# Per-iteration metrics.jsonl keys kept in results/<study>.json (those a run logged).
+CURVE_KEYS = ("reward/accuracy", "response/length_mean", "response/truncated_frac", "policy/entropy", "train/loss",
+              "train/skipped", "kept_fraction", "num_groups", "lspo_kept_fraction", "lspo_kept_of_candidates",
+              "lspo_num_candidates", "rollout/kept_frac",
+              "rollout/rounds", "da_dler_virtual_trunc", "overlong_penalty", "repro/adv_abs_mean", "time/rollout_s",
+              "time/update_s")
+RESULT_FILE = "result.json"
+EVAL_COMMON_FILE = "eval_common.json"
+
+
+class RunSpec(NamedTuple):
+    """One method of a study: configs/<module>.py:<arg> with `overrides` ((dotted key, value), ...)."""
+
+    name: str
+    module: str
+    arg: str = "tiny"
+    overrides: tuple = ()
+
+
+_GRPO, _DAPO = RunSpec("grpo", "grpo"), RunSpec("dapo", "dapo")
+STUDIES = {
+    # algorithms.md §2.5: correctness-only controls, DLER, DA-DLER (merging is added by run_dler_extras).
+    "dler": (_GRPO, _DAPO, RunSpec("dler", "dler"), RunSpec("da_dler", "da_dler")),
+    # §3.5: each base with and without LSPO. configs/grpo.py:tiny drops GRPO's KL; so does its LSPO twin here.
+    "lspo": (_GRPO, _DAPO, RunSpec("gspo", "gspo"),
+             RunSpec("lspo_grpo", "lspo", "grpo,tiny", (("loss.kl_coef", 0.0),)),
+             RunSpec("lspo_dapo", "lspo", "dapo,tiny"), RunSpec("lspo_gspo", "lspo", "gspo,tiny")),
+    # §4.8: HAPO vs DAPO and each of the four components (§4.2-4.5) switched off alone.
+    "hapo": (_DAPO, RunSpec("hapo", "hapo"),
+             RunSpec("hapo_no_A_temperature", "hapo", "tiny", (("rollout.hapo_tau", 0.0),)),
+             RunSpec("hapo_no_B_token_group_adv", "hapo", "tiny", (("advantage.estimator", "grpo"),)),
+             RunSpec("hapo_no_C_redistribution", "hapo", "tiny", (("loss.hapo_redistribute", False),)),
+             RunSpec("hapo_no_D_adaptive_clip", "hapo", "tiny", (("loss.hapo_adaptive_clip", False),))),
+    # §5.6: REPRO on PPO and on GRPO vs the same without.
+    "repro": (RunSpec("ppo", "ppo"), RunSpec("repro_ppo", "repro", "ppo,tiny"), _GRPO,
+              RunSpec("repro_grpo", "repro", "grpo,tiny")),
+}
+ALL_STUDIES = ("dler", "lspo", "hapo", "repro", "tracerl")
+
+
+class Settings(NamedTuple):
+    """What every run of one invocation shares (part of each run's key)."""
+
+    rl_steps: int
+    eval_problems: int
+    eval_samples: int
+    greedy: bool
+    smoke: bool = False
+
+
+def _set(config, dotted: str, value) -> None:
+    section, key = dotted.split(".")
+    getattr(config, section)[key] = value
+
+
+def shrink_for_smoke(c):
+    """rl_testing.tiny_config-like sizes: random 1-layer model, 4 prompts x 4 samples, 24 new tokens."""
+    c.model.init = "random"
+    m = c.model
+    m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 1, 2, 2
+    c.rollout.max_new_tokens = 24
+    c.rollout.prompts_per_step, c.rollout.group_size = 4, 4
+    c.reward.overlong_buffer = min(c.reward.overlong_buffer, 4)
+    c.filter.max_rounds = 2
+    c.optim.lr = 1e-3
+    c.optim.mini_batches = min(c.optim.mini_batches, 2)
+    c.eval.batch_size = 16
+    return c
+
+
+def make_config(spec: RunSpec, seed: int, s: Settings):
+    """The run's ConfigDict: the method config, its overrides, then the study-wide budget and evaluation."""
+    c = importlib.import_module(f"configs.{spec.module}").get_config(spec.arg)
+    for dotted, value in spec.overrides:
+        _set(c, dotted, value)
+    if s.smoke:
+        shrink_for_smoke(c)
+    c.model.sft_dir = os.path.join(ROOT, c.model.sft_dir) if not os.path.isabs(c.model.sft_dir) else c.model.sft_dir
+    c.seed = seed
+    c.train.num_steps, c.train.time_budget_s = s.rl_steps, 0.0  # same number of updates, no wall-clock cut
+    c.train.checkpoint_every = max(1, min(c.train.checkpoint_every, s.rl_steps))  # an interrupted run resumes
+    c.train.export_hf = True  # the DLER study evaluates and merges the exported policies
+    c.eval.num_problems, c.eval.samples, c.eval.greedy = s.eval_problems, s.eval_samples, s.greedy
+    return c
+
+
+def run_key(spec: RunSpec, seed: int, s: Settings) -> str:
+    """Directory name of a run: module, arg and a hash of everything that changes its result (not its name)."""
+    blob = json.dumps({"module": spec.module, "arg": spec.arg, "overrides": [list(o) for o in spec.overrides],
+                       "seed": seed, **s._asdict()}, sort_keys=True)
+    tag = f"{spec.module}_{spec.arg}".replace(",", "_")
+    return f"{tag}_{hashlib.sha1(blob.encode()).hexdigest()[:10]}/seed{seed}"
+
+
+def read_curve(workdir: str) -> list[dict]:
+    """Per-iteration records of `workdir/metrics.jsonl` (those with a train/loss), restricted to CURVE_KEYS."""
+    from jaxrl_reason.train.metrics import read_metrics
+
+    out = []
+    for r in read_metrics(workdir):
+        if "train/loss" in r:
+            out.append({"step": int(r["step"]), **{k: r[k] for k in CURVE_KEYS if k in r}})
+    return out
+
+
+def _load_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def run_one(spec: RunSpec, seed: int, s: Settings, workroot: str) -> dict:
+    """Trains (or loads the finished result of) one run; returns eval before/after, curve, overrides, workdir."""
+    from jaxrl_reason.train import loop
+
+    workdir = os.path.join(workroot, "runs", run_key(spec, seed, s))
+    path = os.path.join(workdir, RESULT_FILE)
+    if os.path.exists(path):
+        return _load_json(path)
+    config = make_config(spec, seed, s)
+    print(f"== {spec.name} (configs/{spec.module}.py:{spec.arg}) seed {seed} -> {workdir}", flush=True)
+    out = loop.run(config, workdir)
+    result = {"seed": seed, "module": spec.module, "arg": spec.arg, "overrides": [list(o) for o in spec.overrides],
+              "eval_before": out["eval_before"], "eval_after": out["eval_after"], "iterations": out["iterations"],
+              "curve": read_curve(workdir), "workdir": workdir}
+    _write_json(path, result)
+    return result
+
+
+def combine_tiers(parts: dict) -> dict:
+    """{tier: (num_problems, metrics)} -> {tier: metrics, "all": problem-weighted mean of every shared key}.
+
+    Every tier is evaluated with the same samples per problem, so a problem-weighted mean of per-tier means is
+    the mean over the union (pass@1, lengths, re-check rate, pass@k, maj@k); per-level keys are copied.
+    """
+    tiers = [t for t, (n, _) in parts.items() if n > 0]
+    if not tiers:
+        raise ValueError("combine_tiers needs at least one tier with problems.")
+    shared = set.intersection(*(set(parts[t][1]) for t in tiers))
+    total = sum(parts[t][0] for t in tiers)
+    out = {t: dict(parts[t][1]) for t in tiers}
+    out["all"] = {k: float(sum(parts[t][0] * parts[t][1][k] for t in tiers) / total)
+                  for k in sorted(shared) if not k.startswith("pass@1/level")}
+    for t in tiers:
+        out["all"].update({k: v for k, v in parts[t][1].items() if k.startswith("pass@1/level")})
+    return out
+
+
+_SAMPLERS: dict = {}
+
+
+def _sampler(graphdef, params, **common):
+    """make_generate_fn memoized on (graphdef, sampling params, lengths, ids): checkpoints of one architecture
+    share one jitted sampler, so evaluating several of them compiles once."""
+    from jaxrl_reason.sampling.autoregressive import make_generate_fn
+
+    key = (graphdef, params, tuple(sorted(common.items())))
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = make_generate_fn(graphdef, params=params, **common)
+    return _SAMPLERS[key]
+
+
+def split_eval(config, checkpoint: str, seed: int) -> dict:
+    """Evaluates the HF `checkpoint` on `config`'s held-out set and budget, one `evaluate` per tier (TIERS),
+    sharing one compiled sampler (fixed batch rows); returns combine_tiers' {tier: metrics, "all": ...}."""
+    import jax
+    from flax import nnx
+
+    from jaxrl_reason.sampling.processors import SamplingParams
+    from jaxrl_reason.train import build
+    from jaxrl_reason.train.evaluation import evaluate
+
+    config = config.copy_and_resolve_references()
+    config.model.init, config.task.tokenizer_dir = f"hf:{checkpoint}", checkpoint
+    task = build.build_task(config)
+    policy, _ = build.load_policy(config, task.tokenizer)
+    graphdef, params = nnx.split(policy, nnx.Param)
+    tok, ro, ev = task.tokenizer, config.rollout, config.eval
+    common = dict(max_prompt_len=ro.max_prompt_len, max_new_tokens=ro.max_new_tokens, eos_ids=(tok.eos_token_id,),
+                  pad_id=tok.pad_token_id)
+    sample_fn = _sampler(graphdef, SamplingParams(temperature=ev.temperature), **common)
+    greedy_fn = _sampler(graphdef, SamplingParams(greedy=True), **common) if ev.greedy else None
+    groups = {t: [ex for ex in task.heldout if ex.extra.get("level") in lv] for t, lv in TIERS.items()}
+    rows = max(1, min(ev.batch_size, max(len(g) for g in groups.values()) * ev.samples))
+    key, parts = jax.random.PRNGKey(seed), {}
+    for t, examples in groups.items():
+        key, sub = jax.random.split(key)
+        parts[t] = (len(examples), evaluate(params, examples, tokenizer=tok, scorer=task.scorer, sample_fn=sample_fn,
+                                            greedy_fn=greedy_fn, samples=ev.samples, batch_rows=rows,
+                                            max_prompt_len=ro.max_prompt_len, key=sub, count_fn=task.count_fn)
+                    if examples else {})
+    return combine_tiers(parts)
+
+
+def _cached(path: str, fn):
+    if os.path.exists(path):
+        return _load_json(path)
+    value = fn()
+    _write_json(path, value)
+    return value
+
+
+def _base_checkpoint(config, workroot: str) -> str:
+    """The policy RL starts from as an HF directory: the SFT checkpoint, or (random init) an export of it."""
+    if config.model.init == "sft":
+        return config.model.sft_dir
+    from jaxrl_reason.models.hf import save_hf
+    from jaxrl_reason.train import build
+
+    out = os.path.join(workroot, f"init_{config.model.init}_seed{config.seed}")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        task = build.build_task(config)
+        policy, mcfg = build.load_policy(config, task.tokenizer)
+        save_hf(policy, mcfg, out)
+        task.tokenizer.save_pretrained(out)
+    return out
+
+
+def _load_sibling(name: str):
+    """Imports experiments/<name>.py (not a package) as `experiments_<name>`, as tests/test_experiments.py does."""
+    key = f"experiments_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "experiments", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
+
+
+def run_dler_extras(results: dict, seeds, s: Settings, workroot: str) -> dict:
+    """Adds `eval_common` (split_eval at the control's budget) to every DLER-study run, and two entries: "sft"
+    (the start policy) and "dler_merged" (DLER merged into the start policy, top 25%, scale 0.7, §2.2 item 7)."""
+    merge_cli = _load_sibling("merge")
+    common = make_config(_GRPO, 0, s)  # the correctness-only control's budget and held-out set
+    extra = {"sft": [], "dler_merged": []}
+    for seed in seeds:
+        base = _base_checkpoint(make_config(RunSpec("dler", "dler"), seed, s), workroot)
+        sft_dir = os.path.join(workroot, "runs", f"sft_eval_{run_key(_GRPO, seed, s).replace('/', '_')}")
+        extra["sft"].append({"seed": seed, "checkpoint": base, "eval_common": _cached(
+            os.path.join(sft_dir, EVAL_COMMON_FILE), lambda: split_eval(common, base, seed))})
+        for r in results.values():
+            res = next(x for x in r if x["seed"] == seed)
+            res["eval_common"] = _cached(os.path.join(res["workdir"], EVAL_COMMON_FILE),
+                                         lambda res=res: split_eval(common, os.path.join(res["workdir"], "hf_export"),
+                                                                    seed))
+        dler = next(x for x in results["dler"] if x["seed"] == seed)
+        merged = os.path.join(dler["workdir"], "merged")
+        stats_path = os.path.join(merged, "merge_stats.json")
+        stats = _cached(stats_path, lambda: merge_cli.merge_checkpoints(
+            base, os.path.join(dler["workdir"], "hf_export"), merged, top_frac=0.25, scale=0.7))
+        extra["dler_merged"].append({"seed": seed, "merge": stats, "eval_common": _cached(
+            os.path.join(merged, EVAL_COMMON_FILE), lambda: split_eval(common, merged, seed))})
+    return extra
+
+
+def run_study(study: str, seeds, s: Settings, workroot: str) -> dict:
+    """{run name: [per-seed result]} of one AR study (STUDIES), plus the DLER extras for "dler"."""
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; known: {', '.join(STUDIES)}.")
+    results = {spec.name: [run_one(spec, seed, s, workroot) for seed in seeds] for spec in STUDIES[study]}
+    if study == "dler":
+        results.update(run_dler_extras(results, seeds, s, workroot))
+    return results
+
+
+def tracerl_module():
+    """experiments/_repro_tracerl.py if it exists and imports, else None (the study is then "not run")."""
+    if not os.path.exists(os.path.join(ROOT, "experiments", "_repro_tracerl.py")):
+        return None
+    try:
+        return _load_sibling("_repro_tracerl")
+    except Exception as e:  # noqa: BLE001 - another helper's module; its failure must not stop the AR studies
+        print(f"experiments/_repro_tracerl.py does not import ({type(e).__name__}: {e}); TraceRL not run", flush=True)
+        return None
+
+
+def run_tracerl(seeds, s: Settings, sft_steps: int, workroot: str) -> dict | None:
+    """The TraceRL helper's study (experiments/_repro_tracerl.run_tracerl_study), or None when it is absent."""
+    mod = tracerl_module()
+    if mod is None:
+        return None
+    return mod.run_tracerl_study(seeds=list(seeds), rl_steps=s.rl_steps, eval_problems=s.eval_problems,
+                                 eval_samples=s.eval_samples, sft_steps=sft_steps,
+                                 workroot=os.path.join(workroot, "tracerl"), smoke=s.smoke)
+
+
+def study_json(study: str, results: dict | None, s: Settings, seeds, **extra_settings) -> dict:
+    """What results/<study>.json holds: the settings, the run definitions and the per-seed results."""
+    specs = {spec.name: {"module": spec.module, "arg": spec.arg, "overrides": [list(o) for o in spec.overrides]}
+             for spec in STUDIES.get(study, ())}
+    if study == "dler":
+        specs["sft"] = {"checkpoint": "the policy RL starts from (model.sft_dir)"}
+        specs["dler_merged"] = {"merge": "experiments/merge.merge_checkpoints(base=sft, tuned=dler, top_frac=0.25, "
+                                         "scale=0.7, granularity=tensor)"}
+    return {"study": study, "status": "run" if results is not None else "not run",
+            "settings": {**s._asdict(), **extra_settings}, "seeds": list(seeds), "runs": specs,
+            "results": results or {}}
+

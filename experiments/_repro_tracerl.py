@@ -1,0 +1,209 @@
+"""The TraceRL part of the reproduction study (issue 6): diffusion SFT, then four RL variants per seed.
+
+    from experiments._repro_tracerl import run_tracerl_study   (or load the file by path; experiments/ is no package)
+    results = run_tracerl_study(seeds=(0, 1, 2), rl_steps=..., eval_problems=500, eval_samples=4, sft_steps=...,
+                                workroot="runs/repro_tracerl")
+
+Claims tested (diffusion.md §1, §6.2, §6.5, §7): accuracy before / after TraceRL on a tiny block-diffusion model
+(SFT'd with the block-diffusion loss, §3.3) and a tiny full-attention diffusion model (LLaDA loss, §3.1); TraceRL's
+trajectory estimate (§6.5) vs the d1 one-step estimate (§6.2); with and without the diffusion value model (§7.4).
+
+Steps:
+  1. two SFT checkpoints, `workroot/sft_block` and `workroot/sft_full` (configs/sft_diffusion.py:<kind>,tiny with
+     `sft_steps` steps; the same library calls as experiments/sft.py's `_diffusion_sft`, without its evaluation,
+     which the RL runs' `eval_before` replaces). A directory counts as built once its `sft_done.json` marker
+     exists; the marker stores the SFT config, and reusing it under a different config raises ValueError.
+  2. for each seed (seed-major, so every finished seed is a complete comparison) the runs of `RUNS`, each from its
+     kind's SFT checkpoint in a fresh workdir `workroot/<run>/seed<k>`, all with the same `rl_steps` (no time
+     budget), eval problems and samples. A run is done once `result.json` exists (it stores the run's config; a
+     different config raises ValueError); an unfinished run resumes from its last checkpoint (train/loop.py).
+  3. `{run: [{"eval_before", "eval_after", "curve", "seed", "iterations", "wall_s"}, ...]}`; `curve` holds the
+     per-iteration records of the run's metrics.jsonl (the rows with a `train/loss`).
+
+`smoke=True` shrinks everything (a 1-layer 32-wide model, level-0 problems, 24 new tokens, 4 prompts x 4
+samples, 2 mini-batches) so a test can run it; pass small `sft_steps`, `rl_steps`, `eval_problems` with it.
+Compilation dominates short runs; seeds of one run share programs, so a driver that sets
+JAX_COMPILATION_CACHE_DIR (and JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0) before importing jax compiles each
+run once instead of once per seed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import sft_diffusion as sft_diffusion_config  # noqa: E402
+from configs import tracerl as tracerl_config  # noqa: E402
+from jaxrl_reason.train import build, diffusion_sft, loop, sft  # noqa: E402
+from jaxrl_reason.train.metrics import read_metrics  # noqa: E402
+
+RUNS = {  # run name -> configs/tracerl.py arg (tiny scale)
+    "block_tracerl": "block",
+    "block_onestep": "block,onestep",
+    "block_tracerl_value": "block,value",
+    "full_tracerl": "full",
+}
+SFT_MARKER = "sft_done.json"
+RESULT_FILE = "result.json"
+
+PAPER_NUMBERS_TRACERL = {
+    "TraDo-8B-Instruct vs AR models (math)": (
+        "+6.1% relative vs Qwen2.5-7B-Instruct and +51.3% relative vs Llama3.1-8B-Instruct on math reasoning "
+        "[abs] (diffusion.md §1)"),
+    "TraDo-4B-Instruct vs 7B AR models": "beats 7B AR models on complex math [abs] (diffusion.md §1)",
+    "TraDo trained only with TraceRL": (
+        "TraDo-4B/8B-Instruct = TraceRL from SDAR-4B/8B-Chat; paper scale 64 tasks x 16 responses per step, 80 steps, "
+        "lr 1e-6, block 4 (rl_trado.yaml) [code-repo text] (diffusion.md §1, §7.3)"),
+    "long-CoT TraDo-8B-Thinking": (
+        "beats Qwen2.5-7B-Instruct on MATH500 by 18.1% relative [abs]; MATH500 = 87.4% [unverified] "
+        "(diffusion.md §1, §7.5)"),
+    "block-size enlargement with TraceRL": "block 4 -> 8: MATH500 60.2% -> 67.7% [unverified] (diffusion.md §1, §7.5)",
+    "dynamic (threshold) sampling speed-up": "15.4% faster on MATH500 [unverified] (diffusion.md §1, §4.1)",
+    "diffusion value model": (
+        "reduces variance / allows a larger lr or fewer accumulation steps; no number given [README text] "
+        "(diffusion.md §1, §7.4)"),
+    "TraceRL vs one-step (diffu-GRPO) estimator": (
+        "no paper number recorded: the paper's ablation tables were not available (diffusion.md §0); the estimators "
+        "are diffusion.md §6.5 (trajectory) and §6.2 (d1 one-step)"),
+}
+
+
+def _shrink(c) -> None:
+    """Smoke sizes (tests/rl_testing.py:tiny_config-like) for an SFT or RL config, in place."""
+    m = c.model
+    m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 1, 2, 2
+    c.task.train_levels = c.task.eval_levels = (0,)  # level-0 traces without re-checks fit 24 tokens
+    c.task.recheck_prob = 0.0
+    c.rollout.max_new_tokens = 24
+    c.rollout.prompts_per_step, c.rollout.group_size = 4, 4
+    c.filter.max_rounds = 2
+    c.optim.mini_batches = min(c.optim.mini_batches, 2)
+    c.eval.batch_size = 16
+    c.tracerl.llada_block_len, c.tracerl.llada_steps = 8, 12
+
+
+def sft_config(kind: str, *, sft_steps: int, eval_problems: int, smoke: bool = False):
+    """configs/sft_diffusion.py:<kind>,tiny with `sft_steps` steps, its data disjoint from `eval_problems` held-out."""
+    c = sft_diffusion_config.get_config(f"{kind},tiny")
+    c.sft.steps = int(sft_steps)
+    c.sft.eval_problems = max(c.sft.eval_problems, int(eval_problems))  # held-out sets are prefixes of each other
+    if smoke:
+        _shrink(c)
+        c.sft.num_problems, c.sft.batch_size, c.sft.warmup_steps = 64, 8, 0
+    return c
+
+
+def rl_config(run: str, *, seed: int, rl_steps: int, eval_problems: int, eval_samples: int, sft_dir: str,
+              greedy: bool = False, smoke: bool = False):
+    """configs/tracerl.py:RUNS[run] from the SFT checkpoint `sft_dir`: exactly `rl_steps` iterations, no HF export."""
+    if run not in RUNS:
+        raise ValueError(f"unknown TraceRL study run {run!r}; use one of {tuple(RUNS)}.")
+    c = tracerl_config.get_config(RUNS[run])
+    c.seed = int(seed)
+    c.model.init, c.model.sft_dir = "sft", sft_dir
+    c.train.num_steps, c.train.time_budget_s, c.train.export_hf = int(rl_steps), 0.0, False
+    c.eval.num_problems, c.eval.samples, c.eval.greedy = int(eval_problems), int(eval_samples), bool(greedy)
+    if smoke:
+        _shrink(c)
+    return c
+
+
+def _as_json(config, workroot: str | None = None) -> dict:
+    """The config as JSON; with `workroot`, `model.sft_dir` relative to it (a workroot may be moved or copied)."""
+    out = json.loads(config.to_json_best_effort())
+    if workroot is not None:
+        out["model"]["sft_dir"] = os.path.relpath(config.model.sft_dir, workroot)
+    return out
+
+
+def _write_json(path: str, obj) -> None:
+    """Atomic write: a marker either exists complete or not at all."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _load_marker(path: str, config_json: dict, what: str):
+    """The marker's content if it exists and was made with `config_json`; None if absent; ValueError if stale."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        done = json.load(f)
+    if done.get("config") != config_json:
+        raise ValueError(f"{path} was made with a different {what} config; delete it or use another workroot.")
+    return done
+
+
+def build_sft_checkpoint(config, out_dir: str, log_fn=print) -> dict:
+    """Diffusion SFT as experiments/sft.py (`_diffusion_sft`) into `out_dir`, or reuse it; returns the marker.
+
+    The marker `out_dir/sft_done.json` holds {"config", "history" (train_diffusion_sft's loss log), "wall_s"}.
+    """
+    marker = os.path.join(out_dir, SFT_MARKER)
+    config_json = _as_json(config)
+    done = _load_marker(marker, config_json, "SFT")
+    if done is not None:
+        return done
+    start = time.time()
+    c = config
+    tok = build.tokenizer_for(c)
+    model, mcfg = build.load_policy(c, tok)
+    prompts, traces = sft.arithmetic_sft_set(c.seed, c.sft.num_problems, c.task.train_levels, c.task.recheck_prob,
+                                             c.task.error_prob, c.task.eval_seed, c.sft.eval_problems)
+    arrays = diffusion_sft.diffusion_sft_arrays(tok, prompts, traces, c.rollout.max_prompt_len,
+                                                c.rollout.max_new_tokens, pad_to_eos=c.diffusion.pad_to_eos)
+    model, history = diffusion_sft.train_diffusion_sft(
+        model, arrays, spec=diffusion_sft.sft_spec(c, tok.mask_token_id), steps=c.sft.steps,
+        batch_size=c.sft.batch_size, lr=c.sft.lr, warmup_steps=c.sft.warmup_steps, seed=c.seed,
+        micro_batches=c.sft.micro_batches, time_budget_s=c.sft.time_budget_s, log_fn=log_fn)
+    sft.save_sft_checkpoint(model, mcfg, tok, out_dir)
+    done = {"config": config_json, "history": history, "wall_s": time.time() - start}
+    _write_json(marker, done)
+    return done
+
+
+def run_one(config, workdir: str, workroot: str) -> dict:
+    """One RL run into `workdir` (skipped when its result.json exists); returns the study's per-run record."""
+    path = os.path.join(workdir, RESULT_FILE)
+    config_json = _as_json(config, workroot)
+    done = _load_marker(path, config_json, "RL")
+    if done is None:
+        start = time.time()
+        out = loop.run(config, workdir)
+        curve = [r for r in read_metrics(workdir) if "train/loss" in r]
+        done = {"config": config_json, "seed": int(config.seed), "eval_before": out["eval_before"],
+                "eval_after": out["eval_after"], "iterations": int(out["iterations"]), "curve": curve,
+                "wall_s": time.time() - start}
+        _write_json(path, done)
+    return {k: v for k, v in done.items() if k != "config"}
+
+
+def run_tracerl_study(*, seeds, rl_steps: int, eval_problems: int, eval_samples: int, sft_steps: int, workroot: str,
+                      smoke: bool = False, greedy: bool = False, runs=tuple(RUNS), log_fn=print) -> dict:
+    """SFT checkpoints (block, full) then `runs` x `seeds` RL runs; returns {run: [record per seed]} (see above)."""
+    if not seeds:
+        raise ValueError("run_tracerl_study needs at least one seed.")
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise ValueError(f"unknown TraceRL study runs {unknown}; use names from {tuple(RUNS)}.")
+    os.makedirs(workroot, exist_ok=True)
+    sft_dirs = {}
+    for kind in sorted({RUNS[r].split(",")[0] for r in runs}):
+        sft_dirs[kind] = os.path.join(workroot, f"sft_{kind}")
+        cfg = sft_config(kind, sft_steps=sft_steps, eval_problems=eval_problems, smoke=smoke)
+        done = build_sft_checkpoint(cfg, sft_dirs[kind], log_fn=log_fn)
+        log_fn(f"sft_{kind}: {len(done['history'])} loss records, last {done['history'][-1]}")
+    results = {r: [] for r in runs}
+    for seed in seeds:
+        for run in runs:
+            cfg = rl_config(run, seed=seed, rl_steps=rl_steps, eval_problems=eval_problems, eval_samples=eval_samples,
+                            sft_dir=sft_dirs[RUNS[run].split(",")[0]], greedy=greedy, smoke=smoke)
+            record = run_one(cfg, os.path.join(workroot, run, f"seed{seed}"), workroot)
+            log_fn(f"{run} seed {seed}: pass@1 {record['eval_before'].get('pass@1')} -> "
+                   f"{record['eval_after'].get('pass@1')} ({record['wall_s']:.0f}s)")
+            results[run].append(record)
+    return results

@@ -1,0 +1,114 @@
+"""The small-scale reproduction study of issue 6 in one command: DLER, LSPO, HAPO, REPRO (and TraceRL).
+
+  python experiments/reproduce.py --quick                 # 1 seed, 4 RL iterations, 100 problems x 2 samples
+  python experiments/reproduce.py                         # 3 seeds, 100 RL iterations, 500 problems
+  python experiments/reproduce.py --studies=dler,hapo --seeds=5 --rl_steps=150 --out=results
+
+Every AR run starts from the shipped plateaued SFT checkpoint (`checkpoints/arith_tiny_sft`, calibration.md lesson
+3) with the method's `tiny` config; within a study every run gets the same number of RL iterations and the same
+held-out set (experiments/_repro_studies.py). Runs live under `<out>/work/runs/<config hash>/seed<k>`: identical runs
+are shared between studies and a finished run is never retrained, so an interrupted study resumes where it stopped.
+Writes `<out>/<study>.json`, `<out>/summary.md` (tables with the papers' numbers and a computed "reproduced?"
+column, experiments/_repro_report.py), `<out>/<study>_curves.png` and `<out>/tradeoff.png`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from absl import flags  # noqa: E402
+
+import _repro_report as report  # noqa: E402
+import _repro_studies as studies_lib  # noqa: E402
+
+QUICK = {"seeds": 1, "rl_steps": 4, "eval_problems": 100, "eval_samples": 2, "sft_steps": 300, "greedy": False}
+FULL = {"seeds": 3, "rl_steps": 100, "eval_problems": 500, "eval_samples": 4, "sft_steps": 1500, "greedy": True}
+SMOKE = {"seeds": 1, "rl_steps": 1, "eval_problems": 9, "eval_samples": 2, "sft_steps": 2, "greedy": False}
+
+
+def parse_flags(argv: list[str]) -> flags.FlagValues:
+    """A fresh FlagValues parsed from `argv` (argv[0] is the program name); no global flag state."""
+    fv = flags.FlagValues()
+    flags.DEFINE_bool("quick", False, "Quick mode: 1 seed, 4 RL iterations, 100 problems x 2 samples, no greedy.",
+                      flag_values=fv)
+    flags.DEFINE_bool("smoke", False, "Micro scale (random 1-layer model, tests only).", flag_values=fv)
+    flags.DEFINE_list("studies", list(studies_lib.ALL_STUDIES), "Studies to run.", flag_values=fv)
+    flags.DEFINE_integer("seeds", None, "Number of seeds (0..n-1); default 3, quick 1.", flag_values=fv)
+    flags.DEFINE_string("out", "results", "Output directory (JSON, summary.md, PNGs; runs under <out>/work).",
+                        flag_values=fv)
+    flags.DEFINE_integer("rl_steps", None, "RL iterations per run; default 100, quick 4.", flag_values=fv)
+    flags.DEFINE_integer("eval_problems", None, "Held-out problems; default 500, quick 100.", flag_values=fv)
+    flags.DEFINE_integer("eval_samples", None, "T=1 samples per problem; default 4, quick 2.", flag_values=fv)
+    flags.DEFINE_integer("sft_steps", None, "Diffusion SFT steps of the TraceRL study; default 1500, quick 300.",
+                         flag_values=fv)
+    flags.DEFINE_string("jax_cache", "", "Persistent XLA compilation cache directory ('' = <out>/work/xla_cache, "
+                        "'none' = off); identical samplers of different runs then compile once.", flag_values=fv)
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print(fv.get_help())
+        raise SystemExit(0)
+    fv(list(argv))
+    unknown = [s for s in fv.studies if s not in studies_lib.ALL_STUDIES]
+    if unknown:
+        raise ValueError(f"unknown studies {unknown}; choose from {', '.join(studies_lib.ALL_STUDIES)}.")
+    return fv
+
+
+def resolve(fv) -> tuple[list[int], studies_lib.Settings, int]:
+    """(seeds, Settings, sft_steps) from the mode defaults and the explicit flags."""
+    d = SMOKE if fv.smoke else QUICK if fv.quick else FULL
+    pick = lambda name: d[name] if fv[name].value is None else fv[name].value  # noqa: E731
+    for name in ("seeds", "rl_steps", "eval_problems", "eval_samples", "sft_steps"):
+        if pick(name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {pick(name)}.")
+    s = studies_lib.Settings(rl_steps=pick("rl_steps"), eval_problems=pick("eval_problems"),
+                             eval_samples=pick("eval_samples"), greedy=d["greedy"], smoke=fv.smoke)
+    return list(range(pick("seeds"))), s, pick("sft_steps")
+
+
+def _enable_cache(path: str) -> None:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def main(argv: list[str]) -> dict:
+    fv = parse_flags(argv)
+    seeds, s, sft_steps = resolve(fv)
+    workroot = os.path.join(fv.out, "work")
+    os.makedirs(workroot, exist_ok=True)
+    if fv.jax_cache != "none":
+        _enable_cache(fv.jax_cache or os.path.join(workroot, "xla_cache"))
+    out, t0 = {}, time.time()
+    for study in fv.studies:
+        t = time.time()
+        if study == "tracerl":
+            results = studies_lib.run_tracerl(seeds, s, sft_steps, workroot)
+        else:
+            results = studies_lib.run_study(study, seeds, s, workroot)
+        extra = {"sft_steps": sft_steps} if study == "tracerl" else {}
+        out[study] = studies_lib.study_json(study, results, s, seeds, **extra)
+        with open(os.path.join(fv.out, f"{study}.json"), "w") as f:
+            json.dump(out[study], f, indent=1)
+        print(f"study {study}: {time.time() - t:.0f}s", flush=True)
+    for study in studies_lib.ALL_STUDIES:  # the summary also covers studies finished by earlier invocations
+        path = os.path.join(fv.out, f"{study}.json")
+        if study not in out and os.path.exists(path):
+            with open(path) as f:
+                out[study] = json.load(f)
+    mod = studies_lib.tracerl_module() if "tracerl" in out else None
+    paths = report.write_report(out, fv.out, getattr(mod, "PAPER_NUMBERS_TRACERL", None))
+    print(f"done in {time.time() - t0:.0f}s; wrote " + ", ".join(paths), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    main(sys.argv)

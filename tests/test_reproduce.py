@@ -1,0 +1,191 @@
+"""experiments/reproduce.py: the study machinery at micro scale, and the summary's statistics and verdicts against
+numpy / hand-computed references on synthetic results."""
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from rl_testing import ROOT, digit_scorer
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import _repro_report as report  # noqa: E402
+import _repro_studies as studies  # noqa: E402
+import reproduce  # noqa: E402
+
+from jaxrl_reason.train import build, loop  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------- micro-scale end to end
+def test_smoke_dler_study_writes_json_plots_summary_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)  # a reward a random policy can earn
+    monkeypatch.setitem(studies.STUDIES, "dler", (studies.RunSpec("dler", "dler"),))
+    argv = ["reproduce.py", "--smoke", "--rl_steps=2", "--studies=dler,tracerl", f"--out={tmp_path}",
+            "--jax_cache=none"]
+    monkeypatch.setattr(studies, "tracerl_module", lambda: None)  # TraceRL is the other helper's test
+    reproduce.main(argv)
+    data = json.loads((tmp_path / "dler.json").read_text())
+    assert data["status"] == "run" and data["seeds"] == [0] and data["settings"]["rl_steps"] == 2
+    assert set(data["results"]) == {"dler", "sft", "dler_merged"}
+    (run,) = data["results"]["dler"]
+    assert run["iterations"] == 2 and run["module"] == "dler"
+    assert [c["step"] for c in run["curve"]] == [1, 2]
+    assert {"reward/accuracy", "response/length_mean", "policy/entropy", "train/loss"} <= set(run["curve"][0])
+    for entry in (run, data["results"]["sft"][0], data["results"]["dler_merged"][0]):
+        tiers = entry["eval_common"]
+        assert set(tiers) == {"easy", "medium", "hard", "all"}
+        n = {t: sum(1 for lv in studies.TIERS[t] if f"pass@1/level{lv}" in tiers[t]) for t in studies.TIERS}
+        want = sum(n[t] * tiers[t]["pass@1"] for t in n) / sum(n.values())  # 9 problems: one per level
+        np.testing.assert_allclose(tiers["all"]["pass@1"], want, atol=1e-9)
+    merge = data["results"]["dler_merged"][0]["merge"]
+    assert 0 < merge["changed"] <= merge["numel"]
+    assert json.loads((tmp_path / "tracerl.json").read_text())["status"] == "not run"
+    for name in ("summary.md", "dler_curves.png", "tradeoff.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| dler_merged |" in summary and "DLER halves the length" in summary and "not run" in summary
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(loop, "run", no_training)
+    reproduce.main(argv)  # restart: every run, evaluation and merge is read back from disk
+    assert json.loads((tmp_path / "dler.json").read_text())["results"] == data["results"]
+
+
+def test_runs_are_shared_by_key_and_configs_get_the_study_budget():
+    s = studies.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
+    grpo = studies.RunSpec("grpo", "grpo")
+    assert grpo in studies.STUDIES["dler"] and grpo in studies.STUDIES["lspo"] and grpo in studies.STUDIES["repro"]
+    assert studies.run_key(grpo, 0, s) == studies.run_key(studies.RunSpec("other_name", "grpo"), 0, s)
+    keys = {studies.run_key(grpo, 1, s), studies.run_key(grpo, 0, s._replace(rl_steps=8)),
+            studies.run_key(studies.RunSpec("grpo", "grpo", "tiny", (("loss.kl_coef", 0.1),)), 0, s)}
+    assert len(keys | {studies.run_key(grpo, 0, s)}) == 4
+    spec = dict((r.name, r) for r in studies.STUDIES["hapo"])["hapo_no_A_temperature"]
+    c = studies.make_config(spec, 2, s)
+    assert c.rollout.hapo_tau == 0.0 and c.loss.hapo_redistribute and c.seed == 2
+    assert (c.train.num_steps, c.train.time_budget_s, c.eval.num_problems, c.eval.samples) == (7, 0.0, 50, 3)
+    assert os.path.isabs(c.model.sft_dir) and c.model.init == "sft"
+    lspo_grpo = dict((r.name, r) for r in studies.STUDIES["lspo"])["lspo_grpo"]
+    assert studies.make_config(lspo_grpo, 0, s).loss.kl_coef == studies.make_config(grpo, 0, s).loss.kl_coef == 0.0
+
+
+def test_flags_reject_bad_values():
+    with pytest.raises(ValueError, match="unknown studies"):
+        reproduce.parse_flags(["r", "--studies=dler,nope"])
+    with pytest.raises(ValueError, match="--seeds must be >= 1"):
+        reproduce.resolve(reproduce.parse_flags(["r", "--quick", "--seeds=0"]))
+    seeds, s, sft = reproduce.resolve(reproduce.parse_flags(["r", "--quick"]))
+    assert seeds == [0] and not s.greedy and s.eval_problems == 100 and s.rl_steps == reproduce.QUICK["rl_steps"]
+    seeds, s, _ = reproduce.resolve(reproduce.parse_flags(["r", "--rl_steps=9"]))
+    assert seeds == [0, 1, 2] and s.eval_problems == 500 and s.rl_steps == 9 and s.greedy
+
+
+# ------------------------------------------------------------------------------------- statistics and verdicts
+def test_combine_tiers_is_the_problem_weighted_mean():
+    parts = {"easy": (2, {"pass@1": 0.5, "length_mean": 10.0, "pass@1/level0": 0.5}),
+             "medium": (0, {}),
+             "hard": (1, {"pass@1": 0.2, "length_mean": 40.0, "pass@1/level2": 0.2})}
+    out = studies.combine_tiers(parts)
+    assert set(out) == {"easy", "hard", "all"}
+    assert out["all"] == pytest.approx({"pass@1": 0.4, "length_mean": 20.0, "pass@1/level0": 0.5,
+                                        "pass@1/level2": 0.2})
+
+
+def test_mean_std_fmt_and_verdicts_by_hand():
+    v = [0.5, 0.6, 0.7]
+    m, s, n = report.mean_std(v + [float("nan")])
+    assert (m, n) == (pytest.approx(0.6), 3) and s == pytest.approx(np.std(v, ddof=1))
+    assert report.fmt(v, 100) == "60.0 ± 10.0" and report.fmt([0.25], 100) == "25.0 (n=1)" and report.fmt([]) == "–"
+    powered = {"powered": True, "seeds": 3, "problems": 500}
+    # diff 0.1, SE = sqrt(0.01/3 + 0.01/3) = 0.0816: 0.1 < 2 SE -> inconclusive; diff 0.3 > 0.163 -> yes.
+    assert report.verdict_greater([0.6, 0.7, 0.8], [0.5, 0.6, 0.7], powered) == "inconclusive (difference < 2 SE)"
+    assert report.verdict_greater([0.8, 0.9, 1.0], [0.5, 0.6, 0.7], powered) == "yes"
+    assert report.verdict_greater([0.5, 0.6, 0.7], [0.5, 0.6, 0.7], powered) == "no"
+    weak = {"powered": False, "seeds": 1, "problems": 100}
+    assert report.verdict_greater([0.9], [0.1], weak) == "inconclusive (met at n=1, 100 problems)"
+    assert report.verdict_if(False, powered) == "no" and report.verdict_if(None, powered).startswith("inconclusive")
+    assert report.context({"eval_problems": 500}, [0, 1, 2])["powered"]
+    assert not report.context({"eval_problems": 499}, [0, 1, 2])["powered"]
+
+
+def test_curve_series_and_stats_match_numpy():
+    runs = [{"curve": [{"step": 1, "x": 1.0}, {"step": 2, "x": 3.0}, {"step": 3, "x": 5.0}]},
+            {"curve": [{"step": 1, "x": 2.0}, {"step": 2, "x": None}, {"step": 3, "x": 9.0}]}]
+    steps, mean, std = report.curve_series(runs, "x")
+    np.testing.assert_array_equal(steps, [1, 3])
+    np.testing.assert_allclose(mean, [1.5, 7.0])
+    np.testing.assert_allclose(std, np.std([[1.0, 5.0], [2.0, 9.0]], axis=0, ddof=1))
+    assert report.curve_stat(runs, "x", "mean") == pytest.approx([3.0, 5.5])
+    assert report.curve_stat(runs, "x", "last") == [5.0, 9.0]
+    assert report.curve_stat(runs, "x", "std") == pytest.approx([np.std([1, 3, 5]), np.std([2, 9])])
+
+
+def _seed(acc, length, curve=(), tiers=None, before=0.3):
+    r = {"eval_before": {"pass@1": before, "length_mean": 60.0}, "eval_after": {"pass@1": acc, "length_mean": length},
+         "iterations": len(curve), "curve": [{"step": i + 1, **c} for i, c in enumerate(curve)]}
+    if tiers is not None:
+        r["eval_common"] = tiers
+    return r
+
+
+def _row(summary: str, first_cell: str) -> list[str]:
+    line = next(x for x in summary.splitlines() if x.startswith(f"| {first_cell} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_summary_tables_and_verdicts_from_synthetic_results(tmp_path):
+    rng = np.random.default_rng(0)
+    acc = {"grpo": [0.40, 0.42, 0.44], "lspo_grpo": [0.50, 0.52, 0.51], "dapo": [0.45, 0.47, 0.46],
+           "lspo_dapo": [0.41, 0.44, 0.43], "gspo": [0.40, 0.45, 0.50], "lspo_gspo": [0.43, 0.47, 0.51]}
+    # per step: mean over its rounds of kept / 16 groups and of the candidates; rounds 1..3
+    kept, cand, rounds = (rng.uniform(0.1, 0.4, size=(3, 4)), rng.uniform(6, 12, size=(3, 4)),
+                          rng.integers(1, 4, size=(3, 4)))
+
+    def curve(i, a):
+        return [{"lspo_kept_fraction": kept[i, t], "lspo_num_candidates": cand[i, t], "num_groups": 16.0,
+                 "rollout/rounds": int(rounds[i, t]), "reward/accuracy": a} for t in range(4)]
+
+    lspo = {n: [_seed(a, 30.0 + i, curve(i, a) if n.startswith("lspo") else []) for i, a in enumerate(v)]
+            for n, v in acc.items()}
+    settings = {"rl_steps": 4, "eval_problems": 500, "eval_samples": 4, "greedy": True, "smoke": False}
+    tiers = lambda p, L: {"all": {"pass@1": p, "length_mean": L}, "easy": {"pass@1": p, "length_mean": L / 2},  # noqa
+                          "hard": {"pass@1": p / 2, "length_mean": 2 * L}}
+    dler = {"sft": [_seed(0, 0, tiers=tiers(0.50, 60.0 + i)) for i in range(3)],
+            "grpo": [_seed(0, 0, tiers=tiers(0.55, 50.0)) for _ in range(3)],
+            "dler": [_seed(0, 0, tiers=tiers(0.54, 25.0)) for _ in range(3)],
+            "da_dler": [_seed(0, 0, tiers=tiers(0.52, 28.0)) for _ in range(3)],
+            "dler_merged": [_seed(0, 0, tiers=tiers(0.53, 30.0)) for _ in range(3)]}
+    studies_json = {"lspo": {"status": "run", "settings": settings, "seeds": [0, 1, 2], "results": lspo},
+                    "dler": {"status": "run", "settings": settings, "seeds": [0, 1, 2], "results": dler},
+                    "tracerl": {"status": "not run", "settings": settings, "seeds": [0], "results": {}}}
+    paths = report.write_report(studies_json, str(tmp_path))
+    assert {os.path.basename(p) for p in paths} == {"summary.md", "lspo_curves.png", "tradeoff.png"}
+    summary = (tmp_path / "summary.md").read_text()
+    row = _row(summary, "lspo_grpo")
+    a = np.asarray(acc["lspo_grpo"]) * 100
+    assert row[2] == f"{a.mean():.1f} ± {a.std(ddof=1):.1f}"
+    by_len = 100 * (1 - (kept * 16 * rounds).sum(1) / (cand * rounds).sum(1))
+    total = 100 * (1 - (kept * 16 * rounds).sum(1) / (16 * rounds).sum(1))
+    assert row[4] == f"{by_len.mean():.1f} ± {by_len.std(ddof=1):.1f}"
+    assert row[5] == f"{total.mean():.1f} ± {total.std(ddof=1):.1f}"
+    assert _row(summary[summary.index("## LSPO"):], "grpo")[4] == "–"  # the run without LSPO filters nothing
+    # grpo: +9.0 points >> 2 SE -> yes; dapo: LSPO lower -> no; gspo: +2.0 < 2 SE (= 7.4) -> inconclusive.
+    assert _row(summary, "LSPO on GRPO raises accuracy at equal updates")[-1] == "yes"
+    assert _row(summary, "LSPO on DAPO raises accuracy at equal updates")[-1] == "no"
+    assert _row(summary, "LSPO on GSPO raises accuracy at equal updates")[-1].startswith("inconclusive")
+    # DLER: 25 <= 0.5 * 61 yes; 25 <= 0.8 * 50 yes; 54 >= 55 - 2 yes; DA-DLER easy 14 < 12.5 no; hard 26 >= 27-2 yes;
+    # merge: loss 50-54 < 0 -> nothing to recover.
+    verdicts = {"DLER halves the length of the SFT policy": "yes",
+                "DLER clearly shorter than the correctness-only GRPO at the same step": "yes",
+                "DLER accuracy within 2 points of GRPO": "yes", "DA-DLER shorter than DLER on easy problems": "no",
+                "DA-DLER keeps accuracy on hard problems": "yes",
+                "update-selective merge recovers accuracy lost to over-shortening":
+                    "inconclusive (DLER lost no accuracy to recover)"}
+    for text, want in verdicts.items():
+        assert _row(summary, text)[-1] == want, text
+    assert _row(summary, "sft")[2] == f"{np.mean([60, 61, 62]):.1f} ± {np.std([60, 61, 62], ddof=1):.1f}"
+    assert re.search(r"## TraceRL.*\n\nnot run", summary)

@@ -19,7 +19,9 @@ from rl_testing import ROOT, digit_scorer
 
 from jaxrl_reason.train import build, diffusion_sft, loop
 
-SMOKE = dict(seeds=(0,), rl_steps=2, eval_problems=8, eval_samples=2, sft_steps=2, smoke=True)
+# Two of the four runs (the other two are the configs tests/test_rl_loop.py trains): keeps the suite < 10 min.
+RUNS = ("block_onestep", "block_tracerl_value")
+SMOKE = dict(seeds=(0,), rl_steps=2, eval_problems=8, eval_samples=2, sft_steps=2, smoke=True, runs=RUNS)
 CHECKPOINT_FILES = ("sft_done.json", "config.json", "model.safetensors")
 
 
@@ -47,13 +49,13 @@ def smoke_run(tmp_path_factory):
 
 def _mtimes(root):
     return {(k, f): os.stat(os.path.join(root, f"sft_{k}", f)).st_mtime_ns
-            for k in ("block", "full") for f in CHECKPOINT_FILES}
+            for k in ("block",) for f in CHECKPOINT_FILES}
 
 
 def test_smoke_study_returns_every_run_with_finite_metrics(smoke_run):
     root, results = smoke_run
     study = _study()
-    assert list(results) == list(study.RUNS)
+    assert list(results) == list(RUNS)
     for run, records in results.items():
         assert [r["seed"] for r in records] == [0]
         rec = records[0]
@@ -70,10 +72,10 @@ def test_smoke_study_returns_every_run_with_finite_metrics(smoke_run):
         assert stored["train"]["num_steps"] == 2 and stored["eval"]["num_problems"] == 8
         assert stored["tracerl"]["estimator"] == ("onestep" if run == "block_onestep" else "trace")
         assert stored["advantage"]["estimator"] == ("gae" if run == "block_tracerl_value" else "grpo")
-    same_start = [json.dumps(results[r][0]["eval_before"]) for r in ("block_tracerl", "block_onestep",
-                                                                      "block_tracerl_value")]
+    same_start = [json.dumps(results[r][0]["eval_before"]) for r in RUNS]
     assert len(set(same_start)) == 1
-    for kind in ("block", "full"):
+    assert not os.path.exists(os.path.join(root, "sft_full"))  # only the SFT checkpoints the runs need
+    for kind in ("block",):
         with open(os.path.join(root, f"sft_{kind}", "sft_done.json")) as f:
             done = json.load(f)
         assert done["config"]["model"]["attention"] == {"block": "block", "full": "bidirectional"}[kind]
@@ -93,7 +95,7 @@ def test_second_call_reuses_sft_checkpoints_and_finished_runs(smoke_run, monkeyp
 def test_only_runs_without_result_json_are_run_again(smoke_run, tmp_path, monkeypatch):
     root = str(tmp_path / "copy")
     shutil.copytree(smoke_run[0], root)
-    os.remove(os.path.join(root, "full_tracerl", "seed0", "result.json"))
+    os.remove(os.path.join(root, "block_tracerl_value", "seed0", "result.json"))
     calls = []
 
     def fake_run(config, workdir):
@@ -103,12 +105,13 @@ def test_only_runs_without_result_json_are_run_again(smoke_run, tmp_path, monkey
     monkeypatch.setattr(diffusion_sft, "train_diffusion_sft", _forbid)
     monkeypatch.setattr(loop, "run", fake_run)
     out = _study().run_tracerl_study(workroot=root, log_fn=lambda *_: None, **SMOKE)
-    assert calls == [(os.path.join(root, "full_tracerl", "seed0"), os.path.join(root, "sft_full"), 8)]
-    assert out["full_tracerl"][0]["eval_after"] == {"pass@1": 0.5}
-    assert out["full_tracerl"][0]["curve"] == smoke_run[1]["full_tracerl"][0]["curve"]  # the workdir's metrics
-    for run in ("block_tracerl", "block_onestep", "block_tracerl_value"):
-        assert json.dumps(out[run]) == json.dumps(smoke_run[1][run])
-    assert os.path.exists(os.path.join(root, "full_tracerl", "seed0", "result.json"))
+    assert [c[:2] for c in calls] == [(os.path.join(root, "block_tracerl_value", "seed0"),
+                                       os.path.join(root, "sft_block"))]
+    assert out["block_tracerl_value"][0]["eval_after"] == {"pass@1": 0.5}
+    # the curve is read back from the workdir's metrics
+    assert out["block_tracerl_value"][0]["curve"] == smoke_run[1]["block_tracerl_value"][0]["curve"]
+    assert json.dumps(out["block_onestep"]) == json.dumps(smoke_run[1]["block_onestep"])
+    assert os.path.exists(os.path.join(root, "block_tracerl_value", "seed0", "result.json"))
 
 
 @pytest.mark.parametrize("change,what", [({"rl_steps": 3}, "different RL config"),

@@ -147,8 +147,8 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.mesh.tensor = 1
 
     c.train = config_dict.ConfigDict()
-    c.train.num_steps = {"tiny": 150, "small": 500, "full": 500}[scale]
-    c.train.time_budget_s = {"tiny": 420.0, "small": 0.0, "full": 0.0}[scale]  # 0: no limit
+    c.train.num_steps = {"tiny": 100, "small": 500, "full": 500}[scale]
+    c.train.time_budget_s = 0.0  # > 0: stop (checkpointed) after this many seconds of RL; 0: run num_steps
     c.train.eval_every = 0  # 0: only before and after
     c.train.checkpoint_every = 50
     c.train.keep_checkpoints = 2

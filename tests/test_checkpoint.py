@@ -91,6 +91,19 @@ def test_round_trip_train_state_and_meta(tmp_path, state):
     np.testing.assert_array_equal(np.random.Generator(bitgen).random(3), ref.random(3))
 
 
+def test_relative_directory_saves_and_restores(tmp_path, state, monkeypatch):
+    """orbax rejects relative paths at the async commit; `experiments/train.py`'s default workdir is relative."""
+    monkeypatch.chdir(tmp_path)
+    with Checkpointer("runs/x/checkpoints") as ckpt:
+        assert ckpt.save(1, state, _meta(), force=True)
+        ckpt.wait()
+    monkeypatch.chdir("/")
+    with Checkpointer(tmp_path / "runs/x/checkpoints") as ckpt:
+        assert ckpt.latest_step() == 1
+        restored, _ = ckpt.restore(abstract_like(state))
+    _assert_same(restored, jax.tree.map(np.array, state))
+
+
 def test_restore_into_pure_dict_params_and_concrete_target(tmp_path, state):
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(2, state, {})

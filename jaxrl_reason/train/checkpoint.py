@@ -16,6 +16,7 @@ Multi-host: every process calls `save` / `restore` with its global arrays (orbax
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from typing import Any
@@ -174,7 +175,10 @@ class Checkpointer:
     def __init__(self, directory, *, max_to_keep: int = 3, save_interval_steps: int = 1):
         if max_to_keep < 1 or save_interval_steps < 1:
             raise ValueError("max_to_keep and save_interval_steps must both be at least 1.")
-        self.directory = epath.Path(directory)
+        directory = str(directory)
+        # orbax refuses relative paths (at the first async save, after a whole interval of work): make local ones
+        # absolute up front; URLs (gs://...) are left as they are.
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
             cleanup_tmp_directories=True)

@@ -63,6 +63,35 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
         assert ra["reward/accuracy"] == rb["reward/accuracy"]
 
 
+def test_sigterm_during_first_evaluation_exits_cleanly_and_keeps_the_evaluation(tmp_path, monkeypatch):
+    """SIGTERM before training starts (here: inside the first evaluation) saves that evaluation and returns; the
+    restart goes straight to training (no second 'before' evaluation) and finishes."""
+    import signal
+
+    monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    calls = []
+    real_evaluate = loop.evaluate
+
+    def evaluate_then_sigterm(*args, **kwargs):
+        calls.append(kwargs["key"])
+        out = real_evaluate(*args, **kwargs)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the run's handler: a flag, not a kill
+        return out
+
+    monkeypatch.setattr(loop, "evaluate", evaluate_then_sigterm)
+    config = tiny_config("grpo", train__num_steps=2)
+    assert loop.run(config, str(tmp_path)) == {"preempted": True}
+    with Checkpointer(str(tmp_path / "checkpoints")) as ckpt:
+        assert ckpt.all_steps() == [0]
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [0]
+    out = loop.run(tiny_config("grpo", train__num_steps=2), str(tmp_path))
+    assert out["iterations"] == 2 and len(calls) == 2  # the restart evaluated only after training
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [0, 1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the run's handler is uninstalled
+
+
 @pytest.mark.parametrize("field,value,sentence", [
     ("algorithm", "grpoo", "unknown algorithm 'grpoo'"),
     ("advantage__estimator", "gea", "unknown advantage estimator 'gea'"),

@@ -160,8 +160,17 @@ def _fmt(m: dict) -> str:
 
 
 def run(config, workdir: str) -> dict:
-    """Runs RL as configured; returns the final metrics (eval before/after and the last step's)."""
+    """Runs RL as configured; returns the final metrics (eval before/after and the last step's).
+
+    SIGTERM is handled from start-up on: before or during the first evaluation the run exits cleanly (saving the
+    evaluation), during training it saves the iteration and exits; a restart resumes (`{"preempted": True}`).
+    """
     validate_config(config)
+    with install_preemption_handler() as preempt:
+        return _run(config, workdir, preempt)
+
+
+def _run(config, workdir: str, preempt) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = _mesh(config)
     task = build_task(config)
@@ -195,11 +204,18 @@ def run(config, workdir: str) -> dict:
         batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len, count_fn=task.count_fn)
     # Lines after the restored iteration are written again; with no evaluation restored, step 0 is too (-1: drop all).
     writer = MetricsWriter(workdir, truncate_after=meta["iteration"] if meta["eval_before"] is not None else -1)
-    if meta["eval_before"] is None:
+    if meta["eval_before"] is None and not preempt.requested:
         meta["eval_before"] = eval_fn(state.params["policy"], key=jax.random.PRNGKey(config.seed + 1))
         writer.write(0, {f"eval/{k}": v for k, v in meta["eval_before"].items()})
         print("held-out before RL: " + _fmt(meta["eval_before"]), flush=True)
-    state, meta, last = _train(config, parts, update, state, meta, task, ckpt, writer)
+        if preempt.requested:  # keep the evaluation: a restart goes straight to training
+            ckpt.save(meta["iteration"], state, meta, force=True)
+    if preempt.requested:
+        ckpt.close()
+        writer.close()
+        print(f"preempted before iteration {meta['iteration'] + 1}: exiting cleanly", flush=True)
+        return {"preempted": True}
+    state, meta, last = _train(config, parts, update, state, meta, task, ckpt, writer, preempt)
     if last.get("preempted"):
         writer.close()
         return last
@@ -217,14 +233,14 @@ def run(config, workdir: str) -> dict:
             "final_params": final_params, **last}
 
 
-def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer):
+def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer, preempt):
     """The RL iterations from `meta["iteration"]` to `config.train.num_steps` (or the time budget)."""
     reward_cfg, filter_cfg = reward_config(config), filter_config(config)
     r = config.rollout
     spec = rollout_lib.RolloutSpec(parts.train_gen, task.tokenizer, task.scorer, r.prompts_per_step, r.group_size,
                                    r.max_prompt_len, r.max_new_tokens)
     stream = rollout_lib.PromptStream(task.train, config.seed, meta["stream_position"])
-    preempt, bar = install_preemption_handler(), ProgressBar(config.train.num_steps, desc=config.algorithm)
+    bar = ProgressBar(config.train.num_steps, desc=config.algorithm)
     base_key, start, skips, last = jax.random.PRNGKey(config.seed), time.time(), 0, {}
     for it in range(meta["iteration"], config.train.num_steps):
         t0 = time.time()
@@ -257,7 +273,6 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
             print(f"time budget of {config.train.time_budget_s:.0f}s reached after {it + 1} iterations", flush=True)
             break
     bar.close()
-    preempt.close()
     ckpt.save(meta["iteration"], state, meta, force=True)
     ckpt.close()
     return state, meta, last

@@ -219,12 +219,14 @@ def test_user_namespace_path_blocks_network_and_writes(monkeypatch):
 def test_batch_form_through_the_verifier_pool():
     responses = [_fenced(ADD), _fenced("def add(a, b):\n    return None\n"),
                  _fenced("while True:\n    pass\n"), "no code"]
-    with VerifierPool(num_workers=2, timeout_s=6.0) as pool:
-        scores_N, info = code_rewards(responses, [ADD_TESTS] * 4, pool=pool, timeout_s=1.0)
+    # 4 s sandbox limit: a correct solution's interpreter start-up must fit it on a loaded 2-core CI machine
+    # (1 s failed there once under `pytest -n 2`); the pool's own limit stays above it.
+    with VerifierPool(num_workers=2, timeout_s=12.0) as pool:
+        scores_N, info = code_rewards(responses, [ADD_TESTS] * 4, pool=pool, timeout_s=4.0)
         assert scores_N.dtype == np.float32 and scores_N.tolist() == [1.0, 0.0, 0.0, 0.0]
         assert info["timeouts"] == info["errors"] == 0   # the sandbox's own limit fired first
         with pytest.raises(ValueError, match="timeout_s"):
-            code_rewards(responses, [ADD_TESTS] * 4, pool=pool, timeout_s=5.0)
+            code_rewards(responses, [ADD_TESTS] * 4, pool=pool, timeout_s=12.0)
     scores_N, _ = code_rewards(responses[:2], [ADD_TESTS, ADD_TESTS[0]], timeout_s=SLOW_OK)
     assert scores_N.tolist() == [1.0, 0.0]
 

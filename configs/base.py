@@ -163,3 +163,24 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.eval.greedy = True  # also report greedy accuracy
     c.eval.batch_size = 256
     return c
+
+
+def shrink_for_smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """Shrinks any RL or SFT config in place to smoke-test sizes (tests, `reproduce.py --smoke`).
+
+    A random 1-layer d=32 model, 4 prompts x 4 samples, 24 new tokens, at most 2 filter rounds and 2
+    mini-batches, lr 1e-3; LLaDA-style diffusion blocks shrunk to fit the 24-token budget.
+    """
+    c.model.init = "random"
+    m = c.model
+    m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 1, 2, 2
+    c.rollout.max_new_tokens = 24
+    c.rollout.prompts_per_step, c.rollout.group_size = 4, 4
+    c.reward.overlong_buffer = min(c.reward.overlong_buffer, 4)
+    c.filter.max_rounds = 2
+    c.optim.lr = 1e-3
+    c.optim.mini_batches = min(c.optim.mini_batches, 2)
+    c.eval.batch_size = 16
+    if "tracerl" in c:
+        c.tracerl.llada_block_len, c.tracerl.llada_steps = 8, 12
+    return c

@@ -20,6 +20,8 @@ def get_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.sft.batch_size = 32
     c.sft.lr = 1e-3 if c.scale == "tiny" else 3e-4
     c.sft.warmup_steps = 50
+    c.sft.schedule = "cosine"  # constant | cosine (to 0 at `steps`); autoregressive SFT only
+    c.sft.weight_decay = 0.01  # autoregressive SFT only
     c.sft.micro_batches = 1
     c.sft.time_budget_s = 0.0
     c.sft.eval_problems = 500

@@ -25,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from configs.base import shrink_for_smoke  # noqa: E402
+
 # Difficulty tiers of the arithmetic task (level = (n_terms - 3) * 3 + (digits - 1)): 1-digit terms are easy,
 # 3-digit terms hard (calibration.md: 78-94% vs 0-19% at 44% overall).
 TIERS = {"easy": (0, 3, 6), "medium": (1, 4, 7), "hard": (2, 5, 8)}
@@ -81,21 +83,6 @@ class Settings(NamedTuple):
 def _set(config, dotted: str, value) -> None:
     section, key = dotted.split(".")
     getattr(config, section)[key] = value
-
-
-def shrink_for_smoke(c):
-    """rl_testing.tiny_config-like sizes: random 1-layer model, 4 prompts x 4 samples, 24 new tokens."""
-    c.model.init = "random"
-    m = c.model
-    m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 1, 2, 2
-    c.rollout.max_new_tokens = 24
-    c.rollout.prompts_per_step, c.rollout.group_size = 4, 4
-    c.reward.overlong_buffer = min(c.reward.overlong_buffer, 4)
-    c.filter.max_rounds = 2
-    c.optim.lr = 1e-3
-    c.optim.mini_batches = min(c.optim.mini_batches, 2)
-    c.eval.batch_size = 16
-    return c
 
 
 def make_config(spec: RunSpec, seed: int, s: Settings):

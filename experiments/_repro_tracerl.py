@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import sft_diffusion as sft_diffusion_config  # noqa: E402
 from configs import tracerl as tracerl_config  # noqa: E402
+from configs.base import shrink_for_smoke  # noqa: E402
 from jaxrl_reason.train import build, diffusion_sft, loop, sft  # noqa: E402
 from jaxrl_reason.train.metrics import read_metrics  # noqa: E402
 
@@ -72,17 +73,12 @@ PAPER_NUMBERS_TRACERL = {
 
 
 def _shrink(c) -> None:
-    """Smoke sizes (tests/rl_testing.py:tiny_config-like) for an SFT or RL config, in place."""
-    m = c.model
-    m.hidden_size, m.intermediate_size, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 1, 2, 2
-    c.task.train_levels = c.task.eval_levels = (0,)  # level-0 traces without re-checks fit 24 tokens
+    """`configs.base.shrink_for_smoke` plus level-0 traces without re-checks (they fit 24 tokens), in place."""
+    init, lr = c.model.init, c.optim.lr  # keeps the SFT start and the method's lr
+    shrink_for_smoke(c)
+    c.model.init, c.optim.lr = init, lr
+    c.task.train_levels = c.task.eval_levels = (0,)
     c.task.recheck_prob = 0.0
-    c.rollout.max_new_tokens = 24
-    c.rollout.prompts_per_step, c.rollout.group_size = 4, 4
-    c.filter.max_rounds = 2
-    c.optim.mini_batches = min(c.optim.mini_batches, 2)
-    c.eval.batch_size = 16
-    c.tracerl.llada_block_len, c.tracerl.llada_steps = 8, 12
 
 
 def sft_config(kind: str, *, sft_steps: int, eval_problems: int, smoke: bool = False):
@@ -154,12 +150,7 @@ def build_sft_checkpoint(config, out_dir: str, log_fn=print) -> dict:
     model, mcfg = build.load_policy(c, tok)
     prompts, traces = sft.arithmetic_sft_set(c.seed, c.sft.num_problems, c.task.train_levels, c.task.recheck_prob,
                                              c.task.error_prob, c.task.eval_seed, c.sft.eval_problems)
-    arrays = diffusion_sft.diffusion_sft_arrays(tok, prompts, traces, c.rollout.max_prompt_len,
-                                                c.rollout.max_new_tokens, pad_to_eos=c.diffusion.pad_to_eos)
-    model, history = diffusion_sft.train_diffusion_sft(
-        model, arrays, spec=diffusion_sft.sft_spec(c, tok.mask_token_id), steps=c.sft.steps,
-        batch_size=c.sft.batch_size, lr=c.sft.lr, warmup_steps=c.sft.warmup_steps, seed=c.seed,
-        micro_batches=c.sft.micro_batches, time_budget_s=c.sft.time_budget_s, log_fn=log_fn)
+    model, history = diffusion_sft.diffusion_sft_from_config(c, tok, model, prompts, traces, log_fn=log_fn)
     sft.save_sft_checkpoint(model, mcfg, tok, out_dir)
     done = {"config": config_json, "history": history, "wall_s": time.time() - start}
     _write_json(marker, done)

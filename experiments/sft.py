@@ -17,60 +17,62 @@ _OUT = flags.DEFINE_string("out", "checkpoints/arith_tiny_sft", "Output director
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax
-
     from jaxrl_reason.train import build, sft
-    from jaxrl_reason.train.evaluation import evaluate
-    from jaxrl_reason.sampling.autoregressive import make_generate_fn
-    from jaxrl_reason.sampling.processors import SamplingParams
-    from flax import nnx
 
     c = _CONFIG.value
     tok = build.tokenizer_for(c)
     model, mcfg = build.load_policy(c, tok)
     prompts, traces = sft.arithmetic_sft_set(c.seed, c.sft.num_problems, c.task.train_levels, c.task.recheck_prob,
                                              c.task.error_prob, c.task.eval_seed, c.sft.eval_problems)
-    if c.model.attention != "causal":
-        return _diffusion_sft(c, tok, model, mcfg, prompts, traces)
+    train = _ar_sft if c.model.attention == "causal" else _diffusion_sft
+    model, sample_fn, greedy_fn = train(c, tok, model, prompts, traces)
+    sft.save_sft_checkpoint(model, mcfg, tok, _OUT.value)
+    _report_heldout(c, tok, model, sample_fn, greedy_fn)
+
+
+def _ar_sft(c, tok, model, prompts, traces):
+    """Next-token SFT (configs/sft.py); returns the model and its T=1 and greedy samplers."""
+    from flax import nnx
+
+    from jaxrl_reason.sampling.autoregressive import make_generate_fn
+    from jaxrl_reason.sampling.processors import SamplingParams
+    from jaxrl_reason.train import sft
+
     arrays = sft.sft_arrays(tok, prompts, traces, c.rollout.max_prompt_len, c.rollout.max_new_tokens)
     model, _ = sft.train_sft(model, tok, arrays, steps=c.sft.steps, batch_size=c.sft.batch_size, lr=c.sft.lr,
                              warmup_steps=c.sft.warmup_steps, seed=c.seed, micro_batches=c.sft.micro_batches,
-                             time_budget_s=c.sft.time_budget_s, prompt_len=c.rollout.max_prompt_len)
-    sft.save_sft_checkpoint(model, mcfg, tok, _OUT.value)
-    c.eval.num_problems = c.sft.eval_problems
-    c.model.init, c.model.sft_dir = "sft", _OUT.value
-    task = build.build_task(c)
-    graphdef, params = nnx.split(model, nnx.Param)
+                             time_budget_s=c.sft.time_budget_s, prompt_len=c.rollout.max_prompt_len,
+                             schedule=c.sft.schedule, weight_decay=c.sft.weight_decay)
+    graphdef = nnx.graphdef(model)
     common = dict(max_prompt_len=c.rollout.max_prompt_len, max_new_tokens=c.rollout.max_new_tokens,
                   eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
-    metrics = evaluate(params, task.heldout, tokenizer=tok, scorer=task.scorer,
-                       sample_fn=make_generate_fn(graphdef, params=SamplingParams(), **common),
-                       greedy_fn=make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common),
-                       samples=c.eval.samples, batch_rows=c.eval.batch_size, max_prompt_len=c.rollout.max_prompt_len,
-                       key=jax.random.PRNGKey(c.seed + 1), count_fn=task.count_fn)
-    print("held-out after SFT: " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
+    return (model, make_generate_fn(graphdef, params=SamplingParams(), **common),
+            make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common))
 
 
-def _diffusion_sft(c, tok, model, mcfg, prompts, traces):
-    """Masked-diffusion SFT (configs/sft_diffusion.py), then held-out accuracy with the diffusion sampler."""
+def _diffusion_sft(c, tok, model, prompts, traces):
+    """Masked-diffusion SFT (configs/sft_diffusion.py); returns the model and its diffusion samplers."""
+    from flax import nnx
+
+    from jaxrl_reason.train import diffusion_sft, tracerl
+
+    model, _ = diffusion_sft.diffusion_sft_from_config(c, tok, model, prompts, traces)
+    _, sample_fn, greedy_fn = tracerl.make_samplers(c, nnx.graphdef(model), tok)
+    return model, sample_fn, greedy_fn
+
+
+def _report_heldout(c, tok, model, sample_fn, greedy_fn) -> None:
+    """Prints held-out accuracy of the saved policy on `sft.eval_problems` problems."""
     import jax
     from flax import nnx
 
-    from jaxrl_reason.train import build, diffusion_sft, sft, tracerl
+    from jaxrl_reason.train import build
     from jaxrl_reason.train.evaluation import evaluate
 
-    arrays = diffusion_sft.diffusion_sft_arrays(tok, prompts, traces, c.rollout.max_prompt_len,
-                                                c.rollout.max_new_tokens, pad_to_eos=c.diffusion.pad_to_eos)
-    model, _ = diffusion_sft.train_diffusion_sft(
-        model, arrays, spec=diffusion_sft.sft_spec(c, tok.mask_token_id), steps=c.sft.steps,
-        batch_size=c.sft.batch_size, lr=c.sft.lr, warmup_steps=c.sft.warmup_steps, seed=c.seed,
-        micro_batches=c.sft.micro_batches, time_budget_s=c.sft.time_budget_s)
-    sft.save_sft_checkpoint(model, mcfg, tok, _OUT.value)
     c.eval.num_problems = c.sft.eval_problems
     c.model.init, c.model.sft_dir = "sft", _OUT.value
     task = build.build_task(c)
-    graphdef, params = nnx.split(model, nnx.Param)
-    _, sample_fn, greedy_fn = tracerl.make_samplers(c, graphdef, tok)
+    params = nnx.state(model, nnx.Param)
     metrics = evaluate(params, task.heldout, tokenizer=tok, scorer=task.scorer, sample_fn=sample_fn,
                        greedy_fn=greedy_fn, samples=c.eval.samples, batch_rows=c.eval.batch_size,
                        max_prompt_len=c.rollout.max_prompt_len, key=jax.random.PRNGKey(c.seed + 1),

@@ -166,3 +166,14 @@ def heldout_loss(model, arrays: dict, spec: DiffusionSFTSpec, seed: int = 0) -> 
     """The SFT loss of `arrays` under `model` for one fixed forward-process draw (for plateau checks)."""
     graphdef, params = nnx.split(model, nnx.Param)
     return float(_loss_jit(params, with_counts(arrays), jax.random.PRNGKey(seed), graphdef=graphdef, spec=spec)[0])
+
+
+def diffusion_sft_from_config(config, tokenizer, model, prompts: list[str], traces: list[str], log_fn=print):
+    """`train_diffusion_sft` on `prompts`/`traces` with the sizes, layout and loss of a configs/sft_diffusion.py
+    config (what `experiments/sft.py` and the TraceRL study run); returns (model, history)."""
+    c = config
+    arrays = diffusion_sft_arrays(tokenizer, prompts, traces, c.rollout.max_prompt_len, c.rollout.max_new_tokens,
+                                  pad_to_eos=c.diffusion.pad_to_eos)
+    return train_diffusion_sft(model, arrays, spec=sft_spec(c, tokenizer.mask_token_id), steps=c.sft.steps,
+                               batch_size=c.sft.batch_size, lr=c.sft.lr, warmup_steps=c.sft.warmup_steps, seed=c.seed,
+                               micro_batches=c.sft.micro_batches, time_budget_s=c.sft.time_budget_s, log_fn=log_fn)

@@ -113,14 +113,15 @@ def sft_loop(step_fn, state, arrays: dict, *, steps: int, batch_size: int, seed:
 
 def train_sft(model, tokenizer, arrays: dict, *, steps: int, batch_size: int, lr: float, warmup_steps: int,
               seed: int, micro_batches: int = 1, log_every: int = 50, log_fn=print, time_budget_s: float = 0.0,
-              prompt_len: int | None = None):
+              prompt_len: int | None = None, schedule: str = "cosine", weight_decay: float = 0.01):
     """Runs `steps` SFT updates over `arrays` (epoch-wise shuffled, `sft_loop`) and returns (model, history).
 
     With `prompt_len` (the left-padded prompt width of `arrays`), each batch's response padding is trimmed
-    (`bucket_batch`), which changes no loss value: trimmed columns are padding.
+    (`bucket_batch`), which changes no loss value: trimmed columns are padding. AdamW with `weight_decay`, linear
+    warm-up over `warmup_steps`, then `schedule`: "constant", or "cosine" decay to 0 at `steps`.
     """
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = make_optimizer(lr, warmup_steps=warmup_steps, total_steps=steps, schedule="cosine", weight_decay=0.01)
+    tx = make_optimizer(lr, warmup_steps=warmup_steps, total_steps=steps, schedule=schedule, weight_decay=weight_decay)
     state = init_train_state(params, tx, seed)
     step_fn = make_train_step(functools.partial(ar_sft_loss, graphdef=graphdef), tx, num_micro_batches=micro_batches)
 

@@ -47,11 +47,11 @@ def test_every_method_trains_with_finite_loss_and_changing_params(module, arg, t
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)
-    straight = tiny_config("dapo", train__num_steps=3)
+    straight = tiny_config("dapo", train__num_steps=3, train__eval_every=2)
     out_a = loop.run(straight, str(tmp_path / "a"))
-    first = tiny_config("dapo", train__num_steps=1)
+    first = tiny_config("dapo", train__num_steps=1, train__eval_every=2)
     loop.run(first, str(tmp_path / "b"))
-    resumed = tiny_config("dapo", train__num_steps=3)
+    resumed = tiny_config("dapo", train__num_steps=3, train__eval_every=2)
     out_b = loop.run(resumed, str(tmp_path / "b"))
     for x, y in zip(out_a["final_params"], out_b["final_params"]):
         np.testing.assert_allclose(x, y, atol=1e-6)
@@ -61,6 +61,10 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     for ra, rb in zip(ma, mb):
         np.testing.assert_allclose(ra["train/loss"], rb["train/loss"], atol=1e-6)
         assert ra["reward/accuracy"] == rb["reward/accuracy"]
+    # train.eval_every=2: before (0), at iteration 2, after (4); the resumed run logs the same evaluation
+    ea, eb = ([r for r in read_metrics(str(tmp_path / d)) if "eval/pass@1" in r] for d in "ab")
+    assert [r["step"] for r in ea] == [r["step"] for r in eb] == [0, 2, 4]
+    assert ea[1] == eb[1]
 
 
 def test_sigterm_during_first_evaluation_exits_cleanly_and_keeps_the_evaluation(tmp_path, monkeypatch):

@@ -48,6 +48,7 @@ def validate_config(config) -> None:
     _require(l.eps_low > 0 and l.eps_high > 0, f"clip ranges must be positive, got {l.eps_low} and {l.eps_high}.")
     _require(l.dual_clip_c == 0 or l.dual_clip_c > 1, f"loss.dual_clip_c must be 0 (off) or > 1, got {l.dual_clip_c}.")
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
+    _require(config.train.eval_every >= 0, f"train.eval_every must be >= 0 (0: off), got {config.train.eval_every}.")
     _require(ro.prompts_per_step % o.mini_batches == 0,
              f"{ro.prompts_per_step} prompts per step do not split into {o.mini_batches} mini-batches.")
     rows = ro.prompts_per_step * ro.group_size // o.mini_batches

@@ -215,7 +215,7 @@ def _run(config, workdir: str, preempt) -> dict:
         writer.close()
         print(f"preempted before iteration {meta['iteration'] + 1}: exiting cleanly", flush=True)
         return {"preempted": True}
-    state, meta, last = _train(config, parts, update, state, meta, task, ckpt, writer, preempt)
+    state, meta, last = _train(config, parts, update, state, meta, task, ckpt, writer, preempt, eval_fn)
     if last.get("preempted"):
         writer.close()
         return last
@@ -233,7 +233,7 @@ def _run(config, workdir: str, preempt) -> dict:
             "final_params": final_params, **last}
 
 
-def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer, preempt):
+def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer, preempt, eval_fn):
     """The RL iterations from `meta["iteration"]` to `config.train.num_steps` (or the time budget)."""
     reward_cfg, filter_cfg = reward_config(config), filter_config(config)
     r = config.rollout
@@ -260,6 +260,7 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
                 "time/logps_adv_s": t2 - t1, "time/update_s": time.time() - t2}
         ckpt.wait()  # the previous save is on disk before iteration it+1 counts as done: a kill loses <= 1 interval
         writer.write(it + 1, last)
+        _periodic_eval(config, eval_fn, state, it + 1, writer)
         bar.update(it + 1, reward=metrics["reward/accuracy"], length=metrics["response/length_mean"])
         meta.update(iteration=it + 1, stream_position=stream.position)
         out_of_time = config.train.time_budget_s > 0 and time.time() - start > config.train.time_budget_s
@@ -276,6 +277,19 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
     ckpt.save(meta["iteration"], state, meta, force=True)
     ckpt.close()
     return state, meta, last
+
+
+def _periodic_eval(config, eval_fn, state, iteration: int, writer) -> None:
+    """Held-out evaluation every `train.eval_every` iterations (not at the last one: `run` evaluates after RL).
+
+    Its key depends only on the seed and the iteration, so a resumed run logs the same numbers.
+    """
+    every = config.train.eval_every
+    if every <= 0 or iteration % every or iteration >= config.train.num_steps:
+        return
+    m = eval_fn(state.params["policy"], key=jax.random.fold_in(jax.random.PRNGKey(config.seed + 3), iteration))
+    writer.write(iteration, {f"eval/{k}": v for k, v in m.items()})
+    print(f"held-out at iteration {iteration}: " + _fmt(m), flush=True)
 
 
 def reward_config(config) -> rollout_lib.RewardConfig:

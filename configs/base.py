@@ -147,7 +147,7 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.mesh.tensor = 1
 
     c.train = config_dict.ConfigDict()
-    c.train.num_steps = {"tiny": 100, "small": 500, "full": 500}[scale]
+    c.train.num_steps = {"tiny": 60, "small": 500, "full": 500}[scale]
     c.train.time_budget_s = 0.0  # > 0: stop (checkpointed) after this many seconds of RL; 0: run num_steps
     c.train.eval_every = 0  # > 0: also evaluate every this many iterations (eval/* metrics); 0: before and after
     c.train.checkpoint_every = 50

@@ -5,9 +5,10 @@ Launch:
   python experiments/train.py --config=configs/grpo.py:full --config.model.init=hf:/models/Qwen2.5-1.5B \
       --config.task.name=jsonl --config.task.train_path=train.jsonl --config.task.eval_path=test.jsonl
 
-The `tiny` arg is the README's main job: the shipped supervised warm start (0.8M parameters, arithmetic task),
-100 iterations of 16 prompts x 8 samples, lr 1e-4, clip 0.2, no KL (calibration.md's working setting). Measured
-(README): from this warm start it LOWERS held-out accuracy (20.6% -> 10.3% pass@1); see the README's diagnosis.
+The `tiny` arg is the README's main job: the shipped supervised warm start (0.8M parameters, arithmetic task,
+~63% greedy held-out accuracy, still improving under SFT), 60 iterations of 16 prompts x 8 samples, lr 1e-4,
+clip 0.2, no KL (calibration.md's working setting); ~7 s per iteration on a 2-core CPU. Measured results and the
+continued-SFT control: README, "Main-job results".
 """
 from jaxrl_reason.algorithms import apply_recipe
 

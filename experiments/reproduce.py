@@ -4,10 +4,12 @@
   python experiments/reproduce.py                         # 3 seeds, 100 RL iterations, 500 problems
   python experiments/reproduce.py --studies=dler,hapo --seeds=5 --rl_steps=150 --out=results
 
-Every AR run starts from the shipped plateaued SFT checkpoint (`checkpoints/arith_tiny_sft`, calibration.md lesson
-3) with the method's `tiny` config; within a study every run gets the same number of RL iterations and the same
-held-out set (experiments/_repro_studies.py). Runs live under `<out>/work/runs/<config hash>/seed<k>`: identical runs
-are shared between studies and a finished run is never retrained, so an interrupted study resumes where it stopped.
+Every AR run starts from the shipped SFT checkpoint (`checkpoints/arith_tiny_sft`; RL from it improves held-out
+accuracy, README "Main-job results") with the method's `tiny` config. Methods are compared with their papers'
+baseline RL methods from that same start, so SFT's own progress is not a confound (calibration.md lesson 3).
+Within a study every run gets the same number of RL iterations and the same held-out set
+(experiments/_repro_studies.py). Runs live under `<out>/work/runs/<config hash>/seed<k>`: identical runs are
+shared between studies and a finished run is never retrained, so an interrupted study resumes where it stopped.
 Writes `<out>/<study>.json`, `<out>/summary.md` (tables with the papers' numbers and a computed "reproduced?"
 column, experiments/_repro_report.py), `<out>/<study>_curves.png` and `<out>/tradeoff.png`.
 """

@@ -101,10 +101,20 @@ def make_config(spec: RunSpec, seed: int, s: Settings):
     return c
 
 
+def warm_start_digest(config) -> str:
+    """sha256 of the SFT weights a config starts from ("" for other inits): a rebuilt warm start is a new run."""
+    if config.model.init != "sft":
+        return ""
+    with open(os.path.join(config.model.sft_dir, "model.safetensors"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def run_key(spec: RunSpec, seed: int, s: Settings) -> str:
-    """Directory name of a run: module, arg and a hash of everything that changes its result (not its name)."""
+    """Directory name of a run: module, arg and a hash of everything that changes its result (not its name),
+    including the bytes of the SFT checkpoint it starts from."""
     blob = json.dumps({"module": spec.module, "arg": spec.arg, "overrides": [list(o) for o in spec.overrides],
-                       "seed": seed, **s._asdict()}, sort_keys=True)
+                       "seed": seed, "warm_start": warm_start_digest(make_config(spec, seed, s)), **s._asdict()},
+                      sort_keys=True)
     tag = f"{spec.module}_{spec.arg}".replace(",", "_")
     return f"{tag}_{hashlib.sha1(blob.encode()).hexdigest()[:10]}/seed{seed}"
 

@@ -56,7 +56,7 @@ def test_smoke_dler_study_writes_json_plots_summary_and_resumes(tmp_path, monkey
     assert json.loads((tmp_path / "dler.json").read_text())["results"] == data["results"]
 
 
-def test_runs_are_shared_by_key_and_configs_get_the_study_budget():
+def test_runs_are_shared_by_key_and_configs_get_the_study_budget(tmp_path):
     s = studies.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
     grpo = studies.RunSpec("grpo", "grpo")
     assert grpo in studies.STUDIES["dler"] and grpo in studies.STUDIES["lspo"] and grpo in studies.STUDIES["repro"]
@@ -64,6 +64,14 @@ def test_runs_are_shared_by_key_and_configs_get_the_study_budget():
     keys = {studies.run_key(grpo, 1, s), studies.run_key(grpo, 0, s._replace(rl_steps=8)),
             studies.run_key(studies.RunSpec("grpo", "grpo", "tiny", (("loss.kl_coef", 0.1),)), 0, s)}
     assert len(keys | {studies.run_key(grpo, 0, s)}) == 4
+    # a rebuilt warm start (other bytes at the same path) is a new run, never the old run's result
+    ckpt = tmp_path / "sft"
+    ckpt.mkdir()
+    on_ckpt = studies.RunSpec("grpo", "grpo", "tiny", (("model.sft_dir", str(ckpt)),))
+    (ckpt / "model.safetensors").write_bytes(b"weights v1")
+    first = studies.run_key(on_ckpt, 0, s)
+    (ckpt / "model.safetensors").write_bytes(b"weights v2")
+    assert studies.run_key(on_ckpt, 0, s) != first
     spec = dict((r.name, r) for r in studies.STUDIES["hapo"])["hapo_no_A_temperature"]
     c = studies.make_config(spec, 2, s)
     assert c.rollout.hapo_tau == 0.0 and c.loss.hapo_redistribute and c.seed == 2

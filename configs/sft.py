@@ -9,7 +9,8 @@ problems via another seed):
       --config.sft.time_budget_s=<RL seconds> --out=runs/sft_control
 
 The recipe is calibration.md's prototype: fresh problems (a shuffled pool of `num_problems`, of which
-`steps * batch_size` are used, so no problem is seen twice), AdamW at a constant lr after warm-up, no weight decay.
+`steps * batch_size` are used: no second epoch; small 1-digit levels still
+repeat problems by chance), AdamW at a constant lr after warm-up, no weight decay.
 It stops mid-way (1200 steps: ~63% greedy held-out accuracy, still rising) because RL from such a point improves
 (README). Session 2's warm start (8000 problems seen ~6 times, cosine decay to lr 0, weight decay 0.01) reached
 33% greedy and every RL method LOWERED its accuracy: a memorizing, annealed starting point.

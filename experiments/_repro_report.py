@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from _repro_plots import curve_series, plot_curves, plot_tradeoff  # noqa: F401  (curve_series: re-exported)
+from _repro_plots import plot_curves, plot_tradeoff
 from _repro_stats import common, ev, mean_std
 
 MIN_SEEDS, MIN_PROBLEMS = 3, 500

@@ -148,8 +148,7 @@ def build_sft_checkpoint(config, out_dir: str, log_fn=print) -> dict:
     c = config
     tok = build.tokenizer_for(c)
     model, mcfg = build.load_policy(c, tok)
-    prompts, traces = sft.arithmetic_sft_set(c.seed, c.sft.num_problems, c.task.train_levels, c.task.recheck_prob,
-                                             c.task.error_prob, c.task.eval_seed, c.sft.eval_problems)
+    prompts, traces = sft.arithmetic_sft_set_from_config(c)
     model, history = diffusion_sft.diffusion_sft_from_config(c, tok, model, prompts, traces, log_fn=log_fn)
     sft.save_sft_checkpoint(model, mcfg, tok, out_dir)
     done = {"config": config_json, "history": history, "wall_s": time.time() - start}

@@ -22,8 +22,7 @@ def main(argv):
     c = _CONFIG.value
     tok = build.tokenizer_for(c)
     model, mcfg = build.load_policy(c, tok)
-    prompts, traces = sft.arithmetic_sft_set(c.seed, c.sft.num_problems, c.task.train_levels, c.task.recheck_prob,
-                                             c.task.error_prob, c.task.eval_seed, c.sft.eval_problems)
+    prompts, traces = sft.arithmetic_sft_set_from_config(c)
     train = _ar_sft if c.model.attention == "causal" else _diffusion_sft
     model, sample_fn, greedy_fn = train(c, tok, model, prompts, traces)
     sft.save_sft_checkpoint(model, mcfg, tok, _OUT.value)

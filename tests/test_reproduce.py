@@ -12,6 +12,7 @@ from rl_testing import ROOT, digit_scorer
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
+import _repro_plots as plots  # noqa: E402
 import _repro_report as report  # noqa: E402
 import _repro_studies as studies  # noqa: E402
 import reproduce  # noqa: E402
@@ -123,7 +124,7 @@ def test_mean_std_fmt_and_verdicts_by_hand():
 def test_curve_series_and_stats_match_numpy():
     runs = [{"curve": [{"step": 1, "x": 1.0}, {"step": 2, "x": 3.0}, {"step": 3, "x": 5.0}]},
             {"curve": [{"step": 1, "x": 2.0}, {"step": 2, "x": None}, {"step": 3, "x": 9.0}]}]
-    steps, mean, std = report.curve_series(runs, "x")
+    steps, mean, std = plots.curve_series(runs, "x")
     np.testing.assert_array_equal(steps, [1, 3])
     np.testing.assert_allclose(mean, [1.5, 7.0])
     np.testing.assert_allclose(std, np.std([[1.0, 5.0], [2.0, 9.0]], axis=0, ddof=1))

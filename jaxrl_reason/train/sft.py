@@ -72,6 +72,13 @@ def arithmetic_sft_set(seed: int, n: int, levels, recheck_prob: float, error_pro
     return [p.prompt for p in train], traces
 
 
+def arithmetic_sft_set_from_config(config):
+    """`arithmetic_sft_set` with the fields of a configs/sft.py or configs/sft_diffusion.py config."""
+    c = config
+    return arithmetic_sft_set(c.seed, c.sft.num_problems, c.task.train_levels, c.task.recheck_prob, c.task.error_prob,
+                              c.task.eval_seed, c.sft.eval_problems)
+
+
 def sft_loop(step_fn, state, arrays: dict, *, steps: int, batch_size: int, seed: int, prepare_batch,
              log_every: int = 50, log_fn=print, time_budget_s: float = 0.0, name: str = "sft"):
     """The supervised loop shared by AR and masked-diffusion SFT; returns (state, history).

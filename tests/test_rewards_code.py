@@ -202,7 +202,9 @@ def test_user_namespace_path_blocks_network_and_writes(monkeypatch):
     if not code_lib._namespaces_available():
         pytest.skip("namespaces are not permitted on this machine")
     monkeypatch.setattr(sandbox_lib, "_is_root", lambda: False)
-    target = Path(__file__).resolve().parent / f"_escape_{uuid.uuid4().hex}.txt"
+    # The standard library's directory is on the read-only tree wherever the repository is cloned (a clone under
+    # /tmp or /home would sit under the sandbox's private tmpfs or a hidden directory: ENOENT, not EROFS).
+    target = Path(os.__file__).resolve().parent / f"_escape_{uuid.uuid4().hex}.txt"
     probe = _writer(target) + "import socket\ndef talk():\n    socket.create_connection(('127.0.0.1', 9))\n"
     try:
         r = run_tests(probe, ["assert write_all()", "talk()", "import os\nassert os.getuid() == 1000"],

@@ -39,8 +39,9 @@ def test_attend_matches_numpy_gqa():
     q, k, v = rng.normal(size=(b, t, n, h)), rng.normal(size=(b, s, kv, h)), rng.normal(size=(b, s, kv, h))
     mask = rng.random((b, t, s)) < 0.6
     mask[1, 2] = False  # a row that sees nothing -> zeros, not NaN
-    heads_major = lambda x: jnp.asarray(x.transpose(0, 2, 1, 3), jnp.float32)  # the [B, K, S, H] cache layout
-    got = np.asarray(tf.attend(jnp.asarray(q, jnp.float32), heads_major(k), heads_major(v), jnp.asarray(mask)))
+    cache_layout = lambda x, axes: jnp.asarray(x.transpose(axes), jnp.float32)  # K [B, K, H, S], V [B, K, S, H]
+    got = np.asarray(tf.attend(jnp.asarray(q, jnp.float32), cache_layout(k, (0, 2, 3, 1)),
+                               cache_layout(v, (0, 2, 1, 3)), jnp.asarray(mask)))
     want = np.zeros((b, t, n, h))
     for bi in range(b):
         for ti in range(t):
@@ -154,6 +155,21 @@ def test_bfloat16_model_float32_logits():
     nnx.update(f32, jax.tree.map(lambda x: x.astype(jnp.float32), nnx.state(model, nnx.Param)))
     ref, _ = _jitted(f32)(tokens, A.positions_from_mask(valid), A.causal_mask(valid))
     assert np.abs(np.asarray(logits) - np.asarray(ref)).max() < 0.1 * np.abs(np.asarray(ref)).max()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_from_vocab_slices_equal_one_matmul(tie):
+    """`lm_head_slices(c)` (the decode head) gives the logits of the one wide matmul, uneven last slice included."""
+    model = tf.Transformer(dataclasses.replace(CFG, tie_embeddings=tie), rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(1), (2, 3, CFG.hidden_size))
+    w = np.asarray(model.embed[...]).T if tie else np.asarray(model.lm_head[...])
+    want = np.einsum("btd,dv->btv", np.asarray(h, np.float64), w)
+    slices = model.lm_head_slices(24)  # 64 = 24 + 24 + 16
+    assert [x.shape[1] for x in slices] == [24, 24, 16]
+    for got in (model.logits(h), model.logits(h, slices)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="vocab_chunk must be a positive int"):
+        model.lm_head_slices(0)
 
 
 def test_logical_axes_and_no_mesh_needed():

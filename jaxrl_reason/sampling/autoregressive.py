@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_reason.models import attention
-from jaxrl_reason.models.transformer import init_cache
+from jaxrl_reason.models.transformer import SLOT_AXIS, LayerCache, init_cache
 from jaxrl_reason.sampling.processors import SamplingParams, TokenSample, sample_logits
 from jaxrl_reason.sampling.types import STEP_MAP_PAD, Rollout
 
@@ -44,6 +44,12 @@ def _check_args(max_prompt_len, max_new_tokens, eos_ids, pad_id, params):
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}.")
     params.validate()
+
+
+def decode_vocab_chunk() -> int | None:
+    """Vocabulary slice of the decode LM head (`Transformer.lm_head_slices`): 1024 columns on XLA:CPU, where a
+    [32, 512] x [512, 8192] head runs ~3x faster as 8 matmuls; None (one matmul) elsewhere."""
+    return 1024 if jax.default_backend() == "cpu" else None
 
 
 def default_segment_len(max_new_tokens: int) -> int:
@@ -122,8 +128,12 @@ def _record(bufs, t, s: TokenSample, alive_B, pad_id):
 
 
 def _grow(cache, slots):
-    """The cache with `slots` slots: the old slots first, zeros after (slot axis 2 of [B, n_kv, S, head_dim])."""
-    return jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, slots - x.shape[2]), (0, 0))), cache)
+    """The cache with `slots` slots: the old slots first, zeros after (on each field's `SLOT_AXIS`)."""
+    def grow(x, axis):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, slots - x.shape[axis])
+        return jnp.pad(x, widths)
+    return tuple(LayerCache(*map(grow, layer, SLOT_AXIS)) for layer in cache)
 
 
 def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats, *, graphdef, max_new_tokens,
@@ -134,6 +144,7 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
     r = max_new_tokens
     eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1, dtype=jnp.int32)
+    head = model.lm_head_slices(decode_vocab_chunk())  # sliced once, outside the decode loop
 
     # Prefill into a P-slot cache (attention P x P, not P x (P + R)); only the last prompt position goes through
     # the LM head. The cache then grows segment by segment.
@@ -164,12 +175,12 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
             h_Bx1xD, cache = model.hidden(jnp.where(alive_B, s.token, pad_id)[:, None],
                                           (prompt_len_B + t)[:, None],
                                           attention.cached_causal_mask(key_valid_BxS, slot, 1), cache, slot)
-            return t + 1, cache, model.logits(h_Bx1xD)[:, 0], done_B, bufs
+            return t + 1, cache, model.logits(h_Bx1xD, head)[:, 0], done_B, bufs
 
         t, cache, logits_BxV, done_B, bufs = carry
         return jax.lax.while_loop(cond, body, (t, _grow(cache, p + end), logits_BxV, done_B, bufs))
 
-    logits_BxV = model.logits(h_BxPxD[:, -1:])[:, 0]
+    logits_BxV = model.logits(h_BxPxD[:, -1:], head)[:, 0]
     carry = (jnp.asarray(0, jnp.int32), cache, logits_BxV, jnp.zeros((b,), bool), bufs)
     for end in range(segment_len, r + segment_len, segment_len):
         carry = segment(carry, min(end, r))

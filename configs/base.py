@@ -74,6 +74,7 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.rollout.min_p = 0.0
     c.rollout.hapo_tau = 0.0  # > 0: HAPO entropy-adaptive temperature (algorithms.md §4.2)
     c.rollout.hapo_sign_compat = False
+    c.rollout.lanes = 1  # > 1: decode the batch as independent lanes run concurrently (sampling/autoregressive.py)
 
     c.reward = config_dict.ConfigDict()
     c.reward.kind = "binary"  # binary: {0, 1}; signed: {-1, +1} (DAPO verifier)

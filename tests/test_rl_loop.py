@@ -46,12 +46,14 @@ def test_every_method_trains_with_finite_loss_and_changing_params(module, arg, t
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    """Also runs the rollout sampler in 2 lanes (rollout.lanes), which must be as deterministic as one."""
     monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)
-    straight = tiny_config("dapo", train__num_steps=3, train__eval_every=2)
+    kw = dict(train__eval_every=2, rollout__lanes=2)
+    straight = tiny_config("dapo", train__num_steps=3, **kw)
     out_a = loop.run(straight, str(tmp_path / "a"))
-    first = tiny_config("dapo", train__num_steps=1, train__eval_every=2)
+    first = tiny_config("dapo", train__num_steps=1, **kw)
     loop.run(first, str(tmp_path / "b"))
-    resumed = tiny_config("dapo", train__num_steps=3, train__eval_every=2)
+    resumed = tiny_config("dapo", train__num_steps=3, **kw)
     out_b = loop.run(resumed, str(tmp_path / "b"))
     for x, y in zip(out_a["final_params"], out_b["final_params"]):
         np.testing.assert_allclose(x, y, atol=1e-6)
@@ -103,6 +105,7 @@ def test_sigterm_during_first_evaluation_exits_cleanly_and_keeps_the_evaluation(
     ("optim__micro_batches", 5, "does not split into 5 micro-batches"),
     ("mesh__fsdp", 3, "does not cover the 8 available devices"),
     ("loss__agg", "token_mean", "unknown loss aggregation"),
+    ("rollout__lanes", 3, "must be >= 1 and divide rollout.group_size"),
 ])
 def test_invalid_config_fails_with_one_sentence_before_compiling(field, value, sentence):
     if field == "algorithm":

@@ -252,6 +252,29 @@ def test_segments_do_not_change_the_rollout(sampled):
                                    err_msg=name)
 
 
+def test_lanes_equal_one_lane_per_slice(sampled):
+    """lanes=2: rows of lane l are the one-lane sampler on that half of the batch with key fold_in(key, l)."""
+    graphdef, _ = nnx.split(sampled["model"], nnx.Param)
+    fn = ar.make_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD,
+                             params=SAMPLED, segment_len=SEG, lanes=2)
+    got = fn(sampled["state"], sampled["tokens"], sampled["valid"], sampled["key"], sampled["stats"])
+    halves = [sampled["fn"](sampled["state"], sampled["tokens"][sl], sampled["valid"][sl],
+                            jax.random.fold_in(sampled["key"], lane), sampled["stats"])
+              for lane, sl in enumerate((slice(0, 4), slice(4, 8)))]
+    for name in ("tokens_BxR", "response_mask_BxR", "length_B", "truncated_B"):
+        want = np.concatenate([np.asarray(getattr(h, name)) for h in halves])
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), want, err_msg=name)
+    np.testing.assert_allclose(np.asarray(got.logp_BxR), np.concatenate([np.asarray(h.logp_BxR) for h in halves]),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="does not split into 3 equal lanes"):
+        ar.make_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD,
+                            params=SAMPLED, lanes=3)(sampled["state"], sampled["tokens"], sampled["valid"],
+                                                     sampled["key"])
+    with pytest.raises(ValueError, match="lanes must be a positive int"):
+        ar.make_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD,
+                            params=SAMPLED, lanes=0)
+
+
 def test_default_segment_len():
     # one segment up to 64 new tokens; then ceil(R / 4) steps per segment, never fewer than 64
     assert [ar.default_segment_len(r) for r in (1, 10, 64, 200, 256, 257, 1024)] == [64, 64, 64, 64, 64, 65, 256]

@@ -10,6 +10,12 @@ each iteration of a `while_loop` samples token t and runs it through the model (
 loop exits as soon as every row has produced an EOS / stop token.
 Rows that have stopped emit the pad id (their model work is wasted but shapes stay static).
 
+Lanes (`lanes` > 1): the batch is cut into that many equal lanes, each decoded by its own loop inside the one
+jitted function; XLA:CPU runs the independent loops concurrently, one per core. For a small model, whose decode
+ops are too small to split across cores, that is ~25% more tokens/s at batch 32 on 2 cores (llama-1M); for a
+~30M model it is slower (its matmuls already use both cores). Lane l samples with `fold_in(key, l)`, so sampled
+tokens depend on `lanes` (greedy ones do not); rows never share noise.
+
 Decode segments: the R steps run as a few static segments of W steps (a Python loop of while_loops); segment k
 carries a cache of only P + min((k + 1) W, R) slots, grown once between segments. A decode step reads the whole
 cache it carries, and at batch 32 that read (not the matmuls) is what grows with length on XLA:CPU, so
@@ -58,7 +64,7 @@ def default_segment_len(max_new_tokens: int) -> int:
 
 
 def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_ids: Sequence[int],
-                     pad_id: int, params: SamplingParams, segment_len: int | None = None):
+                     pad_id: int, params: SamplingParams, segment_len: int | None = None, lanes: int = 1):
     """Returns `fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout`.
 
     `graphdef` comes from `nnx.split(model, nnx.Param)`; `params_state` is the matching `nnx.State` (may be
@@ -70,7 +76,7 @@ def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_
     arguments return the same function, so calling this per RL step does not recompile. Nothing is donated:
     the one large buffer, the KV cache, lives inside the jitted function (updated in place by XLA), and the
     parameters are reused by the caller. `segment_len` is W of the decode segments (module docstring; None ->
-    `default_segment_len`); the results do not depend on it.
+    `default_segment_len`); the results do not depend on it. `lanes` (module docstring) must divide the batch.
     """
     eos_ids = tuple(int(e) for e in eos_ids)
     _check_args(max_prompt_len, max_new_tokens, eos_ids, pad_id, params)
@@ -78,20 +84,33 @@ def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_
         segment_len = default_segment_len(max_new_tokens)
     if not isinstance(segment_len, (int, np.integer)) or segment_len < 1:
         raise ValueError(f"segment_len must be a positive int or None, got {segment_len!r}.")
+    if not isinstance(lanes, (int, np.integer)) or lanes < 1:
+        raise ValueError(f"lanes must be a positive int, got {lanes!r}.")
     return _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, int(pad_id), params,
-                               min(int(segment_len), max_new_tokens))
+                               min(int(segment_len), max_new_tokens), int(lanes))
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, pad_id, params, segment_len):
-    core = jax.jit(functools.partial(_generate, graphdef=graphdef, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                     pad_id=pad_id, sampling=params, segment_len=segment_len))
+def _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, pad_id, params, segment_len, lanes):
+    one_lane = functools.partial(_generate, graphdef=graphdef, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                                 pad_id=pad_id, sampling=params, segment_len=segment_len)
+    core = jax.jit(one_lane if lanes == 1 else functools.partial(_in_lanes, one_lane, lanes))
 
     def generate_fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout:
         tokens, mask = _left_pad(prompt_tokens_BxP, prompt_mask_BxP, max_prompt_len, pad_id)
+        if tokens.shape[0] % lanes:
+            raise ValueError(f"The batch of {tokens.shape[0]} prompts does not split into {lanes} equal lanes.")
         return core(params_state, tokens, mask, key, hapo_stats)
 
     return generate_fn
+
+
+def _in_lanes(one_lane, lanes, params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats) -> Rollout:
+    """`one_lane` on `lanes` equal slices of the batch (lane l with key `fold_in(key, l)`), rows concatenated."""
+    outs = [one_lane(params_state, tok, mask, jax.random.fold_in(key, lane), hapo_stats)
+            for lane, (tok, mask) in enumerate(zip(jnp.split(prompt_tokens_BxP, lanes),
+                                                   jnp.split(prompt_mask_BxP, lanes)))]
+    return jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *outs)
 
 
 def _left_pad(tokens_BxP, mask_BxP, max_prompt_len, pad_id):
@@ -195,11 +214,12 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
 
 def generate(model, prompt_tokens_BxP, prompt_mask_BxP, key, *, n_samples: int = 1, max_new_tokens: int,
              eos_ids: Sequence[int], pad_id: int, params: SamplingParams = SamplingParams(),
-             max_prompt_len: int | None = None, hapo_stats=None, segment_len: int | None = None) -> Rollout:
+             max_prompt_len: int | None = None, hapo_stats=None, segment_len: int | None = None,
+             lanes: int = 1) -> Rollout:
     """Convenience: samples `n_samples` responses per prompt from an `nnx` model -> Rollout of B * n rows.
 
     Groups are contiguous: rows `b * n .. b * n + n - 1` answer prompt b. `max_prompt_len` defaults to the
-    prompts' width. Uses the cached jitted function of `make_generate_fn` (`segment_len`: see there).
+    prompts' width. Uses the cached jitted function of `make_generate_fn` (`segment_len`, `lanes`: see there).
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}.")
@@ -207,7 +227,7 @@ def generate(model, prompt_tokens_BxP, prompt_mask_BxP, key, *, n_samples: int =
     width = np.shape(prompt_tokens_BxP)[-1]
     fn = make_generate_fn(graphdef, max_prompt_len=width if max_prompt_len is None else max_prompt_len,
                           max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, params=params,
-                          segment_len=segment_len)
+                          segment_len=segment_len, lanes=lanes)
     tokens = jnp.repeat(jnp.asarray(prompt_tokens_BxP), n_samples, axis=0)
     mask = jnp.repeat(jnp.asarray(prompt_mask_BxP), n_samples, axis=0)
     return fn(params_state, tokens, mask, key, hapo_stats)

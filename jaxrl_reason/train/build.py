@@ -45,6 +45,10 @@ def validate_config(config) -> None:
     _require(r.kind in ("binary", "signed"), f"reward.kind must be 'binary' or 'signed', got {r.kind!r}.")
     _require(ro.group_size >= 1 and ro.prompts_per_step >= 1, "rollout.group_size and prompts_per_step must be >= 1.")
     _require(ro.max_prompt_len >= 1 and ro.max_new_tokens >= 1, "rollout lengths must be positive.")
+    _require(ro.lanes >= 1 and ro.group_size % ro.lanes == 0,
+             f"rollout.lanes ({ro.lanes}) must be >= 1 and divide rollout.group_size ({ro.group_size}).")
+    _require(ro.lanes == 1 or config.model.attention == "causal",
+             "rollout.lanes > 1 is for autoregressive (causal) policies; diffusion samplers decode in one lane.")
     _require(l.eps_low > 0 and l.eps_high > 0, f"clip ranges must be positive, got {l.eps_low} and {l.eps_high}.")
     _require(l.dual_clip_c == 0 or l.dual_clip_c > 1, f"loss.dual_clip_c must be 0 (off) or > 1, got {l.dual_clip_c}.")
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")

@@ -85,7 +85,7 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
         return batch_lib.mini_batches(batch, config.optim.mini_batches, rng, r.group_size)
 
     return PolicyParts(
-        train_gen=make_generate_fn(graphdef, params=train, **common),
+        train_gen=make_generate_fn(graphdef, params=train, lanes=r.lanes, **common),
         eval_gen=make_generate_fn(graphdef, params=SamplingParams(temperature=config.eval.temperature), **common),
         greedy_gen=make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common),
         build_batch=build_batch,

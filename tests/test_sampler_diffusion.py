@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.sampling import diffusion as D
+from jaxrl_reason.sampling import diffusion_steps as S
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.sampling.types import STEP_MAP_PAD
 
@@ -116,12 +117,12 @@ def _pick_eos(tokens):
 # ---------------------------------------------------------------------------------------------- primitives
 
 def test_transfer_schedule_hand_cases():
-    np.testing.assert_array_equal(D.transfer_schedule(4, 4), [1, 1, 1, 1])
-    np.testing.assert_array_equal(D.transfer_schedule(10, 4), [3, 3, 2, 2])
-    np.testing.assert_array_equal(D.transfer_schedule(3, 4), [1, 1, 1, 0])
-    np.testing.assert_array_equal(D.transfer_schedule(jnp.array([4, 5]), 2), [[2, 2], [3, 2]])
+    np.testing.assert_array_equal(S.transfer_schedule(4, 4), [1, 1, 1, 1])
+    np.testing.assert_array_equal(S.transfer_schedule(10, 4), [3, 3, 2, 2])
+    np.testing.assert_array_equal(S.transfer_schedule(3, 4), [1, 1, 1, 0])
+    np.testing.assert_array_equal(S.transfer_schedule(jnp.array([4, 5]), 2), [[2, 2], [3, 2]])
     with pytest.raises(ValueError, match="steps >= 1"):
-        D.transfer_schedule(4, 0)
+        S.transfer_schedule(4, 0)
 
 
 def _select_ref(conf, masked, k, tau, mode):
@@ -139,31 +140,31 @@ def _select_ref(conf, masked, k, tau, mode):
     return out
 
 
-@pytest.mark.parametrize("mode", D.SELECT_MODES)
+@pytest.mark.parametrize("mode", S.SELECT_MODES)
 def test_select_transfer_matches_numpy_reference(mode):
     rng = np.random.default_rng(1)
     conf = rng.integers(0, 5, (64, 7)) / 4.0          # many ties and values equal to tau
     masked = rng.random((64, 7)) < 0.6
     k = rng.integers(0, 4, 64)
-    got = D.select_transfer(jnp.asarray(conf), jnp.asarray(masked), jnp.asarray(k), 0.5, mode)
+    got = S.select_transfer(jnp.asarray(conf), jnp.asarray(masked), jnp.asarray(k), 0.5, mode)
     np.testing.assert_array_equal(got, _select_ref(conf, masked, k, 0.5, mode))
 
 
 def test_select_transfer_hand_case():
     conf = jnp.array([[0.95, 0.2, 0.91, 0.9, 0.99]])
     masked = jnp.array([[True, True, True, True, False]])
-    assert D.select_transfer(conf, masked, jnp.array([1]), mode="static").tolist() == [[1, 0, 0, 0, 0]]
+    assert S.select_transfer(conf, masked, jnp.array([1]), mode="static").tolist() == [[1, 0, 0, 0, 0]]
     # strict > 0.9: two above >= k=2 -> both; with k=3 fall back to the top-3
-    assert D.select_transfer(conf, masked, jnp.array([2]), 0.9, "sdar_dynamic").tolist() == [[1, 0, 1, 0, 0]]
-    assert D.select_transfer(conf, masked, jnp.array([3]), 0.9, "sdar_dynamic").tolist() == [[1, 0, 1, 1, 0]]
-    assert D.select_transfer(conf, masked, 0, 0.9, "fastdllm").tolist() == [[1, 0, 1, 1, 0]]
-    assert D.select_transfer(conf, masked, 0, 0.999, "fastdllm").tolist() == [[1, 0, 0, 0, 0]]
+    assert S.select_transfer(conf, masked, jnp.array([2]), 0.9, "sdar_dynamic").tolist() == [[1, 0, 1, 0, 0]]
+    assert S.select_transfer(conf, masked, jnp.array([3]), 0.9, "sdar_dynamic").tolist() == [[1, 0, 1, 1, 0]]
+    assert S.select_transfer(conf, masked, 0, 0.9, "fastdllm").tolist() == [[1, 0, 1, 1, 0]]
+    assert S.select_transfer(conf, masked, 0, 0.999, "fastdllm").tolist() == [[1, 0, 0, 0, 0]]
     with pytest.raises(ValueError, match="needs a threshold"):
-        D.select_transfer(conf, masked, 1, None, "fastdllm")
+        S.select_transfer(conf, masked, 1, None, "fastdllm")
 
 
 def test_propose_scores():
-    propose = jax.jit(D.propose, static_argnums=(2, 3, 4))
+    propose = jax.jit(S.propose, static_argnums=(2, 3, 4))
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(2, 3, V)).astype(np.float32)
     logits[0, 0, M] = 50.0                              # the mask token is never proposed

@@ -1,6 +1,6 @@
 """Masked-diffusion decoding with trajectories (diffusion.md §4, §5.2–§5.3, §6.5, §10).
 
-Primitives (§4.1): `transfer_schedule`, `select_transfer`, `propose`. Samplers (one jitted function each):
+Primitives (§4.1) and the trajectory record are in `sampling/diffusion_steps.py`. Samplers (one jitted function each):
   * `make_llada_generate_fn`: full attention, semi-AR blocks, low-confidence remasking (LLaDA, §4.2), or
     Fast-dLLM confidence-threshold parallel decoding (§4.3), optionally with a Fast-dLLM DUAL KV cache.
   * `make_block_generate_fn`: SDAR / TraDo block diffusion with a block KV cache and static or dynamic
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,143 +31,9 @@ from flax import nnx
 
 from jaxrl_reason.models import attention
 from jaxrl_reason.models.transformer import init_cache
-from jaxrl_reason.sampling.processors import SamplingParams, sample_logits, token_entropy
-from jaxrl_reason.sampling.types import STEP_MAP_PAD, Rollout
-
-SELECT_MODES = ("static", "sdar_dynamic", "fastdllm")
-CONFIDENCES = ("raw", "sampled")
-
-
-def transfer_schedule(n, steps: int) -> jax.Array:
-    """Tokens to commit at each of `steps` steps for `n` masked tokens (diffusion.md §4.1.3).
-
-    `k_i = floor(n / steps) + [i < n mod steps]` (LLaDA `get_num_transfer_tokens`), so the `k_i` sum to `n`.
-
-    Args:
-      n: int or int array `[...]` (e.g. `n_B`), number of masked tokens.
-      steps: static number of steps (>= 1).
-    Returns:
-      int32 `[..., steps]`.
-    """
-    if steps < 1:
-        raise ValueError(f"transfer_schedule needs steps >= 1, got {steps}.")
-    n = jnp.asarray(n, jnp.int32)[..., None]
-    i = jnp.arange(steps, dtype=jnp.int32)
-    return n // steps + (i < n % steps).astype(jnp.int32)
-
-
-def select_transfer(conf_BxR, masked_BxR, k_B, tau=None, mode: str = "static") -> jax.Array:
-    """Which masked positions to commit this step (diffusion.md §4.1.4, static-shape form).
-
-    Modes:
-      "static":       the `k_B` most confident masked positions (LLaDA `low_confidence`).
-      "sdar_dynamic": all masked positions with `conf > tau` (strict, jetengine); if fewer than `k_B`,
-                      the top-`k_B` instead (SDAR/TraDo `low_confidence_dynamic`).
-      "fastdllm":     all masked positions with `conf >= tau`, and always the most confident one
-                      (Fast-dLLM threshold parallel decoding; `k_B` is ignored).
-    Ties are broken towards the leftmost position (stable sort).
-
-    Args:
-      conf_BxR: float confidences (any real values; positions outside `masked_BxR` are ignored).
-      masked_BxR: bool, positions still masked (candidates).
-      k_B: int `[B]` (or scalar), number of tokens of the static schedule.
-      tau: confidence threshold, needed by the two dynamic modes.
-      mode: one of `SELECT_MODES`.
-    Returns:
-      bool `[B, R]`, a subset of `masked_BxR`.
-    """
-    if mode not in SELECT_MODES:
-        raise ValueError(f"select_transfer mode must be one of {SELECT_MODES}, got {mode!r}.")
-    if mode != "static" and tau is None:
-        raise ValueError(f"select_transfer mode {mode!r} needs a threshold tau.")
-    c = jnp.where(masked_BxR, conf_BxR.astype(jnp.float32), -jnp.inf)
-    order = jnp.argsort(-c, axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1, stable=True)                  # 0 = most confident
-    k_B = jnp.broadcast_to(jnp.asarray(k_B, jnp.int32), c.shape[:-1])
-    topk = (rank < k_B[..., None]) & masked_BxR
-    if mode == "static":
-        return topk
-    if mode == "sdar_dynamic":
-        above = masked_BxR & (c > tau)
-        enough = above.sum(-1) >= k_B
-        return jnp.where(enough[..., None], above, topk)
-    return masked_BxR & ((c >= tau) | (rank == 0))
-
-
-class Proposal(NamedTuple):
-    """Candidate token for every position of a block and its scores. All `[B, T]`."""
-    token: jax.Array     # int32, never the mask token
-    conf: jax.Array      # confidence used by the selection rule
-    logp: jax.Array      # log-prob under the distribution sampled from (0 for greedy)
-    logp_raw: jax.Array  # log-prob under the raw policy (full softmax of the model's logits)
-    entropy: jax.Array   # entropy of the raw policy (nats)
-
-
-def propose(key, logits_BxTxV, sampling: SamplingParams, mask_token_id: int, confidence: str) -> Proposal:
-    """Samples a candidate at every position and scores it (diffusion.md §4.1.1–§4.1.2).
-
-    The mask token is never proposed (its logit is -inf for sampling); `logp_raw` and `entropy` use the full,
-    untouched float32 logits, i.e. exactly what a training forward would score (§6.5).
-    Confidence switch (§4.1.2, both [code]): "raw" = probability of the candidate under the untempered softmax
-    (LLaDA); "sampled" = its probability under the processed (temperature / top-k / top-p) distribution
-    actually sampled from (SDAR / jetengine). Greedy decoding is a point mass, so there "sampled" falls back to
-    "raw" (argmax of the logits, ranked by raw probability).
-    """
-    raw = logits_BxTxV.astype(jnp.float32)
-    s = sample_logits(key, raw.at[..., mask_token_id].set(-jnp.inf), sampling)
-    lse = jax.nn.logsumexp(raw, axis=-1)
-    logp_raw = jnp.take_along_axis(raw, s.token[..., None], axis=-1)[..., 0] - lse
-    conf = jnp.exp(logp_raw) if (confidence == "raw" or sampling.greedy) else s.prob
-    return Proposal(s.token, conf, s.logp, logp_raw, token_entropy(raw))
-
-
-class _Trace(NamedTuple):
-    """Per response slot, the proposal stats at commit time. All `[B, R]`."""
-    step: jax.Array
-    conf: jax.Array
-    logp: jax.Array
-    logp_raw: jax.Array
-    entropy: jax.Array
-
-
-def _empty_trace(b: int, r: int) -> _Trace:
-    z = jnp.zeros((b, r), jnp.float32)
-    return _Trace(jnp.full((b, r), STEP_MAP_PAD, jnp.int32), z, z, z, z)
-
-
-def _record(trace: _Trace, start, sel_BxT, prop: Proposal, step_B) -> _Trace:
-    """Writes the stats of the selected positions of the block at response slots [start, start + T)."""
-    t = sel_BxT.shape[1]
-    step_BxT = jnp.broadcast_to(step_B[:, None], sel_BxT.shape)
-    new = (step_BxT, prop.conf, prop.logp, prop.logp_raw, prop.entropy)
-    out = []
-    for buf, val in zip(trace, new):
-        old = jax.lax.dynamic_slice_in_dim(buf, start, t, axis=1)
-        out.append(jax.lax.dynamic_update_slice_in_dim(buf, jnp.where(sel_BxT, val.astype(buf.dtype), old),
-                                                       start, axis=1))
-    return _Trace(*out)
-
-
-def _is_eos(tokens, eos_ids: tuple[int, ...]):
-    if not eos_ids:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
-
-
-def _finalize(prompt_BxP, pmask_BxP, resp_BxR, trace: _Trace, eos_ids, pad_id) -> Rollout:
-    """Cuts every response after its first EOS (kept) and builds the Rollout (types.py)."""
-    r = resp_BxR.shape[1]
-    eos_BxR = _is_eos(resp_BxR, eos_ids)
-    has_eos_B = eos_BxR.any(-1)
-    length_B = jnp.where(has_eos_B, jnp.argmax(eos_BxR, axis=-1) + 1, r).astype(jnp.int32)
-    keep = jnp.arange(r)[None, :] < length_B[:, None]
-    zero = lambda a: jnp.where(keep, a, 0.0)  # noqa: E731
-    return Rollout(prompt_tokens_BxP=prompt_BxP, prompt_mask_BxP=pmask_BxP,
-                   tokens_BxR=jnp.where(keep, resp_BxR, pad_id), response_mask_BxR=keep,
-                   logp_BxR=zero(trace.logp), logp_raw_BxR=zero(trace.logp_raw), entropy_BxR=zero(trace.entropy),
-                   length_B=length_B, truncated_B=~has_eos_B,
-                   step_map_BxR=jnp.where(keep, trace.step, STEP_MAP_PAD), confidence_BxR=zero(trace.conf))
-
+from jaxrl_reason.sampling import diffusion_steps as steps_lib
+from jaxrl_reason.sampling.diffusion_steps import CONFIDENCES
+from jaxrl_reason.sampling.processors import SamplingParams
 
 def _left_pad(tokens_BxP, mask_BxP, prompt_len: int, pad_id: int):
     """Validates `[B, P']` prompts and LEFT-pads them to `prompt_len` (int32 tokens, bool mask)."""
@@ -285,7 +150,7 @@ def _llada_forward(graphdef, params, x_BxL, pos_BxL, valid_BxL, cache, start, bl
 def _llada_core(graphdef, p, r, bl, steps, m, eos_ids, pad_id, sampling, threshold, use_cache, refresh, confidence):
     n_blocks = r // bl
     max_iters = bl if threshold is not None else steps // n_blocks
-    k_sched = transfer_schedule(bl, steps // n_blocks)
+    k_sched = steps_lib.transfer_schedule(bl, steps // n_blocks)
     refresh = max_iters if refresh is None else refresh
 
     def generate(params, prompt_BxP, pmask_BxP, key):
@@ -304,15 +169,15 @@ def _llada_core(graphdef, p, r, bl, steps, m, eos_ids, pad_id, sampling, thresho
             start = p + blk * bl
             logits, cache = _llada_forward(graphdef, params, x_BxL, pos_BxL, valid_BxL, cache, start, bl,
                                            True if refresh == 1 else i % refresh == 0)
-            prop = propose(jax.random.fold_in(key, blk * max_iters + i), logits, sampling, m, confidence)
+            prop = steps_lib.propose(jax.random.fold_in(key, blk * max_iters + i), logits, sampling, m, confidence)
             xb_BxT = jax.lax.dynamic_slice_in_dim(x_BxL, start, bl, axis=1)
             masked = xb_BxT == m
             if threshold is None:
-                sel = select_transfer(prop.conf, masked, k_sched[i], mode="static")
+                sel = steps_lib.select_transfer(prop.conf, masked, k_sched[i], mode="static")
             else:
-                sel = select_transfer(prop.conf, masked, 1, threshold, mode="fastdllm")
+                sel = steps_lib.select_transfer(prop.conf, masked, 1, threshold, mode="fastdllm")
             x_BxL = jax.lax.dynamic_update_slice_in_dim(x_BxL, jnp.where(sel, prop.token, xb_BxT), start, axis=1)
-            trace = _record(trace, blk * bl, sel, prop, n_step_B)
+            trace = steps_lib.record(trace, blk * bl, sel, prop, n_step_B)
             return x_BxL, cache, trace, n_step_B + sel.any(-1), i + 1, fwd + 1, blk
 
         def block_cond(c):
@@ -323,14 +188,14 @@ def _llada_core(graphdef, p, r, bl, steps, m, eos_ids, pad_id, sampling, thresho
             x_BxL, cache, trace, n_step_B, _, fwd, _ = jax.lax.while_loop(
                 step_cond, step_body, (x_BxL, cache, trace, n_step_B, jnp.int32(0), fwd, blk))
             xb_BxT = jax.lax.dynamic_slice_in_dim(x_BxL, p + blk * bl, bl, axis=1)
-            done_B = done_B | _is_eos(xb_BxT, eos_ids).any(-1)
+            done_B = done_B | steps_lib.is_eos(xb_BxT, eos_ids).any(-1)
             return x_BxL, cache, trace, n_step_B, jnp.int32(0), fwd, blk + 1, done_B
 
         zero = jnp.int32(0)
-        carry = (x_BxL, cache, _empty_trace(b, r), jnp.zeros((b,), jnp.int32), zero, zero, zero,
+        carry = (x_BxL, cache, steps_lib.empty_trace(b, r), jnp.zeros((b,), jnp.int32), zero, zero, zero,
                  jnp.zeros((b,), bool))
         x_BxL, _, trace, _, _, fwd, _, _ = jax.lax.while_loop(block_cond, block_body, carry)
-        return _finalize(prompt_BxP, pmask_BxP, x_BxL[:, p:], trace, eos_ids, pad_id), {"num_forwards": fwd}
+        return steps_lib.finalize(prompt_BxP, pmask_BxP, x_BxL[:, p:], trace, eos_ids, pad_id), {"num_forwards": fwd}
 
     return jax.jit(generate)
 
@@ -404,7 +269,7 @@ def _block_forward(graphdef, params, x_BxL, pos_BxL, valid_BxL, cache, blk, p, b
 @functools.lru_cache(maxsize=32)
 def _block_core(graphdef, p, r, bs, t_b, m, eos_ids, pad_id, sampling, remasking, tau, use_cache, confidence):
     n_blocks = r // bs
-    k_sched = transfer_schedule(bs, t_b)
+    k_sched = steps_lib.transfer_schedule(bs, t_b)
     mode = "static" if remasking == "static" else "sdar_dynamic"
 
     def generate(params, prompt_BxP, pmask_BxP, key):
@@ -426,23 +291,23 @@ def _block_core(graphdef, p, r, bs, t_b, m, eos_ids, pad_id, sampling, remasking
         def body(c):    # one denoising step of block blk (step i of the block)
             x_BxL, cache, trace, active_B, n_step_B, i, blk, n_fwd = c
             logits, cache = _block_forward(graphdef, params, x_BxL, pos_BxL, valid_BxL, cache, blk, p, bs)
-            prop = propose(jax.random.fold_in(key, blk * t_b + i), logits, sampling, m, confidence)
+            prop = steps_lib.propose(jax.random.fold_in(key, blk * t_b + i), logits, sampling, m, confidence)
             start = p + blk * bs
             xb_BxT = jax.lax.dynamic_slice_in_dim(x_BxL, start, bs, axis=1)
             masked = active_B[:, None] & (xb_BxT == m)
-            sel = select_transfer(prop.conf, masked, k_sched[i], tau, mode)
+            sel = steps_lib.select_transfer(prop.conf, masked, k_sched[i], tau, mode)
             xb_BxT = jnp.where(sel, prop.token, xb_BxT)
             x_BxL = jax.lax.dynamic_update_slice_in_dim(x_BxL, xb_BxT, start, axis=1)
-            trace = _record(trace, blk * bs, sel, prop, n_step_B)
+            trace = steps_lib.record(trace, blk * bs, sel, prop, n_step_B)
             done = (i + 1 >= t_b) | ~jnp.any(masked & ~sel)
-            active_B = jnp.where(done, active_B & ~_is_eos(xb_BxT, eos_ids).any(-1), active_B)
+            active_B = jnp.where(done, active_B & ~steps_lib.is_eos(xb_BxT, eos_ids).any(-1), active_B)
             return (x_BxL, cache, trace, active_B, n_step_B + sel.any(-1), jnp.where(done, 0, i + 1),
                     blk + done.astype(jnp.int32), n_fwd + 1)
 
         zero = jnp.int32(0)
-        carry = (x_BxL, cache, _empty_trace(b, r), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32), zero, zero,
+        carry = (x_BxL, cache, steps_lib.empty_trace(b, r), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32), zero, zero,
                  n_fwd)
         x_BxL, _, trace, *_, n_fwd = jax.lax.while_loop(cond, body, carry)
-        return _finalize(prompt_BxP, pmask_BxP, x_BxL[:, p:], trace, eos_ids, pad_id), {"num_forwards": n_fwd}
+        return steps_lib.finalize(prompt_BxP, pmask_BxP, x_BxL[:, p:], trace, eos_ids, pad_id), {"num_forwards": n_fwd}
 
     return jax.jit(generate)

@@ -21,6 +21,7 @@ from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.sampling.diffusion import make_block_generate_fn, make_llada_generate_fn
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.sampling.types import STEP_MAP_PAD
+from jaxrl_reason.train import build
 from jaxrl_reason.train import tracerl as T
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step, split_micro_batches
@@ -315,18 +316,18 @@ def test_configs_give_specs_and_bad_settings_fail_with_one_sentence():
                                ("full", "full", 10, "targets"), ("full,value", "full", 10, "targets"),
                                ("block,onestep", "block", 1, "response_len")]:
         c = cfg_lib.get_config(arg)
-        T.validate_tracerl_config(c)
+        build.validate_tracerl_config(c)
         spec = T.trace_spec(c, tok.mask_token_id)
         assert (spec.kind, spec.num_rows, spec.norm) == (kind, k, norm)
         assert (c.advantage.estimator == "gae") == ("value" in arg)
     c = cfg_lib.get_config("block")
     c.tracerl.steps_per_block = 3
     with pytest.raises(ValueError, match="must divide 4"):
-        T.validate_tracerl_config(c)
+        build.validate_tracerl_config(c)
     c = cfg_lib.get_config("block,onestep")
     c.advantage.estimator = "gae"
     with pytest.raises(ValueError, match="no value-model variant"):
-        T.validate_tracerl_config(c)
+        build.validate_tracerl_config(c)
     with pytest.raises(ValueError, match="must start with one of"):
         cfg_lib.get_config("causal")
     from configs import grpo
@@ -334,7 +335,7 @@ def test_configs_give_specs_and_bad_settings_fail_with_one_sentence():
     c = grpo.get_config("tiny")
     c.model.attention = "block"
     with pytest.raises(ValueError, match="needs the `tracerl` section"):
-        T.validate_tracerl_config(c)
+        build.validate_tracerl_config(c)
     with pytest.raises(ValueError, match="no 'step_map'"):
         T.pack_batch({k: v for k, v in _block_rollout().items() if k != "step_map"}, _spec())
 

@@ -47,6 +47,7 @@ from jaxrl_reason.core import tracerl as tr
 from jaxrl_reason.models import attention
 from jaxrl_reason.sampling.diffusion import make_block_generate_fn, make_llada_generate_fn
 from jaxrl_reason.sampling.processors import SamplingParams
+from jaxrl_reason.train.build import validate_tracerl_config
 
 ESTIMATORS = ("trace", "onestep")
 KINDS = {"block": "block", "bidirectional": "full"}
@@ -378,38 +379,3 @@ def diffusion_parts(config, graphdef, tokenizer, *, value_graphdef=None):
     loss_fn = functools.partial(tracerl_loss, spec=spec, graphdef=graphdef, value_graphdef=value_graphdef)
     return PolicyParts(train_gen=train_gen, eval_gen=eval_gen, greedy_gen=greedy_gen if config.eval.greedy else None,
                        build_batch=build_batch, loss_fn=loss_fn, split=split)
-
-
-def _require(ok: bool, sentence: str) -> None:
-    if not ok:
-        raise ValueError(sentence)
-
-
-def validate_tracerl_config(config) -> None:
-    """One clear sentence for the first impossible `config.tracerl` / diffusion setting (DESIGN.md §3)."""
-    m, r = config.model, config.rollout
-    _require(m.attention in KINDS, f"TraceRL needs model.attention 'block' or 'bidirectional', got {m.attention!r}.")
-    _require("tracerl" in config,
-             f"a {m.attention}-attention policy needs the `tracerl` section of configs/tracerl.py.")
-    t = config.tracerl
-    _require(t.estimator in ESTIMATORS, f"unknown tracerl.estimator {t.estimator!r}; use one of {ESTIMATORS}.")
-    _require(config.advantage.estimator in ("grpo", "gae"),
-             "TraceRL uses advantage.estimator 'grpo' (group z-score) or 'gae' (with the diffusion value model).")
-    _require(not (t.estimator == "onestep" and config.advantage.estimator == "gae"),
-             "the one-step estimator has no value-model variant; use advantage.estimator 'grpo'.")
-    _require(config.loss.kl_coef == 0 and config.loss.kl_in_reward_coef == 0,
-             "TraceRL's KL is tracerl.beta against the old policy; set loss.kl_coef and kl_in_reward_coef to 0.")
-    _require(isinstance(t.shrink, int) and t.shrink >= 1, f"tracerl.shrink must be an int >= 1, got {t.shrink!r}.")
-    _require(t.remasking in ("static", "dynamic"), f"tracerl.remasking must be static|dynamic, got {t.remasking!r}.")
-    _require(0.0 < t.threshold <= 1.0, f"tracerl.threshold must be in (0, 1], got {t.threshold}.")
-    _require(t.norm in ("auto",) + tr.NORMS, f"tracerl.norm must be 'auto' or one of {tr.NORMS}, got {t.norm!r}.")
-    if m.attention == "block":
-        b = m.block_size
-        _require(r.max_prompt_len % b == 0 and r.max_new_tokens % b == 0,
-                 f"rollout.max_prompt_len and max_new_tokens must be multiples of model.block_size ({b}).")
-        _require(b % t.steps_per_block == 0, f"tracerl.steps_per_block ({t.steps_per_block}) must divide {b}.")
-    else:
-        _require(r.max_new_tokens % t.llada_block_len == 0,
-                 f"rollout.max_new_tokens must be a multiple of tracerl.llada_block_len ({t.llada_block_len}).")
-        _require(t.llada_steps % (r.max_new_tokens // t.llada_block_len) == 0,
-                 f"tracerl.llada_steps ({t.llada_steps}) must be a multiple of the number of LLaDA blocks.")

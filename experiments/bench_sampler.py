@@ -3,9 +3,9 @@
   python experiments/bench_sampler.py              # full run, all cores
   python experiments/bench_sampler.py --one_core   # pin the process to one core (robust on a shared machine)
   python experiments/bench_sampler.py --quick      # smoke run (about a minute)
-  python experiments/bench_sampler.py --issue      # the issue's rows in <= 6 min on an idle 2-core machine:
+  python experiments/bench_sampler.py --issue      # the issue's rows in ~7 min on an idle 2-core machine:
                                                    # both models, batch 1 and 32, 256 new tokens, one timed call
-                                                   # each; per-token table for llama-1M at 64/256/1024; no diffusion
+                                                   # each (batch 32 in 1 and 2 lanes); per-token table for llama-1M at 64/256/1024; no diffusion
 
 Tables (markdown on stdout):
   (1) AR generated tokens/s, ours vs transformers, same weights (built with torch, `save_pretrained`, imported
@@ -202,7 +202,7 @@ def diffusion_bench_rows(quick):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-    parser.add_argument("--issue", action="store_true", help="the issue's rows, one timed call each (<= 6 min)")
+    parser.add_argument("--issue", action="store_true", help="the issue's rows, one timed call each (~7 min)")
     parser.add_argument("--one_core", action="store_true", help="pin the process (jax and torch) to one core")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (best is kept)")
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS))

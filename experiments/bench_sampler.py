@@ -5,7 +5,8 @@
   python experiments/bench_sampler.py --quick      # smoke run (about a minute)
   python experiments/bench_sampler.py --issue      # the issue's rows in ~7 min on an idle 2-core machine:
                                                    # both models, batch 1 and 32, 256 new tokens, one timed call
-                                                   # each (batch 32 in 1 and 2 lanes); per-token table for llama-1M at 64/256/1024; no diffusion
+                                                   # each (batch 32 in 1 and 2 lanes); per-token table for
+                                                   # llama-1M at 64/256/1024; no diffusion
 
 Tables (markdown on stdout):
   (1) AR generated tokens/s, ours vs transformers, same weights (built with torch, `save_pretrained`, imported

@@ -305,8 +305,8 @@ def _block_core(graphdef, p, r, bs, t_b, m, eos_ids, pad_id, sampling, remasking
                     blk + done.astype(jnp.int32), n_fwd + 1)
 
         zero = jnp.int32(0)
-        carry = (x_BxL, cache, steps_lib.empty_trace(b, r), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32), zero, zero,
-                 n_fwd)
+        carry = (x_BxL, cache, steps_lib.empty_trace(b, r), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
+                 zero, zero, n_fwd)
         x_BxL, _, trace, *_, n_fwd = jax.lax.while_loop(cond, body, carry)
         return steps_lib.finalize(prompt_BxP, pmask_BxP, x_BxL[:, p:], trace, eos_ids, pad_id), {"num_forwards": n_fwd}
 

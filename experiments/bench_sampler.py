@@ -132,12 +132,12 @@ def ar_vs_hf_rows(models, batches, new_tokens, repeats, lanes=(1,)):
     ours = {(name, b, k): time_ours(models[name][1], prompts, new_tokens, repeats, k)
             for name, b, prompts in cases for k in lanes if b % k == 0 and (b > 1 or k == 1)}
     hf = {(name, b): time_hf(models[name][0], prompts, new_tokens, repeats) for name, b, prompts in cases}
+    n_params = {name: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param))) for name, (_, m) in models.items()}
     rows = []
     for (name, b, k), (wall, cpu, compile_s, ours_tok) in ours.items():
         hf_wall, hf_cpu, hf_tok = hf[(name, b)]
-        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(models[name][1], nnx.Param)))
         n = b * new_tokens
-        rows.append({"model": name, "params": f"{n_params / 1e6:.2f}M", "batch": b, "lanes": k,
+        rows.append({"model": name, "params": f"{n_params[name] / 1e6:.2f}M", "batch": b, "lanes": k,
                      "new tokens": new_tokens, "ours tok/s": f"{n / wall:.0f}", "HF tok/s": f"{n / hf_wall:.0f}",
                      "speedup (wall)": f"{hf_wall / wall:.2f}x", "ours tok/cpu-s": f"{n / cpu:.0f}",
                      "HF tok/cpu-s": f"{n / hf_cpu:.0f}", "speedup (cpu)": f"{hf_cpu / cpu:.2f}x",

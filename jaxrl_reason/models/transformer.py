@@ -89,7 +89,7 @@ class LayerCache(NamedTuple):
 
     @property
     def slots(self) -> int:
-        return self.v.shape[2]
+        return self.v.shape[SLOT_AXIS.v]
 
 
 KVCache = tuple[LayerCache, ...]  # one per layer (a pytree)

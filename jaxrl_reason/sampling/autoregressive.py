@@ -12,7 +12,7 @@ Rows that have stopped emit the pad id (their model work is wasted but shapes st
 
 Lanes (`lanes` > 1): the batch is cut into that many equal lanes, each decoded by its own loop inside the one
 jitted function; XLA:CPU runs the independent loops concurrently, one per core. For a small model, whose decode
-ops are too small to split across cores, that is ~25% more tokens/s at batch 32 on 2 cores (llama-1M); for a
+ops are too small to split across cores, that is 25-50% more tokens/s at batch 32 on 2 cores (llama-1M); for a
 ~30M model it is slower (its matmuls already use both cores). Lane l samples with `fold_in(key, l)`, so sampled
 tokens depend on `lanes` (greedy ones do not); rows never share noise.
 

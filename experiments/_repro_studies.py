@@ -38,6 +38,7 @@ CURVE_KEYS = ("reward/accuracy", "response/length_mean", "response/truncated_fra
               "time/update_s")
 RESULT_FILE = "result.json"
 EVAL_COMMON_FILE = "eval_common.json"
+EVAL_BEFORE_DIR = "eval_before"  # <workroot>/eval_before/<eval_before_key>.json: start-policy evaluations
 
 
 class RunSpec(NamedTuple):
@@ -119,6 +120,18 @@ def run_key(spec: RunSpec, seed: int, s: Settings) -> str:
     return f"{tag}_{hashlib.sha1(blob.encode()).hexdigest()[:10]}/seed{seed}"
 
 
+def eval_before_key(config) -> str:
+    """Hash of everything the start policy's held-out evaluation depends on (train/loop.py evaluates it with the
+    `eval` settings, the rollout lengths and the key PRNGKey(seed + 1)): the model section and the bytes of its
+    warm start, the task, the eval section, the lengths and the seed. Runs from one start with one budget (GRPO,
+    DAPO, GSPO, LSPO, HAPO, REPRO, PPO at a study's settings) share it; DLER (64-token budget) does not."""
+    r = config.rollout
+    blob = json.dumps({"model": config.model.to_dict(), "task": config.task.to_dict(), "eval": config.eval.to_dict(),
+                       "lengths": [r.max_prompt_len, r.max_new_tokens], "seed": config.seed,
+                       "warm_start": warm_start_digest(config)}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
 def read_curve(workdir: str) -> list[dict]:
     """Per-iteration records of `workdir/metrics.jsonl` (those with a train/loss), restricted to CURVE_KEYS."""
     from jaxrl_reason.train.metrics import read_metrics
@@ -153,7 +166,13 @@ def run_one(spec: RunSpec, seed: int, s: Settings, workroot: str) -> dict:
         return _load_json(path)
     config = make_config(spec, seed, s)
     print(f"== {spec.name} (configs/{spec.module}.py:{spec.arg}) seed {seed} -> {workdir}", flush=True)
-    out = loop.run(config, workdir)
+    before_path = os.path.join(workroot, EVAL_BEFORE_DIR, eval_before_key(config) + ".json")
+    before = _load_json(before_path) if os.path.exists(before_path) else None
+    out = loop.run(config, workdir, eval_before=before)
+    if out.get("preempted"):
+        raise SystemExit(f"run {workdir} was preempted; the same command resumes it from its last checkpoint.")
+    if before is None:
+        _write_json(before_path, out["eval_before"])
     result = {"seed": seed, "module": spec.module, "arg": spec.arg, "overrides": [list(o) for o in spec.overrides],
               "eval_before": out["eval_before"], "eval_after": out["eval_after"], "iterations": out["iterations"],
               "curve": read_curve(workdir), "workdir": workdir}

@@ -18,6 +18,8 @@ import _repro_studies as studies  # noqa: E402
 import reproduce  # noqa: E402
 
 from jaxrl_reason.train import build, loop  # noqa: E402
+from jaxrl_reason.train.evaluation import evaluate  # noqa: E402
+from jaxrl_reason.train.metrics import read_metrics  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- micro-scale end to end
@@ -80,6 +82,38 @@ def test_runs_are_shared_by_key_and_configs_get_the_study_budget(tmp_path):
     assert os.path.isabs(c.model.sft_dir) and c.model.init == "sft"
     lspo_grpo = dict((r.name, r) for r in studies.STUDIES["lspo"])["lspo_grpo"]
     assert studies.make_config(lspo_grpo, 0, s).loss.kl_coef == studies.make_config(grpo, 0, s).loss.kl_coef == 0.0
+
+
+def test_start_evaluation_is_computed_once_per_start_and_budget(tmp_path, monkeypatch):
+    """Runs from one start with one evaluation budget share the start policy's evaluation (eval_before_key): two
+    methods computing it give equal numbers, and a third run gets the stored one instead of evaluating."""
+    full = studies.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
+    grpo, dapo = studies.RunSpec("grpo", "grpo"), studies.RunSpec("dapo", "dapo")
+
+    def key(spec, seed=0, s=full):
+        return studies.eval_before_key(studies.make_config(spec, seed, s))
+
+    hapo_no_a = dict((r.name, r) for r in studies.STUDIES["hapo"])["hapo_no_A_temperature"]
+    assert key(grpo) == key(dapo) == key(studies.RunSpec("lspo_gspo", "lspo", "gspo,tiny")) == key(hapo_no_a)
+    others = {key(grpo, 1), key(grpo, s=full._replace(eval_samples=4)), key(studies.RunSpec("dler", "dler"))}
+    assert len(others | {key(grpo)}) == 4  # another seed, another eval budget, DLER's 64-token budget
+
+    monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)
+    smoke = studies.Settings(rl_steps=1, eval_problems=9, eval_samples=2, greedy=False, smoke=True)
+    a = studies.run_one(grpo, 0, smoke, str(tmp_path / "a"))
+    b = studies.run_one(dapo, 0, smoke, str(tmp_path / "b"))
+    assert a["eval_before"] == b["eval_before"] and a["eval_before"]["pass@1"] >= 0.0  # computed twice: equal
+    stored = tmp_path / "a" / studies.EVAL_BEFORE_DIR / (key(dapo, s=smoke) + ".json")
+    assert json.loads(stored.read_text()) == a["eval_before"]
+    calls = []
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: calls.append(k["key"]) or evaluate(*a, **k))
+    c = studies.run_one(dapo, 0, smoke, str(tmp_path / "a"))  # the stored evaluation: only the final one runs
+    assert len(calls) == 1 and c["eval_before"] == a["eval_before"] and c["iterations"] == 1
+    step0 = [r for r in read_metrics(c["workdir"]) if r["step"] == 0]
+    assert step0[0]["eval/pass@1"] == a["eval_before"]["pass@1"]  # logged as if computed
+    monkeypatch.setattr(loop, "run", lambda config, workdir, eval_before=None: {"preempted": True})
+    with pytest.raises(SystemExit, match="preempted; the same command resumes it"):
+        studies.run_one(grpo, 1, smoke, str(tmp_path / "a"))
 
 
 def test_flags_reject_bad_values():

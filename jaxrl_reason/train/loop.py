@@ -159,18 +159,21 @@ def _fmt(m: dict) -> str:
     return "  ".join(f"{k}={m[k]:.3f}" for k in keys)
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, *, eval_before: dict | None = None) -> dict:
     """Runs RL as configured; returns the final metrics (eval before/after and the last step's).
 
     SIGTERM is handled from start-up on: before or during the first evaluation the run exits cleanly (saving the
     evaluation), during training it saves the iteration and exits; a restart resumes (`{"preempted": True}`).
+    `eval_before`: the held-out evaluation of the start policy when the caller already has it (the evaluation is
+    deterministic in the start weights, the eval settings and `seed`; the reproduction study shares it between runs
+    from one start); it is used, logged and checkpointed as if computed here.
     """
     validate_config(config)
     with install_preemption_handler() as preempt:
-        return _run(config, workdir, preempt)
+        return _run(config, workdir, preempt, eval_before)
 
 
-def _run(config, workdir: str, preempt) -> dict:
+def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = _mesh(config)
     task = build_task(config)
@@ -205,7 +208,8 @@ def _run(config, workdir: str, preempt) -> dict:
     # Lines after the restored iteration are written again; with no evaluation restored, step 0 is too (-1: drop all).
     writer = MetricsWriter(workdir, truncate_after=meta["iteration"] if meta["eval_before"] is not None else -1)
     if meta["eval_before"] is None and not preempt.requested:
-        meta["eval_before"] = eval_fn(state.params["policy"], key=jax.random.PRNGKey(config.seed + 1))
+        meta["eval_before"] = (dict(eval_before) if eval_before is not None
+                               else eval_fn(state.params["policy"], key=jax.random.PRNGKey(config.seed + 1)))
         writer.write(0, {f"eval/{k}": v for k, v in meta["eval_before"].items()})
         print("held-out before RL: " + _fmt(meta["eval_before"]), flush=True)
         if preempt.requested:  # keep the evaluation: a restart goes straight to training

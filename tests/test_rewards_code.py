@@ -15,6 +15,7 @@ import pytest
 
 from jaxrl_reason.rewards import code as code_lib
 from jaxrl_reason.rewards import sandbox as sandbox_lib
+from jaxrl_reason.rewards import sandbox_watch
 from jaxrl_reason.rewards.code import (SANDBOX_TAG, TAIL_BYTES, code_reward, code_rewards, extract_code,
                                        run_tests)
 from jaxrl_reason.rewards.pool import VerifierPool
@@ -241,7 +242,7 @@ def test_a_sandbox_without_its_own_namespace_is_refused(monkeypatch):
     monkeypatch.setattr(sandbox_lib, "CLONE_NEWNET", 0)
     with pytest.raises(RuntimeError, match="own network namespace"):
         run_tests(ADD, ADD_TESTS, timeout_s=SLOW_OK, isolation="namespaces")
-    assert not code_lib._matches(os.getppid(), ("net", os.readlink("/proc/self/ns/net")))
+    assert not sandbox_watch.matches(os.getppid(), ("net", os.readlink("/proc/self/ns/net")))
 
 
 def test_bad_arguments_raise():

@@ -23,7 +23,8 @@ import numpy as np
 
 from jaxrl_reason.rewards import sandbox
 from jaxrl_reason.rewards.pool import VerifierPool
-from jaxrl_reason.rewards.sandbox import SANDBOX_TAG, TAIL_BYTES, _matches  # noqa: F401 (re-exported)
+from jaxrl_reason.rewards.sandbox import SANDBOX_TAG  # noqa: F401 (re-exported)
+from jaxrl_reason.rewards.sandbox_watch import TAIL_BYTES
 
 MAX_CODE_CHARS = 100_000
 STATUSES = ("ok", "syntax_error", "runtime_error", "timeout", "output_limit", "crash")

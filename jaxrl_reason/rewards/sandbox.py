@@ -55,7 +55,6 @@ import math
 import os
 import resource
 import secrets
-import selectors
 import shutil
 import signal
 import subprocess
@@ -63,12 +62,12 @@ import sys
 import tempfile
 import time
 
-TAIL_BYTES = 4096
+from jaxrl_reason.rewards.sandbox_watch import collect, kill_sandbox, own_markers
+
 SANDBOX_TAG = "jaxrl-reason-code-sandbox"     # argv[1] of every sandbox interpreter
 _HIDDEN_DIRS = ("/root", "/home", "/var/tmp", "/dev/shm", "/run", "/proc", "/mnt", "/media", "/srv")
 _UID_RANGE = (0x70000000, 0x7FFF0000)        # unused by distributions and by systemd's allocations
 _NS_UID_FOR_ROOT = 1000                      # inner uid of a user namespace made by root (tests only)
-_RESULT_CAP = 1 << 20
 # Linux uapi constants (sched.h, mount.h, prctl.h); these syscall numbers are the same on all arches.
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x20000, 0x10000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
@@ -256,90 +255,6 @@ def _make_plan(namespaces: bool, workdir: str, rlimits: tuple, max_file_mb: int,
                  hide=hide, expose=expose, rlimits=rlimits, res_w=res_w)
 
 
-# ------------------------------------------------------------------ parent side: watch, kill, collect
-
-def _own_markers() -> tuple:
-    return ("net", os.readlink("/proc/self/ns/net")), ("uid", os.getuid())
-
-
-def _matches(pid: int, marker) -> bool:
-    """Whether live process `pid` carries the sandbox marker: ("net", netns link) or ("uid", real uid).
-    Never true for a marker this process carries itself (a sandbox that failed to isolate)."""
-    if marker in _own_markers() or pid == os.getpid():
-        return False
-    try:
-        if marker[0] == "net":
-            return os.readlink(f"/proc/{pid}/ns/net") == marker[1]
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return fields["State"].split()[0] not in ("Z", "X") and int(fields["Uid"].split()[0]) == marker[1]
-    except (OSError, KeyError, ValueError, IndexError):
-        return False
-
-
-def _kill_sandbox(pgid: int, marker):
-    """SIGKILL the process group, then every live process carrying `marker`, until none is left."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for _ in range(1000 if marker is not None else 0):
-        pids = [int(n) for n in os.listdir("/proc") if n.isdigit() and _matches(int(n), marker)]
-        if not pids:
-            return
-        for pid in pids:
-            try:   # a pidfd pins the process: the check and the signal cannot hit a recycled pid
-                fd = os.pidfd_open(pid)
-            except OSError:
-                continue
-            try:
-                if _matches(pid, marker):
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        time.sleep(0.001)
-
-
-def _collect(proc, res_r: int, deadline: float, max_output_bytes: int, kill):
-    """Reads stdout, stderr and results until EOF. Past the deadline (main process alive) or the output
-    cap, or once the main process ends, calls `kill()` once. Returns (stdout_tail, stderr_tail, results,
-    status or None)."""
-    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray(), res_r: bytearray()}
-    sel = selectors.DefaultSelector()
-    for fd in bufs:
-        os.set_blocking(fd, False)
-        sel.register(fd, selectors.EVENT_READ)
-    total, status, killed_at = 0, None, None
-    while sel.get_map():
-        now = time.monotonic()   # waitid(WNOWAIT): the zombie keeps its pid (= the pgid) reserved until reaped
-        alive = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-        if killed_at is None:
-            if total > max_output_bytes:
-                status = "output_limit"
-            elif now >= deadline and alive:
-                status = "timeout"
-            if status is not None or not alive or now >= deadline:
-                kill()
-                killed_at = now
-        elif now > killed_at + 2.0:   # an unkillable writer (guard mode, no marker): stop waiting
-            break
-        for key, _ in sel.select(timeout=0.05):
-            chunk = os.read(key.fd, 65536)
-            if not chunk:
-                sel.unregister(key.fd)
-            elif key.fd == res_r:
-                bufs[res_r] += chunk[:max(0, _RESULT_CAP - len(bufs[res_r]))]
-            else:
-                total += len(chunk)
-                bufs[key.fd] += chunk
-                del bufs[key.fd][:-TAIL_BYTES]
-    sel.close()
-    out, err = (bytes(bufs[f.fileno()]).decode("utf-8", "replace") for f in (proc.stdout, proc.stderr))
-    return out, err, bytes(bufs[res_r]).decode("ascii", "replace"), status
-
-
 def _spawn(plan: _Plan, script: str, payload: bytes, res_r: int):
     """Starts the sandboxed interpreter, which waits for a byte on `go_w`; returns (proc, go_w)."""
     go_r, go_w = os.pipe()
@@ -379,8 +294,8 @@ def run_sandboxed(script: str, payload: dict, *, namespaces: bool, timeout_s: fl
     its reports to result_fd. The wall clock `timeout_s` covers start-up and everything the script runs.
 
     Returns:
-      (stdout_tail, stderr_tail, result_text, status, returncode): the last TAIL_BYTES of each stream, what
-      the script wrote to result_fd (at most 1 MiB), status "timeout" / "output_limit" / None (it ended).
+      (stdout_tail, stderr_tail, result_text, status, returncode): the last sandbox_watch.TAIL_BYTES of each
+      stream, what the script wrote to result_fd (at most 1 MiB), status "timeout" / "output_limit" / None (it ended).
     """
     if not (timeout_s > 0 and memory_mb >= 64 and max_output_bytes > 0 and max_processes >= 1
             and max_open_files >= 16 and max_file_mb >= 1):
@@ -412,14 +327,14 @@ def _run(plan: _Plan, script: str, payload: bytes, res_r: int, timeout_s: float,
         os.close(plan.res_w)   # the child's copy is the only writer left: EOF when the sandbox is gone
         marker = (("net", os.readlink(f"/proc/{proc.pid}/ns/net")) if plan.namespaces else
                   ("uid", plan.uid) if plan.drop else None)
-        if marker is not None and marker in _own_markers():
+        if marker is not None and marker in own_markers():
             raise RuntimeError("the code sandbox did not get its own network namespace or uid.")
-        kill = functools.partial(_kill_sandbox, proc.pid, marker)
+        kill = functools.partial(kill_sandbox, proc.pid, marker)
         try:
             os.write(go_w, b"g")
         except BrokenPipeError:
             pass
-        out, err, res, status = _collect(proc, res_r, time.monotonic() + timeout_s, max_output_bytes, kill)
+        out, err, res, status = collect(proc, res_r, time.monotonic() + timeout_s, max_output_bytes, kill)
         kill()
         proc.wait()
         return out, err, res, status, proc.returncode

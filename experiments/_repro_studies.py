@@ -123,12 +123,19 @@ def run_key(spec: RunSpec, seed: int, s: Settings) -> str:
 def eval_before_key(config) -> str:
     """Hash of everything the start policy's held-out evaluation depends on (train/loop.py evaluates it with the
     `eval` settings, the rollout lengths and the key PRNGKey(seed + 1)): the model section and the bytes of its
-    warm start, the task, the eval section, the lengths and the seed. Runs from one start with one budget (GRPO,
-    DAPO, GSPO, LSPO, HAPO, REPRO, PPO at a study's settings) share it; DLER (64-token budget) does not."""
+    warm start (not its path: a moved or copied work root keeps its evaluations), the task, the eval section, the
+    lengths and the seed. Runs from one start with one budget (GRPO, DAPO, GSPO, LSPO, HAPO, REPRO, PPO at a
+    study's settings) share it; DLER (64-token budget) does not.
+    A diffusion policy's evaluation also depends on its sampler (the `tracerl` section, less the training
+    estimator), so TraceRL and the one-step estimator from one start share it too."""
     r = config.rollout
-    blob = json.dumps({"model": config.model.to_dict(), "task": config.task.to_dict(), "eval": config.eval.to_dict(),
-                       "lengths": [r.max_prompt_len, r.max_new_tokens], "seed": config.seed,
-                       "warm_start": warm_start_digest(config)}, sort_keys=True, default=str)
+    model = {k: v for k, v in config.model.to_dict().items() if k != "sft_dir"}  # the weights: by their digest
+    content = {"model": model, "task": config.task.to_dict(), "eval": config.eval.to_dict(),
+               "lengths": [r.max_prompt_len, r.max_new_tokens], "seed": config.seed,
+               "warm_start": warm_start_digest(config)}
+    if "tracerl" in config:  # diffusion policies only
+        content["sampler"] = {k: v for k, v in config.tracerl.to_dict().items() if k != "estimator"}
+    blob = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -143,12 +150,12 @@ def read_curve(workdir: str) -> list[dict]:
     return out
 
 
-def _load_json(path: str):
+def load_json(path: str):
     with open(path) as f:
         return json.load(f)
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -156,27 +163,35 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def run_one(spec: RunSpec, seed: int, s: Settings, workroot: str) -> dict:
-    """Trains (or loads the finished result of) one run; returns eval before/after, curve, overrides, workdir."""
+def train_from_start(config, workdir: str, workroot: str) -> dict:
+    """`loop.run(config, workdir)` with the start policy's evaluation shared through `workroot/eval_before/`
+    (eval_before_key): read when a run from the same start already stored it, stored otherwise. A preempted run
+    exits with one sentence (the same command resumes it)."""
     from jaxrl_reason.train import loop
 
-    workdir = os.path.join(workroot, "runs", run_key(spec, seed, s))
-    path = os.path.join(workdir, RESULT_FILE)
-    if os.path.exists(path):
-        return _load_json(path)
-    config = make_config(spec, seed, s)
-    print(f"== {spec.name} (configs/{spec.module}.py:{spec.arg}) seed {seed} -> {workdir}", flush=True)
     before_path = os.path.join(workroot, EVAL_BEFORE_DIR, eval_before_key(config) + ".json")
-    before = _load_json(before_path) if os.path.exists(before_path) else None
+    before = load_json(before_path) if os.path.exists(before_path) else None
     out = loop.run(config, workdir, eval_before=before)
     if out.get("preempted"):
         raise SystemExit(f"run {workdir} was preempted; the same command resumes it from its last checkpoint.")
     if before is None:
-        _write_json(before_path, out["eval_before"])
+        write_json(before_path, out["eval_before"])
+    return out
+
+
+def run_one(spec: RunSpec, seed: int, s: Settings, workroot: str) -> dict:
+    """Trains (or loads the finished result of) one run; returns eval before/after, curve, overrides, workdir."""
+    workdir = os.path.join(workroot, "runs", run_key(spec, seed, s))
+    path = os.path.join(workdir, RESULT_FILE)
+    if os.path.exists(path):
+        return load_json(path)
+    config = make_config(spec, seed, s)
+    print(f"== {spec.name} (configs/{spec.module}.py:{spec.arg}) seed {seed} -> {workdir}", flush=True)
+    out = train_from_start(config, workdir, workroot)
     result = {"seed": seed, "module": spec.module, "arg": spec.arg, "overrides": [list(o) for o in spec.overrides],
               "eval_before": out["eval_before"], "eval_after": out["eval_after"], "iterations": out["iterations"],
               "curve": read_curve(workdir), "workdir": workdir}
-    _write_json(path, result)
+    write_json(path, result)
     return result
 
 
@@ -247,9 +262,9 @@ def split_eval(config, checkpoint: str, seed: int) -> dict:
 
 def _cached(path: str, fn):
     if os.path.exists(path):
-        return _load_json(path)
+        return load_json(path)
     value = fn()
-    _write_json(path, value)
+    write_json(path, value)
     return value
 
 
@@ -328,13 +343,23 @@ def tracerl_module():
 
 
 def run_tracerl(seeds, s: Settings, sft_steps: int, workroot: str) -> dict | None:
-    """The TraceRL helper's study (experiments/_repro_tracerl.run_tracerl_study), or None when it is absent."""
+    """The TraceRL study (experiments/_repro_tracerl.run_tracerl_study; outside --smoke from the shipped diffusion
+    SFT checkpoints when they exist), or None when that module is absent."""
     mod = tracerl_module()
     if mod is None:
         return None
     return mod.run_tracerl_study(seeds=list(seeds), rl_steps=s.rl_steps, eval_problems=s.eval_problems,
                                  eval_samples=s.eval_samples, sft_steps=sft_steps,
-                                 workroot=os.path.join(workroot, "tracerl"), smoke=s.smoke)
+                                 workroot=os.path.join(workroot, "tracerl"), smoke=s.smoke, use_shipped=True)
+
+
+def tracerl_starts(s: Settings) -> dict:
+    """{kind: where the TraceRL runs of `kind` start}: the shipped checkpoint (path from the repository root) or
+    the one the study builds with --sft_steps (see _repro_tracerl.ensure_sft)."""
+    mod = tracerl_module()
+    kinds = sorted({arg.split(",")[0] for arg in mod.RUNS.values()}) if mod else []
+    return {k: os.path.relpath(mod.shipped_sft_dir(k), ROOT) if not s.smoke and mod.shipped_sft_dir(k)
+            else "built by the study (sft_steps)" for k in kinds}
 
 
 def study_json(study: str, results: dict | None, s: Settings, seeds, **extra_settings) -> dict:

@@ -9,14 +9,18 @@ Claims tested (diffusion.md §1, §6.2, §6.5, §7): accuracy before / after Tra
 trajectory estimate (§6.5) vs the d1 one-step estimate (§6.2); with and without the diffusion value model (§7.4).
 
 Steps:
-  1. two SFT checkpoints, `workroot/sft_block` and `workroot/sft_full` (configs/sft_diffusion.py:<kind>,tiny with
-     `sft_steps` steps; the same library calls as experiments/sft.py's `_diffusion_sft`, without its evaluation,
-     which the RL runs' `eval_before` replaces). A directory counts as built once its `sft_done.json` marker
-     exists; the marker stores the SFT config, and reusing it under a different config raises ValueError.
+  1. two SFT checkpoints: with `use_shipped` (reproduce.py outside --smoke) the shipped
+     `checkpoints/arith_tiny_sft_{block,full}` (experiments/sft.py with configs/sft_diffusion.py:<kind>,tiny), as
+     the AR studies start from checkpoints/arith_tiny_sft; otherwise, or when one is missing, `workroot/sft_<kind>`
+     (the same config with `sft_steps` steps; the library calls of experiments/sft.py's `_diffusion_sft`, without
+     its evaluation, which the RL runs' `eval_before` replaces). A built directory counts once its `sft_done.json`
+     marker exists; the marker stores the SFT config, and reusing it under a different config raises ValueError.
   2. for each seed (seed-major, so every finished seed is a complete comparison) the runs of `RUNS`, each from its
      kind's SFT checkpoint in a fresh workdir `workroot/<run>/seed<k>`, all with the same `rl_steps` (no time
      budget), eval problems and samples. A run is done once `result.json` exists (it stores the run's config; a
-     different config raises ValueError); an unfinished run resumes from its last checkpoint (train/loop.py).
+     different config, or another SFT checkpoint (its sha256), raises ValueError); an unfinished run resumes
+     from its last checkpoint (train/loop.py). Runs from one start share its held-out evaluation
+     (`_repro_studies.train_from_start`: the three block runs of a seed evaluate the start once).
   3. `{run: [{"eval_before", "eval_after", "curve", "seed", "iterations", "wall_s"}, ...]}`; `curve` holds the
      per-iteration records of the run's metrics.jsonl (the rows with a `train/loss`).
 
@@ -33,12 +37,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [p for p in (ROOT, os.path.join(ROOT, "experiments")) if p not in sys.path]
 
+import _repro_studies as studies  # noqa: E402  (start-evaluation key and warm-start digest, shared with AR studies)
 from configs import sft_diffusion as sft_diffusion_config  # noqa: E402
 from configs import tracerl as tracerl_config  # noqa: E402
 from configs.base import shrink_for_smoke  # noqa: E402
-from jaxrl_reason.train import build, diffusion_sft, loop, sft  # noqa: E402
+from jaxrl_reason.train import build, diffusion_sft, sft  # noqa: E402
 from jaxrl_reason.train.metrics import read_metrics  # noqa: E402
 
 RUNS = {  # run name -> configs/tracerl.py arg (tiny scale)
@@ -49,6 +55,9 @@ RUNS = {  # run name -> configs/tracerl.py arg (tiny scale)
 }
 SFT_MARKER = "sft_done.json"
 RESULT_FILE = "result.json"
+# The shipped diffusion SFT checkpoints (configs/tracerl.py's default model.sft_dir), built with
+#   python experiments/sft.py --config=configs/sft_diffusion.py:<kind>,tiny --out=checkpoints/arith_tiny_sft_<kind>
+SHIPPED_SFT = os.path.join(ROOT, "checkpoints", "arith_tiny_sft_{kind}")
 
 PAPER_NUMBERS_TRACERL = {
     "TraDo-8B-Instruct vs AR models (math)": (
@@ -112,15 +121,8 @@ def _as_json(config, workroot: str | None = None) -> dict:
     out = json.loads(config.to_json_best_effort())
     if workroot is not None:
         out["model"]["sft_dir"] = os.path.relpath(config.model.sft_dir, workroot)
+        out["model"]["sft_sha256"] = studies.warm_start_digest(config)  # a rebuilt start is another run
     return out
-
-
-def _write_json(path: str, obj) -> None:
-    """Atomic write: a marker either exists complete or not at all."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _load_marker(path: str, config_json: dict, what: str):
@@ -152,7 +154,7 @@ def build_sft_checkpoint(config, out_dir: str, log_fn=print) -> dict:
     model, history = diffusion_sft.diffusion_sft_from_config(c, tok, model, prompts, traces, log_fn=log_fn)
     sft.save_sft_checkpoint(model, mcfg, tok, out_dir)
     done = {"config": config_json, "history": history, "wall_s": time.time() - start}
-    _write_json(marker, done)
+    studies.write_json(marker, done)
     return done
 
 
@@ -163,37 +165,63 @@ def run_one(config, workdir: str, workroot: str) -> dict:
     done = _load_marker(path, config_json, "RL")
     if done is None:
         start = time.time()
-        out = loop.run(config, workdir)
+        out = studies.train_from_start(config, workdir, workroot)
         curve = [r for r in read_metrics(workdir) if "train/loss" in r]
         done = {"config": config_json, "seed": int(config.seed), "eval_before": out["eval_before"],
                 "eval_after": out["eval_after"], "iterations": int(out["iterations"]), "curve": curve,
                 "wall_s": time.time() - start}
-        _write_json(path, done)
+        studies.write_json(path, done)
     return {k: v for k, v in done.items() if k != "config"}
 
 
+def shipped_sft_dir(kind: str) -> str | None:
+    """checkpoints/arith_tiny_sft_<kind> if it holds a checkpoint, else None."""
+    path = SHIPPED_SFT.format(kind=kind)
+    return path if os.path.exists(os.path.join(path, "model.safetensors")) else None
+
+
+def ensure_sft(kind: str, *, sft_steps: int, eval_problems: int, workroot: str, smoke: bool = False,
+               use_shipped: bool = False, log_fn=print) -> str:
+    """The SFT checkpoint the `kind` runs start from: the shipped one when `use_shipped` and it exists (as the AR
+    studies start from checkpoints/arith_tiny_sft), else `workroot/sft_<kind>`, built with `sft_steps` if absent."""
+    if use_shipped and not smoke and shipped_sft_dir(kind):
+        return shipped_sft_dir(kind)
+    out = os.path.join(workroot, f"sft_{kind}")
+    cfg = sft_config(kind, sft_steps=sft_steps, eval_problems=eval_problems, smoke=smoke)
+    done = build_sft_checkpoint(cfg, out, log_fn=log_fn)
+    log_fn(f"sft_{kind}: {len(done['history'])} loss records, last {done['history'][-1]}")
+    return out
+
+
+def run_named(run: str, seed: int, *, sft_dir: str, rl_steps: int, eval_problems: int, eval_samples: int,
+              workroot: str, smoke: bool = False, greedy: bool = False, log_fn=print) -> dict:
+    """One run of `RUNS` from `sft_dir` into `workroot/<run>/seed<seed>` (run_one's record)."""
+    cfg = rl_config(run, seed=seed, rl_steps=rl_steps, eval_problems=eval_problems, eval_samples=eval_samples,
+                    sft_dir=sft_dir, greedy=greedy, smoke=smoke)
+    record = run_one(cfg, os.path.join(workroot, run, f"seed{seed}"), workroot)
+    log_fn(f"{run} seed {seed}: pass@1 {record['eval_before'].get('pass@1')} -> "
+           f"{record['eval_after'].get('pass@1')} ({record['wall_s']:.0f}s)")
+    return record
+
+
 def run_tracerl_study(*, seeds, rl_steps: int, eval_problems: int, eval_samples: int, sft_steps: int, workroot: str,
-                      smoke: bool = False, greedy: bool = False, runs=tuple(RUNS), log_fn=print) -> dict:
-    """SFT checkpoints (block, full) then `runs` x `seeds` RL runs; returns {run: [record per seed]} (see above)."""
+                      smoke: bool = False, greedy: bool = False, runs=tuple(RUNS), use_shipped: bool = False,
+                      log_fn=print) -> dict:
+    """SFT checkpoints (block, full; see ensure_sft) then `runs` x `seeds` RL runs; returns {run: [record per
+    seed]} (see above)."""
     if not seeds:
         raise ValueError("run_tracerl_study needs at least one seed.")
     unknown = [r for r in runs if r not in RUNS]
     if unknown:
         raise ValueError(f"unknown TraceRL study runs {unknown}; use names from {tuple(RUNS)}.")
     os.makedirs(workroot, exist_ok=True)
-    sft_dirs = {}
-    for kind in sorted({RUNS[r].split(",")[0] for r in runs}):
-        sft_dirs[kind] = os.path.join(workroot, f"sft_{kind}")
-        cfg = sft_config(kind, sft_steps=sft_steps, eval_problems=eval_problems, smoke=smoke)
-        done = build_sft_checkpoint(cfg, sft_dirs[kind], log_fn=log_fn)
-        log_fn(f"sft_{kind}: {len(done['history'])} loss records, last {done['history'][-1]}")
+    sft_dirs = {kind: ensure_sft(kind, sft_steps=sft_steps, eval_problems=eval_problems, workroot=workroot,
+                                 smoke=smoke, use_shipped=use_shipped, log_fn=log_fn)
+                for kind in sorted({RUNS[r].split(",")[0] for r in runs})}
     results = {r: [] for r in runs}
     for seed in seeds:
         for run in runs:
-            cfg = rl_config(run, seed=seed, rl_steps=rl_steps, eval_problems=eval_problems, eval_samples=eval_samples,
-                            sft_dir=sft_dirs[RUNS[run].split(",")[0]], greedy=greedy, smoke=smoke)
-            record = run_one(cfg, os.path.join(workroot, run, f"seed{seed}"), workroot)
-            log_fn(f"{run} seed {seed}: pass@1 {record['eval_before'].get('pass@1')} -> "
-                   f"{record['eval_after'].get('pass@1')} ({record['wall_s']:.0f}s)")
-            results[run].append(record)
+            results[run].append(run_named(run, seed, sft_dir=sft_dirs[RUNS[run].split(",")[0]], rl_steps=rl_steps,
+                                          eval_problems=eval_problems, eval_samples=eval_samples, workroot=workroot,
+                                          smoke=smoke, greedy=greedy, log_fn=log_fn))
     return results

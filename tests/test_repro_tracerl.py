@@ -98,7 +98,8 @@ def test_only_runs_without_result_json_are_run_again(smoke_run, tmp_path, monkey
     os.remove(os.path.join(root, "block_tracerl_value", "seed0", "result.json"))
     calls = []
 
-    def fake_run(config, workdir):
+    def fake_run(config, workdir, eval_before=None):
+        assert eval_before == smoke_run[1]["block_tracerl_value"][0]["eval_before"]  # shared by the block runs
         calls.append((workdir, config.model.sft_dir, config.tracerl.llada_block_len))
         return {"eval_before": {"pass@1": 0.25}, "eval_after": {"pass@1": 0.5}, "iterations": 2}
 

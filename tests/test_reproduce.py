@@ -3,7 +3,10 @@ numpy / hand-computed references on synthetic results."""
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from rl_testing import ROOT, digit_scorer
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import _repro_plots as plots  # noqa: E402
+import _repro_pool as pool  # noqa: E402
 import _repro_report as report  # noqa: E402
 import _repro_studies as studies  # noqa: E402
 import reproduce  # noqa: E402
@@ -114,6 +118,57 @@ def test_start_evaluation_is_computed_once_per_start_and_budget(tmp_path, monkey
     monkeypatch.setattr(loop, "run", lambda config, workdir, eval_before=None: {"preempted": True})
     with pytest.raises(SystemExit, match="preempted; the same command resumes it"):
         studies.run_one(grpo, 1, smoke, str(tmp_path / "a"))
+
+
+def test_pool_trains_each_run_once_and_equals_the_sequential_run(tmp_path, monkeypatch):
+    """--workers: a run shared by two studies is one job; two pinned worker processes train the runs, the study
+    then reads them back without training (loop.run raises in this process), and a worker's run equals the same
+    run trained sequentially here; a failing job makes the pool raise after its workers stop."""
+    smoke = studies.Settings(rl_steps=1, eval_problems=9, eval_samples=2, greedy=False, smoke=True)
+    grpo = studies.RunSpec("grpo", "grpo")
+    monkeypatch.setitem(studies.STUDIES, "lspo", (grpo,))
+    monkeypatch.setitem(studies.STUDIES, "repro", (studies.RunSpec("also_grpo", "grpo"),))
+    root = str(tmp_path / "pooled")
+    first, second = pool.plan(["lspo", "repro"], [0, 1], smoke, 2, root)
+    assert [(j[0], j[1]["seed"]) for j in first] == [("ar", 0), ("ar", 1)] and second == []
+    pool.run_jobs(first, workers=2)
+    assert pool.plan(["lspo"], [0, 1], smoke, 2, root) == ([], [])  # finished runs are not planned again
+    monkeypatch.setattr(loop, "run", lambda *a, **k: pytest.fail("the pool's run was trained again"))
+    pooled = studies.run_study("lspo", [0, 1], smoke, root)["grpo"]
+    monkeypatch.undo()
+    alone = studies.run_one(grpo, 1, smoke, str(tmp_path / "alone"))
+    drop_times = lambda curve: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in curve]  # noqa
+    assert pooled[1]["eval_after"] == alone["eval_after"] and pooled[1]["eval_before"] == alone["eval_before"]
+    assert drop_times(pooled[1]["curve"]) == drop_times(alone["curve"]) and pooled[0] != pooled[1]
+    with pytest.raises(RuntimeError, match="a study job failed"):
+        pool.run_jobs([("no_such_job", {})], workers=1)
+    with pytest.raises(ValueError, match="--workers must be >= 1"):
+        reproduce.parse_flags(["reproduce.py", "--workers=0"])
+
+
+def test_sigterm_to_the_pool_saves_each_workers_run_and_starts_no_other(tmp_path):
+    """SIGTERM to `reproduce.py --workers=2` (what a preempted machine sends): both workers save the run they are
+    training and take no new job; the command exits with the one-sentence resume message."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "reproduce.py"), "--smoke", "--studies=repro",
+           "--rl_steps=500", "--workers=2", f"--out={tmp_path}", "--jax_cache=none"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    runs, deadline = tmp_path / "work" / "runs", time.time() + 600
+
+    def training():  # runs that have logged an RL iteration
+        return [p for p in runs.glob("*/seed0/metrics.jsonl") if '"train/loss"' in p.read_text()]
+
+    while len(training()) < 2:
+        assert proc.poll() is None and time.time() < deadline, "the pool stopped before both workers trained"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "preempted; the same command resumes" in out, out[-2000:]
+    started = sorted(runs.glob("*/seed0"))
+    assert len(started) == 2  # the repro study has 4 runs: no worker took a third
+    for run in started:
+        assert not (run / studies.RESULT_FILE).exists() and any((run / "checkpoints").iterdir())
 
 
 def test_flags_reject_bad_values():

@@ -110,6 +110,7 @@ def rl_config(run: str, *, seed: int, rl_steps: int, eval_problems: int, eval_sa
     c.seed = int(seed)
     c.model.init, c.model.sft_dir = "sft", sft_dir
     c.train.num_steps, c.train.time_budget_s, c.train.export_hf = int(rl_steps), 0.0, False
+    c.train.checkpoint_every = min(c.train.checkpoint_every, 5)  # ~1.5 min per iteration on one core: save often
     c.eval.num_problems, c.eval.samples, c.eval.greedy = int(eval_problems), int(eval_samples), bool(greedy)
     if smoke:
         _shrink(c)

@@ -148,11 +148,12 @@ def test_pool_trains_each_run_once_and_equals_the_sequential_run(tmp_path, monke
 
 def test_sigterm_to_the_pool_saves_each_workers_run_and_starts_no_other(tmp_path):
     """SIGTERM to `reproduce.py --workers=2` (what a preempted machine sends): both workers save the run they are
-    training and take no new job; the command exits with the one-sentence resume message."""
+    training and take no new job; the command exits with the one-sentence resume message. (5000 iterations: no run
+    can finish before the signal, so the two runs the workers started are the only ones.)"""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "reproduce.py"), "--smoke", "--studies=repro",
-           "--rl_steps=500", "--workers=2", f"--out={tmp_path}", "--jax_cache=none"]
+           "--rl_steps=5000", "--workers=2", f"--out={tmp_path}", "--jax_cache=none"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     runs, deadline = tmp_path / "work" / "runs", time.time() + 600
 

@@ -41,7 +41,9 @@ def get_config(arg: str = "block,tiny") -> config_dict.ConfigDict:
     c.diffusion.force_one = False  # SDAR: at least one masked token per sequence
     c.diffusion.pad_to_eos = True  # LLaDA: the response padding is EOS and trained
     c.sft.lr = 1e-3 if scale == "tiny" else 3e-4
-    c.sft.num_problems, c.sft.warmup_steps = 8000, 50  # train_diffusion_sft: cosine to 0, weight decay 0.01
+    # Fresh problems, as configs/sft.py: steps x batch 48000 of the 51200 pool, no second epoch. An 8000-problem
+    # pool seen ~6 times gave the AR policy a memorizing start that RL could only lower (configs/sft.py).
+    c.sft.warmup_steps = 50  # train_diffusion_sft: cosine to 0, weight decay 0.01
     c.sft.steps = {"tiny": 1500, "small": 4000}[scale]
     c.tracerl = sampler_config(kind, c.rollout.max_new_tokens)
     return c

@@ -173,3 +173,28 @@ def test_arrays_config_and_errors():
     with pytest.raises(ValueError, match="multiple of 4"):
         S.sft_inputs(_spec("bd3"), {k: v[:, 1:] if k.startswith("prompt") else v for k, v in a.items()},
                      a["response_NxR"])
+
+
+def test_tracerl_layout_scores_each_block_in_the_context_the_sampler_decodes_it():
+    """The two-stream training layout (diffusion.md §5.5) gives noisy block b the logits of a single-stream
+    block-causal forward of [prompt ; clean blocks < b ; noisy block b]: what the block sampler sees when it
+    decodes block b, so the SFT and RL objectives train the conditional the sampler uses."""
+    from jaxrl_reason.models import attention
+
+    model = _model("block")
+    spec = _spec("tracerl", **CASES["tracerl"])
+    arrays = _arrays()
+    batch = S.with_counts(arrays)
+    xt, _, _ = S.noise(spec, jax.random.PRNGKey(3), batch)
+    tokens, pos, mask, (lo, hi) = S.sft_inputs(spec, batch, xt)
+    two_stream = np.asarray(model.logits(model.hidden(tokens, pos, mask)[0][:, lo:hi]))
+    pmask = np.asarray(arrays["prompt_mask_NxP"], bool)
+    ppos = np.asarray(attention.positions_from_mask(pmask))
+    rpos = pmask.sum(-1, keepdims=True) + np.arange(R)
+    for b in range(R // BS):
+        end = (b + 1) * BS
+        clean = arrays["response_NxR"][:, :b * BS]
+        toks = np.concatenate([arrays["prompt_NxP"], clean, np.asarray(xt)[:, b * BS:end]], 1)
+        valid = np.concatenate([pmask, np.ones((len(pmask), end), bool)], 1)
+        h, _ = model.hidden(toks, np.concatenate([ppos, rpos[:, :end]], 1), attention.block_causal_mask(valid, BS, P))
+        np.testing.assert_allclose(np.asarray(model.logits(h[:, -BS:])), two_stream[:, b * BS:end], atol=1e-5)

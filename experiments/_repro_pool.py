@@ -136,7 +136,7 @@ def plan(study_names, seeds, s, sft_steps: int, workroot: str) -> tuple[list, li
         sft = {kind: dict(kind=kind, sft_steps=sft_steps, eval_problems=s.eval_problems, workroot=root,
                           smoke=s.smoke, use_shipped=True) for kind in kinds}
         sft_jobs = [("sft", kw) for kind, kw in sft.items()
-                    if (s.smoke or not mod.shipped_sft_dir(kind))
+                    if not mod.shipped_sft_dir(kind, s.smoke)
                     and not os.path.exists(os.path.join(root, f"sft_{kind}", mod.SFT_MARKER))]
         tracerl_jobs = [("tracerl", dict(run=run, seed=seed, sft=sft[arg.split(",")[0]], rl_steps=s.rl_steps,
                                          eval_problems=s.eval_problems, eval_samples=s.eval_samples, workroot=root,

@@ -358,7 +358,7 @@ def tracerl_starts(s: Settings) -> dict:
     the one the study builds with --sft_steps (see _repro_tracerl.ensure_sft)."""
     mod = tracerl_module()
     kinds = sorted({arg.split(",")[0] for arg in mod.RUNS.values()}) if mod else []
-    return {k: os.path.relpath(mod.shipped_sft_dir(k), ROOT) if not s.smoke and mod.shipped_sft_dir(k)
+    return {k: os.path.relpath(mod.shipped_sft_dir(k, s.smoke), ROOT) if mod.shipped_sft_dir(k, s.smoke)
             else "built by the study (sft_steps)" for k in kinds}
 
 

@@ -175,18 +175,19 @@ def run_one(config, workdir: str, workroot: str) -> dict:
     return {k: v for k, v in done.items() if k != "config"}
 
 
-def shipped_sft_dir(kind: str) -> str | None:
-    """checkpoints/arith_tiny_sft_<kind> if it holds a checkpoint, else None."""
+def shipped_sft_dir(kind: str, smoke: bool = False) -> str | None:
+    """checkpoints/arith_tiny_sft_<kind> if it holds a checkpoint, else None (always None at smoke size, whose
+    shrunk model the shipped weights do not fit)."""
     path = SHIPPED_SFT.format(kind=kind)
-    return path if os.path.exists(os.path.join(path, "model.safetensors")) else None
+    return path if not smoke and os.path.exists(os.path.join(path, "model.safetensors")) else None
 
 
 def ensure_sft(kind: str, *, sft_steps: int, eval_problems: int, workroot: str, smoke: bool = False,
                use_shipped: bool = False, log_fn=print) -> str:
     """The SFT checkpoint the `kind` runs start from: the shipped one when `use_shipped` and it exists (as the AR
     studies start from checkpoints/arith_tiny_sft), else `workroot/sft_<kind>`, built with `sft_steps` if absent."""
-    if use_shipped and not smoke and shipped_sft_dir(kind):
-        return shipped_sft_dir(kind)
+    if use_shipped and shipped_sft_dir(kind, smoke):
+        return shipped_sft_dir(kind, smoke)
     out = os.path.join(workroot, f"sft_{kind}")
     cfg = sft_config(kind, sft_steps=sft_steps, eval_problems=eval_problems, smoke=smoke)
     done = build_sft_checkpoint(cfg, out, log_fn=log_fn)

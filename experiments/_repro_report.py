@@ -286,7 +286,7 @@ def tracerl_section(res: dict, ctx: dict, paper: dict) -> str:
     if "block_tracerl" in res and "block_onestep" in res:
         a, b = ev(res["block_tracerl"], "pass@1"), ev(res["block_onestep"], "pass@1")
         claims.append(claim("TraceRL beats the one-step estimator", "pass@1(block_tracerl) > pass@1(block_onestep) "
-                            "by > 2 SE", f"{fmt(b, 100)} vs {fmt(a, 100)}", "see below", verdict_greater(a, b, ctx)))
+                            "by > 2 SE", f"{fmt(a, 100)} vs {fmt(b, 100)}", "see below", verdict_greater(a, b, ctx)))
     if "block_tracerl" in res and "block_tracerl_value" in res:
         s0, s1 = curve_stat(res["block_tracerl"], "train/loss", "std"), curve_stat(res["block_tracerl_value"],
                                                                                     "train/loss", "std")

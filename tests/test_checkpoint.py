@@ -116,6 +116,7 @@ def test_restore_into_pure_dict_params_and_concrete_target(tmp_path, state):
     np.testing.assert_array_equal(restored.rng, state.rng)
 
 
+@pytest.mark.devices(8)
 def test_restore_into_sharded_target_on_2x2x2_mesh(tmp_path, state):
     mesh = _mesh()
     with jax.set_mesh(mesh):
@@ -165,7 +166,8 @@ _KILLED_CHILD = textwrap.dedent("""
 
 def test_sigkill_during_save_keeps_previous_step(tmp_path):
     directory = tmp_path / "ckpt"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(directory)], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, env=env, text=True)
     try:
@@ -217,6 +219,7 @@ def test_failed_commit_is_reported_and_run_continues(tmp_path, monkeypatch):
     assert meta == {"s": 3}
 
 
+@pytest.mark.devices(8)
 def test_refuses_nonfinite_state(tmp_path, state):
     with Checkpointer(tmp_path / "c") as ckpt:
         bad = state._replace(params=jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.ndim == 1 else x, state.params))

@@ -42,7 +42,8 @@ class Child:
 
     def __init__(self, workdir, cache_dir, checkpoint_every=1, slow_finalize_s=0.0):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-        env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO,
+        env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
         self.out = f"{workdir}.npz"

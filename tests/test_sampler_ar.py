@@ -188,6 +188,7 @@ def test_deterministic_and_key_dependent(sampled):
     assert not np.array_equal(np.asarray(other.tokens_BxR), np.asarray(sampled["rollout"].tokens_BxR))
 
 
+@pytest.mark.devices(8)
 def test_sharded_equals_unsharded(sampled):
     mesh = sharding.make_mesh(2, 2, 2)
     state = sharding.shard_state(sampled["state"], mesh)

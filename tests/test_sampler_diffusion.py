@@ -272,6 +272,7 @@ def test_block_dynamic_trajectory_replays_exactly():
     assert int(aux["num_forwards"]) == 1 + n_iter
 
 
+@pytest.mark.devices(8)
 def test_block_deterministic_and_sharded_equal():
     _, params, _ = _model()
     prompt, pmask = _rows8()

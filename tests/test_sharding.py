@@ -16,6 +16,7 @@ CFG = tf.TransformerConfig(vocab_size=64, hidden_size=32, intermediate_size=48, 
                            num_kv_heads=2, qkv_bias=True, qk_norm=True)
 
 
+@pytest.mark.devices(8)
 def test_make_mesh():
     mesh = S.make_mesh(2, 2, 2)
     assert mesh.axis_names == S.MESH_AXES and dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
@@ -25,6 +26,7 @@ def test_make_mesh():
         S.make_mesh(2, 2, 3)
 
 
+@pytest.mark.devices(8)
 def test_logical_to_spec_rules_and_fallback():
     mesh = S.make_mesh(2, 2, 2)
     assert S.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
@@ -41,6 +43,7 @@ def test_logical_to_spec_rules_and_fallback():
     assert S.logical_to_spec(("embed", "mlp"), rules=custom) == P(None, ("fsdp", "tensor"))
 
 
+@pytest.mark.devices(8)
 def test_param_specs_on_model_and_abstract_state():
     model = nnx.eval_shape(lambda: tf.Transformer(dataclasses.replace(CFG, vocab_size=63), rngs=nnx.Rngs(0)))
     mesh = S.make_mesh(2, 2, 2)
@@ -54,6 +57,7 @@ def test_param_specs_on_model_and_abstract_state():
     assert sh["lm_head"].get_value() == jax.sharding.NamedSharding(mesh, P("fsdp", "tensor"))
 
 
+@pytest.mark.devices(8)
 def test_sharded_forward_equals_unsharded():
     model = tf.Transformer(CFG, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)

@@ -180,6 +180,7 @@ def test_chunking_and_padding_do_not_change_results(setup, base):
     assert not adv_wide[:, 40:].any()
 
 
+@pytest.mark.devices(2)
 def test_sharded_queries_equal_unsharded(setup, base):
     tok, _, graphdef, params = setup
     _, rows, adv, _ = base

@@ -83,6 +83,7 @@ def test_nonfinite_update_is_skipped():
     assert float(ok_metrics["skipped"]) == 0.0 and int(ok_state.step) == 1
 
 
+@pytest.mark.devices(8)
 def test_sharded_step_equals_unsharded():
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     tx = _tx()

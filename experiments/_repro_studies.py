@@ -51,6 +51,7 @@ class RunSpec(NamedTuple):
 
 
 _GRPO, _DAPO = RunSpec("grpo", "grpo"), RunSpec("dapo", "dapo")
+_HAPO_MINI_BATCHES = 4
 STUDIES = {
     # algorithms.md §2.5: correctness-only controls, DLER, DA-DLER (merging is added by run_dler_extras).
     "dler": (_GRPO, _DAPO, RunSpec("dler", "dler"), RunSpec("da_dler", "da_dler")),
@@ -58,12 +59,16 @@ STUDIES = {
     "lspo": (_GRPO, _DAPO, RunSpec("gspo", "gspo"),
              RunSpec("lspo_grpo", "lspo", "grpo,tiny", (("loss.kl_coef", 0.0),)),
              RunSpec("lspo_dapo", "lspo", "dapo,tiny"), RunSpec("lspo_gspo", "lspo", "gspo,tiny")),
-    # §4.8: HAPO vs DAPO and each of the four components (§4.2-4.5) switched off alone.
-    "hapo": (_DAPO, RunSpec("hapo", "hapo"),
-             RunSpec("hapo_no_A_temperature", "hapo", "tiny", (("rollout.hapo_tau", 0.0),)),
-             RunSpec("hapo_no_B_token_group_adv", "hapo", "tiny", (("advantage.estimator", "grpo"),)),
-             RunSpec("hapo_no_C_redistribution", "hapo", "tiny", (("loss.hapo_redistribute", False),)),
-             RunSpec("hapo_no_D_adaptive_clip", "hapo", "tiny", (("loss.hapo_adaptive_clip", False),))),
+    # §4.8: HAPO vs DAPO and each of the four components (§4.2-4.5) switched off alone. Every run (the DAPO
+    # control too) makes _HAPO_MINI_BATCHES optimizer updates per rollout batch: with one, every update is
+    # on-policy (ratio 1) and component D's adaptive clip bounds never bind (§4.5; the paper uses 16).
+    "hapo": tuple(RunSpec(name, module, "tiny", overrides + (("optim.mini_batches", _HAPO_MINI_BATCHES),))
+                  for name, module, overrides in (
+                      ("dapo", "dapo", ()), ("hapo", "hapo", ()),
+                      ("hapo_no_A_temperature", "hapo", (("rollout.hapo_tau", 0.0),)),
+                      ("hapo_no_B_token_group_adv", "hapo", (("advantage.estimator", "grpo"),)),
+                      ("hapo_no_C_redistribution", "hapo", (("loss.hapo_redistribute", False),)),
+                      ("hapo_no_D_adaptive_clip", "hapo", (("loss.hapo_adaptive_clip", False),)))),
     # §5.6: REPRO on PPO and on GRPO vs the same without.
     "repro": (RunSpec("ppo", "ppo"), RunSpec("repro_ppo", "repro", "ppo,tiny"), _GRPO,
               RunSpec("repro_grpo", "repro", "grpo,tiny")),

@@ -82,6 +82,8 @@ def test_runs_are_shared_by_key_and_configs_get_the_study_budget(tmp_path):
     spec = dict((r.name, r) for r in studies.STUDIES["hapo"])["hapo_no_A_temperature"]
     c = studies.make_config(spec, 2, s)
     assert c.rollout.hapo_tau == 0.0 and c.loss.hapo_redistribute and c.seed == 2
+    # §4.5: several updates per rollout batch, so HAPO's clip bounds can bind (the DAPO control too)
+    assert {studies.make_config(r, 0, s).optim.mini_batches for r in studies.STUDIES["hapo"]} == {4}
     assert (c.train.num_steps, c.train.time_budget_s, c.eval.num_problems, c.eval.samples) == (7, 0.0, 50, 3)
     assert os.path.isabs(c.model.sft_dir) and c.model.init == "sft"
     lspo_grpo = dict((r.name, r) for r in studies.STUDIES["lspo"])["lspo_grpo"]
@@ -120,10 +122,18 @@ def test_start_evaluation_is_computed_once_per_start_and_budget(tmp_path, monkey
         studies.run_one(grpo, 1, smoke, str(tmp_path / "a"))
 
 
-def test_pool_trains_each_run_once_and_equals_the_sequential_run(tmp_path, monkeypatch):
-    """--workers: a run shared by two studies is one job; two pinned worker processes train the runs, the study
-    then reads them back without training (loop.run raises in this process), and a worker's run equals the same
-    run trained sequentially here; a failing job makes the pool raise after its workers stop."""
+@pytest.fixture(scope="module")
+def worker_cache(tmp_path_factory):
+    """A persistent XLA cache for the pool tests' worker processes: the SIGTERM test's GRPO workers load what the
+    pool test's worker compiled (loadscope runs a module's tests on one xdist worker, in file order)."""
+    return str(tmp_path_factory.mktemp("worker_xla_cache"))
+
+
+def test_pool_trains_each_run_once_and_equals_the_sequential_run(tmp_path, monkeypatch, worker_cache):
+    """--workers: a run shared by two studies is one job; a spawned, pinned worker trains it, the study then reads
+    it back without training (loop.run raises in this process), and the worker's run equals the same run trained
+    sequentially here; a failing job makes the pool raise after its worker stops. (Two workers side by side:
+    the SIGTERM test below.)"""
     smoke = studies.Settings(rl_steps=1, eval_problems=9, eval_samples=2, greedy=False, smoke=True)
     grpo = studies.RunSpec("grpo", "grpo")
     monkeypatch.setitem(studies.STUDIES, "lspo", (grpo,))
@@ -131,29 +141,29 @@ def test_pool_trains_each_run_once_and_equals_the_sequential_run(tmp_path, monke
     root = str(tmp_path / "pooled")
     first, second = pool.plan(["lspo", "repro"], [0, 1], smoke, 2, root)
     assert [(j[0], j[1]["seed"]) for j in first] == [("ar", 0), ("ar", 1)] and second == []
-    pool.run_jobs(first, workers=2)
-    assert pool.plan(["lspo"], [0, 1], smoke, 2, root) == ([], [])  # finished runs are not planned again
+    with pytest.raises(RuntimeError, match="a study job failed"):  # seed 1's run, then a job that fails
+        pool.run_jobs([first[1], ("no_such_job", {})], workers=1, cache_dir=worker_cache)
+    assert pool.plan(["lspo"], [1], smoke, 2, root) == ([], [])  # a finished run is not planned again
     monkeypatch.setattr(loop, "run", lambda *a, **k: pytest.fail("the pool's run was trained again"))
-    pooled = studies.run_study("lspo", [0, 1], smoke, root)["grpo"]
+    pooled = studies.run_study("lspo", [1], smoke, root)["grpo"][0]
     monkeypatch.undo()
     alone = studies.run_one(grpo, 1, smoke, str(tmp_path / "alone"))
     drop_times = lambda curve: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in curve]  # noqa
-    assert pooled[1]["eval_after"] == alone["eval_after"] and pooled[1]["eval_before"] == alone["eval_before"]
-    assert drop_times(pooled[1]["curve"]) == drop_times(alone["curve"]) and pooled[0] != pooled[1]
-    with pytest.raises(RuntimeError, match="a study job failed"):
-        pool.run_jobs([("no_such_job", {})], workers=1)
+    assert pooled["eval_after"] == alone["eval_after"] and pooled["eval_before"] == alone["eval_before"]
+    assert drop_times(pooled["curve"]) == drop_times(alone["curve"]) and len(pooled["curve"]) == 1
     with pytest.raises(ValueError, match="--workers must be >= 1"):
         reproduce.parse_flags(["reproduce.py", "--workers=0"])
 
 
-def test_sigterm_to_the_pool_saves_each_workers_run_and_starts_no_other(tmp_path):
+def test_sigterm_to_the_pool_saves_each_workers_run_and_starts_no_other(tmp_path, worker_cache):
     """SIGTERM to `reproduce.py --workers=2` (what a preempted machine sends): both workers save the run they are
     training and take no new job; the command exits with the one-sentence resume message. (5000 iterations: no run
     can finish before the signal, so the two runs the workers started are the only ones.)"""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "reproduce.py"), "--smoke", "--studies=repro",
-           "--rl_steps=5000", "--workers=2", f"--out={tmp_path}", "--jax_cache=none"]
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "reproduce.py"), "--smoke", "--studies=lspo",
+           "--rl_steps=5000", "--workers=2", f"--out={tmp_path}", f"--jax_cache={worker_cache}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     runs, deadline = tmp_path / "work" / "runs", time.time() + 600
 
@@ -167,7 +177,7 @@ def test_sigterm_to_the_pool_saves_each_workers_run_and_starts_no_other(tmp_path
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0 and "preempted; the same command resumes" in out, out[-2000:]
     started = sorted(runs.glob("*/seed0"))
-    assert len(started) == 2  # the repro study has 4 runs: no worker took a third
+    assert len(started) == 2  # the lspo study has 6 runs: no worker took a third
     for run in started:
         assert not (run / studies.RESULT_FILE).exists() and any((run / "checkpoints").iterdir())
 

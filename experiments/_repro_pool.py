@@ -119,7 +119,9 @@ def run_jobs(jobs: list, workers: int, cache_dir: str = "") -> None:
 
 def plan(study_names, seeds, s, sft_steps: int, workroot: str) -> tuple[list, list]:
     """(phase 1, phase 2) jobs for `study_names` (reproduce.py's arguments): the runs without a stored result,
-    each once, in study order; phase 1 starts with the TraceRL SFT builds, phase 2 holds the TraceRL runs."""
+    each once, in study order. TraceRL runs need their SFT start: when a start must be built, phase 1 = the SFT
+    builds + the AR runs and phase 2 = the TraceRL runs; when every start exists (shipped or built), the TraceRL
+    runs (the longest jobs) open phase 1 and phase 2 is empty, so no worker idles at a phase boundary."""
     import _repro_studies as studies
 
     sft_jobs, ar_jobs, tracerl_jobs, seen = [], [], [], set()
@@ -134,15 +136,16 @@ def plan(study_names, seeds, s, sft_steps: int, workroot: str) -> tuple[list, li
     mod = studies.tracerl_module() if "tracerl" in study_names else None
     if mod is not None:
         root = os.path.join(workroot, "tracerl")
-        kinds = sorted({arg.split(",")[0] for arg in mod.RUNS.values()})
         sft = {kind: dict(kind=kind, sft_steps=sft_steps, eval_problems=s.eval_problems, workroot=root,
-                          smoke=s.smoke, use_shipped=True) for kind in kinds}
+                          smoke=s.smoke, use_shipped=True) for kind in mod.kinds()}
         sft_jobs = [("sft", kw) for kind, kw in sft.items()
                     if not mod.shipped_sft_dir(kind, s.smoke)
                     and not os.path.exists(os.path.join(root, f"sft_{kind}", mod.SFT_MARKER))]
-        tracerl_jobs = [("tracerl", dict(run=run, seed=seed, sft=sft[arg.split(",")[0]], rl_steps=s.rl_steps,
+        tracerl_jobs = [("tracerl", dict(run=run, seed=seed, sft=sft[mod.run_kind(run)], rl_steps=s.rl_steps,
                                          eval_problems=s.eval_problems, eval_samples=s.eval_samples, workroot=root,
-                                         smoke=s.smoke))
-                        for seed in seeds for run, arg in mod.RUNS.items()
+                                         smoke=s.smoke, prompts_per_step=s.tracerl_prompts))
+                        for seed in seeds for run in mod.RUNS
                         if not os.path.exists(os.path.join(root, run, f"seed{seed}", mod.RESULT_FILE))]
+    if not sft_jobs:
+        return tracerl_jobs + ar_jobs, []
     return sft_jobs + ar_jobs, tracerl_jobs

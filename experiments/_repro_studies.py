@@ -84,6 +84,7 @@ class Settings(NamedTuple):
     eval_samples: int
     greedy: bool
     smoke: bool = False
+    tracerl_prompts: int = 0  # > 0: the TraceRL runs' rollout prompts per iteration (--quick); not in AR run keys
 
 
 def _set(config, dotted: str, value) -> None:
@@ -119,7 +120,8 @@ def run_key(spec: RunSpec, seed: int, s: Settings) -> str:
     """Directory name of a run: module, arg and a hash of everything that changes its result (not its name),
     including the bytes of the SFT checkpoint it starts from."""
     blob = json.dumps({"module": spec.module, "arg": spec.arg, "overrides": [list(o) for o in spec.overrides],
-                       "seed": seed, "warm_start": warm_start_digest(make_config(spec, seed, s)), **s._asdict()},
+                       "seed": seed, "warm_start": warm_start_digest(make_config(spec, seed, s)),
+                       **{k: v for k, v in s._asdict().items() if k != "tracerl_prompts"}},
                       sort_keys=True)
     tag = f"{spec.module}_{spec.arg}".replace(",", "_")
     return f"{tag}_{hashlib.sha1(blob.encode()).hexdigest()[:10]}/seed{seed}"
@@ -355,16 +357,16 @@ def run_tracerl(seeds, s: Settings, sft_steps: int, workroot: str) -> dict | Non
         return None
     return mod.run_tracerl_study(seeds=list(seeds), rl_steps=s.rl_steps, eval_problems=s.eval_problems,
                                  eval_samples=s.eval_samples, sft_steps=sft_steps,
-                                 workroot=os.path.join(workroot, "tracerl"), smoke=s.smoke, use_shipped=True)
+                                 workroot=os.path.join(workroot, "tracerl"), smoke=s.smoke, use_shipped=True,
+                                 prompts_per_step=s.tracerl_prompts)
 
 
 def tracerl_starts(s: Settings) -> dict:
     """{kind: where the TraceRL runs of `kind` start}: the shipped checkpoint (path from the repository root) or
     the one the study builds with --sft_steps (see _repro_tracerl.ensure_sft)."""
     mod = tracerl_module()
-    kinds = sorted({arg.split(",")[0] for arg in mod.RUNS.values()}) if mod else []
     return {k: os.path.relpath(mod.shipped_sft_dir(k, s.smoke), ROOT) if mod.shipped_sft_dir(k, s.smoke)
-            else "built by the study (sft_steps)" for k in kinds}
+            else "built by the study (sft_steps)" for k in (mod.kinds() if mod else [])}
 
 
 def study_json(study: str, results: dict | None, s: Settings, seeds, **extra_settings) -> dict:

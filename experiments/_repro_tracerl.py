@@ -81,6 +81,16 @@ PAPER_NUMBERS_TRACERL = {
 }
 
 
+def run_kind(run: str) -> str:
+    """The attention kind ("block" | "full") of a run of RUNS: the first word of its configs/tracerl.py arg."""
+    return RUNS[run].split(",")[0]
+
+
+def kinds(runs=None) -> list[str]:
+    """The sorted attention kinds of `runs` (default: every run of RUNS): the SFT starts they need."""
+    return sorted({run_kind(r) for r in (RUNS if runs is None else runs)})
+
+
 def _shrink(c) -> None:
     """`configs.base.shrink_for_smoke` plus level-0 traces without re-checks (they fit 24 tokens), in place."""
     init, lr = c.model.init, c.optim.lr  # keeps the SFT start and the method's lr
@@ -102,8 +112,9 @@ def sft_config(kind: str, *, sft_steps: int, eval_problems: int, smoke: bool = F
 
 
 def rl_config(run: str, *, seed: int, rl_steps: int, eval_problems: int, eval_samples: int, sft_dir: str,
-              greedy: bool = False, smoke: bool = False):
-    """configs/tracerl.py:RUNS[run] from the SFT checkpoint `sft_dir`: exactly `rl_steps` iterations, no HF export."""
+              greedy: bool = False, smoke: bool = False, prompts_per_step: int = 0):
+    """configs/tracerl.py:RUNS[run] from the SFT checkpoint `sft_dir`: exactly `rl_steps` iterations, no HF export;
+    `prompts_per_step` > 0 replaces the config's rollout prompts per iteration (reproduce.py --quick)."""
     if run not in RUNS:
         raise ValueError(f"unknown TraceRL study run {run!r}; use one of {tuple(RUNS)}.")
     c = tracerl_config.get_config(RUNS[run])
@@ -112,6 +123,8 @@ def rl_config(run: str, *, seed: int, rl_steps: int, eval_problems: int, eval_sa
     c.train.num_steps, c.train.time_budget_s, c.train.export_hf = int(rl_steps), 0.0, False
     c.train.checkpoint_every = min(c.train.checkpoint_every, 5)  # ~1.5 min per iteration on one core: save often
     c.eval.num_problems, c.eval.samples, c.eval.greedy = int(eval_problems), int(eval_samples), bool(greedy)
+    if prompts_per_step > 0:
+        c.rollout.prompts_per_step = int(prompts_per_step)
     if smoke:
         _shrink(c)
     return c
@@ -196,10 +209,11 @@ def ensure_sft(kind: str, *, sft_steps: int, eval_problems: int, workroot: str, 
 
 
 def run_named(run: str, seed: int, *, sft_dir: str, rl_steps: int, eval_problems: int, eval_samples: int,
-              workroot: str, smoke: bool = False, greedy: bool = False, log_fn=print) -> dict:
+              workroot: str, smoke: bool = False, greedy: bool = False, prompts_per_step: int = 0,
+              log_fn=print) -> dict:
     """One run of `RUNS` from `sft_dir` into `workroot/<run>/seed<seed>` (run_one's record)."""
     cfg = rl_config(run, seed=seed, rl_steps=rl_steps, eval_problems=eval_problems, eval_samples=eval_samples,
-                    sft_dir=sft_dir, greedy=greedy, smoke=smoke)
+                    sft_dir=sft_dir, greedy=greedy, smoke=smoke, prompts_per_step=prompts_per_step)
     record = run_one(cfg, os.path.join(workroot, run, f"seed{seed}"), workroot)
     log_fn(f"{run} seed {seed}: pass@1 {record['eval_before'].get('pass@1')} -> "
            f"{record['eval_after'].get('pass@1')} ({record['wall_s']:.0f}s)")
@@ -208,7 +222,7 @@ def run_named(run: str, seed: int, *, sft_dir: str, rl_steps: int, eval_problems
 
 def run_tracerl_study(*, seeds, rl_steps: int, eval_problems: int, eval_samples: int, sft_steps: int, workroot: str,
                       smoke: bool = False, greedy: bool = False, runs=tuple(RUNS), use_shipped: bool = False,
-                      log_fn=print) -> dict:
+                      prompts_per_step: int = 0, log_fn=print) -> dict:
     """SFT checkpoints (block, full; see ensure_sft) then `runs` x `seeds` RL runs; returns {run: [record per
     seed]} (see above)."""
     if not seeds:
@@ -219,11 +233,12 @@ def run_tracerl_study(*, seeds, rl_steps: int, eval_problems: int, eval_samples:
     os.makedirs(workroot, exist_ok=True)
     sft_dirs = {kind: ensure_sft(kind, sft_steps=sft_steps, eval_problems=eval_problems, workroot=workroot,
                                  smoke=smoke, use_shipped=use_shipped, log_fn=log_fn)
-                for kind in sorted({RUNS[r].split(",")[0] for r in runs})}
+                for kind in kinds(runs)}
     results = {r: [] for r in runs}
     for seed in seeds:
         for run in runs:
-            results[run].append(run_named(run, seed, sft_dir=sft_dirs[RUNS[run].split(",")[0]], rl_steps=rl_steps,
+            results[run].append(run_named(run, seed, sft_dir=sft_dirs[run_kind(run)], rl_steps=rl_steps,
                                           eval_problems=eval_problems, eval_samples=eval_samples, workroot=workroot,
-                                          smoke=smoke, greedy=greedy, log_fn=log_fn))
+                                          smoke=smoke, greedy=greedy, prompts_per_step=prompts_per_step,
+                                          log_fn=log_fn))
     return results

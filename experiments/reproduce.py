@@ -1,6 +1,6 @@
 """The small-scale reproduction study of issue 6 in one command: DLER, LSPO, HAPO, REPRO (and TraceRL).
 
-  python experiments/reproduce.py --quick                 # 1 seed, 4 RL iterations, 100 problems x 2 samples
+  python experiments/reproduce.py --quick                 # 1 seed, 2 RL iterations, 100 problems x 2 samples
   python experiments/reproduce.py                         # 3 seeds, 100 RL iterations, 500 problems
   python experiments/reproduce.py --studies=dler,hapo --seeds=5 --rl_steps=150 --out=results
   python experiments/reproduce.py --quick --workers=2     # two runs at a time, one per core
@@ -31,22 +31,28 @@ import _repro_pool as pool  # noqa: E402
 import _repro_report as report  # noqa: E402
 import _repro_studies as studies_lib  # noqa: E402
 
-QUICK = {"seeds": 1, "rl_steps": 4, "eval_problems": 100, "eval_samples": 2, "sft_steps": 300, "greedy": False}
-FULL = {"seeds": 3, "rl_steps": 100, "eval_problems": 500, "eval_samples": 4, "sft_steps": 1500, "greedy": True}
-SMOKE = {"seeds": 1, "rl_steps": 1, "eval_problems": 9, "eval_samples": 2, "sft_steps": 2, "greedy": False}
+# tracerl_prompts: the TraceRL runs' prompts per iteration (0 = configs/tracerl.py's 16). --quick uses 4: one block
+# TraceRL iteration of 16 prompts x 8 samples takes ~2 min on one core of the 2-core CPU.
+QUICK = {"seeds": 1, "rl_steps": 2, "eval_problems": 100, "eval_samples": 2, "sft_steps": 300, "greedy": False,
+         "tracerl_prompts": 4}
+FULL = {"seeds": 3, "rl_steps": 100, "eval_problems": 500, "eval_samples": 4, "sft_steps": 1500, "greedy": True,
+        "tracerl_prompts": 0}
+SMOKE = {"seeds": 1, "rl_steps": 1, "eval_problems": 9, "eval_samples": 2, "sft_steps": 2, "greedy": False,
+         "tracerl_prompts": 0}
 
 
 def parse_flags(argv: list[str]) -> flags.FlagValues:
     """A fresh FlagValues parsed from `argv` (argv[0] is the program name); no global flag state."""
     fv = flags.FlagValues()
-    flags.DEFINE_bool("quick", False, "Quick mode: 1 seed, 4 RL iterations, 100 problems x 2 samples, no greedy.",
+    flags.DEFINE_bool("quick", False, "Quick mode: 1 seed, 2 RL iterations, 100 problems x 2 samples, no greedy, "
+                      "4 TraceRL prompts per iteration.",
                       flag_values=fv)
     flags.DEFINE_bool("smoke", False, "Micro scale (random 1-layer model, tests only).", flag_values=fv)
     flags.DEFINE_list("studies", list(studies_lib.ALL_STUDIES), "Studies to run.", flag_values=fv)
     flags.DEFINE_integer("seeds", None, "Number of seeds (0..n-1); default 3, quick 1.", flag_values=fv)
     flags.DEFINE_string("out", "results", "Output directory (JSON, summary.md, PNGs; runs under <out>/work).",
                         flag_values=fv)
-    flags.DEFINE_integer("rl_steps", None, "RL iterations per run; default 100, quick 4.", flag_values=fv)
+    flags.DEFINE_integer("rl_steps", None, "RL iterations per run; default 100, quick 2.", flag_values=fv)
     flags.DEFINE_integer("eval_problems", None, "Held-out problems; default 500, quick 100.", flag_values=fv)
     flags.DEFINE_integer("eval_samples", None, "T=1 samples per problem; default 4, quick 2.", flag_values=fv)
     flags.DEFINE_integer("sft_steps", None, "Diffusion SFT steps when the TraceRL study builds its own start (--smoke, "
@@ -75,7 +81,8 @@ def resolve(fv) -> tuple[list[int], studies_lib.Settings, int]:
         if pick(name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {pick(name)}.")
     s = studies_lib.Settings(rl_steps=pick("rl_steps"), eval_problems=pick("eval_problems"),
-                             eval_samples=pick("eval_samples"), greedy=d["greedy"], smoke=fv.smoke)
+                             eval_samples=pick("eval_samples"), greedy=d["greedy"], smoke=fv.smoke,
+                             tracerl_prompts=d["tracerl_prompts"])
     return list(range(pick("seeds"))), s, pick("sft_steps")
 
 

@@ -141,6 +141,11 @@ def test_pool_trains_each_run_once_and_equals_the_sequential_run(tmp_path, monke
     root = str(tmp_path / "pooled")
     first, second = pool.plan(["lspo", "repro"], [0, 1], smoke, 2, root)
     assert [(j[0], j[1]["seed"]) for j in first] == [("ar", 0), ("ar", 1)] and second == []
+    full = studies.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
+    one, none = pool.plan(["tracerl", "lspo"], [0], full, 2, str(tmp_path / "planned"))  # shipped starts
+    assert [j[0] for j in one] == ["tracerl"] * 4 + ["ar"] and none == []  # longest first, one phase
+    builds, later = pool.plan(["tracerl"], [0], smoke, 2, str(tmp_path / "planned"))  # smoke builds its starts
+    assert [j[0] for j in builds] == ["sft", "sft"] and [j[0] for j in later] == ["tracerl"] * 4
     with pytest.raises(RuntimeError, match="a study job failed"):  # seed 1's run, then a job that fails
         pool.run_jobs([first[1], ("no_such_job", {})], workers=1, cache_dir=worker_cache)
     assert pool.plan(["lspo"], [1], smoke, 2, root) == ([], [])  # a finished run is not planned again
@@ -189,6 +194,11 @@ def test_flags_reject_bad_values():
         reproduce.resolve(reproduce.parse_flags(["r", "--quick", "--seeds=0"]))
     seeds, s, sft = reproduce.resolve(reproduce.parse_flags(["r", "--quick"]))
     assert seeds == [0] and not s.greedy and s.eval_problems == 100 and s.rl_steps == reproduce.QUICK["rl_steps"]
+    assert s.tracerl_prompts == 4 and studies.run_key(studies.RunSpec("grpo", "grpo"), 0, s) == studies.run_key(
+        studies.RunSpec("grpo", "grpo"), 0, s._replace(tracerl_prompts=0))  # a TraceRL-only setting
+    cfg = studies.tracerl_module().rl_config("block_tracerl", seed=0, rl_steps=2, eval_problems=9, eval_samples=2,
+                                             sft_dir="x", prompts_per_step=s.tracerl_prompts)
+    assert cfg.rollout.prompts_per_step == 4
     seeds, s, _ = reproduce.resolve(reproduce.parse_flags(["r", "--rl_steps=9"]))
     assert seeds == [0, 1, 2] and s.eval_problems == 500 and s.rl_steps == 9 and s.greedy
 

@@ -43,7 +43,7 @@ def get_config(arg: str = "block,tiny") -> config_dict.ConfigDict:
     c.sft.lr = 1e-3 if scale == "tiny" else 3e-4
     c.sft.warmup_steps = 50  # train_diffusion_sft: cosine to 0, weight decay 0.01
     # Diffusion learns the digits far slower than AR SFT: at 1500 steps the block model held out 4.3% pass@1 (loss
-    # still falling), at 6000 73.8% (loss flat from ~3000); full attention 0% at 6000, 7.8% at 30000 (README).
+    # still falling), at 6000 73.8% (loss flat from ~3000); full attention 0.2% at 6000, 7.8% at 30000 (README).
     c.sft.steps = {("block", "tiny"): 6000, ("full", "tiny"): 30000}.get((kind, scale), 4000)
     # Fresh problems, as configs/sft.py: a pool of steps x batch, no second epoch. An 8000-problem pool seen ~6
     # times gave the AR policy a memorizing start that RL could only lower (configs/sft.py).

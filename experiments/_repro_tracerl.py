@@ -121,7 +121,7 @@ def rl_config(run: str, *, seed: int, rl_steps: int, eval_problems: int, eval_sa
     c.seed = int(seed)
     c.model.init, c.model.sft_dir = "sft", sft_dir
     c.train.num_steps, c.train.time_budget_s, c.train.export_hf = int(rl_steps), 0.0, False
-    c.train.checkpoint_every = min(c.train.checkpoint_every, 5)  # ~1.5 min per iteration on one core: save often
+    c.train.checkpoint_every = min(c.train.checkpoint_every, 5)  # ~2 min per block iteration on one core: save often
     c.eval.num_problems, c.eval.samples, c.eval.greedy = int(eval_problems), int(eval_samples), bool(greedy)
     if prompts_per_step > 0:
         c.rollout.prompts_per_step = int(prompts_per_step)
@@ -199,8 +199,9 @@ def ensure_sft(kind: str, *, sft_steps: int, eval_problems: int, workroot: str, 
                use_shipped: bool = False, log_fn=print) -> str:
     """The SFT checkpoint the `kind` runs start from: the shipped one when `use_shipped` and it exists (as the AR
     studies start from checkpoints/arith_tiny_sft), else `workroot/sft_<kind>`, built with `sft_steps` if absent."""
-    if use_shipped and shipped_sft_dir(kind, smoke):
-        return shipped_sft_dir(kind, smoke)
+    shipped = shipped_sft_dir(kind, smoke) if use_shipped else None
+    if shipped:
+        return shipped
     out = os.path.join(workroot, f"sft_{kind}")
     cfg = sft_config(kind, sft_steps=sft_steps, eval_problems=eval_problems, smoke=smoke)
     done = build_sft_checkpoint(cfg, out, log_fn=log_fn)

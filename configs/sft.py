@@ -21,7 +21,7 @@ from configs.base import get_base_config
 
 
 def get_config(arg: str = "tiny") -> config_dict.ConfigDict:
-    c = get_base_config(arg)
+    c = get_base_config("tiny" if arg == "plateau" else arg)
     c.algorithm = "sft"
     c.model.init = "random"
     c.sft = config_dict.ConfigDict()
@@ -35,4 +35,23 @@ def get_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.sft.micro_batches = 1
     c.sft.time_budget_s = 0.0
     c.sft.eval_problems = 500
+    # Early stop at a plateau (`train/sft.PlateauCheck`): every `plateau_every` steps (0 = off), greedy accuracy on
+    # `val_problems` validation problems; stop after `plateau_patience` checks in a row without a gain of
+    # `plateau_min_delta` over the best.
+    c.sft.plateau_every = 0
+    c.sft.plateau_patience = 2
+    c.sft.plateau_min_delta = 0.01
+    c.sft.val_problems = 1000
+    if arg == "plateau":
+        _plateau(c)
     return c
+
+
+def _plateau(c: config_dict.ConfigDict) -> None:
+    """The plateaued warm start (`checkpoints/arith_tiny_sft_plateau`, issue 6): the shipped start trained on
+    until validation greedy accuracy stops rising, on fresh problems (another seed's pool, one pass)."""
+    c.model.init, c.model.sft_dir = "sft", "checkpoints/arith_tiny_sft"
+    c.seed = 2
+    c.sft.steps = 8000
+    c.sft.num_problems = c.sft.steps * c.sft.batch_size
+    c.sft.plateau_every = 500

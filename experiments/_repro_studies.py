@@ -85,6 +85,12 @@ class Settings(NamedTuple):
     greedy: bool
     smoke: bool = False
     tracerl_prompts: int = 0  # > 0: the TraceRL runs' rollout prompts per iteration (--quick); not in AR run keys
+    # The AR runs' warm start ("" = the method config's `model.sft_dir`, the shipped checkpoints/arith_tiny_sft).
+    # Not in run keys by path: its weights are, by their digest (`warm_start_digest`).
+    ar_start: str = ""
+
+
+_NOT_IN_RUN_KEYS = ("tracerl_prompts", "ar_start")
 
 
 def _set(config, dotted: str, value) -> None:
@@ -99,6 +105,8 @@ def make_config(spec: RunSpec, seed: int, s: Settings):
         _set(c, dotted, value)
     if s.smoke:
         shrink_for_smoke(c)
+    if s.ar_start:
+        c.model.sft_dir = s.ar_start
     c.model.sft_dir = os.path.join(ROOT, c.model.sft_dir) if not os.path.isabs(c.model.sft_dir) else c.model.sft_dir
     c.seed = seed
     c.train.num_steps, c.train.time_budget_s = s.rl_steps, 0.0  # same number of updates, no wall-clock cut
@@ -121,7 +129,7 @@ def run_key(spec: RunSpec, seed: int, s: Settings) -> str:
     including the bytes of the SFT checkpoint it starts from."""
     blob = json.dumps({"module": spec.module, "arg": spec.arg, "overrides": [list(o) for o in spec.overrides],
                        "seed": seed, "warm_start": warm_start_digest(make_config(spec, seed, s)),
-                       **{k: v for k, v in s._asdict().items() if k != "tracerl_prompts"}},
+                       **{k: v for k, v in s._asdict().items() if k not in _NOT_IN_RUN_KEYS}},
                       sort_keys=True)
     tag = f"{spec.module}_{spec.arg}".replace(",", "_")
     return f"{tag}_{hashlib.sha1(blob.encode()).hexdigest()[:10]}/seed{seed}"

@@ -59,6 +59,9 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
                          "or no shipped checkpoints/arith_tiny_sft_<kind>); default 1500, quick 300.", flag_values=fv)
     flags.DEFINE_string("jax_cache", "", "Persistent XLA compilation cache directory ('' = <out>/work/xla_cache, "
                         "'none' = off); identical samplers of different runs then compile once.", flag_values=fv)
+    flags.DEFINE_string("start", "", "The AR runs' SFT warm start, an HF checkpoint directory ('' = the shipped "
+                        "checkpoints/arith_tiny_sft; checkpoints/arith_tiny_sft_plateau = the plateaued one).",
+                        flag_values=fv)
     flags.DEFINE_integer("workers", 1, "Processes training runs side by side, each pinned to one core "
                          "(experiments/_repro_pool.py); 2 on a 2-core CPU nearly halves the wall time.", flag_values=fv)
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
@@ -67,6 +70,8 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     fv(list(argv))
     if fv.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {fv.workers}.")
+    if fv.start and not os.path.isfile(os.path.join(fv.start, "model.safetensors")):
+        raise ValueError(f"--start={fv.start} is not an SFT checkpoint directory (no model.safetensors in it).")
     unknown = [s for s in fv.studies if s not in studies_lib.ALL_STUDIES]
     if unknown:
         raise ValueError(f"unknown studies {unknown}; choose from {', '.join(studies_lib.ALL_STUDIES)}.")
@@ -82,8 +87,16 @@ def resolve(fv) -> tuple[list[int], studies_lib.Settings, int]:
             raise ValueError(f"--{name} must be >= 1, got {pick(name)}.")
     s = studies_lib.Settings(rl_steps=pick("rl_steps"), eval_problems=pick("eval_problems"),
                              eval_samples=pick("eval_samples"), greedy=d["greedy"], smoke=fv.smoke,
-                             tracerl_prompts=d["tracerl_prompts"])
+                             tracerl_prompts=d["tracerl_prompts"], ar_start=_repo_relative(fv.start))
     return list(range(pick("seeds"))), s, pick("sft_steps")
+
+
+def _repo_relative(path: str) -> str:
+    """`path` relative to the repository root when inside it (results/*.json then name no machine's paths)."""
+    if not path:
+        return ""
+    rel = os.path.relpath(os.path.abspath(path), studies_lib.ROOT)
+    return os.path.abspath(path) if rel.startswith("..") else rel
 
 
 def main(argv: list[str]) -> dict:

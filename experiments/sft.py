@@ -38,15 +38,43 @@ def _ar_sft(c, tok, model, prompts, traces):
     from jaxrl_reason.train import sft
 
     arrays = sft.sft_arrays(tok, prompts, traces, c.rollout.max_prompt_len, c.rollout.max_new_tokens)
-    model, _ = sft.train_sft(model, tok, arrays, steps=c.sft.steps, batch_size=c.sft.batch_size, lr=c.sft.lr,
-                             warmup_steps=c.sft.warmup_steps, seed=c.seed, micro_batches=c.sft.micro_batches,
-                             time_budget_s=c.sft.time_budget_s, prompt_len=c.rollout.max_prompt_len,
-                             schedule=c.sft.schedule, weight_decay=c.sft.weight_decay)
     graphdef = nnx.graphdef(model)
     common = dict(max_prompt_len=c.rollout.max_prompt_len, max_new_tokens=c.rollout.max_new_tokens,
                   eos_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
-    return (model, make_generate_fn(graphdef, params=SamplingParams(), **common),
-            make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common))
+    greedy_fn = make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common)
+    check = _plateau_check(c, tok, greedy_fn) if c.sft.plateau_every else None
+    model, _ = sft.train_sft(model, tok, arrays, steps=c.sft.steps, batch_size=c.sft.batch_size, lr=c.sft.lr,
+                             warmup_steps=c.sft.warmup_steps, seed=c.seed, micro_batches=c.sft.micro_batches,
+                             time_budget_s=c.sft.time_budget_s, prompt_len=c.rollout.max_prompt_len,
+                             schedule=c.sft.schedule, weight_decay=c.sft.weight_decay,
+                             check_every=c.sft.plateau_every, check_fn=check)
+    return model, make_generate_fn(graphdef, params=SamplingParams(), **common), greedy_fn
+
+
+def _plateau_check(c, tok, greedy_fn):
+    """`sft.PlateauCheck` on greedy accuracy over `sft.val_problems` validation problems.
+
+    Validation problems come from the training distribution with their own seed (`seed + 10000`) and are
+    disjoint from the held-out evaluation set (`arithmetic.split_disjoint`); small levels may repeat training
+    problems by chance, as training problems repeat among themselves.
+    """
+    import jax
+
+    from jaxrl_reason.data import arithmetic
+    from jaxrl_reason.train import build, sft
+    from jaxrl_reason.train.evaluation import evaluate
+
+    val, _ = arithmetic.split_disjoint(c.sft.val_problems, c.sft.eval_problems, c.task.train_levels,
+                                       train_seed=c.seed + 10000, heldout_seed=c.task.eval_seed)
+    examples = [arithmetic.to_example(p) for p in val]
+    scorer = build.build_task(c).scorer
+
+    def score(params):
+        return evaluate(params, examples, tokenizer=tok, scorer=scorer, sample_fn=greedy_fn, samples=1,
+                        batch_rows=c.eval.batch_size, max_prompt_len=c.rollout.max_prompt_len,
+                        key=jax.random.PRNGKey(0))["pass@1"]
+
+    return sft.PlateauCheck(score, patience=c.sft.plateau_patience, min_delta=c.sft.plateau_min_delta)
 
 
 def _diffusion_sft(c, tok, model, prompts, traces):

@@ -79,6 +79,14 @@ def test_runs_are_shared_by_key_and_configs_get_the_study_budget(tmp_path):
     first = studies.run_key(on_ckpt, 0, s)
     (ckpt / "model.safetensors").write_bytes(b"weights v2")
     assert studies.run_key(on_ckpt, 0, s) != first
+    # --start: every AR run starts there; its key follows the weights, not the path
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes(b"weights v2")
+    on_start = s._replace(ar_start=str(copy))
+    assert studies.make_config(grpo, 0, on_start).model.sft_dir == str(copy)
+    at_ckpt = studies.run_key(grpo, 0, s._replace(ar_start=str(ckpt)))  # same bytes, another path
+    assert studies.run_key(grpo, 0, on_start) == at_ckpt != studies.run_key(grpo, 0, s)
     spec = dict((r.name, r) for r in studies.STUDIES["hapo"])["hapo_no_A_temperature"]
     c = studies.make_config(spec, 2, s)
     assert c.rollout.hapo_tau == 0.0 and c.loss.hapo_redistribute and c.seed == 2
@@ -200,7 +208,11 @@ def test_flags_reject_bad_values():
                                              sft_dir="x", prompts_per_step=s.tracerl_prompts)
     assert cfg.rollout.prompts_per_step == 4
     seeds, s, _ = reproduce.resolve(reproduce.parse_flags(["r", "--rl_steps=9"]))
-    assert seeds == [0, 1, 2] and s.eval_problems == 500 and s.rl_steps == 9 and s.greedy
+    assert seeds == [0, 1, 2] and s.eval_problems == 500 and s.rl_steps == 9 and s.greedy and s.ar_start == ""
+    with pytest.raises(ValueError, match="is not an SFT checkpoint directory"):
+        reproduce.parse_flags(["r", "--start=checkpoints/nope"])
+    _, s, _ = reproduce.resolve(reproduce.parse_flags(["r", f"--start={ROOT}/checkpoints/arith_tiny_sft"]))
+    assert s.ar_start == os.path.join("checkpoints", "arith_tiny_sft")  # repository-relative in results/*.json
 
 
 # ------------------------------------------------------------------------------------- statistics and verdicts

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jaxrl_reason.train.sft import sft_loop
+from jaxrl_reason.train.sft import PlateauCheck, sft_loop
 
 
 def _record(state, batch):
@@ -43,3 +43,29 @@ def test_bad_arguments_raise():
                  prepare_batch=lambda x: x)
     with pytest.raises(ValueError, match="batch_size"):
         sft_loop(_record, [], {"a": np.zeros(3)}, steps=1, batch_size=4, seed=0, prepare_batch=lambda x: x)
+
+
+def test_check_fn_stops_the_loop_after_the_step_it_returns_true():
+    seen = []
+
+    def check(step, state):
+        seen.append((step, len(state)))
+        return step == 4
+
+    state, _ = sft_loop(_record, [], {"id_N": np.arange(6)}, steps=10, batch_size=2, seed=0,
+                        prepare_batch=lambda x: x, log_fn=lambda s: None, check_every=2, check_fn=check)
+    assert seen == [(2, 2), (4, 4)] and len(state) == 4
+
+
+def test_plateau_check_by_hand():
+    class S:
+        params = None
+
+    scores = iter([0.50, 0.60, 0.605, 0.62, 0.615, 0.60])
+    check = PlateauCheck(lambda p: next(scores), patience=2, min_delta=0.01, log_fn=lambda s: None)
+    # 0.50 best; 0.60 new best; 0.605 < 0.61 stale 1; 0.62 >= 0.61 new best (stale 0); 0.615 stale 1; 0.60 stale 2
+    stops = [check(step, S()) for step in (1, 2, 3, 4, 5, 6)]
+    assert stops == [False, False, False, False, False, True]
+    assert check.best == 0.62 and [s for s, _ in check.history] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="patience"):
+        PlateauCheck(lambda p: 0.0, patience=0, min_delta=0.0)

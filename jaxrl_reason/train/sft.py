@@ -80,7 +80,8 @@ def arithmetic_sft_set_from_config(config):
 
 
 def sft_loop(step_fn, state, arrays: dict, *, steps: int, batch_size: int, seed: int, prepare_batch,
-             log_every: int = 50, log_fn=print, time_budget_s: float = 0.0, name: str = "sft"):
+             log_every: int = 50, log_fn=print, time_budget_s: float = 0.0, name: str = "sft",
+             check_every: int = 0, check_fn=None):
     """The supervised loop shared by AR and masked-diffusion SFT; returns (state, history).
 
     Data order: epoch-wise shuffling with `np.random.default_rng([seed, 2])`; each epoch is one permutation
@@ -88,6 +89,8 @@ def sft_loop(step_fn, state, arrays: dict, *, steps: int, batch_size: int, seed:
     are skipped. Step i trains on `prepare_batch({k: v[idx] for k, v in arrays.items()})` with
     `step_fn(state, batch) -> (state, metrics)`. The loss is logged (history row + `log_fn`) at step 1
     and every `log_every` steps; with `time_budget_s` > 0 the loop stops after the step that exceeds it.
+    With `check_every` > 0, `check_fn(step, state) -> bool` runs after every `check_every`-th step and the loop
+    stops when it returns True (e.g. `PlateauCheck` on a validation set).
 
     Args:
       arrays: dict of [N, ...] arrays sharing their first dimension N.
@@ -115,17 +118,47 @@ def sft_loop(step_fn, state, arrays: dict, *, steps: int, batch_size: int, seed:
         if time_budget_s and time.time() - start > time_budget_s:
             log_fn(f"{name} time budget reached at step {step + 1}")
             break
+        if check_every and (step + 1) % check_every == 0 and check_fn(step + 1, state):
+            log_fn(f"{name} stopped by its check at step {step + 1}")
+            break
     return state, history
+
+
+class PlateauCheck:
+    """Stops SFT when a validation score has not beaten its best by `min_delta` for `patience` checks in a row.
+
+    `score_fn(params) -> float` (higher is better, e.g. greedy accuracy on validation problems). Used as
+    `sft_loop(check_fn=PlateauCheck(...))`; `history` keeps (step, score) for the build log.
+    """
+
+    def __init__(self, score_fn, *, patience: int, min_delta: float, log_fn=print):
+        if patience < 1:
+            raise ValueError(f"plateau patience must be >= 1, got {patience}.")
+        self.score_fn, self.patience, self.min_delta, self.log_fn = score_fn, patience, min_delta, log_fn
+        self.best, self.stale, self.history = -np.inf, 0, []
+
+    def __call__(self, step: int, state) -> bool:
+        score = float(self.score_fn(state.params))
+        self.history.append((step, score))
+        if score >= self.best + self.min_delta:
+            self.best, self.stale = score, 0
+        else:  # a gain below min_delta does not move the best (Keras' EarlyStopping rule)
+            self.stale += 1
+        self.log_fn(f"plateau check at step {step}: validation {score:.4f}  best {self.best:.4f}  "
+                    f"stale {self.stale}/{self.patience}")
+        return self.stale >= self.patience
 
 
 def train_sft(model, tokenizer, arrays: dict, *, steps: int, batch_size: int, lr: float, warmup_steps: int,
               seed: int, micro_batches: int = 1, log_every: int = 50, log_fn=print, time_budget_s: float = 0.0,
-              prompt_len: int | None = None, schedule: str = "cosine", weight_decay: float = 0.01):
+              prompt_len: int | None = None, schedule: str = "cosine", weight_decay: float = 0.01,
+              check_every: int = 0, check_fn=None):
     """Runs `steps` SFT updates over `arrays` (epoch-wise shuffled, `sft_loop`) and returns (model, history).
 
     With `prompt_len` (the left-padded prompt width of `arrays`), each batch's response padding is trimmed
     (`bucket_batch`), which changes no loss value: trimmed columns are padding. AdamW with `weight_decay`, linear
     warm-up over `warmup_steps`, then `schedule`: "constant", or "cosine" decay to 0 at `steps`.
+    `check_every` / `check_fn`: an early stop (`sft_loop`), e.g. `PlateauCheck`.
     """
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(lr, warmup_steps=warmup_steps, total_steps=steps, schedule=schedule, weight_decay=weight_decay)
@@ -137,7 +170,7 @@ def train_sft(model, tokenizer, arrays: dict, *, steps: int, batch_size: int, lr
 
     state, history = sft_loop(step_fn, state, arrays, steps=steps, batch_size=batch_size, seed=seed,
                               prepare_batch=prepare, log_every=log_every, log_fn=log_fn,
-                              time_budget_s=time_budget_s)
+                              time_budget_s=time_budget_s, check_every=check_every, check_fn=check_fn)
     nnx.update(model, state.params)
     return model, history
 

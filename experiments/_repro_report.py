@@ -163,11 +163,11 @@ def dler_section(res: dict, ctx: dict) -> str:
                             verdict_if(_m(L["dler"]) <= 0.5 * _m(L["sft"]), ctx)))
     for ctrl in [c for c in ("grpo", "dapo") if {c, "dler"} <= set(res)]:
         claims.append(claim(f"DLER clearly shorter than the correctness-only {ctrl.upper()} at the same step",
-                            f"len(DLER) ≤ 0.8 × len({ctrl})", f"{fmt(L[ctrl])} vs {fmt(L['dler'])}",
+                            f"len(DLER) ≤ 0.8 × len({ctrl})", f"{ctrl} {fmt(L[ctrl])} vs DLER {fmt(L['dler'])}",
                             PAPER["dler_control"], verdict_if(_m(L["dler"]) <= 0.8 * _m(L[ctrl]), ctx)))
         claims.append(claim(f"DLER accuracy within 2 points of {ctrl.upper()}",
                             f"pass@1(DLER) ≥ pass@1({ctrl}) − 2 pts",
-                            f"{fmt(A[ctrl], 100)} vs {fmt(A['dler'], 100)}",
+                            f"{ctrl} {fmt(A[ctrl], 100)} vs DLER {fmt(A['dler'], 100)}",
                             PAPER["dler_acc"], verdict_if(_m(A["dler"]) >= _m(A[ctrl]) - 0.02, ctx)))
     if {"dler", "da_dler"} <= set(res):
         claims += da_dler_claims(res, ctx)
@@ -181,10 +181,10 @@ def da_dler_claims(res: dict, ctx: dict) -> list[list[str]]:
     le = {n: common(res[n], "length_mean", "easy") for n in ("dler", "da_dler")}
     ah = {n: common(res[n], "pass@1", "hard") for n in ("dler", "da_dler")}
     return [claim("DA-DLER shorter than DLER on easy problems", "len_easy(DA-DLER) < len_easy(DLER)",
-                  f"{fmt(le['dler'])} vs {fmt(le['da_dler'])}", PAPER["da_easy"],
+                  f"DLER {fmt(le['dler'])} vs DA-DLER {fmt(le['da_dler'])}", PAPER["da_easy"],
                   verdict_if(_m(le["da_dler"]) < _m(le["dler"]), ctx)),
             claim("DA-DLER keeps accuracy on hard problems", "pass@1_hard(DA-DLER) ≥ pass@1_hard(DLER) − 2 pts",
-                  f"{fmt(ah['dler'], 100)} vs {fmt(ah['da_dler'], 100)}", PAPER["da_hard"],
+                  f"DLER {fmt(ah['dler'], 100)} vs DA-DLER {fmt(ah['da_dler'], 100)}", PAPER["da_hard"],
                   verdict_if(_m(ah["da_dler"]) >= _m(ah["dler"]) - 0.02, ctx))]
 
 
@@ -239,7 +239,7 @@ def hapo_section(res: dict, ctx: dict) -> str:
               f"{fmt(A['dapo'], 100)} → {fmt(A['hapo'], 100)}", PAPER["hapo_acc"],
               verdict_greater(A["hapo"], A["dapo"], ctx)),
         claim("HAPO keeps policy entropy higher than DAPO", "mean entropy over steps, HAPO > DAPO by > 2 SE",
-              f"{fmt(H['dapo'], 1, 3)} vs {fmt(H['hapo'], 1, 3)}", PAPER["hapo_entropy"],
+              f"DAPO {fmt(H['dapo'], 1, 3)} vs HAPO {fmt(H['hapo'], 1, 3)}", PAPER["hapo_entropy"],
               verdict_greater(H["hapo"], H["dapo"], ctx))]
     for name, what in ABLATIONS.items():
         if name in res:
@@ -286,12 +286,13 @@ def tracerl_section(res: dict, ctx: dict, paper: dict) -> str:
     if "block_tracerl" in res and "block_onestep" in res:
         a, b = ev(res["block_tracerl"], "pass@1"), ev(res["block_onestep"], "pass@1")
         claims.append(claim("TraceRL beats the one-step estimator", "pass@1(block_tracerl) > pass@1(block_onestep) "
-                            "by > 2 SE", f"{fmt(a, 100)} vs {fmt(b, 100)}", "see below", verdict_greater(a, b, ctx)))
+                            "by > 2 SE", f"TraceRL {fmt(a, 100)} vs one-step {fmt(b, 100)}", "see below",
+                            verdict_greater(a, b, ctx)))
     if "block_tracerl" in res and "block_tracerl_value" in res:
         s0, s1 = curve_stat(res["block_tracerl"], "train/loss", "std"), curve_stat(res["block_tracerl_value"],
                                                                                     "train/loss", "std")
         claims.append(claim("the value model stabilises training", "std of step loss: without > with value by > 2 SE",
-                            f"{fmt(s0, 1, 4)} vs {fmt(s1, 1, 4)}; skips "
+                            f"without {fmt(s0, 1, 4)} vs with {fmt(s1, 1, 4)}; skips "
                             f"{fmt(nonfinite_skips(res['block_tracerl']), 1, 1)} vs "
                             f"{fmt(nonfinite_skips(res['block_tracerl_value']), 1, 1)}", "see below",
                             verdict_greater(s0, s1, ctx)))

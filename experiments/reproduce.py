@@ -4,11 +4,13 @@
   python experiments/reproduce.py                         # 3 seeds, 100 RL iterations, 500 problems
   python experiments/reproduce.py --studies=dler,hapo --seeds=5 --rl_steps=150 --out=results
   python experiments/reproduce.py --quick --workers=2     # two runs at a time, one per core
+  python experiments/reproduce.py --start=checkpoints/arith_tiny_sft_plateau --out=results/plateau
 
-Every AR run starts from the shipped SFT checkpoint (`checkpoints/arith_tiny_sft`; RL from it improves held-out
-accuracy, README "Main-job results") with the method's `tiny` config; the TraceRL runs start from the shipped
-diffusion SFT checkpoints (`checkpoints/arith_tiny_sft_{block,full}`; built under <out>/work when absent). Methods are compared with their papers'
-baseline RL methods from that same start, so SFT's own progress is not a confound (calibration.md lesson 3).
+Every AR run starts from an SFT checkpoint with the method's `tiny` config: by default the shipped mid-SFT one
+(`checkpoints/arith_tiny_sft`; RL from it improves held-out accuracy, README "Main-job results"), with
+`--start=checkpoints/arith_tiny_sft_plateau` the plateaued one (configs/sft.py:plateau, calibration.md lesson 3).
+The TraceRL runs start from the shipped diffusion SFT checkpoints (`checkpoints/arith_tiny_sft_{block,full}`; built
+under <out>/work when absent). Methods are compared with their papers' baseline RL methods from that same start.
 Within a study every run gets the same number of RL iterations and the same held-out set
 (experiments/_repro_studies.py). Runs live under `<out>/work/runs/<config hash>/seed<k>`: identical runs are
 shared between studies and a finished run is never retrained, so an interrupted study resumes where it stopped.

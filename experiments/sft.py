@@ -67,10 +67,9 @@ def _plateau_check(c, tok, greedy_fn):
     val, _ = arithmetic.split_disjoint(c.sft.val_problems, c.sft.eval_problems, c.task.train_levels,
                                        train_seed=c.seed + 10000, heldout_seed=c.task.eval_seed)
     examples = [arithmetic.to_example(p) for p in val]
-    scorer = build.build_task(c).scorer
 
     def score(params):
-        return evaluate(params, examples, tokenizer=tok, scorer=scorer, sample_fn=greedy_fn, samples=1,
+        return evaluate(params, examples, tokenizer=tok, scorer=build.arithmetic_scorer, sample_fn=greedy_fn, samples=1,
                         batch_rows=c.eval.batch_size, max_prompt_len=c.rollout.max_prompt_len,
                         key=jax.random.PRNGKey(0))["pass@1"]
 

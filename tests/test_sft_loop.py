@@ -61,11 +61,12 @@ def test_plateau_check_by_hand():
     class S:
         params = None
 
-    scores = iter([0.50, 0.60, 0.605, 0.62, 0.615, 0.60])
+    scores = iter([0.50, 0.60, 0.605, 0.612, 0.615, 0.60])
     check = PlateauCheck(lambda p: next(scores), patience=2, min_delta=0.01, log_fn=lambda s: None)
-    # 0.50 best; 0.60 new best; 0.605 < 0.61 stale 1; 0.62 >= 0.61 new best (stale 0); 0.615 stale 1; 0.60 stale 2
+    # 0.50 best; 0.60 new best; 0.605 < 0.61 stale 1 (best stays 0.60); 0.612 >= 0.61 new best (stale 0);
+    # 0.615 < 0.622 stale 1; 0.60 stale 2. (Had the sub-delta 0.605 moved the best, 0.612 < 0.615 would stop at 4.)
     stops = [check(step, S()) for step in (1, 2, 3, 4, 5, 6)]
     assert stops == [False, False, False, False, False, True]
-    assert check.best == 0.62 and [s for s, _ in check.history] == [1, 2, 3, 4, 5, 6]
+    assert check.best == 0.612 and [s for s, _ in check.history] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(ValueError, match="patience"):
         PlateauCheck(lambda p: 0.0, patience=0, min_delta=0.0)

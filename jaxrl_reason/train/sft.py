@@ -128,7 +128,7 @@ class PlateauCheck:
     """Stops SFT when a validation score has not beaten its best by `min_delta` for `patience` checks in a row.
 
     `score_fn(params) -> float` (higher is better, e.g. greedy accuracy on validation problems). Used as
-    `sft_loop(check_fn=PlateauCheck(...))`; `history` keeps (step, score) for the build log.
+    `sft_loop(check_fn=PlateauCheck(...))`; each check is logged with `log_fn` and kept in `history` as (step, score).
     """
 
     def __init__(self, score_fn, *, patience: int, min_delta: float, log_fn=print):

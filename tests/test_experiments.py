@@ -272,3 +272,44 @@ def test_bench_sampler_per_token_fit_by_hand():
     assert "ms/token at R=1024 / at R=64 = 2.70" in bs.fit_lines(rows)
     with pytest.raises(ValueError, match="two lengths"):
         bs.per_token_fit([64], [0.1])
+
+
+# ------------------------------------------------------------------------------------------------- sft.py
+def _oracle_greedy_fn(tok, response_len, seen):
+    """A stand-in greedy sampler: answers `a+b+c:` with `#### <sum + params["off"]>` (EOS after), records prompts."""
+    from types import SimpleNamespace
+
+    def greedy_fn(params, ids_BxP, mask_BxP, key):
+        del key
+        prompts = [tok.decode(row[m.astype(bool)]) for row, m in zip(np.asarray(ids_BxP), np.asarray(mask_BxP))]
+        seen.extend(prompts)
+        tokens = np.full((len(prompts), response_len), tok.pad_token_id, np.int32)
+        lengths = np.zeros(len(prompts), np.int32)
+        for i, p in enumerate(prompts):
+            ids = tok(f"#### {sum(map(int, p.rstrip(':').split('+'))) + params['off']}",
+                      add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            tokens[i, : len(ids)], lengths[i] = ids, len(ids)
+        return SimpleNamespace(tokens_BxR=tokens, length_B=lengths, truncated_B=np.zeros(len(prompts), bool))
+
+    return greedy_fn
+
+
+def test_sft_plateau_check_scores_validation_problems_disjoint_from_heldout(tokenizer):
+    """experiments/sft.py's `_plateau_check` scores greedy accuracy on `sft.val_problems` problems of the training
+    levels that are not held-out problems (the held-out set is built as `_report_heldout` builds it), and takes its
+    patience and min_delta from the config."""
+    from configs import sft as sft_configs
+    from jaxrl_reason.train import build
+
+    c = sft_configs.get_config("plateau")
+    c.sft.val_problems, c.sft.eval_problems, c.eval.batch_size = 60, 200, 20  # 3 full batches
+    seen = []
+    check = _load("sft")._plateau_check(c, tokenizer, _oracle_greedy_fn(tokenizer, 16, seen))
+    assert (check.patience, check.min_delta) == (c.sft.plateau_patience, c.sft.plateau_min_delta)
+    assert check.score_fn({"off": 0}) == 1.0 and check.score_fn({"off": 1}) == 0.0
+    assert len(seen) == 2 * 60 and seen[:60] == seen[60:]  # the same 60 problems each time
+    c.eval.num_problems = c.sft.eval_problems
+    heldout = {ex.prompt for ex in build.build_task(c).heldout}
+    assert len(heldout) == 200 and not heldout & set(seen)
+    levels = {len(p.split("+")) for p in seen}
+    assert levels == {3, 4, 5}  # the training levels' 3-5 terms, not one level

@@ -142,8 +142,8 @@ CLAIM_HEADER = ["claim", "criterion (reproduced? rule)", "ours", "paper (referen
 DLER_ROWS = ("sft", "grpo", "dapo", "dler", "da_dler", "dler_merged")
 
 
-def dler_section(res: dict, ctx: dict) -> str:
-    """Run table at the control's budget (T=1 samples, per tier) and the DLER / DA-DLER / merging claims."""
+def dler_runs(res: dict) -> str:
+    """Run table at the control's budget (T=1 samples, per tier)."""
     rows = []
     for name in [n for n in DLER_ROWS if n in res]:
         r = res[name]
@@ -152,8 +152,12 @@ def dler_section(res: dict, ctx: dict) -> str:
                      fmt(common(r, "pass@1", "easy"), 100), fmt(common(r, "length_mean", "easy")),
                      fmt(common(r, "pass@1", "hard"), 100), fmt(common(r, "length_mean", "hard")),
                      fmt(curve_stat(r, "response/length_mean", "last"))])
-    runs = table(["run", "pass@1 %", "length", "re-checks / resp.", "truncated %", "pass@1 easy %",
+    return table(["run", "pass@1 %", "length", "re-checks / resp.", "truncated %", "pass@1 easy %",
                   "length easy", "pass@1 hard %", "length hard", "train length, last step"], rows)
+
+
+def dler_claims(res: dict, ctx: dict) -> list[list[str]]:
+    """DLER vs SFT and the controls, DA-DLER vs DLER, merging (algorithms.md §2.5)."""
     L = {n: common(res[n], "length_mean") for n in res}
     A = {n: common(res[n], "pass@1") for n in res}
     claims = []
@@ -163,17 +167,17 @@ def dler_section(res: dict, ctx: dict) -> str:
                             verdict_if(_m(L["dler"]) <= 0.5 * _m(L["sft"]), ctx)))
     for ctrl in [c for c in ("grpo", "dapo") if {c, "dler"} <= set(res)]:
         claims.append(claim(f"DLER clearly shorter than the correctness-only {ctrl.upper()} at the same step",
-                            f"len(DLER) ≤ 0.8 × len({ctrl})", f"{ctrl} {fmt(L[ctrl])} vs DLER {fmt(L['dler'])}",
+                            f"len(DLER) ≤ 0.8 × len({ctrl})", f"{ctrl.upper()} {fmt(L[ctrl])} vs DLER {fmt(L['dler'])}",
                             PAPER["dler_control"], verdict_if(_m(L["dler"]) <= 0.8 * _m(L[ctrl]), ctx)))
         claims.append(claim(f"DLER accuracy within 2 points of {ctrl.upper()}",
                             f"pass@1(DLER) ≥ pass@1({ctrl}) − 2 pts",
-                            f"{ctrl} {fmt(A[ctrl], 100)} vs DLER {fmt(A['dler'], 100)}",
+                            f"{ctrl.upper()} {fmt(A[ctrl], 100)} vs DLER {fmt(A['dler'], 100)}",
                             PAPER["dler_acc"], verdict_if(_m(A["dler"]) >= _m(A[ctrl]) - 0.02, ctx)))
     if {"dler", "da_dler"} <= set(res):
         claims += da_dler_claims(res, ctx)
     if {"sft", "dler", "dler_merged"} <= set(res):
         claims.append(merge_claim(A, L, ctx))
-    return "\n\n".join([runs, table(CLAIM_HEADER, claims)])
+    return claims
 
 
 def da_dler_claims(res: dict, ctx: dict) -> list[list[str]]:
@@ -205,15 +209,18 @@ def merge_claim(A: dict, L: dict, ctx: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- LSPO (§3.5)
-def lspo_section(res: dict, ctx: dict) -> str:
+def lspo_runs(res: dict) -> str:
     rows = []
     for name, r in res.items():
         filt, total = lspo_filtered(r)
         rows.append([name, fmt(ev(r, "pass@1", "eval_before"), 100), fmt(ev(r, "pass@1"), 100),
                      fmt(ev(r, "length_mean")), fmt(filt, 100), fmt(total, 100),
                      fmt([x["iterations"] for x in r], 1, 0)])
-    runs = table(["run", "pass@1 before %", "pass@1 after %", "length after", "filtered by length rule % "
+    return table(["run", "pass@1 before %", "pass@1 after %", "length after", "filtered by length rule % "
                   "(of accuracy-kept)", "filtered in all % (accuracy + length)", "RL iterations"], rows)
+
+
+def lspo_claims(res: dict, ctx: dict) -> list[list[str]]:
     claims = []
     for base in [b for b in ("grpo", "dapo", "gspo") if {b, f"lspo_{b}"} <= set(res)]:
         a, b = ev(res[f"lspo_{base}"], "pass@1"), ev(res[base], "pass@1")
@@ -222,18 +229,21 @@ def lspo_section(res: dict, ctx: dict) -> str:
                             f"pass@1(LSPO-{base}) > pass@1({base}) by > 2 SE",
                             f"{fmt(b, 100)} → {fmt(a, 100)}; filtered {fmt(share, 100)} %", PAPER[f"lspo_{base}"],
                             verdict_greater(a, b, ctx)))
-    return "\n\n".join([runs, table(CLAIM_HEADER, claims)])
+    return claims
 
 
 # ----------------------------------------------------------------------------------------------- HAPO (§4.8)
-def hapo_section(res: dict, ctx: dict) -> str:
+def hapo_runs(res: dict) -> str:
     rows = [[n, fmt(ev(r, "pass@1"), 100), fmt(ev(r, "length_mean")), fmt(curve_stat(r, "policy/entropy"), 1, 3),
              fmt(curve_stat(r, "policy/entropy", "last"), 1, 3)] for n, r in res.items()]
-    runs = table(["run", "pass@1 after %", "length after", "entropy, mean over steps", "entropy, last step"], rows)
+    return table(["run", "pass@1 after %", "length after", "entropy, mean over steps", "entropy, last step"], rows)
+
+
+def hapo_claims(res: dict, ctx: dict) -> list[list[str]]:
     A = {n: ev(r, "pass@1") for n, r in res.items()}
     H = {n: curve_stat(r, "policy/entropy") for n, r in res.items()}
     if "hapo" not in res:
-        return runs
+        return []
     claims = [] if "dapo" not in res else [
         claim("HAPO beats DAPO in accuracy", "pass@1(HAPO) > pass@1(DAPO) by > 2 SE",
               f"{fmt(A['dapo'], 100)} → {fmt(A['hapo'], 100)}", PAPER["hapo_acc"],
@@ -246,14 +256,17 @@ def hapo_section(res: dict, ctx: dict) -> str:
             claims.append(claim(f"switching off {what} costs accuracy", f"pass@1(HAPO) > pass@1({name}) by > 2 SE",
                                 f"{fmt(A[name], 100)} vs HAPO {fmt(A['hapo'], 100)}", PAPER["hapo_ablation"],
                                 verdict_greater(A["hapo"], A[name], ctx)))
-    return "\n\n".join([runs, table(CLAIM_HEADER, claims)])
+    return claims
 
 
 # ----------------------------------------------------------------------------------------------- REPRO (§5.6)
-def repro_section(res: dict, ctx: dict) -> str:
+def repro_runs(res: dict) -> str:
     rows = [[n, fmt(ev(r, "pass@1", "eval_before"), 100), fmt(ev(r, "pass@1"), 100),
              fmt(ev(r, "length_mean", "eval_before")), fmt(ev(r, "length_mean"))] for n, r in res.items()]
-    runs = table(["run", "pass@1 before %", "pass@1 after %", "tokens before", "tokens after"], rows)
+    return table(["run", "pass@1 before %", "pass@1 after %", "tokens before", "tokens after"], rows)
+
+
+def repro_claims(res: dict, ctx: dict) -> list[list[str]]:
     claims = []
     for base in [b for b in ("ppo", "grpo") if {b, f"repro_{b}"} <= set(res)]:
         a, b = ev(res[f"repro_{base}"], "pass@1"), ev(res[base], "pass@1")
@@ -264,18 +277,21 @@ def repro_section(res: dict, ctx: dict) -> str:
         claims.append(claim(f"REPRO on {base.upper()} uses fewer response tokens",
                             f"tokens({base}) > tokens(REPRO-{base}) by > 2 SE", f"{fmt(lb)} → {fmt(la)}",
                             PAPER["repro_tokens"], verdict_greater(lb, la, ctx)))
-    return "\n\n".join([runs, table(CLAIM_HEADER, claims)])
+    return claims
 
 
 # ----------------------------------------------------------------------------------------------- TraceRL
-def tracerl_section(res: dict, ctx: dict, paper: dict) -> str:
-    """Accuracy before -> after, TraceRL vs the one-step estimator, stability with vs without the value model
-    (std of the per-step training loss and the count of skipped / non-finite updates)."""
+def tracerl_runs(res: dict) -> str:
     rows = [[n, fmt(ev(r, "pass@1", "eval_before"), 100), fmt(ev(r, "pass@1"), 100), fmt(ev(r, "length_mean")),
              fmt(curve_stat(r, "train/loss", "std"), 1, 4), fmt(curve_stat(r, "reward/accuracy", "std"), 100),
              fmt(nonfinite_skips(r), 1, 1)] for n, r in res.items()]
-    runs = table(["run", "pass@1 before %", "pass@1 after %", "length after", "std of step loss",
+    return table(["run", "pass@1 before %", "pass@1 after %", "length after", "std of step loss",
                   "std of step reward %", "skipped updates"], rows)
+
+
+def tracerl_claims(res: dict, ctx: dict) -> list[list[str]]:
+    """Accuracy before -> after, TraceRL vs the one-step estimator, stability with vs without the value model
+    (std of the per-step training loss and the count of skipped / non-finite updates)."""
     claims = []
     for name in ("block_tracerl", "full_tracerl"):
         if name in res:
@@ -296,16 +312,23 @@ def tracerl_section(res: dict, ctx: dict, paper: dict) -> str:
                             f"{fmt(nonfinite_skips(res['block_tracerl']), 1, 1)} vs "
                             f"{fmt(nonfinite_skips(res['block_tracerl_value']), 1, 1)}", "see below",
                             verdict_greater(s0, s1, ctx)))
-    ref = "\n".join(f"- {k}: {v}" for k, v in (paper or {}).items()) or "- (the TraceRL module gave none)"
-    return "\n\n".join([runs, table(CLAIM_HEADER, claims), "The paper's numbers (TraceRL helper, diffusion.md):", ref])
+    return claims
 
 
-SECTIONS = {"dler": ("DLER vs correctness-only GRPO / DAPO (length at the control's budget, T=1 samples)",
-                     dler_section),
-            "lspo": ("LSPO on GRPO, DAPO, GSPO vs without (equal number of updates)", lspo_section),
-            "hapo": ("HAPO vs DAPO, and each HAPO component switched off alone", hapo_section),
-            "repro": ("REPRO on PPO and GRPO vs without", repro_section),
-            "tracerl": ("TraceRL on tiny diffusion models", None)}
+SECTIONS = {  # study: (title, run table, claim rows)
+    "dler": ("DLER vs correctness-only GRPO / DAPO (length at the control's budget, T=1 samples)", dler_runs,
+             dler_claims),
+    "lspo": ("LSPO on GRPO, DAPO, GSPO vs without (equal number of updates)", lspo_runs, lspo_claims),
+    "hapo": ("HAPO vs DAPO, and each HAPO component switched off alone", hapo_runs, hapo_claims),
+    "repro": ("REPRO on PPO and GRPO vs without", repro_runs, repro_claims),
+    "tracerl": ("TraceRL on tiny diffusion models", tracerl_runs, tracerl_claims)}
+
+
+def study_claims(st: dict) -> list[list[str]]:
+    """The claim rows (CLAIM_HEADER) of one results/<study>.json; [] when the study was not run."""
+    if st.get("status") != "run" or not st.get("results"):
+        return []
+    return SECTIONS[st["study"]][2](st["results"], context(st["settings"], st["seeds"]))
 
 
 def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
@@ -319,7 +342,7 @@ def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
            "mean(X) − mean(Y) > 2·sqrt(s_X²/n_X + s_Y²/n_Y), no if mean(X) ≤ mean(Y), inconclusive in between. "
            "Threshold criteria are "
            "checked on the means."]
-    for name, (title, fn) in SECTIONS.items():
+    for name, (title, runs_fn, claims_fn) in SECTIONS.items():
         if name not in studies:
             continue
         st = studies[name]
@@ -329,11 +352,14 @@ def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
                                     if name == "tracerl" else ""))
             continue
         s = st["settings"]
-        ctx = context(s, st["seeds"])
         out.append(f"Seeds {st['seeds']}, {s['rl_steps']} RL iterations per run, {s['eval_problems']} held-out "
                    f"problems × {s['eval_samples']} samples.")
-        out += ["", tracerl_section(st["results"], ctx, tracerl_paper) if name == "tracerl"
-                else fn(st["results"], ctx)]
+        claims = claims_fn(st["results"], context(s, st["seeds"]))
+        out += ["", runs_fn(st["results"]), "", table(CLAIM_HEADER, claims)]
+        if name == "tracerl":
+            ref = "\n".join(f"- {k}: {v}" for k, v in (tracerl_paper or {}).items()) or \
+                "- (the TraceRL module gave none)"
+            out += ["", "The paper's numbers (TraceRL helper, diffusion.md):", "", ref]
     return "\n".join(out) + "\n"
 
 

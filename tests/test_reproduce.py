@@ -20,6 +20,7 @@ import _repro_pool as pool  # noqa: E402
 import _repro_report as report  # noqa: E402
 import _repro_studies as studies  # noqa: E402
 import reproduce  # noqa: E402
+import results_table  # noqa: E402
 
 from jaxrl_reason.train import build, loop  # noqa: E402
 from jaxrl_reason.train.evaluation import evaluate  # noqa: E402
@@ -320,3 +321,35 @@ def test_summary_tables_and_verdicts_from_synthetic_results(tmp_path):
         assert _row(summary, text)[-1] == want, text
     assert _row(summary, "sft")[2] == f"{np.mean([60, 61, 62]):.1f} ± {np.std([60, 61, 62], ddof=1):.1f}"
     assert re.search(r"## TraceRL.*\n\nnot run", summary)
+
+
+def test_results_table_puts_a_claims_rows_from_each_start_together():
+    settings = {"rl_steps": 4, "eval_problems": 500, "eval_samples": 2, "greedy": True, "smoke": False}
+
+    def lspo_study(start, base, lspo):
+        res = {"grpo": [_seed(a, 30.0) for a in base], "lspo_grpo": [_seed(a, 30.0) for a in lspo]}
+        return {"study": "lspo", "status": "run", "settings": dict(settings, ar_start=start), "seeds": [0, 1, 2],
+                "results": res}
+
+    plateau = lspo_study("checkpoints/x", [0.80, 0.81, 0.82], [0.90, 0.91, 0.92])  # +10 points >> 2 SE: yes
+    mid = lspo_study("", [0.50, 0.51, 0.52], [0.49, 0.50, 0.51])  # LSPO lower: no
+    hapo_not_run = {"study": "hapo", "status": "not run", "settings": settings, "seeds": [0], "results": {}}
+    block = results_table.table_block([("results/p", plateau), ("results/m", hapo_not_run), ("results/m", mid)])
+    rows = [_row(block, "LSPO")] + [[c.strip() for c in x.strip("|").split("|")]
+                                    for x in block.splitlines() if x.startswith("| LSPO |")][1:]
+    assert [(r[2], r[3], r[5]) for r in rows] == [("plateaued SFT", "81.0 ± 1.0 → 91.0 ± 1.0; filtered – %", "yes"),
+                                                  ("mid-SFT", "51.0 ± 1.0 → 50.0 ± 1.0; filtered – %", "no")]
+    assert rows[0][4] == report.PAPER["lspo_grpo"] and rows[1][4] == "(same)"
+    legend = [x for x in block.splitlines() if x.startswith("- ")]
+    assert legend == ["- **plateaued SFT**: `checkpoints/x`, results in `results/p`; 3 seeds, 4 RL iterations, "
+                      "500 problems × 2 samples",
+                      "- **mid-SFT**: shipped `checkpoints/arith_tiny_sft`, results in `results/m`; 3 seeds, 4 RL "
+                      "iterations, 500 problems × 2 samples"]
+    readme = f"a\n{results_table.BEGIN}\nold\n{results_table.END}\nb\n"
+    assert results_table.replace_block(readme, "new") == f"a\n{results_table.BEGIN}\nnew\n{results_table.END}\nb\n"
+    with pytest.raises(ValueError, match="exactly one"):
+        results_table.replace_block("no markers", "new")
+
+
+def test_readme_results_table_is_what_the_committed_results_json_give(capsys):
+    assert results_table.main(["--check"]) == 0, capsys.readouterr().out

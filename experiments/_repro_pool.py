@@ -117,16 +117,16 @@ def run_jobs(jobs: list, workers: int, cache_dir: str = "") -> None:
         raise RuntimeError(f"a study job failed (worker exit codes {codes}); its traceback is printed above.")
 
 
-def plan(study_names, seeds, s, sft_steps: int, workroot: str) -> tuple[list, list]:
-    """(phase 1, phase 2) jobs for `study_names` (reproduce.py's arguments): the runs without a stored result,
-    each once, in study order. TraceRL runs need their SFT start: when a start must be built, phase 1 = the SFT
+def plan(study_names, seeds, s, sft_steps: int, workroot: str, only=()) -> tuple[list, list]:
+    """(phase 1, phase 2) jobs for `study_names` (reproduce.py's arguments; `only`: its --runs): the runs without
+    a stored result, each once, in study order. TraceRL runs need their SFT start: when a start must be built, phase 1 = the SFT
     builds + the AR runs and phase 2 = the TraceRL runs; when every start exists (shipped or built), the TraceRL
     runs (the longest jobs) open phase 1 and phase 2 is empty, so no worker idles at a phase boundary."""
     import _repro_studies as studies
 
     sft_jobs, ar_jobs, tracerl_jobs, seen = [], [], [], set()
     for name in study_names:
-        for spec in studies.STUDIES.get(name, ()):
+        for spec in studies.study_specs(name, only):
             for seed in seeds:
                 key = studies.run_key(spec, seed, s)
                 done = os.path.exists(os.path.join(workroot, "runs", key, studies.RESULT_FILE))

@@ -336,12 +336,17 @@ def run_dler_extras(results: dict, seeds, s: Settings, workroot: str) -> dict:
     return extra
 
 
-def run_study(study: str, seeds, s: Settings, workroot: str) -> dict:
-    """{run name: [per-seed result]} of one AR study (STUDIES), plus the DLER extras for "dler"."""
+def study_specs(study: str, only=()) -> tuple:
+    """The runs of `study` (STUDIES), only those named in `only` when it is not empty (reproduce.py --runs)."""
+    return tuple(spec for spec in STUDIES.get(study, ()) if not only or spec.name in only)
+
+
+def run_study(study: str, seeds, s: Settings, workroot: str, only=()) -> dict:
+    """{run name: [per-seed result]} of one AR study (study_specs), plus the DLER extras when DLER is among them."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; known: {', '.join(STUDIES)}.")
-    results = {spec.name: [run_one(spec, seed, s, workroot) for seed in seeds] for spec in STUDIES[study]}
-    if study == "dler":
+    results = {spec.name: [run_one(spec, seed, s, workroot) for seed in seeds] for spec in study_specs(study, only)}
+    if study == "dler" and "dler" in results:
         results.update(run_dler_extras(results, seeds, s, workroot))
     return results
 
@@ -377,11 +382,11 @@ def tracerl_starts(s: Settings) -> dict:
             else "built by the study (sft_steps)" for k in (mod.kinds() if mod else [])}
 
 
-def study_json(study: str, results: dict | None, s: Settings, seeds, **extra_settings) -> dict:
+def study_json(study: str, results: dict | None, s: Settings, seeds, only=(), **extra_settings) -> dict:
     """What results/<study>.json holds: the settings, the run definitions and the per-seed results."""
     specs = {spec.name: {"module": spec.module, "arg": spec.arg, "overrides": [list(o) for o in spec.overrides]}
-             for spec in STUDIES.get(study, ())}
-    if study == "dler":
+             for spec in study_specs(study, only)}
+    if study == "dler" and "dler" in specs:
         specs["sft"] = {"checkpoint": "the policy RL starts from (model.sft_dir)"}
         specs["dler_merged"] = {"merge": "experiments/merge.merge_checkpoints(base=sft, tuned=dler, top_frac=0.25, "
                                          "scale=0.7, granularity=tensor)"}

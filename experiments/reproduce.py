@@ -64,6 +64,9 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_string("start", "", "The AR runs' SFT warm start, an HF checkpoint directory ('' = the shipped "
                         "checkpoints/arith_tiny_sft; checkpoints/arith_tiny_sft_plateau = the plateaued one).",
                         flag_values=fv)
+    flags.DEFINE_list("runs", [], "Only these runs of the chosen autoregressive studies (names as in "
+                      "results/<study>.json, e.g. grpo,lspo_grpo); empty = all. Claims whose runs are missing are "
+                      "left out of the tables.", flag_values=fv)
     flags.DEFINE_integer("workers", 1, "Processes training runs side by side, each pinned to one core "
                          "(experiments/_repro_pool.py); 2 on a 2-core CPU nearly halves the wall time.", flag_values=fv)
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
@@ -77,7 +80,20 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     unknown = [s for s in fv.studies if s not in studies_lib.ALL_STUDIES]
     if unknown:
         raise ValueError(f"unknown studies {unknown}; choose from {', '.join(studies_lib.ALL_STUDIES)}.")
+    _check_runs(fv.runs, fv.studies)
     return fv
+
+
+def _check_runs(runs: list[str], studies: list[str]) -> None:
+    """--runs names runs of the chosen autoregressive studies only."""
+    if not runs:
+        return
+    if "tracerl" in studies:
+        raise ValueError("--runs applies to the autoregressive studies (dler, lspo, hapo, repro), not tracerl.")
+    known = {spec.name for st in studies for spec in studies_lib.study_specs(st)}
+    if set(runs) - known:
+        raise ValueError(f"--runs: {sorted(set(runs) - known)} are not runs of {', '.join(studies)}; "
+                         f"those are {', '.join(sorted(known))}.")
 
 
 def resolve(fv) -> tuple[list[int], studies_lib.Settings, int]:
@@ -111,16 +127,16 @@ def main(argv: list[str]) -> dict:
         pool.enable_jax_cache(cache)
     out, t0 = {}, time.time()
     if fv.workers > 1:  # train every run in the pool; the loop below then reads the results back
-        for jobs in pool.plan(fv.studies, seeds, s, sft_steps, workroot):
+        for jobs in pool.plan(fv.studies, seeds, s, sft_steps, workroot, fv.runs):
             pool.run_jobs(jobs, fv.workers, cache)
     for study in fv.studies:
         t = time.time()
         if study == "tracerl":
             results = studies_lib.run_tracerl(seeds, s, sft_steps, workroot)
         else:
-            results = studies_lib.run_study(study, seeds, s, workroot)
+            results = studies_lib.run_study(study, seeds, s, workroot, fv.runs)
         extra = {"sft_steps": sft_steps, "sft_start": studies_lib.tracerl_starts(s)} if study == "tracerl" else {}
-        out[study] = studies_lib.study_json(study, results, s, seeds, **extra)
+        out[study] = studies_lib.study_json(study, results, s, seeds, fv.runs, **extra)
         with open(os.path.join(fv.out, f"{study}.json"), "w") as f:
             json.dump(out[study], f, indent=1)
         print(f"study {study}: {time.time() - t:.0f}s", flush=True)

@@ -216,6 +216,21 @@ def test_flags_reject_bad_values():
     assert s.ar_start == os.path.join("checkpoints", "arith_tiny_sft")  # repository-relative in results/*.json
 
 
+def test_runs_flag_restricts_the_plan_and_the_json_to_the_named_runs(tmp_path):
+    fv = reproduce.parse_flags(["r", "--studies=lspo,dler", "--runs=grpo,lspo_grpo"])
+    _, s, _ = reproduce.resolve(fv)
+    phase1, phase2 = pool.plan(fv.studies, [0, 1], s, 1, str(tmp_path), fv.runs)
+    assert phase2 == [] and [(kw["spec"].name, kw["seed"]) for _, kw in phase1] == [
+        ("grpo", 0), ("grpo", 1), ("lspo_grpo", 0), ("lspo_grpo", 1)]  # grpo of both studies: trained once
+    assert list(studies.study_json("lspo", {}, s, [0], fv.runs)["runs"]) == ["grpo", "lspo_grpo"]
+    assert list(studies.study_json("dler", {}, s, [0], fv.runs)["runs"]) == ["grpo"]  # no DLER: no merge entries
+    assert len(studies.study_json("dler", {}, s, [0])["runs"]) == 6
+    with pytest.raises(ValueError, match=r"\['hapo'\] are not runs of lspo"):
+        reproduce.parse_flags(["r", "--studies=lspo", "--runs=grpo,hapo"])
+    with pytest.raises(ValueError, match="not tracerl"):
+        reproduce.parse_flags(["r", "--runs=grpo"])  # the default studies include tracerl
+
+
 # ------------------------------------------------------------------------------------- statistics and verdicts
 def test_combine_tiers_is_the_problem_weighted_mean():
     parts = {"easy": (2, {"pass@1": 0.5, "length_mean": 10.0, "pass@1/level0": 0.5}),

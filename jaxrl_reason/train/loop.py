@@ -173,10 +173,9 @@ def run(config, workdir: str, *, eval_before: dict | None = None) -> dict:
         return _run(config, workdir, preempt, eval_before)
 
 
-def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict:
-    os.makedirs(workdir, exist_ok=True)
-    mesh = _mesh(config)
-    task = build_task(config)
+def _build_parts(config, task):
+    """(policy module, its config, trainable params {"policy"[, "value"]}, PolicyParts): a value model for GAE,
+    a frozen reference copy when a KL term is on, autoregressive or masked-diffusion parts by `model.attention`."""
     policy, mcfg = load_policy(config, task.tokenizer)
     graphdef, policy_params = nnx.split(policy, nnx.Param)
     params, value_graphdef, ref_params = {"policy": policy_params}, None, None
@@ -189,6 +188,14 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
         parts = ar_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef, ref_params=ref_params)
     else:  # masked-diffusion policy: TraceRL rows and objective, same loop (diffusion.md §7)
         parts = diffusion_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef)
+    return policy, mcfg, params, parts
+
+
+def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    mesh = _mesh(config)
+    task = build_task(config)
+    policy, mcfg, params, parts = _build_parts(config, task)
     o = config.optim
     state, tx, state_sh = _initial_state(config, mesh, params, config.train.num_steps * o.ppo_epochs * o.mini_batches)
     batch_sh = _batch_sharding(config, mesh)

@@ -28,16 +28,13 @@ HEADER = ["study", "claim", "start", "ours (mean ± std over seeds)", "paper (re
 NAMES = {"dler": "DLER", "lspo": "LSPO", "hapo": "HAPO", "repro": "REPRO", "tracerl": "TraceRL"}
 
 
-def start_label(st: dict) -> str:
-    """Which warm start a study ran from: its diffusion SFT (TraceRL), the shipped mid-SFT AR start or `ar_start`."""
+def start_of(st: dict) -> tuple[str, str]:
+    """(short name, which checkpoint) of the warm start a study ran from (`ar_start`; TraceRL: its `sft_start`)."""
     if st["study"] == "tracerl":
-        return "diffusion SFT"
+        starts = st["settings"].get("sft_start", {}).values()
+        return "diffusion SFT", ", ".join(f"`{v}`" for v in starts) or "built by the study"
     start = st["settings"].get("ar_start", "")
-    return f"plateaued SFT (`{start}`)" if start else "mid-SFT (shipped `checkpoints/arith_tiny_sft`)"
-
-
-def short_start(st: dict) -> str:
-    return start_label(st).split(" (")[0]
+    return ("plateaued SFT", f"`{start}`") if start else ("mid-SFT", "shipped `checkpoints/arith_tiny_sft`")
 
 
 def protocol(st: dict) -> str:
@@ -67,12 +64,11 @@ def table_block(loaded: list[tuple[str, dict]], tracerl_paper: dict | None = Non
     for d, st in loaded:
         for text, _, ours, paper, verdict in report.study_claims(st):
             rows = groups.setdefault((st["study"], text), [])
-            rows.append([NAMES[st["study"]], text, short_start(st), ours, "(same)" if rows else paper, verdict])
+            rows.append([NAMES[st["study"]], text, start_of(st)[0], ours, "(same)" if rows else paper, verdict])
     order = {name: i for i, name in enumerate(studies_lib.ALL_STUDIES)}
     rows = [r for key in sorted(groups, key=lambda k: order[k[0]]) for r in groups[key]]
-    sets = dict.fromkeys((short_start(st), start_label(st), d, protocol(st)) for d, st in loaded)
-    lines = [f"- **{short}**: {label.split(' (', 1)[1][:-1] if ' (' in label else 'its own warm starts'}, "
-             f"results in `{d}`; {proto}" for short, label, d, proto in sets]
+    sets = dict.fromkeys((*start_of(st), d, protocol(st)) for d, st in loaded)
+    lines = [f"- **{short}**: {ckpt}, results in `{d}`; {proto}" for short, ckpt, d, proto in sets]
     out = lines + ["", report.table(HEADER, rows)]
     if tracerl_paper and any(st["study"] == "tracerl" for _, st in loaded):
         out += ["", "TraceRL paper (the rows' \"see below\"):"] + [f"- {k}: {v}" for k, v in tracerl_paper.items()]

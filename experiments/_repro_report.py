@@ -122,6 +122,17 @@ def lspo_filtered(runs: list[dict]) -> tuple[list[float], list[float]]:
     return by_length, total
 
 
+def groups_per_update(runs: list[dict]) -> list[float]:
+    """Per seed, the mean over steps of the groups an update trained on: kept_frac x rounds x groups per round
+    (rollout.collect_batch; fewer than the batch's groups when the filters hit `filter.max_rounds`)."""
+    out = []
+    for r in runs:
+        v = [c["rollout/kept_frac"] * c["rollout/rounds"] * c["num_groups"] for c in r.get("curve", [])
+             if all(c.get(k) is not None for k in ("rollout/kept_frac", "rollout/rounds", "num_groups"))]
+        out.append(float(np.mean(v)) if v else float("nan"))
+    return out
+
+
 def _m(values) -> float:
     return mean_std(values)[0]
 
@@ -215,9 +226,10 @@ def lspo_runs(res: dict) -> str:
         filt, total = lspo_filtered(r)
         rows.append([name, fmt(ev(r, "pass@1", "eval_before"), 100), fmt(ev(r, "pass@1"), 100),
                      fmt(ev(r, "length_mean")), fmt(filt, 100), fmt(total, 100),
-                     fmt([x["iterations"] for x in r], 1, 0)])
+                     fmt(groups_per_update(r)), fmt([x["iterations"] for x in r], 1, 0)])
     return table(["run", "pass@1 before %", "pass@1 after %", "length after", "filtered by length rule % "
-                  "(of accuracy-kept)", "filtered in all % (accuracy + length)", "RL iterations"], rows)
+                  "(of accuracy-kept)", "filtered in all % (accuracy + length)", "groups per update",
+                  "RL iterations"], rows)
 
 
 def lspo_claims(res: dict, ctx: dict) -> list[list[str]]:

@@ -294,7 +294,8 @@ def test_summary_tables_and_verdicts_from_synthetic_results(tmp_path):
 
     def curve(i, a):
         return [{"lspo_kept_fraction": kept[i, t], "lspo_num_candidates": cand[i, t], "num_groups": 16.0,
-                 "rollout/rounds": int(rounds[i, t]), "reward/accuracy": a} for t in range(4)]
+                 "rollout/rounds": int(rounds[i, t]), "rollout/kept_frac": kept[i, t] / 2, "reward/accuracy": a}
+                for t in range(4)]
 
     lspo = {n: [_seed(a, 30.0 + i, curve(i, a) if n.startswith("lspo") else []) for i, a in enumerate(v)]
             for n, v in acc.items()}
@@ -319,6 +320,8 @@ def test_summary_tables_and_verdicts_from_synthetic_results(tmp_path):
     total = 100 * (1 - (kept * 16 * rounds).sum(1) / (16 * rounds).sum(1))
     assert row[4] == f"{by_len.mean():.1f} ± {by_len.std(ddof=1):.1f}"
     assert row[5] == f"{total.mean():.1f} ± {total.std(ddof=1):.1f}"
+    groups = (kept / 2 * rounds * 16).mean(1)  # groups an update trained on, mean over steps
+    assert row[6] == f"{groups.mean():.1f} ± {groups.std(ddof=1):.1f}"
     assert _row(summary[summary.index("## LSPO"):], "grpo")[4] == "–"  # the run without LSPO filters nothing
     # grpo: +9.0 points >> 2 SE -> yes; dapo: LSPO lower -> no; gspo: +2.0 < 2 SE (= 7.4) -> inconclusive.
     assert _row(summary, "LSPO on GRPO raises accuracy at equal updates")[-1] == "yes"

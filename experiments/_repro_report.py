@@ -336,11 +336,11 @@ SECTIONS = {  # study: (title, run table, claim rows)
     "tracerl": ("TraceRL on tiny diffusion models", tracerl_runs, tracerl_claims)}
 
 
-def study_claims(st: dict) -> list[list[str]]:
-    """The claim rows (CLAIM_HEADER) of one results/<study>.json; [] when the study was not run."""
+def study_claims(name: str, st: dict) -> list[list[str]]:
+    """The claim rows (CLAIM_HEADER) of study `name`'s results/<name>.json; [] when it was not run."""
     if st.get("status") != "run" or not st.get("results"):
         return []
-    return SECTIONS[st["study"]][2](st["results"], context(st["settings"], st["seeds"]))
+    return SECTIONS[name][2](st["results"], context(st["settings"], st["seeds"]))
 
 
 def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
@@ -354,7 +354,7 @@ def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
            "mean(X) − mean(Y) > 2·sqrt(s_X²/n_X + s_Y²/n_Y), no if mean(X) ≤ mean(Y), inconclusive in between. "
            "Threshold criteria are "
            "checked on the means."]
-    for name, (title, runs_fn, claims_fn) in SECTIONS.items():
+    for name, (title, runs_fn, _) in SECTIONS.items():
         if name not in studies:
             continue
         st = studies[name]
@@ -366,8 +366,7 @@ def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
         s = st["settings"]
         out.append(f"Seeds {st['seeds']}, {s['rl_steps']} RL iterations per run, {s['eval_problems']} held-out "
                    f"problems × {s['eval_samples']} samples.")
-        claims = claims_fn(st["results"], context(s, st["seeds"]))
-        out += ["", runs_fn(st["results"]), "", table(CLAIM_HEADER, claims)]
+        out += ["", runs_fn(st["results"]), "", table(CLAIM_HEADER, study_claims(name, st))]
         if name == "tracerl":
             ref = "\n".join(f"- {k}: {v}" for k, v in (tracerl_paper or {}).items()) or \
                 "- (the TraceRL module gave none)"

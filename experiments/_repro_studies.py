@@ -351,6 +351,17 @@ def run_study(study: str, seeds, s: Settings, workroot: str, only=()) -> dict:
     return results
 
 
+def read_study_jsons(out_dir: str) -> dict:
+    """{study: results/<study>.json} of the studies (ALL_STUDIES order) that have a JSON file in `out_dir`."""
+    paths = {name: os.path.join(out_dir, f"{name}.json") for name in ALL_STUDIES}
+    return {name: load_json(path) for name, path in paths.items() if os.path.exists(path)}
+
+
+def tracerl_paper_numbers() -> dict | None:
+    """The TraceRL paper's numbers for the report (experiments/_repro_tracerl.py), None without that module."""
+    return getattr(tracerl_module(), "PAPER_NUMBERS_TRACERL", None)
+
+
 def tracerl_module():
     """experiments/_repro_tracerl.py if it exists and imports, else None (the study is then "not run")."""
     if not os.path.exists(os.path.join(ROOT, "experiments", "_repro_tracerl.py")):

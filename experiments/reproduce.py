@@ -140,13 +140,9 @@ def main(argv: list[str]) -> dict:
         with open(os.path.join(fv.out, f"{study}.json"), "w") as f:
             json.dump(out[study], f, indent=1)
         print(f"study {study}: {time.time() - t:.0f}s", flush=True)
-    for study in studies_lib.ALL_STUDIES:  # the summary also covers studies finished by earlier invocations
-        path = os.path.join(fv.out, f"{study}.json")
-        if study not in out and os.path.exists(path):
-            with open(path) as f:
-                out[study] = json.load(f)
-    mod = studies_lib.tracerl_module() if "tracerl" in out else None
-    paths = report.write_report(out, fv.out, getattr(mod, "PAPER_NUMBERS_TRACERL", None))
+    for study, st in studies_lib.read_study_jsons(fv.out).items():  # also the studies of earlier invocations
+        out.setdefault(study, st)
+    paths = report.write_report(out, fv.out, studies_lib.tracerl_paper_numbers() if "tracerl" in out else None)
     print(f"done in {time.time() - t0:.0f}s; wrote " + ", ".join(paths), flush=True)
     return out
 

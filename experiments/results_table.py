@@ -11,7 +11,6 @@ committed README block equals this script's output on the committed JSON files.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -45,15 +44,7 @@ def protocol(st: dict) -> str:
 
 def load_studies(root: str, dirs=DIRS) -> list[tuple[str, dict]]:
     """[(directory, study JSON)] of every study file, in `dirs` order then `ALL_STUDIES` order."""
-    out = []
-    for d in dirs:
-        for name in studies_lib.ALL_STUDIES:
-            path = os.path.join(root, d, f"{name}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    st = json.load(f)
-                out.append((d, st))
-    return out
+    return [(d, st) for d in dirs for st in studies_lib.read_study_jsons(os.path.join(root, d)).values()]
 
 
 def table_block(loaded: list[tuple[str, dict]], tracerl_paper: dict | None = None) -> str:
@@ -62,7 +53,7 @@ def table_block(loaded: list[tuple[str, dict]], tracerl_paper: dict | None = Non
     loaded = [(d, st) for d, st in loaded if st.get("status") == "run" and st.get("results")]
     groups: dict[tuple[str, str], list[list[str]]] = {}
     for d, st in loaded:
-        for text, _, ours, paper, verdict in report.study_claims(st):
+        for text, _, ours, paper, verdict in report.study_claims(st["study"], st):
             rows = groups.setdefault((st["study"], text), [])
             rows.append([NAMES[st["study"]], text, start_of(st)[0], ours, "(same)" if rows else paper, verdict])
     order = {name: i for i, name in enumerate(studies_lib.ALL_STUDIES)}
@@ -90,8 +81,8 @@ def main(argv=None) -> int:
     with open(args.readme) as f:
         readme = f.read()
     loaded = load_studies(ROOT)
-    mod = studies_lib.tracerl_module() if any(st["study"] == "tracerl" for _, st in loaded) else None
-    new = replace_block(readme, table_block(loaded, getattr(mod, "PAPER_NUMBERS_TRACERL", None)))
+    has_tracerl = any(st["study"] == "tracerl" for _, st in loaded)
+    new = replace_block(readme, table_block(loaded, studies_lib.tracerl_paper_numbers() if has_tracerl else None))
     if args.check:
         if new != readme:
             print(f"{args.readme}: the results table is out of date; run python experiments/results_table.py.")

@@ -57,7 +57,7 @@ def plot_curves(study: str, results: dict, path: str) -> str | None:
 def tradeoff_points(studies: dict) -> tuple[dict, tuple | None]:
     """{run: (length mean, length std, pass@1 mean, pass@1 std)} after RL for every AR run (DLER-study runs at
     the control's budget), and the SFT start point (or None)."""
-    points, start = {}, None
+    points, src, start = {}, {}, None
     for name, st in studies.items():
         if name == "tracerl" or st.get("status") != "run":
             continue
@@ -66,10 +66,12 @@ def tradeoff_points(studies: dict) -> tuple[dict, tuple | None]:
                 L, A = common(seeds, "length_mean"), common(seeds, "pass@1")
             else:
                 L, A = ev(seeds, "length_mean"), ev(seeds, "pass@1")
+            # A run shared by studies (same work dir) is one point; a same-named different run gets "(study)".
+            key = run if run not in src or src[run] == seeds[0].get("workdir") else f"{run} ({name})"
             if run == "sft":
                 start = (*mean_std(L)[:2], *mean_std(A)[:2])
-            elif run not in points:
-                points[run] = (*mean_std(L)[:2], *mean_std(A)[:2])
+            elif key not in points:
+                points[key], src[key] = (*mean_std(L)[:2], *mean_std(A)[:2]), seeds[0].get("workdir")
             if start is None and seeds and seeds[0].get("eval_before"):
                 start = (*mean_std(ev(seeds, "length_mean", "eval_before"))[:2],
                          *mean_std(ev(seeds, "pass@1", "eval_before"))[:2])

@@ -73,7 +73,15 @@ STUDIES = {
     "repro": (RunSpec("ppo", "ppo"), RunSpec("repro_ppo", "repro", "ppo,tiny"), _GRPO,
               RunSpec("repro_grpo", "repro", "grpo,tiny")),
 }
-ALL_STUDIES = ("dler", "lspo", "hapo", "repro", "tracerl")
+# §3.5 again, with room to fill every batch: the filtered runs (DAPO's zero-variance filter, LSPO's length filter)
+# may draw up to _FILL_ROUNDS generation rounds instead of base.py's 4. From a high-accuracy start few groups pass
+# the filters, and with 4 rounds the LSPO runs trained on ~10 of 16 groups per update (their "groups per update").
+# GRPO and GSPO do not filter: their runs are those of "lspo".
+_FILL_ROUNDS = 12
+STUDIES["lspo_fill"] = tuple(
+    spec._replace(overrides=spec.overrides + (("filter.max_rounds", _FILL_ROUNDS),))
+    if spec.name in ("dapo", "lspo_grpo", "lspo_dapo", "lspo_gspo") else spec for spec in STUDIES["lspo"])
+ALL_STUDIES = ("dler", "lspo", "lspo_fill", "hapo", "repro", "tracerl")
 
 
 class Settings(NamedTuple):

@@ -99,6 +99,41 @@ def test_runs_are_shared_by_key_and_configs_get_the_study_budget(tmp_path):
     assert studies.make_config(lspo_grpo, 0, s).loss.kl_coef == studies.make_config(grpo, 0, s).loss.kl_coef == 0.0
 
 
+def test_lspo_fill_raises_the_round_cap_of_exactly_the_filtered_runs():
+    """The lspo_fill study is lspo with filter.max_rounds = 12 where a filter draws rounds (its config has one),
+    and the unfiltered runs are lspo's own (same key: trained once); every study has a report section and a name
+    in the README table."""
+    s = studies.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
+    base, fill = studies.STUDIES["lspo"], studies.STUDIES["lspo_fill"]
+    assert [r.name for r in base] == [r.name for r in fill]
+    for b, f in zip(base, fill):
+        cb, cf = studies.make_config(b, 0, s), studies.make_config(f, 0, s)
+        if cb.filter.kind == "none":
+            assert f == b and studies.run_key(f, 0, s) == studies.run_key(b, 0, s)
+        else:
+            assert (cb.filter.max_rounds, cf.filter.max_rounds) == (4, 12)
+            assert studies.run_key(f, 0, s) != studies.run_key(b, 0, s)
+            cf.filter.max_rounds = 4
+            assert cf.to_dict() == cb.to_dict()  # nothing else differs
+    assert {r.name for r in fill if studies.make_config(r, 0, s).filter.kind != "none"} == {
+        "dapo", "lspo_grpo", "lspo_dapo", "lspo_gspo"}
+    ar = [n for n in studies.ALL_STUDIES if n != "tracerl"]
+    assert set(report.SECTIONS) == set(studies.ALL_STUDIES) == set(results_table.NAMES) and set(ar) <= set(
+        studies.STUDIES)
+
+
+def test_tradeoff_points_keep_same_named_runs_of_different_work_dirs_apart():
+    def seeds(workdir, acc, length):
+        return [{"workdir": workdir, "eval_after": {"pass@1": acc, "length_mean": length}} for _ in range(2)]
+
+    run = {"status": "run"}
+    points, _ = plots.tradeoff_points({
+        "lspo": {**run, "results": {"grpo": seeds("w/grpo", 0.5, 40.0), "dapo": seeds("w/dapo4", 0.6, 50.0)}},
+        "lspo_fill": {**run, "results": {"grpo": seeds("w/grpo", 0.5, 40.0), "dapo": seeds("w/dapo12", 0.7, 30.0)}}})
+    assert points == {"grpo": (40.0, 0.0, 0.5, 0.0), "dapo": (50.0, 0.0, 0.6, 0.0),
+                      "dapo (lspo_fill)": (30.0, 0.0, 0.7, 0.0)}
+
+
 def test_start_evaluation_is_computed_once_per_start_and_budget(tmp_path, monkeypatch):
     """Runs from one start with one evaluation budget share the start policy's evaluation (eval_before_key): two
     methods computing it give equal numbers, and a third run gets the stored one instead of evaluating."""

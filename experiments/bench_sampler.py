@@ -5,7 +5,7 @@
   python experiments/bench_sampler.py --quick      # smoke run (about a minute)
   python experiments/bench_sampler.py --issue      # the issue's rows in ~7 min on an idle 2-core machine:
                                                    # both models, batch 1 and 32, 256 new tokens, one timed call
-                                                   # each (batch 32 in 1 and 2 lanes); per-token table for
+                                                   # each (batch 32 in 1, 2 and 4 lanes); per-token table for
                                                    # llama-1M at 64/256/1024; no diffusion
 
 Tables (markdown on stdout):
@@ -17,7 +17,7 @@ Tables (markdown on stdout):
       peers; `--one_core` pins everything to one core (XLA sizes its pool from the affinity mask) and the CPU
       metric then measures the work itself. Timings are the best of `--repeats` calls; our compile time is
       excluded and reported separately. "match" = fraction of generated tokens equal to transformers' ones.
-      Batch > 1 rows run our sampler with each of `--lanes` (default 1 and 2; `sampling/autoregressive.py`).
+      Batch > 1 rows run our sampler with each of `--lanes` (default 1, 2 and 4; `sampling/autoregressive.py`).
   (2) AR time per generated token at 64 / 256 / 1024 new tokens (batch 1, greedy, no EOS, prompt 32): one whole
       `generate` call (prefill + R decode steps, compile excluded) divided by R, by wall clock and by process CPU
       time. The MLP / projection work per token is constant; the attention of step t reads the cache slots the
@@ -209,7 +209,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS))
     parser.add_argument("--skip_diffusion", action="store_true")
     parser.add_argument("--lanes", type=int, nargs="+", default=None,
-                        help="sampler lanes for batch > 1 rows (default: 1 and 2)")
+                        help="sampler lanes for batch > 1 rows (default: 1, 2 and 4)")
     args = parser.parse_args(argv)
     import torch
     cores = len(os.sched_getaffinity(0))
@@ -225,7 +225,7 @@ def main(argv=None):
         scaling = scaling_rows({n: models[n] for n in scaling_names}, [16, 64] if args.quick else [64, 256, 1024],
                                repeats)  # ours only: before any torch generate (see ar_vs_hf_rows)
         rows = ar_vs_hf_rows(models, [1, 4] if args.quick else [1, 32], 32 if args.quick else 256, repeats,
-                             args.lanes or (1, 2))
+                             args.lanes or (1, 2, 4))
         print(_table(rows, list(rows[0])), flush=True)
         print("\n## AR time per generated token vs length (greedy, no EOS)\n")
         print(_table(scaling, list(scaling[0])), flush=True)

@@ -253,15 +253,17 @@ def test_segments_do_not_change_the_rollout(sampled):
                                    err_msg=name)
 
 
-def test_lanes_equal_one_lane_per_slice(sampled):
-    """lanes=2: rows of lane l are the one-lane sampler on that half of the batch with key fold_in(key, l)."""
+@pytest.mark.parametrize("lanes", [2, 4])
+def test_lanes_equal_one_lane_per_slice(sampled, lanes):
+    """lanes=k: rows of lane l are the one-lane sampler on the l-th k-th of the batch with key fold_in(key, l)."""
     graphdef, _ = nnx.split(sampled["model"], nnx.Param)
     fn = ar.make_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD,
-                             params=SAMPLED, segment_len=SEG, lanes=2)
+                             params=SAMPLED, segment_len=SEG, lanes=lanes)
     got = fn(sampled["state"], sampled["tokens"], sampled["valid"], sampled["key"], sampled["stats"])
+    rows = len(sampled["tokens"]) // lanes
     halves = [sampled["fn"](sampled["state"], sampled["tokens"][sl], sampled["valid"][sl],
                             jax.random.fold_in(sampled["key"], lane), sampled["stats"])
-              for lane, sl in enumerate((slice(0, 4), slice(4, 8)))]
+              for lane, sl in enumerate(slice(i * rows, (i + 1) * rows) for i in range(lanes))]
     for name in ("tokens_BxR", "response_mask_BxR", "length_B", "truncated_B"):
         want = np.concatenate([np.asarray(getattr(h, name)) for h in halves])
         np.testing.assert_array_equal(np.asarray(getattr(got, name)), want, err_msg=name)

@@ -15,6 +15,7 @@ from rl_testing import ROOT, digit_scorer
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
+import _repro_dler as dler  # noqa: E402
 import _repro_plots as plots  # noqa: E402
 import _repro_pool as pool  # noqa: E402
 import _repro_report as report  # noqa: E402
@@ -271,7 +272,7 @@ def test_combine_tiers_is_the_problem_weighted_mean():
     parts = {"easy": (2, {"pass@1": 0.5, "length_mean": 10.0, "pass@1/level0": 0.5}),
              "medium": (0, {}),
              "hard": (1, {"pass@1": 0.2, "length_mean": 40.0, "pass@1/level2": 0.2})}
-    out = studies.combine_tiers(parts)
+    out = dler.combine_tiers(parts)
     assert set(out) == {"easy", "hard", "all"}
     assert out["all"] == pytest.approx({"pass@1": 0.4, "length_mean": 20.0, "pass@1/level0": 0.5,
                                         "pass@1/level2": 0.2})

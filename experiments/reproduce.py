@@ -50,7 +50,8 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
                       "4 TraceRL prompts per iteration.",
                       flag_values=fv)
     flags.DEFINE_bool("smoke", False, "Micro scale (random 1-layer model, tests only).", flag_values=fv)
-    flags.DEFINE_list("studies", list(studies_lib.ALL_STUDIES), "Studies to run.", flag_values=fv)
+    flags.DEFINE_list("studies", list(studies_lib.DEFAULT_STUDIES), "Studies to run (known: "
+                      f"{', '.join(studies_lib.ALL_STUDIES)}).", flag_values=fv)
     flags.DEFINE_integer("seeds", None, "Number of seeds (0..n-1); default 3, quick 1.", flag_values=fv)
     flags.DEFINE_string("out", "results", "Output directory (JSON, summary.md, PNGs; runs under <out>/work).",
                         flag_values=fv)

@@ -251,9 +251,14 @@ def test_runs_flag_restricts_the_plan_and_the_json_to_the_named_runs(tmp_path):
         reproduce.parse_flags(["r", "--studies=lspo", "--runs=grpo,hapo"])
     with pytest.raises(ValueError, match="not tracerl"):
         reproduce.parse_flags(["r", "--runs=grpo"])  # the default studies include tracerl
+    # the default: one study per claim; lspo_fill runs when named, with its own plan (dapo at 12 rounds, not lspo's)
+    assert reproduce.parse_flags(["r"]).studies == ["dler", "lspo", "hapo", "repro", "tracerl"]
+    fv = reproduce.parse_flags(["r", "--studies=lspo,lspo_fill", "--runs=dapo"])
+    phase1, _ = pool.plan(fv.studies, [0], reproduce.resolve(fv)[1], 1, str(tmp_path), fv.runs)
+    assert [kw["spec"].overrides for _, kw in phase1] == [(), (("filter.max_rounds", 12),)]
 
 
-# ------------------------------------------------------------------------------------- statistics and verdicts
+# ------------------------------------------------------------------------------------- the DLER study's extras
 def test_combine_tiers_is_the_problem_weighted_mean():
     parts = {"easy": (2, {"pass@1": 0.5, "length_mean": 10.0, "pass@1/level0": 0.5}),
              "medium": (0, {}),

@@ -141,8 +141,8 @@ def main(argv: list[str]) -> dict:
         with open(os.path.join(fv.out, f"{study}.json"), "w") as f:
             json.dump(out[study], f, indent=1)
         print(f"study {study}: {time.time() - t:.0f}s", flush=True)
-    for study, st in studies_lib.read_study_jsons(fv.out).items():  # also the studies of earlier invocations
-        out.setdefault(study, st)
+    earlier = studies_lib.read_study_jsons(fv.out)  # also the studies of earlier invocations, all in ALL_STUDIES order
+    out = {name: out.get(name, earlier.get(name)) for name in studies_lib.ALL_STUDIES if name in out or name in earlier}
     paths = report.write_report(out, fv.out, studies_lib.tracerl_paper_numbers() if "tracerl" in out else None)
     print(f"done in {time.time() - t0:.0f}s; wrote " + ", ".join(paths), flush=True)
     return out

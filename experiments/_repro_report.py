@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from _repro_plots import plot_curves, plot_tradeoff
+from _repro_studies import FILL_ROUNDS
 from _repro_stats import common, ev, mean_std
 
 MIN_SEEDS, MIN_PROBLEMS = 3, 500
@@ -331,7 +332,8 @@ SECTIONS = {  # study: (title, run table, claim rows)
     "dler": ("DLER vs correctness-only GRPO / DAPO (length at the control's budget, T=1 samples)", dler_runs,
              dler_claims),
     "lspo": ("LSPO on GRPO, DAPO, GSPO vs without (equal number of updates)", lspo_runs, lspo_claims),
-    "lspo_fill": ("LSPO as above, the filtered runs (DAPO, LSPO) allowed 12 generation rounds to fill a batch",
+    "lspo_fill": (f"LSPO as above, the filtered runs (DAPO, LSPO) allowed {FILL_ROUNDS} generation rounds to fill a "
+                  "batch",
                   lspo_runs, lspo_claims),
     "hapo": ("HAPO vs DAPO, and each HAPO component switched off alone", hapo_runs, hapo_claims),
     "repro": ("REPRO on PPO and GRPO vs without", repro_runs, repro_claims),

@@ -73,12 +73,12 @@ STUDIES = {
               RunSpec("repro_grpo", "repro", "grpo,tiny")),
 }
 # §3.5 again, with room to fill every batch: the filtered runs (DAPO's zero-variance filter, LSPO's length filter)
-# may draw up to _FILL_ROUNDS generation rounds instead of base.py's 4. From a high-accuracy start few groups pass
+# may draw up to FILL_ROUNDS generation rounds instead of base.py's 4. From a high-accuracy start few groups pass
 # the filters, and with 4 rounds the LSPO runs trained on ~10 of 16 groups per update (their "groups per update").
 # GRPO and GSPO do not filter: their runs are those of "lspo".
-_FILL_ROUNDS = 12
+FILL_ROUNDS = 12
 STUDIES["lspo_fill"] = tuple(
-    spec._replace(overrides=spec.overrides + (("filter.max_rounds", _FILL_ROUNDS),))
+    spec._replace(overrides=spec.overrides + (("filter.max_rounds", FILL_ROUNDS),))
     if spec.name in ("dapo", "lspo_grpo", "lspo_dapo", "lspo_gspo") else spec for spec in STUDIES["lspo"])
 ALL_STUDIES = ("dler", "lspo", "lspo_fill", "hapo", "repro", "tracerl")
 # What reproduce.py runs by default: a study per claim of issue 6. lspo_fill, a control of lspo that only matters

@@ -90,7 +90,8 @@ def _check_runs(runs: list[str], studies: list[str]) -> None:
     if not runs:
         return
     if "tracerl" in studies:
-        raise ValueError("--runs applies to the autoregressive studies (dler, lspo, lspo_fill, hapo, repro), not tracerl.")
+        ar = ", ".join(name for name in studies_lib.ALL_STUDIES if name != "tracerl")
+        raise ValueError(f"--runs applies to the autoregressive studies ({ar}), not tracerl.")
     known = {spec.name for st in studies for spec in studies_lib.study_specs(st)}
     if set(runs) - known:
         raise ValueError(f"--runs: {sorted(set(runs) - known)} are not runs of {', '.join(studies)}; "

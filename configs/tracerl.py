@@ -1,9 +1,10 @@
 """TraceRL (diffusion.md §7) for masked-diffusion policies: block attention (TraDo/SDAR) or full attention (LLaDA).
 
-Arg: `<kind>[,value][,<scale>][,onestep]` with kind `block` | `full` (attention), `value` = the diffusion value
-model with step-level GAE (§7.4), scale `tiny` (default) | `small` | `paper` (the papers' scale: set
-`model.init=hf:<dir>`, a jsonl task and a mesh), `onestep` = the d1 one-step log-prob estimator instead of the
-trajectory (§6.2; the "TraceRL vs one-step" comparison is this one word).
+Arg: `<kind>[,value][,<scale>][,onestep][,lr=<float>]` with kind `block` | `full` (attention), `value` = the
+diffusion value model with step-level GAE (§7.4), scale `tiny` (default) | `small` | `paper` (the papers' scale:
+set `model.init=hf:<dir>`, a jsonl task and a mesh), `onestep` = the d1 one-step log-prob estimator instead of the
+trajectory (§6.2; the "TraceRL vs one-step" comparison is this one word), `lr=` the policy lr instead of the
+scale's (the value lr stays 5 x the policy lr; `--config.optim.lr` alone would not move it).
 
 Launch (the tiny runs start from the diffusion SFT checkpoints, see configs/sft_diffusion.py):
   python experiments/sft.py --config=configs/sft_diffusion.py:block,tiny --out=checkpoints/arith_tiny_sft_block
@@ -17,7 +18,9 @@ Defaults (diffusion.md §7.3, rl_trado.yaml / rl_llada.yaml): block 4, 4 denoisi
 threshold 0.9, temperature 1.0, shrink 1 (block) / 8 (full), eps 0.2, beta 0.01 (k3 KL to the old policy),
 accuracy-band filter (0.2, 0.8), group size 8 (tiny), value lr = 5 x policy lr, gamma = lambda = 1. The tiny lr is
 1e-4 (calibration.md lesson 4) instead of the papers' 1e-6; several optimizer steps per RL step (mini-batches)
-as the official gradient accumulation.
+as the official gradient accumulation. [INFERRED] For the strong block start 1e-4 is too large (RL lowered its
+accuracy in the reproduction's tracerl study; a one-seed probe did not at 1e-5): `block,lr=1e-5` is the
+tracerl_lr study of experiments/reproduce.py.
 """
 from __future__ import annotations
 
@@ -57,22 +60,35 @@ def _parse(arg: str):
     words = [w.strip() for w in (arg or "block").split(",") if w.strip()]
     if not words or words[0] not in KINDS:
         raise ValueError(f"configs/tracerl.py arg must start with one of {tuple(KINDS)}, got {arg!r}.")
-    kind, value, scale, onestep = words[0], False, "tiny", False
+    kind, value, scale, onestep, lr = words[0], False, "tiny", False, None
     for w in words[1:]:
-        if w == "value":
+        if w.startswith("lr="):
+            lr = _parse_lr(w[3:], arg)
+        elif w == "value":
             value = True
         elif w == "onestep":
             onestep = True
         elif w in SCALES:
             scale = w
         else:
-            raise ValueError(f"unknown word {w!r} in configs/tracerl.py arg {arg!r}; use value, onestep, "
+            raise ValueError(f"unknown word {w!r} in configs/tracerl.py arg {arg!r}; use value, onestep, lr=<float> "
                              f"or a scale in {tuple(SCALES)}.")
-    return kind, value, scale, onestep
+    return kind, value, scale, onestep, lr
+
+
+def _parse_lr(text: str, arg: str) -> float:
+    try:
+        lr = float(text)
+    except ValueError:
+        lr = float("nan")
+    if not lr > 0 or lr == float("inf"):
+        raise ValueError(f"lr={text!r} in configs/tracerl.py arg {arg!r} must be a positive finite number, "
+                         "e.g. lr=1e-5.")
+    return lr
 
 
 def get_config(arg: str = "block") -> config_dict.ConfigDict:
-    kind, value, scale, onestep = _parse(arg)
+    kind, value, scale, onestep, lr = _parse(arg)
     c = get_base_config(SCALES[scale])
     c.algorithm = "tracerl"
     c.model.attention = KINDS[kind]
@@ -89,7 +105,7 @@ def get_config(arg: str = "block") -> config_dict.ConfigDict:
     c.advantage.estimator = "gae" if value else "grpo"  # grpo here = the population-std group z-score
     c.advantage.gamma, c.advantage.lam = 1.0, 1.0
     c.loss.kl_coef, c.loss.kl_in_reward_coef = 0.0, 0.0
-    c.optim.lr = 1e-6 if scale == "paper" else 1e-4
+    c.optim.lr = lr if lr is not None else 1e-6 if scale == "paper" else 1e-4
     c.optim.value_lr = 5 * c.optim.lr
     c.optim.grad_clip = 1.0
     c.optim.mini_batches = 4

@@ -330,6 +330,14 @@ def test_configs_give_specs_and_bad_settings_fail_with_one_sentence():
         build.validate_tracerl_config(c)
     with pytest.raises(ValueError, match="must start with one of"):
         cfg_lib.get_config("causal")
+    low, default = cfg_lib.get_config("block,value,lr=1e-5"), cfg_lib.get_config("block,value")
+    assert (low.optim.lr, low.optim.value_lr) == (1e-5, 5e-5) and (default.optim.lr, default.optim.value_lr) == (
+        1e-4, 5e-4)
+    low.optim.lr, low.optim.value_lr = default.optim.lr, default.optim.value_lr
+    assert low.to_dict() == default.to_dict()  # the word changes the two learning rates and nothing else
+    for bad in ("lr=", "lr=x", "lr=0", "lr=-1e-5", "lr=inf", "lr=nan"):
+        with pytest.raises(ValueError, match="must be a positive finite number"):
+            cfg_lib.get_config(f"block,{bad}")
     from configs import grpo
 
     c = grpo.get_config("tiny")

@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 
 from _repro_stats import common, ev, mean_std
+from _repro_studies import TRACERL_STUDIES
 
 CURVE_PANELS = {"reward/accuracy": "training accuracy (T=1)", "response/length_mean": "response length (tokens)",
                 "policy/entropy": "policy entropy (nats/token)", "train/loss": "training loss"}
 _STUDY_PANELS = {"hapo": ("reward/accuracy", "response/length_mean", "policy/entropy"),
-                 "tracerl": ("reward/accuracy", "response/length_mean", "train/loss")}
+                 **{name: ("reward/accuracy", "response/length_mean", "train/loss") for name in TRACERL_STUDIES}}
 
 
 def curve_series(runs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,7 +60,7 @@ def tradeoff_points(studies: dict) -> tuple[dict, tuple | None]:
     the control's budget), and the SFT start point (or None)."""
     points, src, start = {}, {}, None
     for name, st in studies.items():
-        if name == "tracerl" or st.get("status") != "run":
+        if name in TRACERL_STUDIES or st.get("status") != "run":
             continue
         for run, seeds in st["results"].items():
             if seeds and "eval_common" in seeds[0]:

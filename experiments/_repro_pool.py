@@ -133,18 +133,20 @@ def plan(study_names, seeds, s, sft_steps: int, workroot: str, only=()) -> tuple
                 if key not in seen and not done:
                     ar_jobs.append(("ar", dict(spec=spec, seed=seed, s=s, workroot=workroot)))
                 seen.add(key)
-    mod = studies.tracerl_module() if "tracerl" in study_names else None
+    diffusion = [name for name in study_names if name in studies.TRACERL_STUDIES]
+    mod = studies.tracerl_module() if diffusion else None
     if mod is not None:
         root = os.path.join(workroot, "tracerl")
+        runs = list(dict.fromkeys(run for name in diffusion for run in mod.STUDY_RUNS[name]))  # shared runs once
         sft = {kind: dict(kind=kind, sft_steps=sft_steps, eval_problems=s.eval_problems, workroot=root,
-                          smoke=s.smoke, use_shipped=True) for kind in mod.kinds()}
+                          smoke=s.smoke, use_shipped=True) for kind in mod.kinds(runs)}
         sft_jobs = [("sft", kw) for kind, kw in sft.items()
                     if not mod.shipped_sft_dir(kind, s.smoke)
                     and not os.path.exists(os.path.join(root, f"sft_{kind}", mod.SFT_MARKER))]
         tracerl_jobs = [("tracerl", dict(run=run, seed=seed, sft=sft[mod.run_kind(run)], rl_steps=s.rl_steps,
                                          eval_problems=s.eval_problems, eval_samples=s.eval_samples, workroot=root,
                                          smoke=s.smoke, prompts_per_step=s.tracerl_prompts))
-                        for seed in seeds for run in mod.RUNS
+                        for seed in seeds for run in runs
                         if not os.path.exists(os.path.join(root, run, f"seed{seed}", mod.RESULT_FILE))]
     if not sft_jobs:
         return tracerl_jobs + ar_jobs, []

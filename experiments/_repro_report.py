@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from _repro_plots import plot_curves, plot_tradeoff
-from _repro_studies import FILL_ROUNDS
+from _repro_studies import FILL_ROUNDS, TRACERL_STUDIES
 from _repro_stats import common, ev, mean_std
 
 MIN_SEEDS, MIN_PROBLEMS = 3, 500
@@ -306,7 +306,7 @@ def tracerl_claims(res: dict, ctx: dict) -> list[list[str]]:
     """Accuracy before -> after, TraceRL vs the one-step estimator, stability with vs without the value model
     (std of the per-step training loss and the count of skipped / non-finite updates)."""
     claims = []
-    for name in ("block_tracerl", "full_tracerl"):
+    for name in ("block_tracerl", "full_tracerl", "block_tracerl_lr1e-5"):
         if name in res:
             b, a = ev(res[name], "pass@1", "eval_before"), ev(res[name], "pass@1")
             claims.append(claim(f"{name}: RL raises accuracy", "pass@1 after > before by > 2 SE",
@@ -337,7 +337,8 @@ SECTIONS = {  # study: (title, run table, claim rows)
                   lspo_runs, lspo_claims),
     "hapo": ("HAPO vs DAPO, and each HAPO component switched off alone", hapo_runs, hapo_claims),
     "repro": ("REPRO on PPO and GRPO vs without", repro_runs, repro_claims),
-    "tracerl": ("TraceRL on tiny diffusion models", tracerl_runs, tracerl_claims)}
+    "tracerl": ("TraceRL on tiny diffusion models", tracerl_runs, tracerl_claims),
+    "tracerl_lr": ("Block TraceRL at lr 1e-5 (the tracerl study's tiny lr is 1e-4)", tracerl_runs, tracerl_claims)}
 
 
 def study_claims(name: str, st: dict) -> list[list[str]]:
@@ -358,6 +359,7 @@ def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
            "mean(X) − mean(Y) > 2·sqrt(s_X²/n_X + s_Y²/n_Y), no if mean(X) ≤ mean(Y), inconclusive in between. "
            "Threshold criteria are "
            "checked on the means."]
+    paper_shown = False  # the TraceRL paper's numbers once, under the first diffusion study
     for name, (title, runs_fn, _) in SECTIONS.items():
         if name not in studies:
             continue
@@ -365,13 +367,14 @@ def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
         out += ["", f"## {title}", ""]
         if st["status"] != "run" or not st["results"]:
             out.append("not run" + (" (experiments/_repro_tracerl.py absent or not importable)"
-                                    if name == "tracerl" else ""))
+                                    if name in TRACERL_STUDIES else ""))
             continue
         s = st["settings"]
         out.append(f"Seeds {st['seeds']}, {s['rl_steps']} RL iterations per run, {s['eval_problems']} held-out "
                    f"problems × {s['eval_samples']} samples.")
         out += ["", runs_fn(st["results"]), "", table(CLAIM_HEADER, study_claims(name, st))]
-        if name == "tracerl":
+        if name in TRACERL_STUDIES and not paper_shown:
+            paper_shown = True
             ref = "\n".join(f"- {k}: {v}" for k, v in (tracerl_paper or {}).items()) or \
                 "- (the TraceRL module gave none)"
             out += ["", "The paper's numbers (TraceRL helper, diffusion.md):", "", ref]

@@ -80,10 +80,13 @@ FILL_ROUNDS = 12
 STUDIES["lspo_fill"] = tuple(
     spec._replace(overrides=spec.overrides + (("filter.max_rounds", FILL_ROUNDS),))
     if spec.name in ("dapo", "lspo_grpo", "lspo_dapo", "lspo_gspo") else spec for spec in STUDIES["lspo"])
-ALL_STUDIES = ("dler", "lspo", "lspo_fill", "hapo", "repro", "tracerl")
-# What reproduce.py runs by default: a study per claim of issue 6. lspo_fill, a control of lspo that only matters
-# where the filters reject most groups (a high-accuracy start), runs when named: --studies=lspo_fill.
-DEFAULT_STUDIES = tuple(name for name in ALL_STUDIES if name != "lspo_fill")
+ALL_STUDIES = ("dler", "lspo", "lspo_fill", "hapo", "repro", "tracerl", "tracerl_lr")
+# The studies of diffusion policies: their runs are experiments/_repro_tracerl.py's STUDY_RUNS[study].
+TRACERL_STUDIES = ("tracerl", "tracerl_lr")
+# What reproduce.py runs by default: a study per claim of issue 6. Two follow-ups run when named: lspo_fill, a
+# control of lspo that only matters where the filters reject most groups (a high-accuracy start), and tracerl_lr,
+# block TraceRL at the lr a probe chose after the tracerl study (--studies=lspo_fill,tracerl_lr).
+DEFAULT_STUDIES = tuple(name for name in ALL_STUDIES if name not in ("lspo_fill", "tracerl_lr"))
 
 
 class Settings(NamedTuple):
@@ -270,24 +273,25 @@ def tracerl_module():
         return None
 
 
-def run_tracerl(seeds, s: Settings, sft_steps: int, workroot: str) -> dict | None:
-    """The TraceRL study (experiments/_repro_tracerl.run_tracerl_study; outside --smoke from the shipped diffusion
-    SFT checkpoints when they exist), or None when that module is absent."""
+def run_tracerl(seeds, s: Settings, sft_steps: int, workroot: str, study: str = "tracerl") -> dict | None:
+    """A TraceRL study (TRACERL_STUDIES; experiments/_repro_tracerl.run_tracerl_study with its STUDY_RUNS; outside
+    --smoke from the shipped diffusion SFT checkpoints when they exist), or None when that module is absent. Every
+    TraceRL study shares `workroot/tracerl`, so a run in two studies trains once."""
     mod = tracerl_module()
     if mod is None:
         return None
     return mod.run_tracerl_study(seeds=list(seeds), rl_steps=s.rl_steps, eval_problems=s.eval_problems,
                                  eval_samples=s.eval_samples, sft_steps=sft_steps,
                                  workroot=os.path.join(workroot, "tracerl"), smoke=s.smoke, use_shipped=True,
-                                 prompts_per_step=s.tracerl_prompts)
+                                 prompts_per_step=s.tracerl_prompts, runs=mod.STUDY_RUNS[study])
 
 
-def tracerl_starts(s: Settings) -> dict:
-    """{kind: where the TraceRL runs of `kind` start}: the shipped checkpoint (path from the repository root) or
-    the one the study builds with --sft_steps (see _repro_tracerl.ensure_sft)."""
+def tracerl_starts(s: Settings, study: str = "tracerl") -> dict:
+    """{kind: where the TraceRL runs of `kind` in `study` start}: the shipped checkpoint (path from the repository
+    root) or the one the study builds with --sft_steps (see _repro_tracerl.ensure_sft)."""
     mod = tracerl_module()
     return {k: os.path.relpath(mod.shipped_sft_dir(k, s.smoke), ROOT) if mod.shipped_sft_dir(k, s.smoke)
-            else "built by the study (sft_steps)" for k in (mod.kinds() if mod else [])}
+            else "built by the study (sft_steps)" for k in (mod.kinds(mod.STUDY_RUNS[study]) if mod else [])}
 
 
 def study_json(study: str, results: dict | None, s: Settings, seeds, only=(), **extra_settings) -> dict:

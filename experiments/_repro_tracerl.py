@@ -1,4 +1,4 @@
-"""The TraceRL part of the reproduction study (issue 6): diffusion SFT, then four RL variants per seed.
+"""The TraceRL studies of the reproduction (issue 6): diffusion SFT, then the study's RL variants per seed.
 
     from experiments._repro_tracerl import run_tracerl_study   (or load the file by path; experiments/ is no package)
     results = run_tracerl_study(seeds=(0, 1, 2), rl_steps=..., eval_problems=500, eval_samples=4, sft_steps=...,
@@ -15,7 +15,8 @@ Steps:
      (the same config with `sft_steps` steps; the library calls of experiments/sft.py's `_diffusion_sft`, without
      its evaluation, which the RL runs' `eval_before` replaces). A built directory counts once its `sft_done.json`
      marker exists; the marker stores the SFT config, and reusing it under a different config raises ValueError.
-  2. for each seed (seed-major, so every finished seed is a complete comparison) the runs of `RUNS`, each from its
+  2. for each seed (seed-major, so every finished seed is a complete comparison) the runs of the study
+     (`STUDY_RUNS`: "tracerl" the four claims above, "tracerl_lr" block TraceRL at lr 1e-5), each from its
      kind's SFT checkpoint in a fresh workdir `workroot/<run>/seed<k>`, all with the same `rl_steps` (no time
      budget), eval problems and samples. A run is done once `result.json` exists (it stores the run's config; a
      different config, or another SFT checkpoint (its sha256), raises ValueError); an unfinished run resumes
@@ -52,6 +53,14 @@ RUNS = {  # run name -> configs/tracerl.py arg (tiny scale)
     "block_onestep": "block,onestep",
     "block_tracerl_value": "block,value",
     "full_tracerl": "full",
+    "block_tracerl_lr1e-5": "block,lr=1e-5",
+}
+# The runs of each TraceRL study (reproduce.py --studies=...). "tracerl" is the claims of issue 6 at the tiny
+# configs' lr 1e-4; "tracerl_lr" repeats block TraceRL at lr 1e-5, where a one-seed probe
+# (results/full/tracerl_lr_probe.log) found RL no longer lowers the block model's accuracy.
+STUDY_RUNS = {
+    "tracerl": ("block_tracerl", "block_onestep", "block_tracerl_value", "full_tracerl"),
+    "tracerl_lr": ("block_tracerl_lr1e-5",),
 }
 SFT_MARKER = "sft_done.json"
 RESULT_FILE = "result.json"
@@ -222,7 +231,7 @@ def run_named(run: str, seed: int, *, sft_dir: str, rl_steps: int, eval_problems
 
 
 def run_tracerl_study(*, seeds, rl_steps: int, eval_problems: int, eval_samples: int, sft_steps: int, workroot: str,
-                      smoke: bool = False, greedy: bool = False, runs=tuple(RUNS), use_shipped: bool = False,
+                      smoke: bool = False, greedy: bool = False, runs=STUDY_RUNS["tracerl"], use_shipped: bool = False,
                       prompts_per_step: int = 0, log_fn=print) -> dict:
     """SFT checkpoints (block, full; see ensure_sft) then `runs` x `seeds` RL runs; returns {run: [record per
     seed]} (see above)."""

@@ -5,6 +5,7 @@
   python experiments/reproduce.py --studies=dler,hapo --seeds=5 --rl_steps=150 --out=results
   python experiments/reproduce.py --quick --workers=2     # two runs at a time, one per core
   python experiments/reproduce.py --start=checkpoints/arith_tiny_sft_plateau --out=results/plateau
+  python experiments/reproduce.py --studies=tracerl_lr --rl_steps=30 --eval_samples=2 --out=results/full
 
 Every AR run starts from an SFT checkpoint with the method's `tiny` config: by default the shipped mid-SFT one
 (`checkpoints/arith_tiny_sft`; RL from it improves held-out accuracy, README "Main-job results"), with
@@ -89,9 +90,10 @@ def _check_runs(runs: list[str], studies: list[str]) -> None:
     """--runs names runs of the chosen autoregressive studies only."""
     if not runs:
         return
-    if "tracerl" in studies:
-        ar = ", ".join(name for name in studies_lib.ALL_STUDIES if name != "tracerl")
-        raise ValueError(f"--runs applies to the autoregressive studies ({ar}), not tracerl.")
+    diffusion = [name for name in studies if name in studies_lib.TRACERL_STUDIES]
+    if diffusion:
+        ar = ", ".join(name for name in studies_lib.ALL_STUDIES if name not in studies_lib.TRACERL_STUDIES)
+        raise ValueError(f"--runs applies to the autoregressive studies ({ar}), not {', '.join(diffusion)}.")
     known = {spec.name for st in studies for spec in studies_lib.study_specs(st)}
     if set(runs) - known:
         raise ValueError(f"--runs: {sorted(set(runs) - known)} are not runs of {', '.join(studies)}; "
@@ -133,18 +135,20 @@ def main(argv: list[str]) -> dict:
             pool.run_jobs(jobs, fv.workers, cache)
     for study in fv.studies:
         t = time.time()
-        if study == "tracerl":
-            results = studies_lib.run_tracerl(seeds, s, sft_steps, workroot)
+        diffusion = study in studies_lib.TRACERL_STUDIES
+        if diffusion:
+            results = studies_lib.run_tracerl(seeds, s, sft_steps, workroot, study)
         else:
             results = studies_lib.run_study(study, seeds, s, workroot, fv.runs)
-        extra = {"sft_steps": sft_steps, "sft_start": studies_lib.tracerl_starts(s)} if study == "tracerl" else {}
+        extra = {"sft_steps": sft_steps, "sft_start": studies_lib.tracerl_starts(s, study)} if diffusion else {}
         out[study] = studies_lib.study_json(study, results, s, seeds, fv.runs, **extra)
         with open(os.path.join(fv.out, f"{study}.json"), "w") as f:
             json.dump(out[study], f, indent=1)
         print(f"study {study}: {time.time() - t:.0f}s", flush=True)
     earlier = studies_lib.read_study_jsons(fv.out)  # also the studies of earlier invocations, all in ALL_STUDIES order
     out = {name: out.get(name, earlier.get(name)) for name in studies_lib.ALL_STUDIES if name in out or name in earlier}
-    paths = report.write_report(out, fv.out, studies_lib.tracerl_paper_numbers() if "tracerl" in out else None)
+    any_tracerl = any(name in out for name in studies_lib.TRACERL_STUDIES)
+    paths = report.write_report(out, fv.out, studies_lib.tracerl_paper_numbers() if any_tracerl else None)
     print(f"done in {time.time() - t0:.0f}s; wrote " + ", ".join(paths), flush=True)
     return out
 

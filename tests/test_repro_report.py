@@ -128,6 +128,43 @@ def test_summary_tables_and_verdicts_from_synthetic_results(tmp_path):
     assert re.search(r"## TraceRL.*\n\nnot run", summary)
 
 
+def test_tracerl_claims_and_the_paper_numbers_once_under_both_diffusion_studies(tmp_path):
+    """Both TraceRL studies get a section with before -> after claims; the paper's numbers appear once."""
+    settings = {"rl_steps": 4, "eval_problems": 500, "eval_samples": 2, "greedy": False, "smoke": False}
+    loss = lambda xs: [{"train/loss": x, "reward/accuracy": 0.5} for x in xs]  # noqa: E731
+    tracerl = {"block_tracerl": [_seed(a, 70.0, loss([0.0, 0.2]), before=0.75) for a in (0.66, 0.67, 0.68)],
+               "block_onestep": [_seed(a, 70.0, loss([0.0, 0.1]), before=0.75) for a in (0.64, 0.67, 0.70)],
+               "block_tracerl_value": [_seed(0.6, 70.0, loss([0.0, 0.1]), before=0.75) for _ in range(3)],
+               "full_tracerl": [_seed(a, 90.0, loss([0.1, 0.1]), before=0.08) for a in (0.12, 0.13, 0.14)]}
+    lr = {"block_tracerl_lr1e-5": [_seed(a, 70.0, loss([0.0, 0.0]), before=b)
+                                   for a, b in ((0.76, 0.74), (0.75, 0.74), (0.77, 0.75))]}
+    run = lambda res: {"status": "run", "settings": settings, "seeds": [0, 1, 2], "results": res}  # noqa: E731
+    report.write_report({"tracerl": run(tracerl), "tracerl_lr": run(lr)}, str(tmp_path), {"claim": "number"})
+    summary = (tmp_path / "summary.md").read_text()
+    # before 75 -> after 67 +- 1: lower -> no; 8 -> 13 +- 1: SE = 0.58 -> yes; 66.0 vs 67.0, SE = 1.9: inconclusive.
+    assert _row(summary, "block_tracerl: RL raises accuracy")[2:] == ["75.0 ± 0.0 → 67.0 ± 1.0",
+                                                                      "see the paper's numbers below", "no"]
+    assert _row(summary, "full_tracerl: RL raises accuracy")[-1] == "yes"
+    assert _row(summary, "TraceRL beats the one-step estimator")[-1].startswith("inconclusive")
+    assert _row(summary, "the value model stabilises training")[-1] == "yes"  # std 0.1 vs 0.05, no spread
+    # lr 1e-5: 74.3 +- 0.6 -> 76.0 +- 1.0: difference 1.7 > 2 SE = 2 * sqrt((0.33 + 1) / 3) = 1.33 -> yes
+    assert re.search(r"## Block TraceRL at lr 1e-5.*\n\nSeeds \[0, 1, 2\]", summary)
+    assert _row(summary, "block_tracerl_lr1e-5: RL raises accuracy")[-1] == "yes"
+    assert summary.count("- claim: number") == 1 and summary.index("- claim: number") < summary.index("lr 1e-5")
+    assert {os.path.basename(p) for p in os.listdir(tmp_path)} == {"summary.md", "tracerl_curves.png",
+                                                                    "tracerl_lr_curves.png"}
+    tracerl_st, lr_st = ({"study": name, **run(res)} for name, res in (("tracerl", tracerl), ("tracerl_lr", lr)))
+    tracerl_st["settings"] = dict(settings, sft_start={"block": "b", "full": "f"})
+    lr_st["settings"] = dict(settings, sft_start={"block": "b"})
+    block = results_table.table_block([("results/g", tracerl_st), ("results/g", lr_st)], {"claim": "number"})
+    assert _row(block, "TraceRL (lr 1e-5)")[1:3] == ["block_tracerl_lr1e-5: RL raises accuracy", "diffusion SFT"]
+    assert block.endswith("- claim: number") and block.count("- claim: number") == 1
+    protocol = "results in `results/g`; 3 seeds, 4 RL iterations, 500 problems × 2 samples"
+    assert [x for x in block.splitlines() if x.startswith("- **")] == [  # the two starts told apart by study
+        f"- **diffusion SFT**, TraceRL: `b`, `f`, {protocol}",
+        f"- **diffusion SFT**, TraceRL (lr 1e-5): `b`, {protocol}"]
+
+
 def test_results_table_puts_a_claims_rows_from_each_start_together():
     settings = {"rl_steps": 4, "eval_problems": 500, "eval_samples": 2, "greedy": True, "smoke": False}
 

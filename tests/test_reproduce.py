@@ -116,7 +116,7 @@ def test_lspo_fill_raises_the_round_cap_of_exactly_the_filtered_runs():
             assert cf.to_dict() == cb.to_dict()  # nothing else differs
     assert {r.name for r in fill if studies.make_config(r, 0, s).filter.kind != "none"} == {
         "dapo", "lspo_grpo", "lspo_dapo", "lspo_gspo"}
-    ar = [n for n in studies.ALL_STUDIES if n != "tracerl"]
+    ar = [n for n in studies.ALL_STUDIES if n not in studies.TRACERL_STUDIES]
     assert set(report.SECTIONS) == set(studies.ALL_STUDIES) == set(results_table.NAMES) and set(ar) <= set(
         studies.STUDIES)
 
@@ -177,6 +177,12 @@ def test_pool_trains_each_run_once_and_equals_the_sequential_run(tmp_path, monke
     assert [j[0] for j in one] == ["tracerl"] * 4 + ["ar"] and none == []  # longest first, one phase
     builds, later = pool.plan(["tracerl"], [0], smoke, 2, str(tmp_path / "planned"))  # smoke builds its starts
     assert [j[0] for j in builds] == ["sft", "sft"] and [j[0] for j in later] == ["tracerl"] * 4
+    lr_only, _ = pool.plan(["tracerl_lr"], [0], smoke, 2, str(tmp_path / "planned"))  # block runs: block start only
+    assert [(j[0], j[1]["kind"]) for j in lr_only] == [("sft", "block")]
+    both, _ = pool.plan(["tracerl", "tracerl_lr"], [0, 1], full, 2, str(tmp_path / "planned"))
+    assert [(j[1]["run"], j[1]["seed"]) for j in both if j[0] == "tracerl"] == [
+        (run, seed) for seed in (0, 1) for run in ("block_tracerl", "block_onestep", "block_tracerl_value",
+                                                   "full_tracerl", "block_tracerl_lr1e-5")]
     with pytest.raises(RuntimeError, match="a study job failed"):  # seed 1's run, then a job that fails
         pool.run_jobs([first[1], ("no_such_job", {})], workers=1, cache_dir=worker_cache)
     assert pool.plan(["lspo"], [1], smoke, 2, root) == ([], [])  # a finished run is not planned again
@@ -251,7 +257,10 @@ def test_runs_flag_restricts_the_plan_and_the_json_to_the_named_runs(tmp_path):
         reproduce.parse_flags(["r", "--studies=lspo", "--runs=grpo,hapo"])
     with pytest.raises(ValueError, match="not tracerl"):
         reproduce.parse_flags(["r", "--runs=grpo"])  # the default studies include tracerl
-    # the default: one study per claim; lspo_fill runs when named, with its own plan (dapo at 12 rounds, not lspo's)
+    with pytest.raises(ValueError, match="not tracerl_lr"):
+        reproduce.parse_flags(["r", "--studies=lspo,tracerl_lr", "--runs=grpo"])
+    # the default: one study per claim; lspo_fill and tracerl_lr run when named; lspo_fill has its own plan (dapo at
+    # 12 rounds, not lspo's)
     assert reproduce.parse_flags(["r"]).studies == ["dler", "lspo", "hapo", "repro", "tracerl"]
     fv = reproduce.parse_flags(["r", "--studies=lspo,lspo_fill", "--runs=dapo"])
     phase1, _ = pool.plan(fv.studies, [0], reproduce.resolve(fv)[1], 1, str(tmp_path), fv.runs)

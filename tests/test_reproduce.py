@@ -117,6 +117,7 @@ def test_lspo_fill_raises_the_round_cap_of_exactly_the_filtered_runs():
     assert {r.name for r in fill if studies.make_config(r, 0, s).filter.kind != "none"} == {
         "dapo", "lspo_grpo", "lspo_dapo", "lspo_gspo"}
     ar = [n for n in studies.ALL_STUDIES if n not in studies.TRACERL_STUDIES]
+    assert set(studies.TRACERL_STUDIES) == set(studies.tracerl_module().STUDY_RUNS)  # each diffusion study has runs
     assert set(report.SECTIONS) == set(studies.ALL_STUDIES) == set(results_table.NAMES) and set(ar) <= set(
         studies.STUDIES)
 

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from _repro_plots import plot_curves, plot_tradeoff
-from _repro_studies import FILL_ROUNDS, TRACERL_STUDIES
+from _repro_studies import FILL_ROUNDS, TRACERL_LR, TRACERL_LR_RUN, TRACERL_STUDIES
 from _repro_stats import common, ev, mean_std
 
 MIN_SEEDS, MIN_PROBLEMS = 3, 500
@@ -306,7 +306,7 @@ def tracerl_claims(res: dict, ctx: dict) -> list[list[str]]:
     """Accuracy before -> after, TraceRL vs the one-step estimator, stability with vs without the value model
     (std of the per-step training loss and the count of skipped / non-finite updates)."""
     claims = []
-    for name in ("block_tracerl", "full_tracerl", "block_tracerl_lr1e-5"):
+    for name in ("block_tracerl", "full_tracerl", TRACERL_LR_RUN):
         if name in res:
             b, a = ev(res[name], "pass@1", "eval_before"), ev(res[name], "pass@1")
             claims.append(claim(f"{name}: RL raises accuracy", "pass@1 after > before by > 2 SE",
@@ -338,7 +338,8 @@ SECTIONS = {  # study: (title, run table, claim rows)
     "hapo": ("HAPO vs DAPO, and each HAPO component switched off alone", hapo_runs, hapo_claims),
     "repro": ("REPRO on PPO and GRPO vs without", repro_runs, repro_claims),
     "tracerl": ("TraceRL on tiny diffusion models", tracerl_runs, tracerl_claims),
-    "tracerl_lr": ("Block TraceRL at lr 1e-5 (the tracerl study's tiny lr is 1e-4)", tracerl_runs, tracerl_claims)}
+    "tracerl_lr": (f"Block TraceRL at lr {TRACERL_LR} (the tracerl study's tiny lr is 1e-4)", tracerl_runs,
+                   tracerl_claims)}
 
 
 def study_claims(name: str, st: dict) -> list[list[str]]:

@@ -83,6 +83,10 @@ STUDIES["lspo_fill"] = tuple(
 ALL_STUDIES = ("dler", "lspo", "lspo_fill", "hapo", "repro", "tracerl", "tracerl_lr")
 # The studies of diffusion policies: their runs are experiments/_repro_tracerl.py's STUDY_RUNS[study].
 TRACERL_STUDIES = ("tracerl", "tracerl_lr")
+# The block TraceRL lr of tracerl_lr (the tiny configs' 1e-4 lowered the block model's accuracy), as the run name,
+# its configs/tracerl.py arg, the report title and the README-table name spell it; TRACERL_LR_RUN is that run.
+TRACERL_LR = "1e-5"
+TRACERL_LR_RUN = f"block_tracerl_lr{TRACERL_LR}"
 # What reproduce.py runs by default: a study per claim of issue 6. Two follow-ups run when named: lspo_fill, a
 # control of lspo that only matters where the filters reject most groups (a high-accuracy start), and tracerl_lr,
 # block TraceRL at the lr a probe chose after the tracerl study (--studies=lspo_fill,tracerl_lr).

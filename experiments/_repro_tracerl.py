@@ -53,14 +53,14 @@ RUNS = {  # run name -> configs/tracerl.py arg (tiny scale)
     "block_onestep": "block,onestep",
     "block_tracerl_value": "block,value",
     "full_tracerl": "full",
-    "block_tracerl_lr1e-5": "block,lr=1e-5",
+    studies.TRACERL_LR_RUN: f"block,lr={studies.TRACERL_LR}",
 }
 # The runs of each TraceRL study (reproduce.py --studies=...). "tracerl" is the claims of issue 6 at the tiny
-# configs' lr 1e-4; "tracerl_lr" repeats block TraceRL at lr 1e-5, where a one-seed probe
+# configs' lr 1e-4; "tracerl_lr" repeats block TraceRL at lr _repro_studies.TRACERL_LR, where a one-seed probe
 # (results/full/tracerl_lr_probe.log) found RL no longer lowers the block model's accuracy.
 STUDY_RUNS = {
     "tracerl": ("block_tracerl", "block_onestep", "block_tracerl_value", "full_tracerl"),
-    "tracerl_lr": ("block_tracerl_lr1e-5",),
+    "tracerl_lr": (studies.TRACERL_LR_RUN,),
 }
 SFT_MARKER = "sft_done.json"
 RESULT_FILE = "result.json"

@@ -103,18 +103,23 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.filter.band_high = 0.8
 
     c.advantage = config_dict.ConfigDict()
-    c.advantage.estimator = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae | hapo
+    # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae | hapo | grpo_passk | gpg | opo | remax
+    # (the keys of jaxrl_reason.core.advantages.ADVANTAGE_ESTIMATORS)
+    c.advantage.estimator = "grpo"
     c.advantage.eps = 1e-6
     c.advantage.gamma = 1.0
     c.advantage.lam = 1.0
     c.advantage.hapo_fallback_abs = 5.0
 
     c.loss = config_dict.ConfigDict()
-    c.loss.mode = "ppo"  # ppo | gspo
+    # ppo | gspo | cispo | sapo | gmpo | clip_cov | kl_cov | gpg | dppo_tv | dppo_kl
+    # (the keys of jaxrl_reason.core.policy_loss.POLICY_LOSSES)
+    c.loss.mode = "ppo"
     c.loss.eps_low = 0.2
     c.loss.eps_high = 0.2
     c.loss.dual_clip_c = 0.0  # 0: off; > 1: dual clip constant (verl clip_ratio_c)
-    c.loss.agg = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm | token-sum
+    c.loss.agg = "token-mean"
     c.loss.agg_const = 0.0  # seq-mean-token-sum-norm constant; 0: max_new_tokens
     c.loss.kl_coef = 0.0
     c.loss.kl_kind = "k3"
@@ -128,6 +133,13 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.loss.hapo_adv_beta = 1.0
     c.loss.hapo_pivot = 0.8
     c.loss.hapo_sign_compat = False
+    c.loss.sapo_tau_pos = 1.0  # SAPO gate temperature for positive advantages
+    c.loss.sapo_tau_neg = 1.05  # and for the others
+    c.loss.clip_cov_ratio = 2e-4  # Clip-Cov: fraction of tokens whose gradient is cut
+    c.loss.clip_cov_lb = 1.0  # Clip-Cov: covariance band the cut tokens are drawn from
+    c.loss.clip_cov_ub = 5.0
+    c.loss.kl_cov_ratio = 2e-4  # KL-Cov: fraction of tokens with the |log ratio| penalty
+    c.loss.kl_cov_coef = 1.0
 
     c.optim = config_dict.ConfigDict()
     c.optim.lr = {"tiny": 1e-4, "small": 3e-5, "full": 1e-6}[scale]  # calibration.md lesson 4

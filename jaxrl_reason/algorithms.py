@@ -12,8 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae", "hapo")
-LOSS_MODES = ("ppo", "gspo")
+from jaxrl_reason.core.advantages import ADVANTAGE_ESTIMATORS as _ESTIMATOR_REGISTRY
+from jaxrl_reason.core.aggregate import AGGREGATIONS as _AGGREGATION_REGISTRY
+from jaxrl_reason.core.policy_loss import POLICY_LOSSES as _POLICY_LOSS_REGISTRY
+
+# The accepted names are the registries' keys: registering a new part makes its name valid here.
+ADVANTAGE_ESTIMATORS = tuple(_ESTIMATOR_REGISTRY)
+LOSS_MODES = tuple(_POLICY_LOSS_REGISTRY)
+AGG_MODES = tuple(_AGGREGATION_REGISTRY)
 FILTERS = ("none", "zero_variance", "lspo", "accuracy_band")
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+")
 
@@ -112,6 +118,33 @@ RECIPES: dict[str, dict[str, Any]] = {
         "loss.kl_in_reward_coef": 0.0,
     },  # applied on top of ppo / grpo by configs/repro.py (§5.4)
 }
+_VERL_LOSS = {"advantage.estimator": "grpo", "loss.agg": "token-mean", "loss.kl_coef": 0.0}  # verl's examples
+RECIPES.update({
+    # CISPO: clipped, stop-gradient importance weight on every token; eps_low 10 = no lower bound (verl example)
+    "cispo": {**_VERL_LOSS, "loss.mode": "cispo", "loss.eps_low": 10.0, "loss.eps_high": 0.2},
+    # SAPO: soft sigmoid gate instead of a clip, seq-mean-token-mean (forced by the loss)
+    "sapo": {**_VERL_LOSS, "loss.mode": "sapo", "loss.agg": "seq-mean-token-mean", "loss.sapo_tau_pos": 1.0,
+             "loss.sapo_tau_neg": 1.05},
+    # GMPO: geometric mean of token ratios per sequence, log-space clip (e^-0.4, e^0.4)
+    "gmpo": {**_VERL_LOSS, "loss.mode": "gmpo", "loss.eps_low": 0.4, "loss.eps_high": 0.4},
+    # Clip-Cov / KL-Cov: PPO-style losses that control entropy through a few high-covariance tokens
+    "clip_cov": {**_VERL_LOSS, "loss.mode": "clip_cov", "loss.clip_cov_ratio": 2e-4, "loss.clip_cov_lb": 1.0,
+                 "loss.clip_cov_ub": 5.0},
+    "kl_cov": {**_VERL_LOSS, "loss.mode": "kl_cov", "loss.kl_cov_ratio": 2e-4, "loss.kl_cov_coef": 1.0},
+    # GPG: plain -A*logp with GPG's rescaled group advantage
+    "gpg": {**_VERL_LOSS, "advantage.estimator": "gpg", "loss.mode": "gpg"},
+    # DPPO: trust region on the probability (TV) or Bernoulli KL instead of the ratio; truncated IS weight 20
+    "dppo_tv": {**_VERL_LOSS, "loss.mode": "dppo_tv", "loss.eps_low": 0.15, "loss.eps_high": 0.15,
+                "loss.dual_clip_c": 20.0},
+    "dppo_kl": {**_VERL_LOSS, "loss.mode": "dppo_kl", "loss.eps_low": 0.05, "loss.eps_high": 0.05,
+                "loss.dual_clip_c": 20.0},
+    # advantage estimators on the GRPO loss
+    "grpo_passk": {**_GRPO, "advantage.estimator": "grpo_passk"},
+    "opo": {**_VERL_LOSS, "advantage.estimator": "opo", "loss.mode": "ppo"},
+    "remax": {**_VERL_LOSS, "advantage.estimator": "remax", "loss.mode": "ppo"},
+    # GRPO with the un-normalized token-sum aggregation
+    "grpo_token_sum": {**_GRPO, "loss.agg": "token-sum"},
+})
 RECIPES["da_dler"] = {
     **RECIPES["dler"],
     "reward.da_dler_thresholds": (0.5,),  # one threshold (§2.2.6)

@@ -28,6 +28,8 @@ def ref_agg(L, m, mode, const=None, per_seq=True):
     return sum(s for s, _ in nonempty) / len(nonempty)
   if mode == "seq-mean-token-mean":
     return sum(s / c for s, c in nonempty) / len(nonempty)
+  if mode == "token-sum":
+    return sum(s for s, _ in nonempty)
   C = T if const is None else const
   return sum(s for s, _ in nonempty) / (len(nonempty) if per_seq else 1) / C
 
@@ -43,7 +45,7 @@ def test_aggregate_hand_computed():
   L = np.array([[1., 2., 3.], [4., 5., 6.], [7., 8., 9.]], np.float32)
   m = np.array([[1., 1., 0.], [1., 0., 0.], [0., 0., 0.]], np.float32)
   expect = {"token-mean": 7 / 3, "seq-mean-token-sum": 3.5, "seq-mean-token-mean": 2.75,
-            "seq-mean-token-sum-norm": 3.5 / 3}
+            "seq-mean-token-sum-norm": 3.5 / 3, "token-sum": 7.0}
   out = _all_modes()(L, m)
   for mode, val in expect.items():
     np.testing.assert_allclose(out[mode], val, **TOL)
@@ -87,7 +89,7 @@ def test_aggregate_micro_batch_invariance():
 def test_aggregate_errors():
   L = np.zeros((2, 3), np.float32)
   with pytest.raises(ValueError):
-    agg.aggregate(L, L, "token-sum")
+    agg.aggregate(L, L, "token-median")
   with pytest.raises(ValueError):
     agg.aggregate(L, np.zeros((2, 4), np.float32))
   with pytest.raises(ValueError):

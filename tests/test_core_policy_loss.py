@@ -141,7 +141,7 @@ def test_ppo_clip_extremes_and_errors():
   with pytest.raises(ValueError):
     pl.ppo_clip_loss(logp, logp_old, A, m, dual_clip_c=1.0)
   with pytest.raises(ValueError):
-    pl.ppo_clip_loss(logp, logp_old, A, m, agg="token-sum")
+    pl.ppo_clip_loss(logp, logp_old, A, m, agg="token-median")
   with pytest.raises(ValueError):
     pl.ppo_clip_loss(logp, logp_old, A, m, eps_low=1.5)
 

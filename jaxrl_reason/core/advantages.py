@@ -7,14 +7,22 @@ prompt), `group_size = G` a static Python int. Outcome estimators return `adv_N`
 Exactness trick: group / batch statistics are computed on values shifted by one member of the group (batch)
 so that all-equal rewards give centred values that are exactly 0, hence advantages exactly 0 (§0.5), with no
 float32 round-off from the mean.
+
+Estimators register under a name in `ADVANTAGE_ESTIMATORS` (`@register_advantage`) with one signature,
+  `(reward_N, mask_NxT, hp, **arrays) -> (adv_NxT, returns_NxT | None, metrics)`,
+where `hp` is the frozen advantage hyper-parameters (`group_size`, `eps`, `gamma`, `lam`, ...) and `arrays` the
+optional per-row inputs some estimators need (`logp_old_NxT`, `logp_ref_NxT`, `values_NxT`, `greedy_reward_N`).
+The training stage calls `ADVANTAGE_ESTIMATORS[name](...)` whatever the estimator.
 """
 import numbers
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from .aggregate import masked_mean
 
+ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
 SINGLETON_MODES = ("verl", "trl")
 HAPO_FALLBACK_SCOPES = ("valid", "padded")
 
@@ -262,3 +270,150 @@ def hapo_redistribute_advantages(adv_NxT, h_NxT, ratio_NxT, eps_low_NxT, eps_hig
     adv_ent = adv * (1.0 + beta * h)
     inside = (ratio > 1.0 - eps_low / 2.0) & (ratio < 1.0 + eps_high / 2.0)
     return jnp.where(h > 0, jnp.where(inside, adv, adv_ent), jnp.where(inside, adv_ent, adv))
+
+
+def grpo_passk_advantages(reward_N, group_size: int, eps: float = 1e-6, norm_by_std: bool = True):
+    """GRPO pass@k outcome advantage `adv_N` (arXiv 2503.19595; verl `compute_grpo_passk_outcome_advantage`).
+
+    Only the best response of each group is credited: A = (r_max − r_second_max) / (std_g + eps) at the first
+    argmax, 0 elsewhere (Bessel std; `norm_by_std=False` drops the division). Ties at the top give 0, so which
+    tied response is "first" never matters. Needs G ≥ 2.
+    """
+    if group_size < 2:
+        raise ValueError(f"GRPO pass@k needs at least 2 responses per group, got group_size={group_size}.")
+    r_BxG = _groups(reward_N, group_size)
+    best_B = jnp.argmax(r_BxG, axis=1)
+    is_best_BxG = jnp.arange(group_size)[None, :] == best_B[:, None]
+    r_max_B = jnp.max(r_BxG, axis=1)
+    r_second_B = jnp.max(jnp.where(is_best_BxG, -jnp.inf, r_BxG), axis=1)
+    a_B = r_max_B - r_second_B
+    if norm_by_std:
+        c_BxG = _group_centred(r_BxG)
+        a_B = a_B / (jnp.sqrt(jnp.sum(jnp.square(c_BxG), axis=1) / (group_size - 1)) + eps)
+    return jnp.where(is_best_BxG, a_B[:, None], 0.0).reshape(-1)
+
+
+def gpg_advantages(reward_N, group_size: int, f_norm: float = 1.0):
+    """GPG corrected group advantage `adv_N` (arXiv 2504.02546; verl `compute_gpg_outcome_advantage`).
+
+    A_i = α·(R_i − mean_g R) / f_norm with α = N / max(#{i: R_i ≠ 0}, 1) over the whole batch (it rescales the
+    gradient when few responses earn a reward). A singleton group uses mean 0 (verl).
+    """
+    r_BxG = _groups(reward_N, group_size)
+    alpha = r_BxG.size / jnp.maximum(jnp.sum(r_BxG != 0), 1)
+    centred_BxG = r_BxG if group_size == 1 else _group_centred(r_BxG)
+    return (alpha * centred_BxG / f_norm).reshape(-1)
+
+
+def opo_advantages(reward_N, mask_NxT, group_size: int):
+    """OPO optimal-baseline outcome advantage `adv_N` (arXiv 2505.23585; verl `compute_opo_outcome_advantage`).
+
+    b_g = Σ_i |o_i|·R_i / Σ_i |o_i| (the length-weighted group mean, the variance-optimal baseline for
+    sequence-level rewards); A_i = R_i − b_g. A singleton group has b = 0 (verl); a group without any valid token
+    has b = 0 instead of verl's 0/0.
+    """
+    r_BxG = _groups(reward_N, group_size)
+    mask = _check_mask(mask_NxT, r_BxG.size)
+    if group_size == 1:
+        return r_BxG[:, 0]
+    len_BxG = jnp.sum(mask, axis=1).reshape(r_BxG.shape)
+    c_BxG = r_BxG - r_BxG[:, :1]
+    b_B1 = jnp.sum(len_BxG * c_BxG, axis=1, keepdims=True) / jnp.maximum(jnp.sum(len_BxG, axis=1, keepdims=True), 1.0)
+    return (c_BxG - b_B1).reshape(-1)
+
+
+def remax_advantages(reward_N, greedy_reward_N, mask_NxT):
+    """ReMax advantage `[N, T]` (arXiv 2310.10505; verl `compute_remax_outcome_advantage`).
+
+    A_{i,t} = (R_i − R̂_i)·m_{i,t}, R̂_i the reward of the greedy response to the same prompt (the baseline);
+    equal to verl's reverse-cumsum return minus the baseline for right-padded masks.
+    """
+    reward_N, greedy_N = _float(reward_N), _float(greedy_reward_N)
+    mask = _check_mask(mask_NxT, reward_N.shape[0])
+    if greedy_N.shape != reward_N.shape:
+        raise ValueError(f"greedy_reward_N must match reward_N's shape {reward_N.shape}, got {greedy_N.shape}.")
+    return (reward_N - greedy_N)[:, None] * mask
+
+
+# ---------------------------------------------------------------- the registry: hp -> arguments, [N, T] out
+
+def register_advantage(name: str):
+    """Decorator: registers an estimator entry `(reward_N, mask_NxT, hp, **arrays) -> (adv_NxT, returns, metrics)`
+    under `name` (its key is then a valid `advantage.estimator`)."""
+    def deco(fn):
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+    return deco
+
+
+def _per_token(adv_N, mask_NxT):
+    return adv_N[:, None] * mask_NxT, None, {}
+
+
+@register_advantage("grpo")
+def _grpo(reward_N, mask_NxT, hp, **arrays):
+    return _per_token(grpo_advantages(reward_N, hp.group_size, eps=hp.eps), mask_NxT)
+
+
+@register_advantage("dr_grpo")
+def _dr_grpo(reward_N, mask_NxT, hp, **arrays):
+    return _per_token(dr_grpo_advantages(reward_N, hp.group_size), mask_NxT)
+
+
+@register_advantage("rloo")
+def _rloo(reward_N, mask_NxT, hp, **arrays):
+    return _per_token(rloo_advantages(reward_N, hp.group_size), mask_NxT)
+
+
+@register_advantage("reinforce_pp_baseline")
+def _reinforce_pp_baseline(reward_N, mask_NxT, hp, **arrays):
+    return reinforce_pp_baseline_advantages(reward_N, mask_NxT, hp.group_size), None, {}
+
+
+def _token_rewards(reward_N, mask_NxT, hp, arrays):
+    """Outcome reward at the last token, minus k1 KL to the reference when `hp.kl_in_reward_coef` > 0 (§1.3)."""
+    token_reward = outcome_to_token_rewards(reward_N, mask_NxT)
+    if hp.kl_in_reward_coef > 0:  # against the behaviour policy
+        k1_NxT = arrays["logp_old_NxT"] - arrays["logp_ref_NxT"]
+        token_reward = token_reward - hp.kl_in_reward_coef * k1_NxT * mask_NxT
+    return token_reward
+
+
+@register_advantage("reinforce_pp")
+def _reinforce_pp(reward_N, mask_NxT, hp, **arrays):
+    return reinforce_pp_advantages(_token_rewards(reward_N, mask_NxT, hp, arrays), mask_NxT, hp.gamma), None, {}
+
+
+@register_advantage("gae")
+def _gae(reward_N, mask_NxT, hp, **arrays):
+    token_reward = _token_rewards(reward_N, mask_NxT, hp, arrays)
+    adv, returns = gae_advantages(token_reward, arrays["values_NxT"], mask_NxT, hp.gamma, hp.lam)
+    return adv, returns, {}
+
+
+@register_advantage("hapo")
+def _hapo(reward_N, mask_NxT, hp, **arrays):
+    adv, metrics = hapo_token_group_advantages(reward_N, mask_NxT, hp.group_size, hp.eps, hp.hapo_fallback_abs)
+    return adv, None, metrics
+
+
+@register_advantage("grpo_passk")
+def _grpo_passk(reward_N, mask_NxT, hp, **arrays):
+    return _per_token(grpo_passk_advantages(reward_N, hp.group_size, hp.eps), mask_NxT)
+
+
+@register_advantage("gpg")
+def _gpg(reward_N, mask_NxT, hp, **arrays):
+    return _per_token(gpg_advantages(reward_N, hp.group_size), mask_NxT)
+
+
+@register_advantage("opo")
+def _opo(reward_N, mask_NxT, hp, **arrays):
+    return _per_token(opo_advantages(reward_N, mask_NxT, hp.group_size), mask_NxT)
+
+
+@register_advantage("remax")
+def _remax(reward_N, mask_NxT, hp, **arrays):
+    if arrays.get("greedy_reward_N") is None:
+        raise ValueError("ReMax needs greedy_reward_N, the reward of a greedy response to each row's prompt.")
+    return remax_advantages(reward_N, arrays["greedy_reward_N"], mask_NxT), None, {}

@@ -8,22 +8,80 @@ Modes:
   seq-mean-token-sum       mean over non-empty rows of Σ_t m·L
   seq-mean-token-mean      mean over non-empty rows of (Σ_t m·L / Σ_t m)      (original GRPO, GSPO)
   seq-mean-token-sum-norm  mean over non-empty rows of (Σ_t m·L) / C          (Dr.GRPO; C = `const` or T)
+  token-sum                Σ m·L, no normalization (Megatron's per-token loss; the learning rate absorbs the scale)
+
+Each mode is one function registered in `AGGREGATIONS` under its name, with the uniform signature
+`(seq_sum_N, tok_count_N, n_seqs, num_tokens, const, sum_norm_per_seq, T) -> scalar`; `aggregate` computes the
+per-row sums once and calls `AGGREGATIONS[mode]`.
 
 Micro-batching: pass the *global* token / sequence counts of the whole mini-batch as `num_tokens` /
 `num_seqs`; then summing `aggregate` over micro-batches equals `aggregate` over the full mini-batch
 (verl 0.8 global normalization, algorithms.md §1.5 and §7 item 6).
 """
-from typing import Optional
+from typing import Callable, Optional
 
 import jax.numpy as jnp
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+AGGREGATIONS: dict[str, Callable] = {}
+
+
+def register_aggregation(name: str):
+    """Decorator: registers an aggregation under `name` (its key is then a valid `loss.agg`)."""
+    def deco(fn):
+        AGGREGATIONS[name] = fn
+        return fn
+    return deco
+
+
+def _nonempty(seq_sum_N, tok_count_N):
+    return (tok_count_N > 0).astype(seq_sum_N.dtype)
+
+
+@register_aggregation("token-mean")
+def token_mean(seq_sum_N, tok_count_N, n_seqs, num_tokens, const, sum_norm_per_seq, T):
+    del n_seqs, const, sum_norm_per_seq, T
+    n_tok = jnp.sum(tok_count_N) if num_tokens is None else jnp.asarray(num_tokens, seq_sum_N.dtype)
+    return jnp.sum(seq_sum_N) / jnp.maximum(n_tok, 1.0)
+
+
+@register_aggregation("seq-mean-token-sum")
+def seq_mean_token_sum(seq_sum_N, tok_count_N, n_seqs, num_tokens, const, sum_norm_per_seq, T):
+    del num_tokens, const, sum_norm_per_seq, T
+    return jnp.sum(seq_sum_N * _nonempty(seq_sum_N, tok_count_N)) / n_seqs
+
+
+@register_aggregation("seq-mean-token-mean")
+def seq_mean_token_mean(seq_sum_N, tok_count_N, n_seqs, num_tokens, const, sum_norm_per_seq, T):
+    del num_tokens, const, sum_norm_per_seq, T
+    seq_mean_N = seq_sum_N / jnp.maximum(tok_count_N, 1.0)
+    return jnp.sum(seq_mean_N * _nonempty(seq_sum_N, tok_count_N)) / n_seqs
+
+
+@register_aggregation("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(seq_sum_N, tok_count_N, n_seqs, num_tokens, const, sum_norm_per_seq, T):
+    del num_tokens
+    if const is not None and isinstance(const, (int, float)) and const <= 0:
+        raise ValueError(f"aggregate const must be positive, got {const}.")
+    c = float(T) if const is None else const
+    if not sum_norm_per_seq:
+        return jnp.sum(seq_sum_N) / c
+    return jnp.sum(seq_sum_N * _nonempty(seq_sum_N, tok_count_N)) / n_seqs / c
+
+
+@register_aggregation("token-sum")
+def token_sum(seq_sum_N, tok_count_N, n_seqs, num_tokens, const, sum_norm_per_seq, T):
+    """Σ m·L: sums over micro-batches without any global count, so it needs none."""
+    del tok_count_N, n_seqs, num_tokens, const, sum_norm_per_seq, T
+    return jnp.sum(seq_sum_N)
+
+
+AGG_MODES = tuple(AGGREGATIONS)
 
 
 def check_agg_mode(mode: str) -> None:
-    """Raises ValueError (at trace time) when `mode` is not one of `AGG_MODES`."""
-    if mode not in AGG_MODES:
-        raise ValueError(f"Unknown loss aggregation mode {mode!r}; expected one of {AGG_MODES}.")
+    """Raises ValueError (at trace time) when `mode` is not a registered aggregation."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"Unknown loss aggregation mode {mode!r}; expected one of {tuple(AGGREGATIONS)}.")
 
 
 def masked_mean(x, mask, axis=None):
@@ -48,7 +106,7 @@ def aggregate(
     Args:
       loss_NxT: per-token loss `[N, T]`.
       mask_NxT: response mask `[N, T]` (1 = real token, 0 = padding); weights in [0, 1] also work.
-      mode: one of `AGG_MODES` (static; unknown -> ValueError at trace time).
+      mode: a key of `AGGREGATIONS` (static; unknown -> ValueError at trace time).
       const: the constant C of `seq-mean-token-sum-norm` (e.g. the max response length); None -> T.
       num_tokens: optional global token count used as the token-mean denominator (micro-batching).
       num_seqs: optional global count of non-empty rows used as the seq-mean denominator (micro-batching).
@@ -68,21 +126,9 @@ def aggregate(
     masked = jnp.where(mask > 0, loss * mask, 0.0)
     tok_count_N = jnp.sum(mask, axis=-1)
     seq_sum_N = jnp.sum(masked, axis=-1)
-    nonempty_N = (tok_count_N > 0).astype(seq_sum_N.dtype)
-    n_seqs = jnp.sum(nonempty_N) if num_seqs is None else jnp.asarray(num_seqs, seq_sum_N.dtype)
+    if num_seqs is None:
+        n_seqs = jnp.sum(_nonempty(seq_sum_N, tok_count_N))
+    else:
+        n_seqs = jnp.asarray(num_seqs, seq_sum_N.dtype)
     n_seqs = jnp.maximum(n_seqs, 1.0)
-    if mode == "token-mean":
-        n_tok = jnp.sum(tok_count_N) if num_tokens is None else jnp.asarray(num_tokens, seq_sum_N.dtype)
-        return jnp.sum(seq_sum_N) / jnp.maximum(n_tok, 1.0)
-    if mode == "seq-mean-token-sum":
-        return jnp.sum(seq_sum_N * nonempty_N) / n_seqs
-    if mode == "seq-mean-token-mean":
-        seq_mean_N = seq_sum_N / jnp.maximum(tok_count_N, 1.0)
-        return jnp.sum(seq_mean_N * nonempty_N) / n_seqs
-    # seq-mean-token-sum-norm
-    if const is not None and isinstance(const, (int, float)) and const <= 0:
-        raise ValueError(f"aggregate const must be positive, got {const}.")
-    c = float(loss.shape[-1]) if const is None else const
-    if not sum_norm_per_seq:
-        return jnp.sum(seq_sum_N) / c
-    return jnp.sum(seq_sum_N * nonempty_N) / n_seqs / c
+    return AGGREGATIONS[mode](seq_sum_N, tok_count_N, n_seqs, num_tokens, const, sum_norm_per_seq, loss.shape[-1])

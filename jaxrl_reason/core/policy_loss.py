@@ -2,13 +2,49 @@
 
 Losses take per-token log-probs `[N, T]` (never a model) and return `(loss, metrics)`; metrics are
 stop-gradient scalars. Log-probs are upcast to float32 (or wider) before any exp.
+
+Policy terms register under a name in `POLICY_LOSSES` (`@register_policy_loss`); the training stage calls
+`POLICY_LOSSES[name](logp, logp_old, adv, mask, hp, agg, rng=key)` whatever the loss. The losses that verl ships
+beyond PPO and GSPO (CISPO, SAPO, GMPO, Clip-Cov, KL-Cov, GPG, DPPO) live in `policy_loss_variants.py`.
 """
-from typing import Optional
+import inspect
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from .aggregate import aggregate, check_agg_mode, masked_mean
+
+POLICY_LOSSES: dict[str, Callable] = {}
+
+
+def register_policy_loss(name: str, hparams: Callable):
+    """Decorator: registers a policy loss under `name` (its key is then a valid `loss.mode`).
+
+    The registry entry has one signature for every loss,
+      `entry(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, hp, agg, rng=None, **overrides) -> (loss, metrics)`:
+    `hparams(hp)` picks the keywords the loss reads from the frozen hyper-parameters `hp`; `agg` holds the
+    aggregation keywords (`agg`, `agg_const`, `num_tokens`, `num_seqs`); `overrides` replace hp-derived keywords
+    with arrays (HAPO's per-token clip ranges); `rng` reaches the losses whose signature takes one. The decorated
+    function itself is returned unchanged, so it stays callable with plain arguments.
+    """
+    def deco(fn):
+        takes_rng = "rng" in inspect.signature(fn).parameters
+
+        def entry(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, hp, agg, rng=None, **overrides):
+            kwargs = {**hparams(hp), **agg, **overrides}
+            if takes_rng:
+                kwargs["rng"] = rng
+            return fn(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, **kwargs)
+
+        entry.__name__, entry.__doc__, entry.loss_fn = f"{name}_entry", fn.__doc__, fn
+        POLICY_LOSSES[name] = entry
+        return fn
+    return deco
+
+
+def _clip_hparams(hp):
+    return dict(eps_low=hp.eps_low, eps_high=hp.eps_high)
 
 LOG_RATIO_CLAMP = 20.0   # verl's numerical guard on log π/π_old (§1.1)
 GSPO_LOG_RATIO_MAX = 10.0  # verl's clamp on log s_{i,t} (§1.9)
@@ -52,6 +88,7 @@ def _ratio_metrics(log_ratio, ratio, mask):
     }
 
 
+@register_policy_loss("ppo", lambda hp: dict(eps_low=hp.eps_low, eps_high=hp.eps_high, dual_clip_c=hp.dual_clip_c))
 def ppo_clip_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_high=0.2,
                   dual_clip_c: Optional[float] = 3.0, agg: str = "token-mean", agg_const=None,
                   token_weights_NxT=None, **agg_kwargs):
@@ -103,7 +140,9 @@ def ppo_clip_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_hi
     return loss, jax.lax.stop_gradient(metrics)
 
 
-def gspo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=3e-4, eps_high=4e-4, **agg_kwargs):
+@register_policy_loss("gspo", _clip_hparams)
+def gspo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=3e-4, eps_high=4e-4, agg=None, agg_const=None,
+              **agg_kwargs):
     """GSPO-token loss with the sequence-level ratio (algorithms.md §1.9, GSPO paper, verl
     `compute_policy_loss_gspo`).
 
@@ -111,6 +150,7 @@ def gspo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=3e-4, eps_high=
       log s_{i,t} = min(logp_{i,t} − sg[logp_{i,t}] + sg[log s_i], 10)   (value s_i, gradient through each token)
       L = max(−A·s, −A·clip(s, 1−ε_low, 1+ε_high)),  aggregated with seq-mean-token-mean (forced).
     No dual clip. With per-row constant advantages the gradient equals that of the sequence-level objective.
+    `agg` and `agg_const` are accepted and ignored: GSPO fixes its aggregation (verl does the same).
 
     Returns:
       (loss, metrics): pg_clipfrac, pg_clipfrac_lower (always 0), ppo_kl, ratio_mean / ratio_max (of s).
@@ -168,3 +208,8 @@ def entropy_bonus(entropy_NxT, mask_NxT, coef: float, agg: str = "token-mean", a
     check_agg_mode(agg)
     ent = aggregate(_float(entropy_NxT), mask_NxT, agg, agg_const, **agg_kwargs)
     return -coef * ent, {"entropy": jax.lax.stop_gradient(ent)}
+
+
+# The variants module registers the losses it defines; importing it here makes `POLICY_LOSSES` complete for anyone
+# who imports this module.
+from . import policy_loss_variants  # noqa: E402,F401

@@ -1,8 +1,9 @@
 """From collected rollout rows to the fixed-shape update batch: log-probs, values, advantages (DESIGN.md §2).
 
-`compute_advantages` is the one place that maps an estimator name to its `core.advantages` function
-(algorithms.md §0.4 step 5). The forward passes for old / reference log-probs and critic values are jitted
-once per shape (`make_forward_fns`). The resulting batch layout is the one documented in `train/objectives.py`.
+`compute_advantages` calls the estimator registered under `advantage.estimator` in
+`core.advantages.ADVANTAGE_ESTIMATORS` (algorithms.md §0.4 step 5). The forward passes for old / reference
+log-probs and critic values are jitted once per shape (`make_forward_fns`). The resulting batch layout is the
+one documented in `train/objectives.py`.
 """
 from __future__ import annotations
 
@@ -30,29 +31,14 @@ class AdvantageConfig:
 
 @partial(jax.jit, static_argnames=("cfg",))
 def compute_advantages(cfg: AdvantageConfig, reward_N, mask_NxR, logp_old_NxR=None, logp_ref_NxR=None,
-                       values_NxR=None):
-    """Advantages `[N, R]` (and returns for the critic) for the named estimator (algorithms.md §1, §2.2, §4.3)."""
-    mask = mask_NxR.astype(jnp.float32)
-    g, returns, metrics = cfg.group_size, None, {}
-    if cfg.estimator in ("grpo", "dr_grpo", "rloo"):
-        fn = {"grpo": partial(adv_lib.grpo_advantages, eps=cfg.eps), "dr_grpo": adv_lib.dr_grpo_advantages,
-              "rloo": adv_lib.rloo_advantages}[cfg.estimator]
-        adv = fn(reward_N, g)[:, None] * mask
-    elif cfg.estimator == "reinforce_pp_baseline":
-        adv = adv_lib.reinforce_pp_baseline_advantages(reward_N, mask, g)
-    elif cfg.estimator in ("reinforce_pp", "gae"):
-        token_reward = adv_lib.outcome_to_token_rewards(reward_N, mask)
-        if cfg.kl_in_reward_coef > 0:  # k1 KL in the reward, against the behaviour policy (§1.3)
-            token_reward = token_reward - cfg.kl_in_reward_coef * (logp_old_NxR - logp_ref_NxR) * mask
-        if cfg.estimator == "reinforce_pp":
-            adv = adv_lib.reinforce_pp_advantages(token_reward, mask, cfg.gamma)
-        else:
-            adv, returns = adv_lib.gae_advantages(token_reward, values_NxR, mask, cfg.gamma, cfg.lam)
-    elif cfg.estimator == "hapo":
-        adv, metrics = adv_lib.hapo_token_group_advantages(reward_N, mask, g, cfg.eps, cfg.hapo_fallback_abs)
-    else:
-        raise ValueError(f"unknown advantage estimator {cfg.estimator!r}.")
-    return adv, returns, metrics
+                       values_NxR=None, greedy_reward_N=None):
+    """Advantages `[N, R]`, returns for the critic (or None) and metrics: `ADVANTAGE_ESTIMATORS[cfg.estimator]`."""
+    if cfg.estimator not in adv_lib.ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {cfg.estimator!r}; use one of "
+                         f"{tuple(adv_lib.ADVANTAGE_ESTIMATORS)}.")
+    return adv_lib.ADVANTAGE_ESTIMATORS[cfg.estimator](
+        reward_N, mask_NxR.astype(jnp.float32), cfg, logp_old_NxT=logp_old_NxR, logp_ref_NxT=logp_ref_NxR,
+        values_NxT=values_NxR, greedy_reward_N=greedy_reward_N)
 
 
 def make_forward_fns(policy_graphdef, value_graphdef=None):

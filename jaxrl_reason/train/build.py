@@ -15,7 +15,6 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_reason import algorithms
-from jaxrl_reason.core.aggregate import AGG_MODES
 from jaxrl_reason.data import arithmetic
 from jaxrl_reason.data.example import Example
 from jaxrl_reason.data.tokenizer import build_char_tokenizer, load_tokenizer
@@ -39,7 +38,14 @@ def validate_config(config) -> None:
     _require(a.estimator in algorithms.ADVANTAGE_ESTIMATORS,
              f"unknown advantage estimator {a.estimator!r}; use one of {algorithms.ADVANTAGE_ESTIMATORS}.")
     _require(l.mode in algorithms.LOSS_MODES, f"unknown loss mode {l.mode!r}; use one of {algorithms.LOSS_MODES}.")
-    _require(l.agg in AGG_MODES, f"unknown loss aggregation {l.agg!r}; use one of {AGG_MODES}.")
+    _require(l.agg in algorithms.AGG_MODES, f"unknown loss aggregation {l.agg!r}; use one of {algorithms.AGG_MODES}.")
+    _require(l.mode == "ppo" or not (l.hapo_adaptive_clip or l.hapo_redistribute),
+             f"HAPO's adaptive clip and advantage redistribution act on the ppo loss, not loss.mode {l.mode!r}.")
+    _require(a.estimator != "grpo_passk" or config.rollout.group_size >= 2,
+             "advantage.estimator 'grpo_passk' needs rollout.group_size >= 2.")
+    _require(a.estimator != "remax",
+             "advantage.estimator 'remax' needs the reward of a greedy response per prompt (greedy_reward_N), "
+             "which the RL loop does not sample; call core.advantages.remax_advantages where one is available.")
     _require(l.kl_kind in algorithms.KL_KINDS, f"unknown KL estimator {l.kl_kind!r}; use one of {algorithms.KL_KINDS}.")
     _require(f.kind in algorithms.FILTERS, f"unknown filter {f.kind!r}; use one of {algorithms.FILTERS}.")
     _require(r.kind in ("binary", "signed"), f"reward.kind must be 'binary' or 'signed', got {r.kind!r}.")
@@ -202,4 +208,6 @@ def objective_config(config) -> ObjectiveConfig:
         value_coef=l.value_coef if config.advantage.estimator == "gae" else 0.0, value_clip=l.value_clip or None,
         hapo_adaptive_clip=l.hapo_adaptive_clip, hapo_clip_alpha=l.hapo_clip_alpha,
         hapo_redistribute=l.hapo_redistribute, hapo_adv_beta=l.hapo_adv_beta, hapo_pivot=l.hapo_pivot,
-        hapo_sign_compat=l.hapo_sign_compat)
+        hapo_sign_compat=l.hapo_sign_compat, sapo_tau_pos=l.sapo_tau_pos, sapo_tau_neg=l.sapo_tau_neg,
+        clip_cov_ratio=l.clip_cov_ratio, clip_cov_lb=l.clip_cov_lb, clip_cov_ub=l.clip_cov_ub,
+        kl_cov_ratio=l.kl_cov_ratio, kl_cov_coef=l.kl_cov_coef)

@@ -3,7 +3,8 @@
 DESIGN.md §3: `logps_fn(params, batch) -> (logp_NxR, entropy_NxR)` is separate from the loss, which sees only
 log-probs. `rl_loss` composes, per micro-batch:
 
-    policy term   ppo_clip_loss (dual clip, clip-higher, HAPO adaptive bounds + redistribution) | gspo_loss
+    policy term   POLICY_LOSSES[mode]: ppo (dual clip, clip-higher, HAPO adaptive bounds + redistribution), gspo,
+                  cispo, sapo, gmpo, clip_cov, kl_cov, gpg, dppo_tv, dppo_kl
   + kl_coef * agg(kl_estimate(logp, logp_ref))                      (KL as a loss, algorithms.md §1.3)
   - entropy_coef * agg(H)                                            (§1.4)
   + value_coef * value_loss(v, v_old, returns)                       (PPO critic, §1.2)
@@ -36,7 +37,7 @@ from jaxrl_reason.models.attention import causal_mask, positions_from_mask
 class ObjectiveConfig:
     """Static hyper-parameters of the RL loss (hashable: part of the jitted function's identity)."""
 
-    mode: str = "ppo"  # ppo | gspo
+    mode: str = "ppo"  # a key of core.policy_loss.POLICY_LOSSES
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip_c: float | None = None
@@ -53,6 +54,13 @@ class ObjectiveConfig:
     hapo_adv_beta: float = 1.0
     hapo_pivot: float = 0.8
     hapo_sign_compat: bool = False
+    sapo_tau_pos: float = 1.0  # SAPO gate temperature for A > 0
+    sapo_tau_neg: float = 1.05  # and for A <= 0
+    clip_cov_ratio: float = 2e-4  # Clip-Cov: fraction of tokens whose gradient is cut
+    clip_cov_lb: float = 1.0  # Clip-Cov: covariance band the cut tokens are drawn from
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 2e-4  # KL-Cov: fraction of tokens with the |log r| penalty
+    kl_cov_coef: float = 1.0  # KL-Cov: weight of that penalty
 
     @property
     def uses_entropy_stats(self) -> bool:
@@ -95,33 +103,32 @@ def _agg_kwargs(cfg: ObjectiveConfig, batch: dict) -> dict:
                 num_seqs=batch["num_seqs_N"][0])
 
 
-def policy_term(cfg: ObjectiveConfig, logp, entropy, batch: dict) -> tuple[jax.Array, dict]:
-    """The clipped policy-gradient term, with HAPO's entropy-adaptive pieces when enabled (§4.4-§4.5)."""
+def policy_term(cfg: ObjectiveConfig, logp, entropy, batch: dict, rng=None) -> tuple[jax.Array, dict]:
+    """The policy-gradient term registered under `cfg.mode` in `core.policy_loss.POLICY_LOSSES`, with HAPO's
+    entropy-adaptive clip ranges and advantage redistribution when enabled (§4.4-§4.5)."""
     mask, adv, logp_old = batch["response_mask_NxR"], batch["adv_NxR"], batch["logp_old_NxR"]
-    agg = _agg_kwargs(cfg, batch)
-    if cfg.mode == "gspo":
-        return pl.gspo_loss(logp, logp_old, adv, mask, cfg.eps_low, cfg.eps_high,
-                            num_seqs=agg["num_seqs"])
-    eps_low, eps_high, metrics = cfg.eps_low, cfg.eps_high, {}
+    overrides, metrics = {}, {}
     if cfg.uses_entropy_stats:
         stats = hapo_lib.entropy_stats(jax.lax.stop_gradient(entropy), mask, cfg.hapo_pivot)
         h = hapo_lib.normalize_entropy(jax.lax.stop_gradient(entropy), mask, stats, cfg.hapo_sign_compat)
+        eps_low, eps_high = cfg.eps_low, cfg.eps_high
         if cfg.hapo_adaptive_clip:
             eps_low, eps_high = pl.hapo_adaptive_clip_bounds(h, cfg.eps_low, cfg.eps_high, cfg.hapo_clip_alpha)
+            overrides = dict(eps_low=eps_low, eps_high=eps_high)
         if cfg.hapo_redistribute:
             ratio = jnp.exp(jnp.clip(logp - logp_old, -20.0, 20.0))
             adv = hapo_redistribute_advantages(adv, h, ratio, eps_low, eps_high, cfg.hapo_adv_beta)
         metrics["hapo_h_mean"] = jnp.sum(h * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    loss, pg_metrics = pl.ppo_clip_loss(logp, logp_old, adv, mask, eps_low, eps_high, cfg.dual_clip_c, **agg)
+    loss, pg_metrics = pl.POLICY_LOSSES[cfg.mode](logp, logp_old, adv, mask, cfg, _agg_kwargs(cfg, batch), rng=rng,
+                                                  **overrides)
     return loss, {**pg_metrics, **metrics}
 
 
 def rl_loss(params: dict, batch: dict, rng: jax.Array, *, cfg: ObjectiveConfig, policy_graphdef,
             value_graphdef=None, logps_fn=ar_logps) -> tuple[jax.Array, dict]:
     """Total RL loss of one micro-batch; `params = {"policy": ..., ["value": ...]}`."""
-    del rng
     logp, entropy = logps_fn(policy_graphdef, params["policy"], batch)
-    loss, metrics = policy_term(cfg, logp, entropy, batch)
+    loss, metrics = policy_term(cfg, logp, entropy, batch, rng)
     mask = batch["response_mask_NxR"]
     agg = _agg_kwargs(cfg, batch)
     metrics["pg_loss"] = loss

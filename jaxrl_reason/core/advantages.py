@@ -371,7 +371,7 @@ def _reinforce_pp_baseline(reward_N, mask_NxT, hp, **arrays):
 
 
 def _token_rewards(reward_N, mask_NxT, hp, arrays):
-    """Outcome reward at the last token, minus k1 KL to the reference when `hp.kl_in_reward_coef` > 0 (§1.3)."""
+    """Outcome reward at the last token, minus k1 KL to the reference when `hp.kl_in_reward_coef` > 0."""
     token_reward = outcome_to_token_rewards(reward_N, mask_NxT)
     if hp.kl_in_reward_coef > 0:  # against the behaviour policy
         k1_NxT = arrays["logp_old_NxT"] - arrays["logp_ref_NxT"]

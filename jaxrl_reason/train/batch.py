@@ -1,9 +1,9 @@
 """From collected rollout rows to the fixed-shape update batch: log-probs, values, advantages (DESIGN.md §2).
 
 `compute_advantages` calls the estimator registered under `advantage.estimator` in
-`core.advantages.ADVANTAGE_ESTIMATORS` (algorithms.md §0.4 step 5). The forward passes for old / reference
-log-probs and critic values are jitted once per shape (`make_forward_fns`). The resulting batch layout is the
-one documented in `train/objectives.py`.
+`core.advantages.ADVANTAGE_ESTIMATORS`. The forward passes for old / reference log-probs and critic values are
+jitted once per shape (`make_forward_fns`). The resulting batch layout is the one documented in
+`train/objectives.py`.
 """
 from __future__ import annotations
 

@@ -15,6 +15,9 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_reason import algorithms
+from jaxrl_reason.core.advantages import ADVANTAGE_ESTIMATORS
+from jaxrl_reason.core.aggregate import AGGREGATIONS
+from jaxrl_reason.core.policy_loss import POLICY_LOSSES
 from jaxrl_reason.data import arithmetic
 from jaxrl_reason.data.example import Example
 from jaxrl_reason.data.tokenizer import build_char_tokenizer, load_tokenizer
@@ -35,10 +38,11 @@ def validate_config(config) -> None:
     known = set(algorithms.RECIPES) | {f"lspo_{b}" for b in ("grpo", "dapo", "gspo")}
     _require(config.algorithm in known, f"unknown algorithm {config.algorithm!r}; known: {', '.join(sorted(known))}.")
     a, l, r, f, o, ro = config.advantage, config.loss, config.reward, config.filter, config.optim, config.rollout
-    _require(a.estimator in algorithms.ADVANTAGE_ESTIMATORS,
-             f"unknown advantage estimator {a.estimator!r}; use one of {algorithms.ADVANTAGE_ESTIMATORS}.")
-    _require(l.mode in algorithms.LOSS_MODES, f"unknown loss mode {l.mode!r}; use one of {algorithms.LOSS_MODES}.")
-    _require(l.agg in algorithms.AGG_MODES, f"unknown loss aggregation {l.agg!r}; use one of {algorithms.AGG_MODES}.")
+    # the registries themselves, not a copy: a part registered after import (a notebook cell) is valid too
+    _require(a.estimator in ADVANTAGE_ESTIMATORS,
+             f"unknown advantage estimator {a.estimator!r}; use one of {tuple(ADVANTAGE_ESTIMATORS)}.")
+    _require(l.mode in POLICY_LOSSES, f"unknown loss mode {l.mode!r}; use one of {tuple(POLICY_LOSSES)}.")
+    _require(l.agg in AGGREGATIONS, f"unknown loss aggregation {l.agg!r}; use one of {tuple(AGGREGATIONS)}.")
     _require(l.mode == "ppo" or not (l.hapo_adaptive_clip or l.hapo_redistribute),
              f"HAPO's adaptive clip and advantage redistribution act on the ppo loss, not loss.mode {l.mode!r}.")
     _require(a.estimator != "grpo_passk" or config.rollout.group_size >= 2,

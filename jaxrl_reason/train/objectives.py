@@ -105,7 +105,7 @@ def _agg_kwargs(cfg: ObjectiveConfig, batch: dict) -> dict:
 
 def policy_term(cfg: ObjectiveConfig, logp, entropy, batch: dict, rng=None) -> tuple[jax.Array, dict]:
     """The policy-gradient term registered under `cfg.mode` in `core.policy_loss.POLICY_LOSSES`, with HAPO's
-    entropy-adaptive clip ranges and advantage redistribution when enabled (§4.4-§4.5)."""
+    entropy-adaptive clip ranges and advantage redistribution when enabled."""
     mask, adv, logp_old = batch["response_mask_NxR"], batch["adv_NxR"], batch["logp_old_NxR"]
     overrides, metrics = {}, {}
     if cfg.uses_entropy_stats:

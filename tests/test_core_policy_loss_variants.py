@@ -306,3 +306,20 @@ def test_register_a_new_policy_loss():
     assert reinforce_loss is pl.POLICY_LOSSES["test_reinforce"].loss_fn  # the function itself stays plain
   finally:
     del pl.POLICY_LOSSES["test_reinforce"]
+
+
+def test_micro_batch_losses_sum_to_the_mini_batch_loss():
+  """With the mini-batch's global counts, the losses without batch statistics split over micro-batches exactly."""
+  logp, logp_old, A, m = _batch(6, N=8)
+  names = ("ppo", "gspo", "cispo", "sapo", "gmpo", "gpg", "dppo_tv", "dppo_kl")
+  counts = dict(num_tokens=m.sum(), num_seqs=float((m.sum(-1) > 0).sum()))
+
+  @jax.jit
+  def run(logp, logp_old, A, m):
+    return {(name, mode): pl.POLICY_LOSSES[name](logp, logp_old, A, m, HP, dict(agg=mode, agg_const=None, **counts))[0]
+            for name in names for mode in ("token-mean", "seq-mean-token-mean", "token-sum")}
+
+  full = run(logp, logp_old, A, m)
+  halves = [run(logp[k:k + 4], logp_old[k:k + 4], A[k:k + 4], m[k:k + 4]) for k in (0, 4)]
+  for key, value in full.items():
+    np.testing.assert_allclose(halves[0][key] + halves[1][key], value, rtol=1e-5, atol=1e-6, err_msg=str(key))

@@ -46,6 +46,7 @@ def register_policy_loss(name: str, hparams: Callable):
 def _clip_hparams(hp):
     return dict(eps_low=hp.eps_low, eps_high=hp.eps_high)
 
+
 LOG_RATIO_CLAMP = 20.0   # verl's numerical guard on log π/π_old (§1.1)
 GSPO_LOG_RATIO_MAX = 10.0  # verl's clamp on log s_{i,t} (§1.9)
 

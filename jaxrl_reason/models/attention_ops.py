@@ -1,4 +1,4 @@
-"""Attention implementations behind one call, chosen by platform and mask (DESIGN.md §4, "fused attention").
+"""Attention implementations behind one call, chosen by platform and mask.
 
 `attend(q, k, v, mask, impl)` takes q [B, T, N, H], K [B, K, H, S] and V [B, K, S, H] (the KV-cache layout,
 `LayerCache`) and a mask (`AttentionMask` or bool [B, T, S]); it returns [B, T, N, H] in q's dtype.
@@ -179,8 +179,8 @@ def splash_attention(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, mask: AttentionMask, inter
 
 
 def _over_mesh(one_row, b, kv):
-    """vmap over rows; under a mesh, inside shard_map with rows over the batch axes and kv heads over 'tensor'
-    where they divide (a Pallas call is not partitioned by XLA)."""
+    """vmap over rows; under a mesh (the project's `AxisType.Auto` meshes), inside shard_map with rows over the
+    batch axes and kv heads over 'tensor' where they divide (XLA does not partition a Pallas call)."""
     rows = jax.vmap(one_row)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -191,8 +191,8 @@ def _over_mesh(one_row, b, kv):
         batch_axes = ()
     head_axis = "tensor" if "tensor" in sizes and kv % sizes["tensor"] == 0 else None
     spec = jax.sharding.PartitionSpec(batch_axes or None, head_axis)
-    seg_spec = jax.sharding.PartitionSpec(batch_axes or None)
-    return jax.shard_map(rows, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)
+    in_specs = (spec, spec, spec, jax.sharding.PartitionSpec(batch_axes or None))
+    return jax.shard_map(rows, in_specs=in_specs, out_specs=spec, check_vma=False)
 
 
 def attend(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, mask, impl: str = "auto"):

@@ -33,6 +33,9 @@ def _model(scale: str) -> config_dict.ConfigDict:
     m.attention = "causal"  # causal | bidirectional | block (diffusion models)
     m.block_size = 1
     m.param_dtype = "float32" if scale != "full" else "bfloat16"
+    # auto: cuDNN flash attention on a CUDA GPU (bf16), Pallas splash on TPU, the einsum path otherwise and for
+    # masks no kernel takes; or force one of einsum | xla | cudnn | splash (models/attention_ops.py).
+    m.attention_impl = "auto"
     return m
 
 

@@ -193,18 +193,21 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
 
 
 def load_hf(path: str, *, param_dtype: str | None = None, attention: str | None = None,
-            block_size: int | None = None) -> tuple[Transformer, TransformerConfig]:
+            block_size: int | None = None,
+            attention_impl: str | None = None) -> tuple[Transformer, TransformerConfig]:
     """Loads a local HF checkpoint directory into a Transformer.
 
     param_dtype None -> the checkpoint's `dtype` ("bfloat16" stays bfloat16, anything else float32).
-    attention / block_size override the metadata (e.g. load an AR Qwen3 as a block-diffusion model).
+    attention / block_size override the metadata (e.g. load an AR Qwen3 as a block-diffusion model);
+    attention_impl picks the attention implementation (`TransformerConfig.attention_impl`).
     Parameters are created directly from the file (no random init).
     """
     if not os.path.isdir(path):
         raise ValueError(f"Checkpoint directory {path} does not exist.")
     hf_config = _read_json(os.path.join(path, "config.json"), "config.json")
     cfg = config_from_hf(hf_config)
-    overrides = {k: v for k, v in dict(param_dtype=param_dtype, attention=attention, block_size=block_size).items()
+    overrides = {k: v for k, v in dict(param_dtype=param_dtype, attention=attention, block_size=block_size,
+                                          attention_impl=attention_impl).items()
                  if v is not None}
     cfg = dataclasses.replace(cfg, **overrides)
     cfg.validate()

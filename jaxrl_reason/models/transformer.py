@@ -2,8 +2,9 @@
 
 RMSNorm, rotary embeddings (HF `rotate_half` layout), grouped-query attention, SwiGLU MLP; optional qkv
 bias (Qwen2), q/k RMSNorm over head_dim before RoPE (Qwen3) and tied embeddings. The model never chooses an
-attention pattern: the caller passes a boolean `mask_BxTxS` ("query t may attend key s", built with
-`models/attention.py`). `cfg.attention` is metadata for mask builders, HF export and callers.
+attention pattern: the caller passes `mask_BxTxS` ("query t may attend key s", built with `models/attention.py`),
+a bool [B, T, S] array or an `AttentionMask` (pattern + key padding, which a fused kernel can take).
+`cfg.attention` is metadata for mask builders, HF export and callers.
 
 KV cache rule (one rule for AR prefill/decode and block-diffusion denoise/commit): with a cache of S slots,
 the K/V of the T input tokens are written at slots `[cache_index, cache_index + T)` (same index for every
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_reason.models import attention_ops
 from jaxrl_reason.models.attention import ATTENTION_KINDS
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -46,6 +48,7 @@ class TransformerConfig:
     mask_token_id: int | None = None  # diffusion models
     param_dtype: str = "float32"  # "float32" | "bfloat16"; compute in it, softmax + logits float32
     max_position_embeddings: int = 4096
+    attention_impl: str = "auto"  # "auto" | "einsum" | "xla" | "cudnn" | "splash" (models/attention_ops.py)
 
     def validate(self) -> None:
         """Raises ValueError with one sentence for an impossible configuration."""
@@ -67,6 +70,9 @@ class TransformerConfig:
             raise ValueError(f"Unknown param_dtype {self.param_dtype!r}; expected one of {tuple(_DTYPES)}.")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
             raise ValueError("rope_theta and rms_norm_eps must be positive.")
+        if self.attention_impl not in attention_ops.ATTENTION_IMPLS:
+            raise ValueError(f"Unknown attention_impl {self.attention_impl!r}; expected one of "
+                             f"{attention_ops.ATTENTION_IMPLS}.")
 
     @property
     def head_dim_(self) -> int:
@@ -144,27 +150,11 @@ def dense(x_BxTxD, w_DxF):
     return (x_BxTxD.reshape(-1, x_BxTxD.shape[-1]) @ w_DxF).reshape(*x_BxTxD.shape[:-1], w_DxF.shape[-1])
 
 
-def attend(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS):
-    """Grouped-query softmax attention, scores and softmax in float32, no K/V repeat.
-
-    Query head n uses kv head n // (N // K) (HF `repeat_kv` order). K/V are in the KV-cache layout (`LayerCache`:
-    K [B, K, H, S], V [B, K, S, H]) and the G query heads of a kv head are stacked as G*T rows, so both contractions
-    are 4-D batched matmuls over (B, K) (2-3x faster on XLA:CPU than the 5-D einsum over [B, T, K, G, H]; K with
-    slots last is faster again, for decode and for the training step). Masked scores get a finite minimum and
-    rows with no visible key output zeros, so nothing is NaN. Returns [B, T, N, H] in q's dtype.
-    """
-    b, t, n, h = q_BxTxNxH.shape
-    kv, s = k_BxKxHxS.shape[1], k_BxKxHxS.shape[3]
-    g = n // kv
-    q_BxKxQxH = q_BxTxNxH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
-    s_BxKxGxTxS = jnp.einsum("bkqh,bkhs->bkqs", q_BxKxQxH, k_BxKxHxS,
-                             preferred_element_type=jnp.float32).reshape(b, kv, g, t, s) * (h ** -0.5)
-    m = mask_BxTxS[:, None, None].astype(bool)
-    s_BxKxGxTxS = jnp.where(m, s_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s_BxKxGxTxS, axis=-1)
-    p = jnp.where(jnp.any(m, axis=-1, keepdims=True), p, 0.0).astype(v_BxKxSxH.dtype)
-    out = jnp.einsum("bkqs,bksh->bkqh", p.reshape(b, kv, g * t, s), v_BxKxSxH)
-    return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+def attend(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS, impl: str = "auto"):
+    """Grouped-query softmax attention (`models/attention_ops.attend`): q [B, T, N, H], K/V in the KV-cache layout
+    (`LayerCache`: K [B, K, H, S], V [B, K, S, H]), mask an `AttentionMask` or bool [B, T, S]; `impl` is
+    `TransformerConfig.attention_impl`. Returns [B, T, N, H] in q's dtype."""
+    return attention_ops.attend(q_BxTxNxH, k_BxKxHxS, v_BxKxSxH, mask_BxTxS, impl)
 
 
 class Attention(nnx.Module):
@@ -209,7 +199,7 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, zero, idx, zero))
             cache = LayerCache(k_all, v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        out = attend(q, k, v, mask_BxTxS).reshape(b, t, cfg.num_heads * h)
+        out = attend(q, k, v, mask_BxTxS, cfg.attention_impl).reshape(b, t, cfg.num_heads * h)
         return dense(out, self.o_proj[...]), cache
 
 

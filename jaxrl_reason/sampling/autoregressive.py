@@ -168,7 +168,7 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
     # Prefill into a P-slot cache (attention P x P, not P x (P + R)); only the last prompt position goes through
     # the LM head. The cache then grows segment by segment.
     h_BxPxD, cache = model.hidden(prompt_tokens_BxP, attention.positions_from_mask(prompt_mask_BxP),
-                                  attention.causal_mask(prompt_mask_BxP), init_cache(model.cfg, b, p), 0)
+                                  attention.causal(prompt_mask_BxP), init_cache(model.cfg, b, p), 0)
     bufs = (jnp.full((b, r), pad_id, jnp.int32),) + tuple(jnp.zeros((b, r), jnp.float32) for _ in range(4)) \
         + (jnp.full((b, r), STEP_MAP_PAD, jnp.int32),)
 

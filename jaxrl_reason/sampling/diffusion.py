@@ -131,7 +131,7 @@ def _llada_forward(graphdef, params, x_BxL, pos_BxL, valid_BxL, cache, start, bl
     """
     def full(cache):
         model = nnx.merge(graphdef, params)
-        h, cache = model.hidden(x_BxL, pos_BxL, attention.bidirectional_mask(valid_BxL), cache,
+        h, cache = model.hidden(x_BxL, pos_BxL, attention.bidirectional(valid_BxL), cache,
                                 None if cache is None else 0)
         return model.logits(jax.lax.dynamic_slice_in_dim(h, start, bl, axis=1)), cache
 
@@ -257,7 +257,7 @@ def _block_forward(graphdef, params, x_BxL, pos_BxL, valid_BxL, cache, blk, p, b
     model = nnx.merge(graphdef, params)
     start = p + blk * bs
     if cache is None:
-        h, _ = model.hidden(x_BxL, pos_BxL, attention.block_causal_mask(valid_BxL, bs, p))
+        h, _ = model.hidden(x_BxL, pos_BxL, attention.block_causal(valid_BxL, bs, p))
         return model.logits(jax.lax.dynamic_slice_in_dim(h, start, bs, axis=1)), None
     w = start - bs
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, w, 2 * bs, axis=1)  # noqa: E731

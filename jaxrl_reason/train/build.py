@@ -189,15 +189,16 @@ def load_policy(config, tokenizer) -> tuple[Transformer, TransformerConfig]:
     """The initial policy: the SFT checkpoint, a Hugging Face checkpoint, or a random model."""
     init = config.model.init
     if init == "sft":
-        return load_hf(config.model.sft_dir)
+        return load_hf(config.model.sft_dir, attention_impl=config.model.get("attention_impl", "auto"))
     if init.startswith("hf:"):
-        return load_hf(init[3:], param_dtype=config.model.param_dtype)
+        return load_hf(init[3:], param_dtype=config.model.param_dtype,
+                       attention_impl=config.model.get("attention_impl", "auto"))
     m = config.model
     cfg = TransformerConfig(vocab_size=m.vocab_size or len(tokenizer), hidden_size=m.hidden_size,
                             intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
                             num_kv_heads=m.num_kv_heads, rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings,
                             attention=m.attention, block_size=m.block_size, param_dtype=m.param_dtype,
-                            mask_token_id=tokenizer.mask_token_id)
+                            mask_token_id=tokenizer.mask_token_id, attention_impl=m.get("attention_impl", "auto"))
     cfg.validate()
     return Transformer(cfg, rngs=nnx.Rngs(config.seed)), cfg
 

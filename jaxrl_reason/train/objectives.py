@@ -30,7 +30,7 @@ from jaxrl_reason.core import kl as kl_lib
 from jaxrl_reason.core import policy_loss as pl
 from jaxrl_reason.core.advantages import hapo_redistribute_advantages
 from jaxrl_reason.core.aggregate import aggregate
-from jaxrl_reason.models.attention import causal_mask, positions_from_mask
+from jaxrl_reason.models.attention import AttentionMask, causal, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +75,10 @@ def token_logps(logits_NxRxV: jax.Array, targets_NxR: jax.Array) -> tuple[jax.Ar
     return logp, entropy
 
 
-def causal_forward_inputs(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """tokens, positions and the causal mask of a prompt+response batch."""
+def causal_forward_inputs(batch: dict) -> tuple[jax.Array, jax.Array, AttentionMask]:
+    """tokens, positions and the causal mask (a pattern with key padding, for the fused kernels) of a batch."""
     valid = batch["valid_NxL"]
-    return batch["tokens_NxL"], positions_from_mask(valid), causal_mask(valid)
+    return batch["tokens_NxL"], positions_from_mask(valid), causal(valid)
 
 
 def ar_logps(graphdef: nnx.GraphDef, params, batch: dict) -> tuple[jax.Array, jax.Array]:

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_reason.core import repro as repro_lib
-from jaxrl_reason.models.attention import causal_mask, positions_from_mask
+from jaxrl_reason.models.attention import causal, positions_from_mask
 from jaxrl_reason.train.objectives import token_logps
 
 
@@ -42,7 +42,7 @@ def make_answer_scorer(graphdef: nnx.GraphDef, query_sharding: jax.sharding.Shar
     def score(params, tokens_KxL, valid_KxL, answer_mask_KxA):
         model = nnx.merge(graphdef, jax.lax.stop_gradient(params))
         num_ans = answer_mask_KxA.shape[1]
-        h_KxLxD, _ = model.hidden(tokens_KxL, positions_from_mask(valid_KxL), causal_mask(valid_KxL))
+        h_KxLxD, _ = model.hidden(tokens_KxL, positions_from_mask(valid_KxL), causal(valid_KxL))
         logits_KxAxV = model.logits(h_KxLxD[:, -num_ans - 1:-1])
         logp_KxA, _ = token_logps(logits_KxAxV, tokens_KxL[:, -num_ans:])
         return repro_lib.answer_loglik_mean(logp_KxA, answer_mask_KxA)

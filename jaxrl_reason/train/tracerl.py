@@ -194,7 +194,7 @@ def row_inputs(spec: TraceSpec, batch: dict):
                 attention.tracerl_mask(p, r, spec.block_size, key_valid), p + r)
     key_valid = jnp.concatenate([pmask, jnp.ones((w, r), bool)], axis=1)
     return (jnp.concatenate([prompt, noisy], axis=1), jnp.concatenate([ppos, rpos], 1),
-            attention.bidirectional_mask(key_valid), p)
+            attention.bidirectional(key_valid), p)
 
 
 def row_logits(graphdef, spec: TraceSpec, params, batch: dict) -> jax.Array:

@@ -48,6 +48,16 @@ def _task(scale: str) -> config_dict.ConfigDict:
     t.eval_path = ""
     t.tokenizer_dir = ""  # "": the tokenizer stored next to the SFT checkpoint / built for the arithmetic task
     t.eval_seed = 1234
+    # Own data (task.name jsonl | file | reasoning_gym; data/sources.py). Prompts: the tokenizer's chat template
+    # when it has one ("auto"), always ("on") or never ("off": raw text for base models), with a system prompt
+    # and an instruction appended to the last user message (e.g. "Put the final answer in \\boxed{}.").
+    t.chat_template = "auto"
+    t.system_prompt = ""
+    t.instruction = ""
+    t.prompt_key = ""  # column mapping; "": prompt | question | problem
+    t.answer_key = ""  # e.g. "reward_model.ground_truth"; "": the usual answer fields
+    t.on_overlong = "filter"  # prompts over rollout.max_prompt_len tokens: filter (counted) | truncate | raise
+    t.on_malformed = "skip"  # malformed rows: skip (reported with their lines) | raise
     return t
 
 
@@ -92,6 +102,9 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.reward.repro_think_end = "####"  # where the thinking part ends ("</think>" for R1-style models)
     c.reward.verifier_workers = 0  # > 0: score in a process pool with a per-item time limit
     c.reward.verifier_timeout_s = 5.0
+    # "": the task's verifier. Else weighted terms of rewards/registry.py, e.g. "0.9*math,0.1*format", or a user
+    # function by import path "my_pkg.rewards:score" called as score(completion, example) -> float.
+    c.reward.fn = ""
 
     c.filter = config_dict.ConfigDict()
     c.filter.kind = "none"  # none | zero_variance | lspo | accuracy_band
@@ -156,6 +169,7 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.train.log_every = 1
     c.train.max_consecutive_skips = 5
     c.train.export_hf = True
+    c.train.force_resume = False  # resume a workdir whose saved config has another method or model
 
     c.eval = config_dict.ConfigDict()
     c.eval.num_problems = 500

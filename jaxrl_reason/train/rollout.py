@@ -130,7 +130,8 @@ def sample_round(spec: RolloutSpec, params, examples: list[Example], key, hapo_s
     args = (params, ids, mask, key) + ((hapo_stats,) if hapo_stats is not None else ())
     ro = jax.device_get(spec.generate_fn(*args))
     texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
-    score = np.asarray(spec.scorer(texts, answers), np.float32)
+    golds = [ex for ex in examples for _ in range(g)] if getattr(spec.scorer, "accepts_examples", False) else answers
+    score = np.asarray(spec.scorer(texts, golds), np.float32)
     return {
         "prompt_tokens": np.asarray(ro.prompt_tokens_BxP, np.int32),
         "prompt_mask": np.asarray(ro.prompt_mask_BxP, bool),

@@ -171,14 +171,14 @@ def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train
       (rows: dict of numpy arrays with exactly train_groups * group_size rows, metrics, texts of the batch rows).
     """
     acc = filters_lib.empty_accumulator(spec.group_size, train_groups)
-    metrics, all_scores, all_lengths, all_truncated, texts_kept = {}, [], [], [], []
+    metrics, all_scores, all_lengths, all_truncated, texts_kept, all_rewards = {}, [], [], [], [], []
     for r in range(max(filter_cfg.max_rounds, 1)):
         key, sub = jax.random.split(key)
         rows, texts = sample_round(spec, params, stream.take(spec.prompts_per_round), sub, hapo_stats)
         rows["reward_N"], shape_metrics = shape_rewards(rows["score_N"], rows["length_N"], rows["truncated_N"],
                                                         spec.group_size, reward_cfg, spec.max_new_tokens)
         all_scores.append(rows["score_N"]), all_lengths.append(rows["length_N"])
-        all_truncated.append(rows["truncated_N"])
+        all_truncated.append(rows["truncated_N"]), all_rewards.append(rows["reward_N"])
         keep_B, filter_metrics = group_filter(rows, spec.group_size, filter_cfg)
         rows_kept = np.repeat(keep_B, spec.group_size)
         room = (train_groups - acc.num_groups) * spec.group_size
@@ -196,6 +196,8 @@ def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train
         "rollout/missing_groups": train_groups - acc.num_groups,
         "rollout/kept_frac": acc.num_groups / max(rounds * spec.prompts_per_round, 1),
         "reward/accuracy": float(np.mean(np.concatenate(all_scores) > 0)),
+        "reward/mean": float(np.mean(np.concatenate(all_rewards))),
+        "reward/std": float(np.std(np.concatenate(all_rewards))),
         "response/length_mean": float(np.mean(np.concatenate(all_lengths))),
         "response/truncated_frac": float(np.mean(np.concatenate(all_truncated))),
     })

@@ -1,12 +1,13 @@
 """Entry-point wrapper: a user error (bad config, path or data) ends the program with one sentence, exit code 2.
 
-`run_app(main)` calls `absl.app.run(main)`; a ValueError, FileNotFoundError, KeyError, AttributeError, OSError,
+`run_app(main)` calls `absl.app.run(main)` and `run_plain(main, argv)` calls `main(argv)`; a ValueError, FileNotFoundError, KeyError, AttributeError, OSError,
 ImportError or FloatingPointError escaping it is printed as `error: <sentence>` on stderr without a traceback.
 Set JAXRL_TRACEBACK=1 in the environment to get the full traceback instead.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, AttributeError, OSError, ImportError, FloatingPointError)
@@ -29,8 +30,11 @@ def sentence(e: BaseException) -> str:
     if isinstance(e, AttributeError) and str(e).strip("\"'").isidentifier():
         return (f"config: unknown key {str(e).strip(chr(34))} (the keys of each section are listed in "
                 f"configs/base.py; e.g. the learning rate is optim.lr).")
-    text = str(e) or type(e).__name__
-    return text.strip()
+    text = (str(e) or type(e).__name__).strip()
+    missing = re.search(r"No such file or directory: '([^']+)'", text)
+    if "Failed loading config file" in text and missing:
+        return f"config file {missing.group(1)!r} does not exist."
+    return text
 
 
 def run_app(main) -> None:
@@ -41,6 +45,19 @@ def run_app(main) -> None:
     except USER_ERRORS as e:
         if os.environ.get("JAXRL_TRACEBACK"):
             raise
-        print(f"error: {sentence(e)}", file=sys.stderr, flush=True)
-        print("(set JAXRL_TRACEBACK=1 for the full traceback)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _report(e)
+
+
+def _report(e: BaseException) -> None:
+    print(f"error: {sentence(e)}", file=sys.stderr, flush=True)
+    print("(set JAXRL_TRACEBACK=1 for the full traceback)", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run_plain(main, argv) -> None:
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        if os.environ.get("JAXRL_TRACEBACK"):
+            raise
+        _report(e)

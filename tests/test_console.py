@@ -55,3 +55,25 @@ def test_startup_summary_names_model_data_method_mesh():
                                "prompts x 4 samples")
     # params 420 B + grads 420 B + Adam moments 105 x 8 B
     assert lines[3].endswith("trained state ~1.68KB (params, grads, Adam moments)")
+
+
+def test_wandb_logger_is_optional_and_logs_the_iteration_metrics(monkeypatch, tmp_path):
+    import sys
+
+    import pytest
+
+    from jaxrl_reason.train import workdir
+
+    config = tiny_config(train__wandb_project="proj")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ValueError, match="wandb is not installed: pip install wandb"):
+        with workdir.claim(config, str(tmp_path)):
+            pass
+    logged = []
+    fake = types.SimpleNamespace(init=lambda **kw: types.SimpleNamespace(
+        log=lambda m, step: logged.append((step, m)), project=kw["project"]))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = console.IterationLog(config, lines=False, file=io.StringIO())
+    assert log.wandb.project == "proj"
+    log.iteration(1, {**_metrics(), "note": "text"})
+    assert logged == [(1, _metrics())]

@@ -31,6 +31,8 @@ def _get(config, key, default):
 def validate_task(config) -> None:
     """One sentence for an impossible task setting (no file is read beyond existence checks)."""
     t = config.task
+    if not config.model.init:
+        raise ValueError("model.init is empty: point it to your model with --config.model.init=hf:/path/to/model.")
     if t.name not in USER_TASKS + ("arithmetic",):
         raise ValueError(f"unknown task {t.name!r}; use 'arithmetic', 'jsonl' (a .jsonl/.parquet file or a saved "
                          f"`datasets` directory) or 'reasoning_gym'.")
@@ -106,25 +108,26 @@ def fit_prompts(tok, examples, max_len: int, mode: str, where: str):
     return out
 
 
-def build_examples(config, tok):
-    """(train examples, held-out examples) of a user task; see the module docstring."""
+def build_split(config, tok, which: str):
+    """The rendered, length-checked examples of `which` ("train_path" or "eval_path"); see the module docstring."""
     t = config.task
     mode = _get(config, "chat_template", "auto")
     uses_template(tok, mode)
-    kw = dict(mode=mode, system_prompt=_get(config, "system_prompt", ""), instruction=_get(config, "instruction", ""))
-    out = []
-    for which, role in (("train_path", "training"), ("eval_path", "held-out")):
-        where = t[which] if t.name in FILE_TASKS else f"reasoning_gym/{t.reasoning_gym_task}"
-        examples = render_examples(tok, _load(config, which), **kw)
-        if role == "held-out":
-            examples = examples[: config.eval.num_problems]
-        examples = fit_prompts(tok, examples, config.rollout.max_prompt_len, _get(config, "on_overlong", "filter"),
-                               where)
-        if not examples:
-            raise ValueError(f"the {role} set {where!r} is empty (after skipping malformed rows and too-long "
-                             f"prompts).")
-        out.append(examples)
-    return out[0], out[1]
+    role = "training" if which == "train_path" else "held-out"
+    where = t[which] if t.name in FILE_TASKS else f"reasoning_gym/{t.reasoning_gym_task}"
+    examples = render_examples(tok, _load(config, which), mode=mode, system_prompt=_get(config, "system_prompt", ""),
+                               instruction=_get(config, "instruction", ""))
+    if role == "held-out":
+        examples = examples[: config.eval.num_problems]
+    examples = fit_prompts(tok, examples, config.rollout.max_prompt_len, _get(config, "on_overlong", "filter"), where)
+    if not examples:
+        raise ValueError(f"the {role} set {where!r} is empty (after skipping malformed rows and too-long prompts).")
+    return examples
+
+
+def build_examples(config, tok):
+    """(train examples, held-out examples) of a user task; see the module docstring."""
+    return build_split(config, tok, "train_path"), build_split(config, tok, "eval_path")
 
 
 def scorer_for(config):

@@ -115,6 +115,7 @@ def _validate_mesh(config) -> None:
 
 
 def _validate_sources(config) -> None:
+    validate_task(config)
     init = config.model.init
     if init == "sft":
         d = config.model.sft_dir
@@ -124,7 +125,6 @@ def _validate_sources(config) -> None:
         _require(os.path.isdir(init[3:]), f"model.init points to {init[3:]!r}, which is not a directory.")
     else:
         _require(init == "random", f"model.init must be 'sft', 'random' or 'hf:<dir>', got {init!r}.")
-    validate_task(config)
 
 
 @dataclasses.dataclass

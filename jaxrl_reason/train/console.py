@@ -6,7 +6,8 @@ rough memory estimate of the trained state. `IterationLog.iteration(step, metric
 `iter 3/60  reward 0.375  length 21.1  kept 16/16 groups (1 round)  1.9 s/it  ETA 1m54s` every
 `train.log_every` iterations when stdout is not a terminal (a terminal shows the progress bar instead), and
 always warns when dynamic sampling kept no group or every reward of the batch was equal (zero advantages: the
-update learns nothing).
+update learns nothing). With `train.wandb_project` set, the same metrics also go to Weights & Biases
+(imported only then; a missing package is one sentence at start-up).
 """
 from __future__ import annotations
 
@@ -60,6 +61,24 @@ def _duration(s: float) -> str:
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
+def require_wandb():
+    """The wandb module, or one sentence saying how to get it (it is not part of the install)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("train.wandb_project is set but wandb is not installed: pip install wandb (or leave "
+                         "train.wandb_project empty; metrics.jsonl and TensorBoard are always written).") from None
+    return wandb
+
+
+def start_wandb(config, project: str):
+    """A Weights & Biases run of `project` with the resolved config (resumed under the same run name)."""
+    import json
+
+    wandb = require_wandb()
+    return wandb.init(project=project, config=json.loads(config.to_json_best_effort()), resume="allow")
+
+
 class IterationLog:
     """Per-iteration console lines and warnings (module docstring). `lines` / `enabled` are overridable in tests."""
 
@@ -70,6 +89,8 @@ class IterationLog:
         self.lines = (not self.file.isatty()) if lines is None else lines
         self.start, self.first_step = clock(), None
         self.quiet = jax.process_index() != 0
+        project = config.train.get("wandb_project", "")
+        self.wandb = None if self.quiet or not project else start_wandb(config, project)
 
     def _print(self, text: str) -> None:
         if not self.quiet:
@@ -87,6 +108,8 @@ class IterationLog:
         return out
 
     def iteration(self, step: int, m: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in m.items() if isinstance(v, (int, float))}, step=step)
         for w in self.warnings(step, m):
             self._print(w)
         if self.first_step is None:

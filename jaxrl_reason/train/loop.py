@@ -28,12 +28,12 @@ from flax import nnx
 
 from jaxrl_reason.core import hapo as hapo_lib
 from jaxrl_reason.models import sharding as sharding_lib
-from jaxrl_reason.models.hf import save_hf
 from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.sampling.autoregressive import make_generate_fn
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import console
+from jaxrl_reason.train import export as export_lib
 from jaxrl_reason.train import repro as repro_lib
 from jaxrl_reason.train import rollout as rollout_lib
 from jaxrl_reason.train import workdir as workdir_lib
@@ -240,8 +240,7 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
     print("held-out after RL:  " + _fmt(after), flush=True)
     if config.train.export_hf:
         nnx.update(policy, jax.device_get(state.params["policy"]))
-        save_hf(policy, mcfg, os.path.join(workdir, "hf_export"))
-        task.tokenizer.save_pretrained(os.path.join(workdir, "hf_export"))
+        export_lib.export_policy(config, policy, mcfg, task.tokenizer, os.path.join(workdir, "hf_export"))
     final_params = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params["policy"]))]
     return {"eval_before": meta["eval_before"], "eval_after": after, "iterations": meta["iteration"],
             "final_params": final_params, **last}

@@ -94,6 +94,10 @@ def _lock(workdir: str):
 def claim(config, workdir: str):
     """Lock the workdir, check and save the config, check the batch split (module docstring)."""
     check_batch_split(config)
+    if config.train.get("wandb_project", ""):
+        from jaxrl_reason.train.console import require_wandb
+
+        require_wandb()
     os.makedirs(workdir, exist_ok=True)
     lock = _lock(workdir) if jax.process_index() == 0 and os.name == "posix" else None
     try:

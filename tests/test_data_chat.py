@@ -54,3 +54,9 @@ def test_render_examples_keeps_the_raw_prompt_and_leaves_unchanged_rows_alone(to
     assert out.prompt.startswith("<|im_start|>user\nAdd 1 and 2.") and out.extra["raw_prompt"] == "Add 1 and 2."
     assert out.answer == "3" and out.data_source == "s"
     assert render_examples(plain_tok, [PLAIN])[0] is PLAIN
+
+
+def test_trailing_assistant_message_is_not_part_of_the_prompt(tok):
+    ex = Example(prompt="Hi?", answer="1", data_source="s", extra={"messages": [
+        {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "#### 1"}]})
+    assert render_prompt(tok, ex) == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"

@@ -110,3 +110,19 @@ def test_reasoning_gym_task_by_name_builds_and_scores(tok):
     scorer = sources.scorer_for(c)
     ex = heldout[0]
     assert list(scorer([f"<answer>{ex.answer}</answer>", "<answer>nonsense</answer>"], [ex, ex])) == [1.0, 0.0]
+
+
+def test_sft_pairs_from_chat_rows_and_gsm8k_solutions(tmp_path, tok):
+    from jaxrl_reason.data.sft_data import sft_pairs
+
+    rows = [{"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "1+1?"},
+                        {"role": "assistant", "content": "#### 2"}], "answer": "2"},
+            {"question": "2+2?", "answer": "2+2=4\n#### 4"},
+            {"question": "3+3?", "answer": "6", "completion": "so 6"},
+            {"question": "long?", "answer": "1", "completion": "y" * 40}]
+    c = _config(_jsonl(tmp_path / "sft.jsonl", rows), "")
+    c.rollout.max_new_tokens = 16
+    prompts, responses = sft_pairs(c, tok)
+    assert responses == ["#### 2", "2+2=4\n#### 4", "so 6"]  # the 41-token response (with EOS) is dropped
+    assert prompts[0] == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
+    assert prompts[1] == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"

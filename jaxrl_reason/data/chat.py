@@ -3,7 +3,8 @@
 `render_prompt(tok, example, mode=..., system_prompt=..., instruction=...)` turns an `Example` into the text the
 policy is prompted with:
 
-  messages     `example.extra["messages"]` (the chat list a loader kept) or one user message `example.prompt`;
+  messages     `example.extra["messages"]` (the chat list a loader kept; trailing assistant messages dropped)
+               or one user message `example.prompt`;
                `system_prompt` is put first when the messages have no system message; `instruction` (e.g.
                "Put the final answer in \\boxed{}.") is appended to the LAST user message after one space.
   mode "auto"  the tokenizer's chat template when it has one (`tok.chat_template`), else the raw text;
@@ -39,6 +40,8 @@ def uses_template(tok, mode: str) -> bool:
 def messages_of(example: Example, system_prompt: str = "", instruction: str = "") -> list[dict]:
     """The example's chat messages with the system prompt and the instruction added (copies, inputs unchanged)."""
     msgs = [dict(m) for m in example.extra.get("messages") or [{"role": "user", "content": example.prompt}]]
+    while msgs and msgs[-1]["role"] == "assistant":  # a final answer (an SFT target) is not part of the prompt
+        msgs.pop()
     if system_prompt and not any(m["role"] == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": system_prompt})
     if instruction:

@@ -42,9 +42,10 @@ def own(tmp_path_factory):
 
 
 def _config(own, **kw):
-    return tiny_config("grpo", model__init=f"hf:{own['model']}", task__name="jsonl", task__train_path=own["jsonl"],
-                       task__eval_path=own["parquet"], rollout__max_prompt_len=48, rollout__max_new_tokens=16,
-                       task__instruction="Answer after ####.", **kw)
+    kw = {"model__init": f"hf:{own['model']}", **kw}
+    return tiny_config("grpo", task__name="jsonl", task__train_path=own["jsonl"], task__eval_path=own["parquet"],
+                       rollout__max_prompt_len=48, rollout__max_new_tokens=16, task__instruction="Answer after ####.",
+                       **kw)
 
 
 def test_sft_grpo_evaluate_export_generate(own, tmp_path):

@@ -40,6 +40,10 @@ def main(argv):
     train = _ar_sft if c.model.attention == "causal" else _diffusion_sft
     model, sample_fn, greedy_fn = train(c, tok, model, prompts, traces)
     sft.save_sft_checkpoint(model, mcfg, tok, _OUT.value)
+    if own:  # token ids and generation_config.json of the source model, so the result serves as it is
+        from jaxrl_reason.train import export
+
+        export.write_generation_files(_OUT.value, tok, export.source_dir(c))
     if not own or c.task.eval_path:
         _report_heldout(c, tok, model, sample_fn, greedy_fn)
 

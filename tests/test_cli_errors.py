@@ -55,3 +55,16 @@ def test_own_preset_requires_model_and_data():
     c.model.init = "hf:/models/x"
     with pytest.raises(ValueError, match="needs task.train_path"):
         validate_task(c)
+
+
+def test_plot_without_matplotlib_names_what_to_install(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_no_mpl", os.path.join(ROOT, "experiments", "plot.py"))
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError) as e:
+        plot.write_plots({}, "/nonexistent/never_created")
+    assert _cli.sentence(e.value) == ("plotting needs matplotlib, which the base install does not include: pip install "
+                                      "matplotlib (or the extra: pip install -e '.[nb]').")

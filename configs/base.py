@@ -6,6 +6,9 @@ here, with its meaning. `arg` picks the scale:
 
   tiny   ~0.8M-parameter character-level model on the arithmetic task; runs on a 2-core CPU in minutes.
   small  ~30M-parameter model, same task; a GPU or a many-core CPU.
+  own    YOUR small Hugging Face model (e.g. Qwen2.5-0.5B/1.5B-Instruct) on your data, one GPU or a few CPU
+         cores: `full` with moderate sizes and no arithmetic defaults (`own_model_preset`); set
+         `model.init=hf:<dir>`, `task.train_path`, `task.eval_path`, and nothing else is required.
   full   the papers' scale (a local Hugging Face checkpoint, e.g. a Qwen2.5/Qwen3 model, and a JSONL/parquet data set
          in verl format): set `model.init=hf:/path/to/model` and `task.name=jsonl` with `task.train_path`,
          `task.eval_path`, and a mesh that covers your devices.
@@ -51,14 +54,26 @@ def _task(scale: str) -> config_dict.ConfigDict:
     t.eval_path = ""
     t.tokenizer_dir = ""  # "": the tokenizer stored next to the SFT checkpoint / built for the arithmetic task
     t.eval_seed = 1234
+    # Own data (task.name jsonl | file | reasoning_gym; data/sources.py). Prompts: the tokenizer's chat template
+    # when it has one ("auto"), always ("on") or never ("off": raw text for base models), with a system prompt
+    # and an instruction appended to the last user message (e.g. "Put the final answer in \\boxed{}.").
+    t.chat_template = "auto"
+    t.system_prompt = ""
+    t.instruction = ""
+    t.prompt_key = ""  # column mapping; "": prompt | question | problem
+    t.answer_key = ""  # e.g. "reward_model.ground_truth"; "": the usual answer fields
+    t.on_overlong = "filter"  # prompts over rollout.max_prompt_len tokens: filter (counted) | truncate | raise
+    t.on_malformed = "skip"  # malformed rows: skip (reported with their lines) | raise
     return t
 
 
 def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     """The base config at scale `arg` (tiny | small | full) with GRPO-like defaults; method files override."""
     scale = arg or "tiny"
+    if scale == "own":
+        return own_model_preset(get_base_config("full"))
     if scale not in SCALES:
-        raise ValueError(f"unknown config arg {arg!r}; use one of {', '.join(SCALES)}.")
+        raise ValueError(f"unknown config arg {arg!r}; use one of {', '.join(SCALES)} or own.")
     c = config_dict.ConfigDict()
     c.algorithm = "grpo"
     c.scale = scale
@@ -95,6 +110,9 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.reward.repro_think_end = "####"  # where the thinking part ends ("</think>" for R1-style models)
     c.reward.verifier_workers = 0  # > 0: score in a process pool with a per-item time limit
     c.reward.verifier_timeout_s = 5.0
+    # "": the task's verifier. Else weighted terms of rewards/registry.py, e.g. "0.9*math,0.1*format", or a user
+    # function by import path "my_pkg.rewards:score" called as score(completion, example) -> float.
+    c.reward.fn = ""
 
     c.filter = config_dict.ConfigDict()
     c.filter.kind = "none"  # none | zero_variance | lspo | accuracy_band
@@ -171,6 +189,8 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.train.log_every = 1
     c.train.max_consecutive_skips = 5
     c.train.export_hf = True
+    c.train.force_resume = False  # resume a workdir whose saved config has another method or model
+    c.train.wandb_project = ""  # non-empty: also log the training metrics to Weights & Biases (pip install wandb)
 
     c.eval = config_dict.ConfigDict()
     c.eval.num_problems = 500
@@ -199,4 +219,18 @@ def shrink_for_smoke(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c.eval.batch_size = 16
     if "tracerl" in c:
         c.tracerl.llada_block_len, c.tracerl.llada_steps = 8, 12
+    return c
+
+
+def own_model_preset(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """The `own` preset: a user's small HF model and data file. It keeps `scale="full"` (the method files' paper
+    settings) and has no arithmetic defaults: without `model.init=hf:<dir>` and the data paths it stops at start-up."""
+    c.model.init = ""  # required: hf:<dir>
+    c.task.name = "jsonl"
+    c.task.train_path = c.task.eval_path = ""  # required
+    c.rollout.prompts_per_step, c.rollout.group_size = 32, 8
+    c.rollout.max_prompt_len, c.rollout.max_new_tokens = 512, 1024
+    c.optim.lr = 1e-6
+    c.train.num_steps, c.train.checkpoint_every, c.train.eval_every = 200, 20, 50
+    c.eval.num_problems, c.eval.samples, c.eval.batch_size = 200, 4, 64
     return c

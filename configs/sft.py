@@ -48,6 +48,7 @@ def get_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.sft.plateau_patience = 2
     c.sft.plateau_min_delta = 0.01
     c.sft.val_problems = 1000
+    c.sft.response_key = ""  # own data (task.name=jsonl): the response column; "": data/sft_data.py's fields
     if arg == "plateau":
         _plateau(c)
     return c

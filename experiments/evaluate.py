@@ -1,13 +1,21 @@
-"""Held-out evaluation of a Hugging Face checkpoint directory (policy + tokenizer) on a config's held-out set.
+"""Held-out evaluation of a checkpoint (an HF directory, or a run's workdir) on a data file or a config's held-out set.
 
   python experiments/evaluate.py --config=configs/grpo.py:tiny --checkpoint=runs/grpo_tiny/hf_export \
       [--samples=4] [--seed=0] [--out=metrics.json] [--config.eval.num_problems=500]
+  python experiments/evaluate.py --config=configs/grpo.py:tiny --checkpoint=/models/Qwen2.5-0.5B-Instruct \
+      --data=test.parquet --samples=8 --config.rollout.max_prompt_len=512 --config.rollout.max_new_tokens=1024
+  python experiments/evaluate.py --config=configs/grpo.py:tiny --checkpoint=runs/my_run [--step=40] --data=test.jsonl
 
-Metrics come from `train/evaluation.evaluate` (algorithms.md eval protocols): pass@1 averaged over k samples at
-`config.eval.temperature`, pass@k, maj@k, greedy accuracy (when `config.eval.greedy`), mean length, truncation
-rate, re-checks per response (arithmetic task) and per-level pass@1. The parameters are cast to
-`config.model.param_dtype` (as `train/build.load_policy` does for training). Prints a markdown table; `--out`
-also writes the metrics as JSON.
+`--data` (a .jsonl / .parquet file or a saved `datasets` directory) replaces the config's task: no training file
+is needed. Prompts are rendered as in training (`data/chat.py`: the checkpoint tokenizer's chat template when it
+has one, `task.system_prompt`, `task.instruction`, `task.chat_template=off` for raw prompts) and scored with
+`reward.fn` (default: math-verify). A run's workdir is exported first (`experiments/export.py`, newest intact
+checkpoint or `--step`).
+
+Metrics come from `train/evaluation.evaluate`: pass@1 averaged over k samples at `config.eval.temperature`,
+pass@k, maj@k (majority vote over the final answers), greedy accuracy (when `config.eval.greedy`), mean length,
+truncation rate, and per data source when the data mixes several (`pass@1/<data_source>`, ...). The parameters
+are cast to `config.model.param_dtype`. Prints a markdown table; `--out` also writes the metrics as JSON.
 """
 from __future__ import annotations
 
@@ -31,6 +39,10 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_integer("samples", None, "Samples per problem (k); default config.eval.samples.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "PRNG seed of the evaluation samples.", flag_values=fv)
     flags.DEFINE_string("out", "", "Optional JSON file for the metrics.", flag_values=fv)
+    flags.DEFINE_string("data", "", "Held-out data file (.jsonl/.parquet/saved datasets dir); replaces the task.",
+                        flag_values=fv)
+    flags.DEFINE_integer("step", None, "With a workdir --checkpoint: which saved step (default: newest).",
+                         flag_values=fv)
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
         print(fv.get_help())
         raise SystemExit(0)
@@ -41,40 +53,71 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     return fv
 
 
-def evaluate_checkpoint(config, checkpoint: str, *, samples: int | None = None, seed: int = 0) -> dict:
+def hf_dir_of(checkpoint: str, step: int | None = None) -> str:
+    """`checkpoint` itself when it is an HF directory; a run's workdir is exported (once per step) first."""
+    if os.path.isfile(os.path.join(checkpoint, "config.json")) and not os.path.isdir(
+            os.path.join(checkpoint, "checkpoints")):
+        return checkpoint
+    if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+        from jaxrl_reason.train import export as export_lib
+
+        config, policy, mcfg, tok, step = export_lib.restore_policy(checkpoint, step)
+        out = os.path.join(checkpoint, f"hf_step{step}")
+        export_lib.export_policy(config, policy, mcfg, tok, out)
+        return out
+    raise ValueError(f"checkpoint {checkpoint!r} holds no config.json (an HF directory) and no checkpoints/ "
+                     f"(a run's workdir).")
+
+
+def evaluate_checkpoint(config, checkpoint: str, *, samples: int | None = None, seed: int = 0, data: str = "",
+                        step: int | None = None) -> dict:
     """Loads `checkpoint` (policy + tokenizer) and returns `train/evaluation.evaluate`'s metrics on the held-out
-    set of `config` (its task, eval.* and rollout lengths; `config` is not modified). The sampler batch has
-    min(eval.batch_size, problems x samples) rows, so a small evaluation does not sample padding rows."""
+    set of `config` (its task, eval.* and rollout lengths; `config` is not modified), or on `data`. The sampler
+    batch has min(eval.batch_size, problems x samples) rows, so a small evaluation does not sample padding rows."""
     import jax
     from flax import nnx
 
     from jaxrl_reason.sampling.autoregressive import make_generate_fn
     from jaxrl_reason.sampling.processors import SamplingParams
     from jaxrl_reason.train import build
+    from jaxrl_reason.train import export as export_lib
     from jaxrl_reason.train.evaluation import evaluate
 
-    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-        raise ValueError(f"checkpoint {checkpoint!r} holds no config.json.")
     samples = config.eval.samples if samples is None else samples
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}.")
+    checkpoint = hf_dir_of(checkpoint, step)
     config = config.copy_and_resolve_references()
     config.model.init = f"hf:{checkpoint}"
     if not config.task.tokenizer_dir:
         config.task.tokenizer_dir = checkpoint
+    if data:
+        config.task.name, config.task.train_path, config.task.eval_path = "jsonl", data, data
     build.validate_config(config)
-    task = build.build_task(config)
+    task = _heldout_task(config)
     policy, _ = build.load_policy(config, task.tokenizer)
     graphdef, params = nnx.split(policy, nnx.Param)
     tok, ro = task.tokenizer, config.rollout
-    common = dict(max_prompt_len=ro.max_prompt_len, max_new_tokens=ro.max_new_tokens, eos_ids=(tok.eos_token_id,),
-                  pad_id=tok.pad_token_id)
+    # stop at every end id of the checkpoint's generation_config.json, as `generate` does
+    common = dict(max_prompt_len=ro.max_prompt_len, max_new_tokens=ro.max_new_tokens,
+                  eos_ids=export_lib.stop_ids(tok, checkpoint), pad_id=tok.pad_token_id)
     sample_fn = make_generate_fn(graphdef, params=SamplingParams(temperature=config.eval.temperature), **common)
     greedy_fn = make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common) if config.eval.greedy else None
     rows = max(1, min(config.eval.batch_size, len(task.heldout) * samples))
     return evaluate(params, task.heldout, tokenizer=tok, scorer=task.scorer, sample_fn=sample_fn, greedy_fn=greedy_fn,
                     samples=samples, batch_rows=rows, max_prompt_len=ro.max_prompt_len, key=jax.random.PRNGKey(seed),
                     count_fn=task.count_fn)
+
+
+def _heldout_task(config):
+    """The task with only its held-out set built (a data file's training split is not read)."""
+    from jaxrl_reason.data import sources
+    from jaxrl_reason.train import build
+
+    if config.task.name == "arithmetic":
+        return build.build_task(config)
+    tok = build.tokenizer_for(config)
+    return build.Task(tok, [], sources.build_split(config, tok, "eval_path"), sources.scorer_for(config))
 
 
 def markdown_table(metrics: dict, title: str = "") -> str:
@@ -88,17 +131,21 @@ def markdown_table(metrics: dict, title: str = "") -> str:
 def main(argv: list[str]) -> dict:
     fv = parse_flags(argv)
     config = fv.config
-    metrics = evaluate_checkpoint(config, fv.checkpoint, samples=fv.samples, seed=fv.seed)
+    metrics = evaluate_checkpoint(config, fv.checkpoint, samples=fv.samples, seed=fv.seed, data=fv.data,
+                                  step=fv.step)
     n = config.eval.num_problems
-    print(markdown_table(metrics, f"{fv.checkpoint} on {config.task.name} held-out ({n} problems, "
+    what = fv.data or f"{config.task.name} held-out"
+    print(markdown_table(metrics, f"{fv.checkpoint} on {what} (up to {n} problems, "
                                   f"k={fv.samples or config.eval.samples}, T={config.eval.temperature})"), flush=True)
     if fv.out:
         os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)
         with open(fv.out, "w") as f:
-            json.dump({"checkpoint": fv.checkpoint, "task": config.task.name, "num_problems": n,
+            json.dump({"checkpoint": fv.checkpoint, "task": fv.data or config.task.name, "num_problems": n,
                        "samples": fv.samples or config.eval.samples, "seed": fv.seed, "metrics": metrics}, f, indent=2)
     return metrics
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    from experiments._cli import run_plain
+
+    run_plain(main, sys.argv)

@@ -80,8 +80,18 @@ def plot_metric(runs: dict[str, list[dict]], key: str, smooth: float = 0.0):
     return fig
 
 
+def require_matplotlib() -> None:
+    """One sentence naming what to install when matplotlib is missing (the base install has no plotting)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("plotting needs matplotlib, which the base install does not include: pip install "
+                          "matplotlib (or the extra: pip install -e '.[nb]').") from None
+
+
 def write_plots(runs: dict[str, list[dict]], out_dir: str, metrics=DEFAULT_METRICS, smooth: float = 0.0) -> list:
     """Writes `out_dir/<metric with / -> _>.png` for every metric some run logged; returns the paths."""
+    require_matplotlib()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for key in metrics:
@@ -119,4 +129,6 @@ def main(argv: list[str]) -> list:
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    from experiments._cli import run_plain
+
+    run_plain(main, sys.argv)

@@ -1,13 +1,19 @@
 """Supervised warm start (rebuilds the shipped checkpoint bit for bit):
 
   python experiments/sft.py --config=configs/sft.py:tiny --out=checkpoints/arith_tiny_sft
+
+On your own chat or GSM8K-style data (prompts rendered as in RL: chat template, system prompt, instruction;
+responses from `data/sft_data.py`):
+
+  python experiments/sft.py --config=configs/sft.py:tiny --config.model.init=hf:/models/my_model \
+      --config.task.name=jsonl --config.task.train_path=sft.jsonl [--config.task.eval_path=test.jsonl] --out=runs/sft
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "SFT config file[:arg].", lock_config=True)
@@ -20,13 +26,38 @@ def main(argv):
     from jaxrl_reason.train import build, sft
 
     c = _CONFIG.value
+    own = c.task.name != "arithmetic"
+    if own:
+        _check_own_data(c)
     tok = build.tokenizer_for(c)
     model, mcfg = build.load_policy(c, tok)
-    prompts, traces = sft.arithmetic_sft_set_from_config(c)
+    if own:
+        from jaxrl_reason.data.sft_data import sft_pairs
+
+        prompts, traces = sft_pairs(c, tok)
+    else:
+        prompts, traces = sft.arithmetic_sft_set_from_config(c)
     train = _ar_sft if c.model.attention == "causal" else _diffusion_sft
     model, sample_fn, greedy_fn = train(c, tok, model, prompts, traces)
     sft.save_sft_checkpoint(model, mcfg, tok, _OUT.value)
-    _report_heldout(c, tok, model, sample_fn, greedy_fn)
+    if own:  # token ids and generation_config.json of the source model, so the result serves as it is
+        from jaxrl_reason.train import export
+
+        export.write_generation_files(_OUT.value, tok, export.source_dir(c))
+    if not own or c.task.eval_path:
+        _report_heldout(c, tok, model, sample_fn, greedy_fn)
+
+
+def _check_own_data(c) -> None:
+    """One sentence before any work for SFT on a user's file (`task.name=jsonl`)."""
+    if c.task.name not in ("jsonl", "file"):
+        raise ValueError(f"SFT reads the arithmetic task or a data file (task.name=jsonl), got {c.task.name!r}.")
+    if not c.task.train_path or not os.path.exists(c.task.train_path):
+        raise ValueError(f"task.train_path {c.task.train_path!r} does not exist.")
+    if c.task.eval_path and not os.path.exists(c.task.eval_path):
+        raise ValueError(f"task.eval_path {c.task.eval_path!r} does not exist.")
+    if c.sft.plateau_every:
+        raise ValueError("sft.plateau_every checks arithmetic validation problems; set it to 0 for your own data.")
 
 
 def _ar_sft(c, tok, model, prompts, traces):
@@ -107,5 +138,7 @@ def _report_heldout(c, tok, model, sample_fn, greedy_fn) -> None:
 
 
 if __name__ == "__main__":
+    from experiments._cli import run_app
+
     flags.mark_flag_as_required("config")
-    app.run(main)
+    run_app(main)

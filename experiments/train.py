@@ -5,13 +5,16 @@
 Multi-host: start one process per host with the same command; `--multihost` calls `jax.distributed.initialize()`
 (coordinator, process count and id come from the environment of TPU pods / SLURM, or from the
 `--coordinator_address`, `--num_processes`, `--process_id` flags).
+
+A user error (bad config key, missing file, empty data, a workdir in use) ends with one `error: ...` sentence;
+JAXRL_TRACEBACK=1 shows the traceback.
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].", lock_config=True)
@@ -39,5 +42,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from experiments._cli import run_app
+
     flags.mark_flag_as_required("config")
-    app.run(main)
+    run_app(main)

@@ -12,9 +12,13 @@ Row fields understood (verl's `RLHFDataset` layout and the usual GSM8K / MATH du
   extra        every other field, plus `messages` for chat prompts and `raw_answer` when normalization
                changed the answer.
 
+Column mapping: `prompt_key` / `answer_key` (a dotted path such as `reward_model.ground_truth`) replace the
+searched fields above.
+
 Malformed rows (invalid JSON, not an object, no prompt, no answer, an empty answer after normalization):
-`on_error="skip"` skips them, counts them and logs one warning with the count; `on_error="raise"` raises
-ValueError naming the file and line (JSONL, 1-based) or row (parquet, 1-based). Blank JSONL lines are ignored.
+`on_error="skip"` skips them, counts them and logs one warning with the count and the first reasons with their
+lines; `on_error="raise"` raises ValueError naming the file and line (JSONL, 1-based) or row (parquet, saved
+`datasets` directory; 1-based). Blank JSONL lines are ignored.
 """
 import json
 import logging
@@ -39,11 +43,12 @@ def normalize_answer(text) -> str | None:
     return text.strip() or None
 
 
-def _prompt_of(row: dict):
+def _prompt_of(row: dict, prompt_key: str = ""):
     """(prompt text, messages or None); raises ValueError with the reason."""
-    key = next((k for k in _PROMPT_KEYS if k in row), None)
+    keys = (prompt_key,) if prompt_key else _PROMPT_KEYS
+    key = next((k for k in keys if k in row), None)
     if key is None:
-        raise ValueError(f"no prompt field (one of {_PROMPT_KEYS})")
+        raise ValueError(f"no prompt field (one of {keys})")
     value = row[key]
     if isinstance(value, str):
         if not value.strip():
@@ -59,8 +64,15 @@ def _prompt_of(row: dict):
     raise ValueError("prompt must be a string or a list of {role, content} messages")
 
 
-def _answer_of(row: dict):
+def _answer_of(row: dict, answer_key: str = ""):
     """(answer keys used, raw answer); raises ValueError with the reason."""
+    if answer_key:
+        node = row
+        for k in answer_key.split("."):
+            node = node.get(k) if isinstance(node, dict) else None
+        if node is None:
+            raise ValueError(f"no answer field {answer_key!r}")
+        return tuple(answer_key.split(".")), node
     for keys in _ANSWER_KEYS:
         node = row
         for k in keys:
@@ -70,18 +82,18 @@ def _answer_of(row: dict):
     raise ValueError("no answer field (reward_model.ground_truth, ground_truth, answer or solution)")
 
 
-def row_to_example(row, default_data_source: str) -> Example:
+def row_to_example(row, default_data_source: str, prompt_key: str = "", answer_key: str = "") -> Example:
     """One verl-style row (a dict) -> `Example`; raises ValueError with the reason if malformed."""
     if not isinstance(row, dict):
         raise ValueError(f"row is a {type(row).__name__}, not an object")
-    prompt_key, prompt, messages = _prompt_of(row)
-    answer_keys, raw = _answer_of(row)
+    prompt_key, prompt, messages = _prompt_of(row, prompt_key)
+    answer_keys, raw = _answer_of(row, answer_key)
     answer = normalize_answer(raw)
     if answer is None:
         raise ValueError(f"answer {str(raw)[:50]!r} is empty after normalization or not a string/number")
     extra = {k: v for k, v in row.items() if k not in (prompt_key, answer_keys[0], "data_source")}
-    if answer_keys[0] == "reward_model":
-        rest = {k: v for k, v in row["reward_model"].items() if k != "ground_truth"}
+    if len(answer_keys) == 2 and isinstance(row[answer_keys[0]], dict):
+        rest = {k: v for k, v in row[answer_keys[0]].items() if k != answer_keys[1]}
         if rest:
             extra["reward_model"] = rest
     if messages is not None:
@@ -112,38 +124,61 @@ def _rows_parquet(path):
         yield rowno, row, None
 
 
-def load_examples(path: str, on_error: str = "skip", default_data_source: str | None = None):
-    """Reads a `.jsonl` (one object per line) or `.parquet` file into `Example`s.
+def _rows_saved_dataset(path):
+    """Rows of a `datasets.Dataset.save_to_disk` directory (a DatasetDict: its only split, or 'train')."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{path!r} is a directory; reading a saved `datasets` directory needs the `datasets` "
+                         f"package (pip install datasets), or give a .jsonl or .parquet file.") from None
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1 and "train" not in ds:
+            raise ValueError(f"{path!r} holds the splits {sorted(ds)}; point to one split's directory.")
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    for rowno, row in enumerate(ds, start=1):
+        yield rowno, row, None
+
+
+def load_examples(path: str, on_error: str = "skip", default_data_source: str | None = None, *,
+                  prompt_key: str = "", answer_key: str = ""):
+    """Reads a `.jsonl` (one object per line) or `.parquet` file, or a saved `datasets` directory, into `Example`s.
 
     Args:
       on_error: "skip" (skip and count malformed rows) or "raise" (ValueError naming file and line/row).
       default_data_source: for rows without `data_source`; defaults to the file's stem.
+      prompt_key, answer_key: column mapping (module docstring); "" searches the usual fields.
 
     Returns:
       (examples: list[Example], n_skipped: int).
     """
     if on_error not in ("skip", "raise"):
         raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}.")
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        rows, where = _rows_saved_dataset(path), "row"
+    elif not os.path.isfile(path):
         raise FileNotFoundError(f"Data file {path!r} does not exist.")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".jsonl":
+    elif path.lower().endswith(".jsonl"):
         rows, where = _rows_jsonl(path), "line"
-    elif ext == ".parquet":
+    elif path.lower().endswith(".parquet"):
         rows, where = _rows_parquet(path), "row"
     else:
-        raise ValueError(f"unsupported data file extension {ext!r} (use .jsonl or .parquet).")
-    source = default_data_source or os.path.splitext(os.path.basename(path))[0]
-    examples, n_skipped = [], 0
+        ext = os.path.splitext(path)[1].lower()
+        raise ValueError(f"unsupported data file extension {ext!r} (use .jsonl, .parquet or a saved `datasets` "
+                         f"directory).")
+    source = default_data_source or os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    examples, reasons = [], []
     for n, row, err in rows:
         try:
             if err is not None:
                 raise ValueError(err)
-            examples.append(row_to_example(row, source))
+            examples.append(row_to_example(row, source, prompt_key, answer_key))
         except ValueError as e:
             if on_error == "raise":
                 raise ValueError(f"{path}:{where} {n}: {e}.") from None
-            n_skipped += 1
-    if n_skipped:
-        logging.warning("%s: skipped %d malformed rows of %d.", path, n_skipped, n_skipped + len(examples))
-    return examples, n_skipped
+            reasons.append(f"{where} {n}: {e}")
+    if reasons:
+        more = f"; {len(reasons) - 3} more" if len(reasons) > 3 else ""
+        logging.warning("%s: skipped %d malformed rows of %d (%s%s).", path, len(reasons),
+                        len(reasons) + len(examples), "; ".join(reasons[:3]), more)
+    return examples, len(reasons)

@@ -20,6 +20,7 @@ from jaxrl_reason.core.aggregate import AGGREGATIONS
 from jaxrl_reason.core.policy_loss import POLICY_LOSSES
 from jaxrl_reason.data import arithmetic
 from jaxrl_reason.data.example import Example
+from jaxrl_reason.data.sources import build_examples, scorer_for, validate_task
 from jaxrl_reason.data.tokenizer import build_char_tokenizer, load_tokenizer
 from jaxrl_reason.models.hf import load_hf
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
@@ -124,6 +125,7 @@ def _validate_mesh(config) -> None:
 
 
 def _validate_sources(config) -> None:
+    validate_task(config)
     init = config.model.init
     if init == "sft":
         d = config.model.sft_dir
@@ -133,11 +135,6 @@ def _validate_sources(config) -> None:
         _require(os.path.isdir(init[3:]), f"model.init points to {init[3:]!r}, which is not a directory.")
     else:
         _require(init == "random", f"model.init must be 'sft', 'random' or 'hf:<dir>', got {init!r}.")
-    if config.task.name == "jsonl":
-        for p in (config.task.train_path, config.task.eval_path):
-            _require(os.path.isfile(p), f"task file {p!r} does not exist.")
-    else:
-        _require(config.task.name == "arithmetic", f"unknown task {config.task.name!r}; use 'arithmetic' or 'jsonl'.")
 
 
 @dataclasses.dataclass
@@ -174,15 +171,11 @@ def build_task(config) -> Task:
         if tuple(t.eval_levels) != tuple(t.train_levels):
             _, heldout = arithmetic.split_disjoint(0, config.eval.num_problems, t.eval_levels,
                                                    heldout_seed=t.eval_seed)
+        scorer = scorer_for(config) if config.reward.get("fn", "") else arithmetic_scorer
         return Task(tok, [arithmetic.to_example(p) for p in train], [arithmetic.to_example(p) for p in heldout],
-                    arithmetic_scorer, arithmetic.recheck_count)
-    from jaxrl_reason.data.loaders import load_examples
-    from jaxrl_reason.rewards.math import math_score
-
-    scorer = lambda texts, answers: np.asarray([math_score(x, a) for x, a in zip(texts, answers)], np.float32)
-    train, _ = load_examples(t.train_path)
-    heldout, _ = load_examples(t.eval_path)
-    return Task(tok, train, heldout[: config.eval.num_problems], scorer)
+                    scorer, arithmetic.recheck_count)
+    train, heldout = build_examples(config, tok)  # files or reasoning-gym, rendered, length-checked
+    return Task(tok, train, heldout, scorer_for(config))
 
 
 def load_policy(config, tokenizer) -> tuple[Transformer, TransformerConfig]:

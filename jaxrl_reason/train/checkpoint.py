@@ -259,6 +259,8 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"Checkpoint directory {self.directory} holds no finalized checkpoint.")
+        if step is None and len(steps) > 1:
+            return self._restore_newest_intact(target, steps, strict_dtypes)
         step = steps[-1] if step is None else int(step)
         if step not in steps:
             raise ValueError(f"No finalized checkpoint for step {step} in {self.directory} (available: {steps}).")
@@ -271,6 +273,31 @@ class Checkpointer:
         flat = _walk(restored[_STATE])
         state = jax.tree_util.tree_unflatten(treedef, [flat[p] for p in paths])
         return state, dict(restored[_META])
+
+    def _restore_newest_intact(self, target: Any, steps: list[int], strict_dtypes: bool) -> tuple[Any, dict]:
+        """The newest step that restores, with a warning for each newer one that does not (unreadable files).
+        Once an older step restored, the failed newer ones are renamed `<step>.corrupt` (kept for inspection,
+        out of the way of the resumed run's saves); if no step restores, nothing is renamed and the newest
+        step's error is raised (a target that does not match the stored layout fails at every step)."""
+        failed, first_error = [], None
+        for step in reversed(steps):
+            try:
+                out = self.restore(target, step, strict_dtypes=strict_dtypes)
+            except Exception as e:  # orbax and tensorstore raise several unrelated types for unreadable files
+                failed.append(step)
+                first_error = first_error or e
+                print(f"warning: checkpoint {self.directory}/{step} cannot be restored ({str(e)[:160]}); trying "
+                      f"the previous one.", flush=True)
+                continue
+            if failed and jax.process_index() == 0:
+                for bad in failed:
+                    os.rename(os.fspath(self.directory / str(bad)), os.fspath(self.directory / f"{bad}.corrupt"))
+                self._manager.reload()
+            if failed:
+                print(f"warning: resumed from step {step}; the unreadable newer steps {failed} were renamed "
+                      f"<step>.corrupt.", flush=True)
+            return out
+        raise first_error
 
     def wait(self) -> None:
         """Blocks until the in-flight save (if any) is done; raises RuntimeError if it did not finalize on disk."""

@@ -57,20 +57,23 @@ def evaluate(
     `count_fn` (e.g. re-checks per response), and per-level pass@1 when examples carry `extra["level"]`.
     """
     n = len(examples)
+    if n == 0:
+        raise ValueError("the held-out set is empty; nothing to evaluate.")
+    with_examples = getattr(scorer, "accepts_examples", False)
     prompts = [ex.prompt for ex in examples for _ in range(samples)]
-    answers = [ex.answer for ex in examples for _ in range(samples)]
+    golds = [ex if with_examples else ex.answer for ex in examples for _ in range(samples)]
     texts, lengths, truncated = _generate_texts(sample_fn, params, tokenizer, prompts, key, batch_rows,
                                                 max_prompt_len)
-    score_NxK = np.asarray(scorer(texts, answers), np.float32).reshape(n, samples)
+    score_NxK = np.asarray(scorer(texts, golds), np.float32).reshape(n, samples)
     out = {
         "pass@1": float(score_NxK.mean()),
         f"pass@{samples}": float((score_NxK > 0).any(axis=1).mean()),
         "length_mean": float(lengths.mean()),
         "truncated_frac": float(truncated.mean()),
     }
-    votes = []
+    votes, final_answer = [], getattr(scorer, "final_answer", _final_answer)
     for i in range(n):
-        finals = [_final_answer(t) for t in texts[i * samples : (i + 1) * samples]]
+        finals = [final_answer(t) for t in texts[i * samples : (i + 1) * samples]]
         top = collections.Counter(finals).most_common(1)[0][0]
         votes.append(score_NxK[i, finals.index(top)])
     out[f"maj@{samples}"] = float(np.mean(votes))
@@ -81,10 +84,25 @@ def evaluate(
         for lv in sorted(set(levels)):
             rows = [i for i, x in enumerate(levels) if x == lv]
             out[f"pass@1/level{lv}"] = float(score_NxK[rows].mean())
+    out.update(_per_source(examples, score_NxK, np.asarray(votes)))
     if greedy_fn is not None:
         key, sub = jax.random.split(key)
         g_texts, g_len, _ = _generate_texts(greedy_fn, params, tokenizer, [ex.prompt for ex in examples], sub,
                                             batch_rows, max_prompt_len)
-        out["greedy_acc"] = float(np.mean(scorer(g_texts, [ex.answer for ex in examples])))
+        out["greedy_acc"] = float(np.mean(scorer(g_texts, [ex if with_examples else ex.answer for ex in examples])))
         out["greedy_length_mean"] = float(g_len.mean())
+    return out
+
+
+def _per_source(examples: Sequence[Example], score_NxK: np.ndarray, vote_N: np.ndarray) -> dict:
+    """pass@1, pass@k and maj@k of each `data_source` when the examples come from more than one."""
+    sources = [ex.data_source for ex in examples]
+    if len(set(sources)) < 2:
+        return {}
+    out, k = {}, score_NxK.shape[1]
+    for src in sorted(set(sources)):
+        rows = [i for i, s in enumerate(sources) if s == src]
+        out[f"pass@1/{src}"] = float(score_NxK[rows].mean())
+        out[f"pass@{k}/{src}"] = float((score_NxK[rows] > 0).any(axis=1).mean())
+        out[f"maj@{k}/{src}"] = float(vote_N[rows].mean())
     return out

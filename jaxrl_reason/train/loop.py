@@ -28,13 +28,15 @@ from flax import nnx
 
 from jaxrl_reason.core import hapo as hapo_lib
 from jaxrl_reason.models import sharding as sharding_lib
-from jaxrl_reason.models.hf import save_hf
 from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.sampling.autoregressive import make_generate_fn
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import batch as batch_lib
+from jaxrl_reason.train import console
+from jaxrl_reason.train import export as export_lib
 from jaxrl_reason.train import repro as repro_lib
 from jaxrl_reason.train import rollout as rollout_lib
+from jaxrl_reason.train import workdir as workdir_lib
 from jaxrl_reason.train.build import build_task, load_policy, objective_config, validate_config
 from jaxrl_reason.train.checkpoint import Checkpointer, install_preemption_handler
 from jaxrl_reason.train.evaluation import evaluate
@@ -169,7 +171,7 @@ def run(config, workdir: str, *, eval_before: dict | None = None) -> dict:
     from one start); it is used, logged and checkpointed as if computed here.
     """
     validate_config(config)
-    with install_preemption_handler() as preempt:
+    with workdir_lib.claim(config, workdir), install_preemption_handler() as preempt:
         return _run(config, workdir, preempt, eval_before)
 
 
@@ -196,6 +198,7 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
     mesh = _mesh(config)
     task = build_task(config)
     policy, mcfg, params, parts = _build_parts(config, task)
+    console.startup_summary(config, task, params, mesh)
     o = config.optim
     state, tx, state_sh = _initial_state(config, mesh, params, config.train.num_steps * o.ppo_epochs * o.mini_batches)
     batch_sh = _batch_sharding(config, mesh)
@@ -237,8 +240,7 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
     print("held-out after RL:  " + _fmt(after), flush=True)
     if config.train.export_hf:
         nnx.update(policy, jax.device_get(state.params["policy"]))
-        save_hf(policy, mcfg, os.path.join(workdir, "hf_export"))
-        task.tokenizer.save_pretrained(os.path.join(workdir, "hf_export"))
+        export_lib.export_policy(config, policy, mcfg, task.tokenizer, os.path.join(workdir, "hf_export"))
     final_params = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params["policy"]))]
     return {"eval_before": meta["eval_before"], "eval_after": after, "iterations": meta["iteration"],
             "final_params": final_params, **last}
@@ -251,7 +253,7 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
     spec = rollout_lib.RolloutSpec(parts.train_gen, task.tokenizer, task.scorer, r.prompts_per_step, r.group_size,
                                    r.max_prompt_len, r.max_new_tokens)
     stream = rollout_lib.PromptStream(task.train, config.seed, meta["stream_position"])
-    bar = ProgressBar(config.train.num_steps, desc=config.algorithm)
+    bar, log = ProgressBar(config.train.num_steps, desc=config.algorithm), console.IterationLog(config)
     base_key, start, skips, last = jax.random.PRNGKey(config.seed), time.time(), 0, {}
     for it in range(meta["iteration"], config.train.num_steps):
         t0 = time.time()
@@ -271,6 +273,7 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
                 "time/logps_adv_s": t2 - t1, "time/update_s": time.time() - t2}
         ckpt.wait()  # the previous save is on disk before iteration it+1 counts as done: a kill loses <= 1 interval
         writer.write(it + 1, last)
+        log.iteration(it + 1, last)
         _periodic_eval(config, eval_fn, state, it + 1, writer)
         bar.update(it + 1, reward=metrics["reward/accuracy"], length=metrics["response/length_mean"])
         meta.update(iteration=it + 1, stream_position=stream.position)

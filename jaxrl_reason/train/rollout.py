@@ -130,7 +130,8 @@ def sample_round(spec: RolloutSpec, params, examples: list[Example], key, hapo_s
     args = (params, ids, mask, key) + ((hapo_stats,) if hapo_stats is not None else ())
     ro = jax.device_get(spec.generate_fn(*args))
     texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
-    score = np.asarray(spec.scorer(texts, answers), np.float32)
+    golds = [ex for ex in examples for _ in range(g)] if getattr(spec.scorer, "accepts_examples", False) else answers
+    score = np.asarray(spec.scorer(texts, golds), np.float32)
     return {
         "prompt_tokens": np.asarray(ro.prompt_tokens_BxP, np.int32),
         "prompt_mask": np.asarray(ro.prompt_mask_BxP, bool),
@@ -170,14 +171,14 @@ def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train
       (rows: dict of numpy arrays with exactly train_groups * group_size rows, metrics, texts of the batch rows).
     """
     acc = filters_lib.empty_accumulator(spec.group_size, train_groups)
-    metrics, all_scores, all_lengths, all_truncated, texts_kept = {}, [], [], [], []
+    metrics, all_scores, all_lengths, all_truncated, texts_kept, all_rewards = {}, [], [], [], [], []
     for r in range(max(filter_cfg.max_rounds, 1)):
         key, sub = jax.random.split(key)
         rows, texts = sample_round(spec, params, stream.take(spec.prompts_per_round), sub, hapo_stats)
         rows["reward_N"], shape_metrics = shape_rewards(rows["score_N"], rows["length_N"], rows["truncated_N"],
                                                         spec.group_size, reward_cfg, spec.max_new_tokens)
         all_scores.append(rows["score_N"]), all_lengths.append(rows["length_N"])
-        all_truncated.append(rows["truncated_N"])
+        all_truncated.append(rows["truncated_N"]), all_rewards.append(rows["reward_N"])
         keep_B, filter_metrics = group_filter(rows, spec.group_size, filter_cfg)
         rows_kept = np.repeat(keep_B, spec.group_size)
         room = (train_groups - acc.num_groups) * spec.group_size
@@ -195,6 +196,8 @@ def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train
         "rollout/missing_groups": train_groups - acc.num_groups,
         "rollout/kept_frac": acc.num_groups / max(rounds * spec.prompts_per_round, 1),
         "reward/accuracy": float(np.mean(np.concatenate(all_scores) > 0)),
+        "reward/mean": float(np.mean(np.concatenate(all_rewards))),
+        "reward/std": float(np.std(np.concatenate(all_rewards))),
         "response/length_mean": float(np.mean(np.concatenate(all_lengths))),
         "response/truncated_frac": float(np.mean(np.concatenate(all_truncated))),
     })

@@ -6,6 +6,12 @@ shardings GSPMD-style (stack.md §3: `jax.make_mesh` would default to Explicit).
 does not divide its mesh axes' size, or reuses a mesh axis already taken by an earlier dimension, falls back
 to replicated for that dimension (tiny test models). Different layouts for training and sampling are just
 different rules tables passed to the same functions.
+
+Activations have their own logical names ("act_batch", "act_len", "act_embed", "act_heads", "act_kv_heads",
+"act_mlp"): the batch goes over ("data", "fsdp"), the embedding stays whole, heads and MLP columns go over
+"tensor". `constrain` pins an activation to that layout inside a jitted function traced under
+`jax.set_mesh(mesh)`; with the batch pinned, XLA gathers the fsdp-sharded weights for each matmul (ZeRO-3)
+instead of resharding the activations between layouts. Outside a mesh it returns its input.
 """
 import jax
 import numpy as np
@@ -24,6 +30,14 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple | None], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the leading axis of stacked (scanned) layer params
+    ("act_batch", BATCH_AXES),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
 
 
@@ -107,3 +121,17 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     if ndim < 1:
         raise ValueError(f"batch_sharding needs ndim >= 1, got {ndim}.")
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def constrain(x: jax.Array, logical_axes, rules=DEFAULT_RULES) -> jax.Array:
+    """`with_sharding_constraint` of `x` to the spec of its logical axes on the current mesh (`jax.set_mesh`).
+
+    A no-op outside a mesh or on a mesh without the (data, fsdp, tensor) axes. Dims that do not divide their
+    mesh axes stay replicated (as for parameters).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"logical_axes {logical_axes} do not match an activation of shape {x.shape}.")
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules, x.shape, mesh))

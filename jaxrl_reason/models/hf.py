@@ -326,12 +326,13 @@ def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
 
 def load_hf(path: str, *, param_dtype: str | None = None, attention: str | None = None,
             block_size: int | None = None, scan_layers: bool | None = None, remat: str | None = None,
-            mesh: jax.sharding.Mesh | None = None, rules=DEFAULT_RULES) -> tuple[Transformer, TransformerConfig]:
+            remat_names: tuple[str, ...] | None = None, mesh: jax.sharding.Mesh | None = None,
+            rules=DEFAULT_RULES) -> tuple[Transformer, TransformerConfig]:
     """Loads a local HF checkpoint directory into a Transformer.
 
     param_dtype None -> the checkpoint's `dtype` ("bfloat16" stays bfloat16, anything else float32).
     attention / block_size override the metadata (e.g. load an AR Qwen3 as a block-diffusion model);
-    scan_layers / remat pick the layer layout and remat policy (`TransformerConfig`).
+    scan_layers / remat / remat_names pick the layer layout and remat policy (`TransformerConfig`).
     The model is built abstractly (no random init) and every parameter is streamed from the safetensors
     files straight into its shards: with `mesh`, sharded by the logical-axis `rules`, else on the default
     device. Each device's block is read as a slice of the file, so the host holds about one parameter's
@@ -342,7 +343,7 @@ def load_hf(path: str, *, param_dtype: str | None = None, attention: str | None 
     hf_config = _read_json(os.path.join(path, "config.json"), "config.json")
     cfg = config_from_hf(hf_config)
     overrides = dict(param_dtype=param_dtype, attention=attention, block_size=block_size, scan_layers=scan_layers,
-                     remat=remat)
+                     remat=remat, remat_names=remat_names)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     cfg.validate()
     files = _shard_files(path)

@@ -41,6 +41,21 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple | None], ...] = (
 )
 
 
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with at most one of data / fsdp given as -1 ("all devices the other axes leave");
+    ValueError with one sentence when the sizes cannot cover `num_devices`."""
+    if tensor < 1 or data == 0 or fsdp == 0 or min(data, fsdp) < -1 or (data == -1 and fsdp == -1):
+        raise ValueError(f"mesh data={data}, fsdp={fsdp}, tensor={tensor}: sizes must be positive, with at most "
+                         "one of data and fsdp set to -1 (all devices the other axes leave).")
+    fixed = tensor * max(data, 1) * max(fsdp, 1)
+    rest = num_devices // fixed if num_devices % fixed == 0 else 0
+    data, fsdp = (rest if data == -1 else data), (rest if fsdp == -1 else fsdp)
+    if data < 1 or fsdp < 1 or data * fsdp * tensor != num_devices:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} does not cover the {num_devices} "
+                         "available devices.")
+    return data, fsdp, tensor
+
+
 def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axis types over `devices` (default: all devices)."""
     devices = jax.devices() if devices is None else list(devices)

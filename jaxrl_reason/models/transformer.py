@@ -344,7 +344,10 @@ class Transformer(nnx.Module):
             raise ValueError(f"cache_index {cache_index} with {t} new tokens does not fit a cache of {s} slots.")
         if mask_BxTxS.shape != (*tokens_BxT.shape, s):
             raise ValueError(f"mask_BxTxS has shape {mask_BxTxS.shape}, expected {(*tokens_BxT.shape, s)}.")
-        x = _constrain(cfg, jnp.take(self.embed[...], tokens_BxT, axis=0), _ACT_EMBED)
+        # The table is gathered whole along the embedding (a weight gather) so that the lookup lands directly in
+        # the batch-sharded activation layout, not in an embedding-sharded one that needs an all-to-all.
+        table_VxD = _constrain(cfg, self.embed[...], ("vocab", "act_embed"))
+        x = _constrain(cfg, jnp.take(table_VxD, tokens_BxT, axis=0), _ACT_EMBED)
         run = functools.partial(self._scanned if cfg.scan_layers else self._unrolled,
                                 positions_BxT=positions_BxT, mask_BxTxS=mask_BxTxS, cache_index=cache_index)
         x, new_cache = run(x, cache)

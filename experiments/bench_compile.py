@@ -75,6 +75,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--remat", default="none", choices=REMAT_POLICIES)
     ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument("--layouts", default="unrolled,scanned", help="comma-separated: unrolled, scanned")
     args = ap.parse_args(argv)
     depths = [int(x) for x in args.layers.split(",")]
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
@@ -82,8 +83,11 @@ def main(argv=None) -> None:
     print(f"# width {args.width}, {args.rows} x {args.seq} tokens, {args.dtype}, remat {args.remat}")
     print("| layers | layout | lower s | compile s (wall) | compile s (CPU) | lower+compile s |")
     print("|---|---|---|---|---|---|")
+    layouts = args.layouts.split(",")
+    if not layouts or set(layouts) - {"unrolled", "scanned"}:
+        raise ValueError(f"--layouts takes unrolled and/or scanned, got {args.layouts!r}.")
     totals = {}
-    for scan in (False, True):
+    for scan in [layout == "scanned" for layout in ("unrolled", "scanned") if layout in layouts]:
         for depth in depths:
             lower, comp, cpu = compile_seconds(model_config(args.width, depth, scan, args.remat, args.dtype),
                                           args.rows, args.seq)
@@ -91,7 +95,7 @@ def main(argv=None) -> None:
             totals[layout, depth] = lower + comp
             print(f"| {depth} | {layout} | {lower:.1f} | {comp:.1f} | {cpu:.1f} | {lower + comp:.1f} |", flush=True)
     lo, hi = min(depths), max(depths)
-    for layout in ("unrolled", "scanned"):
+    for layout in layouts:
         print(f"# {layout}: {hi} layers / {lo} layers = {totals[layout, hi] / totals[layout, lo]:.2f}x")
 
 

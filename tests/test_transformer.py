@@ -199,10 +199,10 @@ def test_scanned_params_are_the_stacked_unrolled_params():
     jax.tree.map(lambda s, *xs: np.testing.assert_array_equal(s, np.stack(xs)), stacked, *per_layer)
 
 
-def _stacked_state(model):
-    """The params of an unrolled model in the scanned layout (a pure dict)."""
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[pure["layers"][i] for i in range(len(model.layers))])
+def _stacked(state):
+    """An unrolled model's params (or grads) as a pure dict in the scanned layout."""
+    pure = nnx.to_pure_dict(state)
+    pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[pure["layers"][i] for i in range(len(pure["layers"]))])
     return pure
 
 
@@ -224,9 +224,9 @@ def test_scanned_and_rematerialized_equal_unrolled(scan, remat):
     args = (tokens, A.positions_from_mask(valid), A.causal_mask(valid))
     graphdef, params = nnx.split(base, nnx.Param)
     want_loss, want_grads = _loss_and_grad(graphdef)(params, *args)
-    want_grads = _stacked_state_of_grads(want_grads) if scan else nnx.to_pure_dict(want_grads)
+    want_grads = _stacked(want_grads) if scan else nnx.to_pure_dict(want_grads)
     other_graphdef, other = nnx.split(nnx.eval_shape(lambda: tf.Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    nnx.replace_by_pure_dict(other, _stacked_state(base) if scan else nnx.to_pure_dict(params))
+    nnx.replace_by_pure_dict(other, _stacked(params) if scan else nnx.to_pure_dict(params))
     loss, grads = _loss_and_grad(other_graphdef)(other, *args)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), nnx.to_pure_dict(grads),
@@ -234,13 +234,6 @@ def test_scanned_and_rematerialized_equal_unrolled(scan, remat):
     jaxpr = str(jax.make_jaxpr(lambda p: _loss_and_grad.__wrapped__(other_graphdef)(p, *args))(other))
     assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (remat != "none")
     assert ("scan" in jaxpr) == scan
-
-
-def _stacked_state_of_grads(grads):
-    pure = nnx.to_pure_dict(grads)
-    layers = [pure["layers"][i] for i in range(len(pure["layers"]))]
-    pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    return pure
 
 
 def test_cache_layout_must_match_the_model():

@@ -39,6 +39,13 @@ def _model(scale: str) -> config_dict.ConfigDict:
     # auto: cuDNN flash attention on a CUDA GPU (bf16), Pallas splash on TPU, the einsum path otherwise and for
     # masks no kernel takes; or force one of einsum | xla | cudnn | splash (models/attention_ops.py).
     m.attention_impl = "auto"
+    # Layer layout and memory: `scan_layers` runs the layers as one stacked block under lax.scan (compile time
+    # flat in depth); `remat` = none | full | dots_saveable | names (what each layer's backward recomputes;
+    # "names" keeps the outputs listed in `remat_names`, among q_proj k_proj v_proj o_proj gate_proj up_proj
+    # down_proj).
+    m.scan_layers = scale == "full"
+    m.remat = "full" if scale == "full" else "none"
+    m.remat_names = ("q_proj", "k_proj", "v_proj", "o_proj")
     return m
 
 
@@ -176,8 +183,10 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.optim.micro_batches = 1  # gradient accumulation inside one update
 
     c.mesh = config_dict.ConfigDict()
-    c.mesh.data = -1  # -1: all devices not used by the other axes
-    c.mesh.fsdp = 1
+    # -1 (data or fsdp, not both): all devices not used by the other axes. At `full` every device is an fsdp
+    # shard (params, gradients and optimizer state split over all devices, weights gathered per layer).
+    c.mesh.data = 1 if scale == "full" else -1
+    c.mesh.fsdp = -1 if scale == "full" else 1
     c.mesh.tensor = 1
 
     c.train = config_dict.ConfigDict()

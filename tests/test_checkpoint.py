@@ -312,3 +312,45 @@ def test_preemption_flag_on_sigterm_and_handler_restore():
         assert calls == [signal.SIGTERM, signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _model_state(scan: bool) -> TrainState:
+    """A tiny 2-layer Transformer's params + adam state (moments filled with distinct values) in one layout."""
+    from jaxrl_reason.models import transformer as tf
+    cfg = tf.TransformerConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_layers=2, num_heads=2,
+                               num_kv_heads=1, scan_layers=scan)
+    params = {"policy": nnx.state(tf.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)}
+    state = init_train_state(params, optax.adam(1e-3), 0)
+    fill = lambda t, c: jax.tree.map(lambda x: x + c, t)  # noqa: E731
+    adam = state.opt_state[0]._replace(mu=fill(params, 1.0), nu=fill(params, 2.0))
+    return state._replace(opt_state=(adam,) + tuple(state.opt_state[1:]))
+
+
+def _as_stacked(pure_unrolled: dict) -> dict:
+    out = dict(pure_unrolled)
+    out["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *[pure_unrolled["layers"][i] for i in range(2)])
+    return out
+
+
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("saved_scan", [False, True])
+def test_checkpoint_of_the_other_layer_layout_is_converted(tmp_path, saved_scan):
+    """A state saved with unrolled layers (`layers/<i>/...`) restores into a scanned target (`layers/...`,
+    leading layer axis), sharded on a 2x2x2 mesh, and the other way round, with equal values everywhere."""
+    saved, target_state = _model_state(saved_scan), _model_state(not saved_scan)
+    mesh = _mesh()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, saved, {})
+        restored, _ = ckpt.restore(abstract_like(target_state, mesh))
+    for tree in ("params", "mu", "nu"):
+        pick = (lambda s: s.params["policy"]) if tree == "params" else \
+            (lambda s, f=tree: getattr(s.opt_state[0], f)["policy"])
+        got = jax.tree.map(np.asarray, nnx.to_pure_dict(pick(restored)))
+        src = jax.tree.map(np.asarray, nnx.to_pure_dict(pick(saved)))
+        want = _as_stacked(src) if not saved_scan else src
+        if saved_scan:  # compare in the stacked layout
+            got = _as_stacked(got)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    q = restored.params["policy"]["layers"]
+    q = (q[0] if saved_scan else q)["attn"]["q_proj"].get_value()
+    assert isinstance(q.sharding, NamedSharding) and q.sharding.mesh == mesh

@@ -46,6 +46,8 @@ def models(tmp_path_factory):
         torch_model = _hf_model(arch, seed)
         torch_model.save_pretrained(path)
         out[arch] = (torch_model, hf.load_hf(path)[0])
+        if arch == "Qwen2":  # stacked layer params, decoded by a scan over layers with a stacked KV cache
+            out[arch + "-scan"] = (torch_model, hf.load_hf(path, scan_layers=True)[0])
     return out
 
 
@@ -100,7 +102,7 @@ def _naive_loop(model, tokens, valid, key, params, eos_ids, stats):
     return resp, rmask
 
 
-@pytest.mark.parametrize("arch,segment_len", [("Qwen2", None), ("Llama", 4)])
+@pytest.mark.parametrize("arch,segment_len", [("Qwen2", None), ("Llama", 4), ("Qwen2-scan", 4)])
 def test_greedy_matches_transformers_generate(models, arch, segment_len):
     """Token for token equal to transformers' generate(do_sample=False) on a LEFT-padded batch, with an EOS
     that stops some rows early (transformers pads finished rows with pad_token_id, as we do); one decode

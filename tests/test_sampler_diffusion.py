@@ -3,6 +3,7 @@
 References are written here from the spec: numpy masks, python decoding loops that recompute the whole
 sequence at every step without a cache, and a replay of the recorded trajectory (§6.5).
 """
+import dataclasses
 import functools
 
 import jax
@@ -221,6 +222,20 @@ def test_block_greedy_equals_naive_loop_with_and_without_cache():
     # one call per step (block_size steps per decoded block) until every row stopped; + the prefill with cache
     n_iter = BS * int(np.ceil(int(np.asarray(a.length_B).max()) / BS))
     assert (int(aux_b["num_forwards"]), int(aux_a["num_forwards"])) == (n_iter, n_iter + 1)
+
+
+def test_block_sampler_with_scanned_layers_equals_unrolled():
+    """Stacked layer params (scan over layers, stacked block KV cache) decode the same rollout."""
+    _, params, _ = _model()
+    prompt, pmask = _prompts()
+    want, _ = _block_fn()(params, prompt, pmask, jax.random.key(0))
+    scanned = Transformer(dataclasses.replace(_cfg(), scan_layers=True), rngs=nnx.Rngs(2))  # same seed as _model
+    graphdef, sparams = nnx.split(scanned, nnx.Param)
+    fn = D.make_block_generate_fn(graphdef, prompt_len=P, max_new_tokens=R, block_size=BS, steps_per_block=BS,
+                                  mask_token_id=M, eos_ids=(), pad_id=PAD, sampling=GREEDY)
+    got, _ = fn(sparams, prompt, pmask, jax.random.key(0))
+    np.testing.assert_array_equal(got.tokens_BxR, want.tokens_BxR)
+    np.testing.assert_allclose(got.entropy_BxR, want.entropy_BxR, atol=1e-5)
 
 
 @functools.lru_cache(maxsize=None)

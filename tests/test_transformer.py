@@ -89,15 +89,18 @@ def _jitted(model):
     return lambda tokens, pos, mask, cache=None, idx=None: f(state, tokens, pos, mask, cache, idx)
 
 
-def test_cached_causal_decoding_equals_full():
-    model = _model()
+@pytest.mark.parametrize("scan", [False, True])
+def test_cached_causal_decoding_equals_full(scan):
+    cfg = dataclasses.replace(CFG, scan_layers=scan)
+    model = _model(cfg)
     fwd = _jitted(model)
     b, t, p = 3, 10, 6
     tokens, valid = _left_padded(b, t)
     pos = A.positions_from_mask(valid)
     full, none = fwd(tokens, pos, A.causal_mask(valid))
     assert none is None and full.dtype == jnp.float32
-    cache = tf.init_cache(CFG, b, t)
+    cache = tf.init_cache(cfg, b, t)
+    assert isinstance(cache, tf.LayerCache) == scan and tf.cache_layers(cache) == 2
     logits, cache = fwd(tokens[:, :p], pos[:, :p], A.cached_causal_mask(valid, 0, p), cache, 0)
     outs = [logits]
     for i in range(p, t):
@@ -109,8 +112,10 @@ def test_cached_causal_decoding_equals_full():
                                np.asarray(full)[np.asarray(valid)], atol=1e-5)
 
 
-def test_cached_block_decoding_equals_full_with_stale_slots():
-    cfg = dataclasses.replace(CFG, attention="block", block_size=3, qkv_bias=False, tie_embeddings=True)
+@pytest.mark.parametrize("scan", [False, True])
+def test_cached_block_decoding_equals_full_with_stale_slots(scan):
+    cfg = dataclasses.replace(CFG, attention="block", block_size=3, qkv_bias=False, tie_embeddings=True,
+                              scan_layers=scan)
     fwd = _jitted(_model(cfg, seed=1))
     b, t, bs, start = 3, 12, 3, 6  # prompt = 6 (two blocks), response = two blocks of 3
     tokens, valid = _left_padded(b, t, seed=2)
@@ -183,7 +188,64 @@ def test_logical_axes_and_no_mesh_needed():
     assert model.embed.logical_axes == ("vocab", "embed")
 
 
+def test_scanned_params_are_the_stacked_unrolled_params():
+    """One seed gives the same weights in both layouts; stacked params carry the leading "layers" axis."""
+    unrolled = nnx.to_pure_dict(nnx.state(tf.Transformer(CFG, rngs=nnx.Rngs(3)), nnx.Param))
+    scanned = tf.Transformer(dataclasses.replace(CFG, scan_layers=True), rngs=nnx.Rngs(3))
+    assert scanned.layers.attn.q_proj.logical_axes == ("layers", "embed", "heads")
+    assert scanned.layers.input_norm.logical_axes == ("layers", "norm")
+    stacked = nnx.to_pure_dict(nnx.state(scanned, nnx.Param))["layers"]
+    per_layer = [unrolled["layers"][i] for i in range(CFG.num_layers)]
+    jax.tree.map(lambda s, *xs: np.testing.assert_array_equal(s, np.stack(xs)), stacked, *per_layer)
+
+
+def _stacked(state):
+    """An unrolled model's params (or grads) as a pure dict in the scanned layout."""
+    pure = nnx.to_pure_dict(state)
+    pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[pure["layers"][i] for i in range(len(pure["layers"]))])
+    return pure
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_and_grad(graphdef):
+    def loss(params, tokens, pos, mask):
+        logits, _ = nnx.merge(graphdef, params)(tokens, pos, mask)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+    return jax.jit(jax.value_and_grad(loss))
+
+
+@pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (True, "dots_saveable"), (True, "names")])
+def test_scanned_and_rematerialized_equal_unrolled(scan, remat):
+    """Loss and every gradient of the scanned and/or rematerialized model equal the plain unrolled model's
+    (float32); the remat policies do put the layers under `jax.checkpoint`."""
+    base = _model()
+    cfg = dataclasses.replace(CFG, scan_layers=scan, remat=remat, remat_names=("q_proj", "down_proj"))
+    tokens, valid = _left_padded(3, 7)
+    args = (tokens, A.positions_from_mask(valid), A.causal_mask(valid))
+    graphdef, params = nnx.split(base, nnx.Param)
+    want_loss, want_grads = _loss_and_grad(graphdef)(params, *args)
+    want_grads = _stacked(want_grads) if scan else nnx.to_pure_dict(want_grads)
+    other_graphdef, other = nnx.split(nnx.eval_shape(lambda: tf.Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    nnx.replace_by_pure_dict(other, _stacked(params) if scan else nnx.to_pure_dict(params))
+    loss, grads = _loss_and_grad(other_graphdef)(other, *args)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), nnx.to_pure_dict(grads),
+                 want_grads)
+    jaxpr = str(jax.make_jaxpr(lambda p: _loss_and_grad.__wrapped__(other_graphdef)(p, *args))(other))
+    assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (remat != "none")
+    assert ("scan" in jaxpr) == scan
+
+
+def test_cache_layout_must_match_the_model():
+    model = _model(dataclasses.replace(CFG, scan_layers=True))
+    tokens, valid = _left_padded(2, 5)
+    with pytest.raises(ValueError, match="cache layout does not match the model's scan_layers=True"):
+        model(tokens, A.positions_from_mask(valid), A.causal_mask(valid), tf.init_cache(CFG, 2, 5), 0)
+
+
 @pytest.mark.parametrize("kw,msg", [
+    (dict(remat="some"), "Unknown remat policy"),
+    (dict(remat="names", remat_names=("qkv",)), "Unknown remat_names"),
     (dict(num_kv_heads=3), "multiple of num_kv_heads"),
     (dict(attention="sliding"), "Unknown attention"),
     (dict(param_dtype="float16"), "Unknown param_dtype"),

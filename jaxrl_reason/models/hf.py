@@ -8,8 +8,11 @@ transformers 5 stores the rope theta in `rope_parameters` (older files: top-leve
 
 Our diffusion metadata (`attention`, `block_size`, `mask_token_id`) is written to config.json under the key
 `jaxrl_reason` on export and read back on import (transformers keeps unknown keys as attributes).
-Export gathers every parameter to the host (single-host only).
+Import streams every tensor from the files into its device shards (`load_hf`); export writes the file one
+tensor at a time, each assembled on the host from its device shards (single host). Stacked (scanned) layer
+params map to the per-layer HF tensors `model.layers.<i>.*`, so both layouts read and write the same files.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +23,9 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy before safetensor
 import numpy as np
 import safetensors.numpy
 from flax import nnx
+from safetensors import safe_open
 
+from jaxrl_reason.models.sharding import DEFAULT_RULES, param_shardings
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 
 ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "LlamaForCausalLM")
@@ -106,7 +111,7 @@ def config_to_hf(cfg: TransformerConfig, architecture: str) -> dict:
 
 
 def _name_map(cfg: TransformerConfig) -> list[tuple[str, tuple, bool]]:
-    """(HF tensor name, path in our pure param dict, transpose?) for every parameter of cfg."""
+    """(HF tensor name, path in the unrolled pure param dict, transpose?) for every parameter of cfg."""
     names = [("model.embed_tokens.weight", ("embed",), False), ("model.norm.weight", ("final_norm",), False)]
     if not cfg.tie_embeddings:
         names.append(("lm_head.weight", ("lm_head",), True))
@@ -123,6 +128,16 @@ def _name_map(cfg: TransformerConfig) -> list[tuple[str, tuple, bool]]:
     return names
 
 
+def _param_sources(cfg: TransformerConfig) -> dict[tuple, tuple[tuple[str, ...], bool]]:
+    """{path in our pure param dict: (HF names, transpose?)}; a stacked (scanned) layer param has one HF name
+    per layer, stacked on its leading axis in layer order."""
+    out: dict = {}
+    for name, path, transpose in _name_map(cfg):
+        key = ("layers",) + path[2:] if cfg.scan_layers and path[0] == "layers" else path
+        out[key] = (out.get(key, ((), transpose))[0] + (name,), transpose)
+    return out
+
+
 def _get(tree, path):
     for p in path:
         tree = tree[p]
@@ -135,38 +150,148 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
-def _pure_params_from_hf(cfg, tensors, abstract_pure, source="the checkpoint") -> dict:
-    """HF tensors -> nested pure dict of jnp arrays in cfg.dtype, checking names and shapes."""
-    pure = {}
-    for name, path, transpose in _name_map(cfg):
-        if name not in tensors:
-            raise ValueError(f"{source} is missing tensor {name!r}.")
-        x = np.asarray(tensors[name])
-        x = x.T if transpose else x
-        want = tuple(_get(abstract_pure, path).shape)
-        if x.shape != want:
-            raise ValueError(f"Tensor {name!r} in {source} has shape {tuple(x.shape)[::-1] if transpose else x.shape}"
-                             f" but the config expects {want[::-1] if transpose else want}.")
-        _set(pure, path, jnp.asarray(x, dtype=cfg.dtype))
+class _Tensors:
+    """Lazy access to HF tensors by name: safetensors files (read slice by slice) or an in-memory dict."""
+
+    def __init__(self, files: dict[str, object] | None = None, arrays: dict | None = None):
+        self.files, self.arrays = files or {}, arrays
+
+    def names(self):
+        return set(self.arrays) if self.arrays is not None else set(self.files)
+
+    def shape(self, name) -> tuple:
+        if self.arrays is not None:
+            return tuple(np.shape(self.arrays[name]))
+        return tuple(self.files[name].get_slice(name).get_shape())
+
+    def read(self, name, index) -> np.ndarray:
+        if self.arrays is not None:
+            return np.asarray(self.arrays[name])[index]
+        return self.files[name].get_slice(name)[index]
+
+
+def _check_tensors(cfg, tensors: _Tensors, abstract_pure, source):
+    """ValueError naming the first HF tensor that is missing or whose shape the config does not expect."""
+    have = tensors.names()
+    for path, (names, transpose) in _param_sources(cfg).items():
+        stacked = cfg.scan_layers and path[0] == "layers"
+        want = tuple(_get(abstract_pure, path).shape)[1 if stacked else 0:]
+        for name in names:
+            if name not in have:
+                raise ValueError(f"{source} is missing tensor {name!r}.")
+            shape = tensors.shape(name)
+            if (shape[::-1] if transpose else shape) != want:
+                raise ValueError(f"Tensor {name!r} in {source} has shape {shape} but the config expects "
+                                 f"{want[::-1] if transpose else want}.")
+
+
+def _read_shard(tensors: _Tensors, names, transpose, stacked, index, dtype) -> np.ndarray:
+    """The `index` block (a tuple of slices of our layout) of one parameter, read from the HF tensors."""
+    def one(name, idx):
+        x = tensors.read(name, tuple(reversed(idx)) if transpose else tuple(idx))
+        return np.asarray(x.T if transpose else x).astype(dtype)
+    if not stacked:
+        return one(names[0], index)
+    return np.stack([one(names[i], index[1:]) for i in range(len(names))[index[0]]])
+
+
+def _index_key(index) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def _sharded_params(cfg, tensors: _Tensors, abstract_state, shardings) -> dict:
+    """Pure param dict of jax Arrays built shard by shard (`make_array_from_callback`) from the HF tensors.
+
+    Each device's block is read from the checkpoint on its own (transposed / stacked per block); blocks of
+    replicated dims are read once per parameter and reused.
+    """
+    abstract_pure = nnx.to_pure_dict(abstract_state)
+    shard_pure = nnx.to_pure_dict(shardings)
+    pure: dict = {}
+    for path, (names, transpose) in _param_sources(cfg).items():
+        leaf = _get(abstract_pure, path)
+        stacked = cfg.scan_layers and path[0] == "layers"
+        blocks: dict = {}
+
+        def callback(index, names=names, transpose=transpose, stacked=stacked, blocks=blocks):
+            key = _index_key(index)
+            if key not in blocks:
+                blocks[key] = _read_shard(tensors, names, transpose, stacked, index, cfg.dtype)
+            return blocks[key]
+
+        _set(pure, path, jax.make_array_from_callback(tuple(leaf.shape), _get(shard_pure, path), callback))
     return pure
 
 
 def load_hf_tensors(model: Transformer, tensors: dict) -> None:
     """Writes HF-named tensors (torch layout) into `model` in place; ValueError on missing/mis-shaped ones."""
     state = nnx.state(model, nnx.Param)
-    pure = _pure_params_from_hf(model.cfg, tensors, nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, pure)
+    source = _Tensors(arrays=tensors)
+    _check_tensors(model.cfg, source, nnx.to_pure_dict(state), "the checkpoint")
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    nnx.replace_by_pure_dict(state, _sharded_params(model.cfg, source, state, shardings))
     nnx.update(model, state)
+
+
+def _host_tensor(x: jax.Array, layer: int | None = None) -> np.ndarray:
+    """`x` (or its slice `x[layer]`) on the host, assembled from its addressable shards, each distinct shard
+    copied once: nothing larger than the tensor itself is gathered (single host)."""
+    shape = x.shape if layer is None else x.shape[1:]
+    out = np.empty(shape, x.dtype)
+    done = set()
+    for shard in x.addressable_shards:
+        index, data = shard.index, shard.data
+        if layer is not None:
+            start = index[0].start or 0
+            if not start <= layer < (x.shape[0] if index[0].stop is None else index[0].stop):
+                continue
+            index, data = index[1:], data[layer - start]
+        if _index_key(index) not in done:
+            done.add(_index_key(index))
+            out[index] = np.asarray(data)
+    return out
+
+
+def _hf_entries(model: Transformer) -> list[tuple[str, tuple, np.dtype, object]]:
+    """(HF name, torch-layout shape, dtype, thunk giving the host array) for every parameter, in HF order."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    entries = []
+    for name, path, transpose in _name_map(model.cfg):
+        key = ("layers",) + path[2:] if model.cfg.scan_layers and path[0] == "layers" else path
+        x = _get(pure, key)
+        layer = path[1] if key != path else None
+        shape = tuple(x.shape if layer is None else x.shape[1:])
+
+        def thunk(x=x, layer=layer, transpose=transpose):
+            y = _host_tensor(x, layer)
+            return np.ascontiguousarray(y.T if transpose else y)
+
+        entries.append((name, shape[::-1] if transpose else shape, np.dtype(x.dtype), thunk))
+    return entries
 
 
 def params_to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
     """Model parameters -> {HF tensor name: numpy array in torch (out, in) layout}, gathered to the host."""
-    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    out = {}
-    for name, path, transpose in _name_map(model.cfg):
-        x = np.asarray(jax.device_get(_get(pure, path)))
-        out[name] = np.ascontiguousarray(x.T if transpose else x)
-    return out
+    return {name: thunk() for name, _, _, thunk in _hf_entries(model)}
+
+
+_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(jnp.bfloat16): "BF16"}
+
+
+def _write_safetensors(path: str, entries, metadata: dict) -> None:
+    """A safetensors file written one tensor at a time (the header first, from shapes and dtypes alone)."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, shape, dtype, _ in entries:
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for _, _, _, thunk in entries:
+            f.write(thunk().tobytes())
 
 
 def _read_json(path, what):
@@ -176,45 +301,70 @@ def _read_json(path, what):
         return json.load(f)
 
 
-def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+def _shard_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory (one file, or the shards of its index)."""
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return safetensors.numpy.load_file(single)
+        return [single]
     if not os.path.isfile(index):
         raise ValueError(f"No model.safetensors or model.safetensors.index.json found in {path}.")
+    files = [os.path.join(path, shard)
+             for shard in sorted(set(_read_json(index, "safetensors index")["weight_map"].values()))]
+    for f in files:
+        if not os.path.isfile(f):
+            raise ValueError(f"Weight shard {f} listed in the index does not exist.")
+    return files
+
+
+def read_hf_tensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
     tensors = {}
-    for shard in sorted(set(_read_json(index, "safetensors index")["weight_map"].values())):
-        shard_path = os.path.join(path, shard)
-        if not os.path.isfile(shard_path):
-            raise ValueError(f"Weight shard {shard_path} listed in the index does not exist.")
-        tensors.update(safetensors.numpy.load_file(shard_path))
+    for f in _shard_files(path):
+        tensors.update(safetensors.numpy.load_file(f))
     return tensors
 
 
 def load_hf(path: str, *, param_dtype: str | None = None, attention: str | None = None,
-            block_size: int | None = None,
-            attention_impl: str | None = None) -> tuple[Transformer, TransformerConfig]:
+            block_size: int | None = None, attention_impl: str | None = None,
+            scan_layers: bool | None = None, remat: str | None = None,
+            remat_names: tuple[str, ...] | None = None, mesh: jax.sharding.Mesh | None = None,
+            rules=DEFAULT_RULES) -> tuple[Transformer, TransformerConfig]:
     """Loads a local HF checkpoint directory into a Transformer.
 
     param_dtype None -> the checkpoint's `dtype` ("bfloat16" stays bfloat16, anything else float32).
     attention / block_size override the metadata (e.g. load an AR Qwen3 as a block-diffusion model);
     attention_impl picks the attention implementation (`TransformerConfig.attention_impl`).
-    Parameters are created directly from the file (no random init).
+    scan_layers / remat / remat_names pick the layer layout and remat policy (`TransformerConfig`).
+    The model is built abstractly (no random init) and every parameter is streamed from the safetensors
+    files straight into its shards: with `mesh`, sharded by the logical-axis `rules`, else on the default
+    device. Each device's block is read as a slice of the file, so the host holds about one parameter's
+    blocks at a time, never the whole checkpoint.
     """
     if not os.path.isdir(path):
         raise ValueError(f"Checkpoint directory {path} does not exist.")
     hf_config = _read_json(os.path.join(path, "config.json"), "config.json")
     cfg = config_from_hf(hf_config)
-    overrides = {k: v for k, v in dict(param_dtype=param_dtype, attention=attention, block_size=block_size,
-                                          attention_impl=attention_impl).items()
-                 if v is not None}
-    cfg = dataclasses.replace(cfg, **overrides)
+    overrides = dict(param_dtype=param_dtype, attention=attention, block_size=block_size,
+                     attention_impl=attention_impl, scan_layers=scan_layers, remat=remat,
+                     remat_names=remat_names)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     cfg.validate()
-    tensors = read_hf_tensors(path)
+    files = _shard_files(path)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    pure = _pure_params_from_hf(cfg, tensors, nnx.to_pure_dict(state), source=f"checkpoint {path}")
+    if mesh is not None:
+        shardings = param_shardings(state, mesh, rules)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, state)
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for f in files:
+            handle = stack.enter_context(safe_open(f, framework="numpy"))
+            handles.update({name: handle for name in handle.keys()})
+        tensors = _Tensors(files=handles)
+        _check_tensors(cfg, tensors, nnx.to_pure_dict(state), f"checkpoint {path}")
+        pure = _sharded_params(cfg, tensors, state, shardings)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state), cfg
 
@@ -233,8 +383,7 @@ def save_hf(model: Transformer, cfg: TransformerConfig, path: str, *, architectu
     architecture = architecture or default_architecture(cfg)
     hf_config = config_to_hf(cfg, architecture)
     hf_config.update(extra_config or {})
-    tensors = params_to_hf_tensors(model)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-    safetensors.numpy.save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    _write_safetensors(os.path.join(path, "model.safetensors"), _hf_entries(model), {"format": "pt"})

@@ -6,6 +6,12 @@ shardings GSPMD-style (stack.md §3: `jax.make_mesh` would default to Explicit).
 does not divide its mesh axes' size, or reuses a mesh axis already taken by an earlier dimension, falls back
 to replicated for that dimension (tiny test models). Different layouts for training and sampling are just
 different rules tables passed to the same functions.
+
+Activations have their own logical names ("act_batch", "act_len", "act_embed", "act_heads", "act_kv_heads",
+"act_mlp"): the batch goes over ("data", "fsdp"), the embedding stays whole, heads and MLP columns go over
+"tensor". `constrain` pins an activation to that layout inside a jitted function traced under
+`jax.set_mesh(mesh)`; with the batch pinned, XLA gathers the fsdp-sharded weights for each matmul (ZeRO-3)
+instead of resharding the activations between layouts. Outside a mesh it returns its input.
 """
 import jax
 import numpy as np
@@ -24,7 +30,30 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple | None], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("layers", None),  # the leading axis of stacked (scanned) layer params
+    ("act_batch", BATCH_AXES),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with at most one of data / fsdp given as -1 ("all devices the other axes leave");
+    ValueError with one sentence when the sizes cannot cover `num_devices`."""
+    if tensor < 1 or data == 0 or fsdp == 0 or min(data, fsdp) < -1 or (data == -1 and fsdp == -1):
+        raise ValueError(f"mesh data={data}, fsdp={fsdp}, tensor={tensor}: sizes must be positive, with at most "
+                         "one of data and fsdp set to -1 (all devices the other axes leave).")
+    fixed = tensor * max(data, 1) * max(fsdp, 1)
+    rest = num_devices // fixed if num_devices % fixed == 0 else 0
+    data, fsdp = (rest if data == -1 else data), (rest if fsdp == -1 else fsdp)
+    if data < 1 or fsdp < 1 or data * fsdp * tensor != num_devices:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} does not cover the {num_devices} "
+                         "available devices.")
+    return data, fsdp, tensor
 
 
 def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> Mesh:
@@ -107,3 +136,17 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     if ndim < 1:
         raise ValueError(f"batch_sharding needs ndim >= 1, got {ndim}.")
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def constrain(x: jax.Array, logical_axes, rules=DEFAULT_RULES) -> jax.Array:
+    """`with_sharding_constraint` of `x` to the spec of its logical axes on the current mesh (`jax.set_mesh`).
+
+    A no-op outside a mesh or on a mesh without the (data, fsdp, tensor) axes. Dims that do not divide their
+    mesh axes stay replicated (as for parameters).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    if len(logical_axes) != x.ndim:
+        raise ValueError(f"logical_axes {logical_axes} do not match an activation of shape {x.shape}.")
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules, x.shape, mesh))

@@ -11,8 +11,18 @@ the K/V of the T input tokens are written at slots `[cache_index, cache_index + 
 row, `lax.dynamic_update_slice`), then the T queries attend over all S slots with the given mask.
 
 Every parameter is an `nnx.Param` with `logical_axes` metadata (names: "vocab", "embed", "heads",
-"kv_heads", "mlp", "head_dim", "norm"), mapped to mesh axes by `models/sharding.py`. The key is not
-flax's `out_sharding`, so building a model outside a mesh works with default flax settings.
+"kv_heads", "mlp", "head_dim", "norm", and "layers" for the leading axis of stacked layers), mapped to mesh
+axes by `models/sharding.py`. The key is not flax's `out_sharding`, so building a model outside a mesh works
+with default flax settings. Activations carry logical sharding constraints (`sharding.constrain`: batch over
+the data axes, embedding whole, heads and MLP columns over "tensor"), so under a mesh the fsdp axis gathers
+weights instead of resharding activations; outside a mesh they are no-ops.
+
+Layer layouts: `scan_layers=False` keeps the layers as a list of Blocks (params `layers/<i>/...`), unrolled
+in the program; `scan_layers=True` keeps one Block whose params have a leading layer axis (`layers/...`,
+shape [L, ...]) run by `lax.scan`, so compile time does not grow with depth. The KV cache follows the layout
+(a tuple of per-layer `LayerCache`, or one `LayerCache` with a leading layer axis). `remat` picks what the
+backward pass recomputes per layer (`REMAT_POLICIES`); the names the "names" policy can save are tagged with
+`checkpoint_name` in the block (`CHECKPOINT_NAMES`).
 """
 import dataclasses
 import functools
@@ -21,11 +31,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxrl_reason.models import attention_ops
 from jaxrl_reason.models.attention import ATTENTION_KINDS
+from jaxrl_reason.models.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = ("none", "full", "dots_saveable", "names")
+# Block outputs tagged for the "names" remat policy: the projections' outputs.
+CHECKPOINT_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +64,13 @@ class TransformerConfig:
     param_dtype: str = "float32"  # "float32" | "bfloat16"; compute in it, softmax + logits float32
     max_position_embeddings: int = 4096
     attention_impl: str = "auto"  # "auto" | "einsum" | "xla" | "cudnn" | "splash" (models/attention_ops.py)
+    scan_layers: bool = False  # one stacked Block run by lax.scan instead of an unrolled list of Blocks
+    remat: str = "none"  # "none" | "full" | "dots_saveable" | "names": what each layer's backward recomputes
+    remat_names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # saved by remat="names"
+    constrain_activations: bool = True  # logical sharding constraints on activations (no-op outside a mesh)
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat_names", tuple(self.remat_names))  # hashable, also from a config list
 
     def validate(self) -> None:
         """Raises ValueError with one sentence for an impossible configuration."""
@@ -73,6 +95,11 @@ class TransformerConfig:
         if self.attention_impl not in attention_ops.ATTENTION_IMPLS:
             raise ValueError(f"Unknown attention_impl {self.attention_impl!r}; expected one of "
                              f"{attention_ops.ATTENTION_IMPLS}.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"Unknown remat policy {self.remat!r}; expected one of {REMAT_POLICIES}.")
+        unknown = [n for n in self.remat_names if n not in CHECKPOINT_NAMES]
+        if unknown:
+            raise ValueError(f"Unknown remat_names {unknown}; the block tags {CHECKPOINT_NAMES}.")
 
     @property
     def head_dim_(self) -> int:
@@ -98,17 +125,27 @@ class LayerCache(NamedTuple):
         return self.v.shape[SLOT_AXIS.v]
 
 
-KVCache = tuple[LayerCache, ...]  # one per layer (a pytree)
-SLOT_AXIS = LayerCache(k=3, v=2)  # the slot axis of each cache field
+# One LayerCache per layer (unrolled layers), or one LayerCache whose fields have a leading layer axis
+# (scanned layers). Either way a pytree.
+KVCache = tuple[LayerCache, ...] | LayerCache
+SLOT_AXIS = LayerCache(k=-1, v=-2)  # the slot axis of each cache field (counted from the end: both layouts)
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> KVCache:
     """Zero KV cache: per layer K `[batch, num_kv_heads, head_dim, length]`, V `[batch, num_kv_heads, length,
-    head_dim]`."""
+    head_dim]`; with `cfg.scan_layers` one `LayerCache` of K `[L, batch, ...]`, V `[L, batch, ...]`."""
     dtype = cfg.dtype if dtype is None else dtype
     k_shape = (batch, cfg.num_kv_heads, cfg.head_dim_, length)
     v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim_)
+    if cfg.scan_layers:
+        stacked = lambda shape: jnp.zeros((cfg.num_layers, *shape), dtype)
+        return LayerCache(stacked(k_shape), stacked(v_shape))
     return tuple(LayerCache(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in range(cfg.num_layers))
+
+
+def cache_layers(cache: KVCache) -> int:
+    """Number of layers a cache holds (either layout)."""
+    return cache.k.shape[0] if isinstance(cache, LayerCache) else len(cache)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -183,9 +220,10 @@ class Attention(nnx.Module):
         k, v = dense(x_BxTxD, self.k_proj[...]), dense(x_BxTxD, self.v_proj[...])
         if cfg.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        q = q.reshape(b, t, cfg.num_heads, h)
-        k = k.reshape(b, t, cfg.num_kv_heads, h)
-        v = v.reshape(b, t, cfg.num_kv_heads, h)
+        q, k, v = (checkpoint_name(x, n) for x, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
+        q = _constrain(cfg, q.reshape(b, t, cfg.num_heads, h), _ACT_HEADS)
+        k = _constrain(cfg, k.reshape(b, t, cfg.num_kv_heads, h), _ACT_KV_HEADS)
+        v = _constrain(cfg, v.reshape(b, t, cfg.num_kv_heads, h), _ACT_KV_HEADS)
         if cfg.qk_norm:
             q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
@@ -200,7 +238,7 @@ class Attention(nnx.Module):
             cache = LayerCache(k_all, v_all)
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
         out = attend(q, k, v, mask_BxTxS, cfg.attention_impl).reshape(b, t, cfg.num_heads * h)
-        return dense(out, self.o_proj[...]), cache
+        return checkpoint_name(dense(out, self.o_proj[...]), "o_proj"), cache
 
 
 class Block(nnx.Module):
@@ -208,6 +246,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         d, f, dt = cfg.hidden_size, cfg.intermediate_size, cfg.dtype
+        self.cfg = cfg
         self.eps = cfg.rms_norm_eps
         self.input_norm = _param(None, (d,), ("norm",), dt)
         self.attn = Attention(cfg, rngs=rngs)
@@ -217,12 +256,46 @@ class Block(nnx.Module):
         self.down_proj = _param(rngs.params(), (f, d), ("mlp", "embed"), dt)
 
     def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
+        cfg = self.cfg
+        x_BxTxD = _constrain(cfg, x_BxTxD, _ACT_EMBED)
         a, cache = self.attn(rms_norm(x_BxTxD, self.input_norm[...], self.eps), positions_BxT, mask_BxTxS,
                              cache, cache_index)
-        x_BxTxD = x_BxTxD + a
+        x_BxTxD = _constrain(cfg, x_BxTxD + a, _ACT_EMBED)
         y = rms_norm(x_BxTxD, self.post_attn_norm[...], self.eps)
-        y = jax.nn.silu(dense(y, self.gate_proj[...])) * dense(y, self.up_proj[...])
-        return x_BxTxD + dense(y, self.down_proj[...]), cache
+        gate = checkpoint_name(dense(y, self.gate_proj[...]), "gate_proj")
+        up = checkpoint_name(dense(y, self.up_proj[...]), "up_proj")
+        y_BxTxF = _constrain(cfg, jax.nn.silu(gate) * up, _ACT_MLP)
+        out = checkpoint_name(dense(y_BxTxF, self.down_proj[...]), "down_proj")
+        return _constrain(cfg, x_BxTxD + out, _ACT_EMBED), cache
+
+
+_ACT_EMBED = ("act_batch", "act_len", "act_embed")
+_ACT_HEADS = ("act_batch", "act_len", "act_heads", None)
+_ACT_KV_HEADS = ("act_batch", "act_len", "act_kv_heads", None)
+_ACT_MLP = ("act_batch", "act_len", "act_mlp")
+
+
+def _constrain(cfg: TransformerConfig, x, logical_axes):
+    return constrain(x, logical_axes) if cfg.constrain_activations else x
+
+
+def _remat_policy(cfg: TransformerConfig):
+    """The `jax.checkpoint` policy of `cfg.remat` ("full": save nothing, recompute the whole layer)."""
+    if cfg.remat == "dots_saveable":
+        return jax.checkpoint_policies.dots_saveable
+    if cfg.remat == "names":
+        return jax.checkpoint_policies.save_only_these_names(*cfg.remat_names)
+    return jax.checkpoint_policies.nothing_saveable
+
+
+def _stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose params are the blocks' params stacked on a new leading "layers" axis."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.split(b)[1] for b in blocks]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    for var in jax.tree.leaves(stacked, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        var.set_metadata(logical_axes=("layers",) + tuple(var.logical_axes))
+    return nnx.merge(graphdef, stacked)
 
 
 class Transformer(nnx.Module):
@@ -237,7 +310,9 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         dt = cfg.dtype
         self.embed = _param(rngs.params(), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, std=0.02)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        # Stacked from the same per-layer init, so both layouts of one seed hold the same weights.
+        self.layers = _stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.final_norm = _param(None, (cfg.hidden_size,), ("norm",), dt)
         self.has_lm_head = lm_head and not cfg.tie_embeddings
         if self.has_lm_head:
@@ -245,23 +320,59 @@ class Transformer(nnx.Module):
 
     def hidden(self, tokens_BxT, positions_BxT, mask_BxTxS, cache=None, cache_index=None):
         """Final-normed hidden states [B, T, D] (param dtype) and the updated cache (or None)."""
+        cfg = self.cfg
         if (cache is None) != (cache_index is None):
             raise ValueError("cache and cache_index must be given together.")
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layers but the model has {len(self.layers)}.")
+        if cache is not None and isinstance(cache, LayerCache) != cfg.scan_layers:
+            raise ValueError(f"The cache layout does not match the model's scan_layers={cfg.scan_layers}; "
+                             "build it with init_cache(model.cfg, ...).")
+        if cache is not None and cache_layers(cache) != cfg.num_layers:
+            raise ValueError(f"cache has {cache_layers(cache)} layers but the model has {cfg.num_layers}.")
         t = tokens_BxT.shape[1]
-        s = t if cache is None else cache[0].slots
+        s = t if cache is None else (cache if cfg.scan_layers else cache[0]).slots
         if isinstance(cache_index, int) and not 0 <= cache_index <= s - t:
             raise ValueError(f"cache_index {cache_index} with {t} new tokens does not fit a cache of {s} slots.")
         if mask_BxTxS.shape != (*tokens_BxT.shape, s):
             raise ValueError(f"mask_BxTxS has shape {mask_BxTxS.shape}, expected {(*tokens_BxT.shape, s)}.")
-        x = jnp.take(self.embed[...], tokens_BxT, axis=0)
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions_BxT, mask_BxTxS, None if cache is None else cache[i], cache_index)
-            new_cache.append(c)
-        h = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
-        return h, (None if cache is None else tuple(new_cache))
+        # The table is gathered whole along the embedding (a weight gather) so that the lookup lands directly in
+        # the batch-sharded activation layout, not in an embedding-sharded one that needs an all-to-all.
+        table_VxD = _constrain(cfg, self.embed[...], ("vocab", "act_embed"))
+        x = _constrain(cfg, jnp.take(table_VxD, tokens_BxT, axis=0), _ACT_EMBED)
+        run = functools.partial(self._scanned if cfg.scan_layers else self._unrolled,
+                                positions_BxT=positions_BxT, mask_BxTxS=mask_BxTxS, cache_index=cache_index)
+        x, new_cache = run(x, cache)
+        h = _constrain(cfg, rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), _ACT_EMBED)
+        return h, new_cache
+
+    def _layer_fn(self, graphdef, positions_BxT, mask_BxTxS, cache_index, remat: bool):
+        """(layer params, x, layer cache) -> (x, layer cache); under `jax.checkpoint` with `cfg.remat` when
+        `remat` (training passes: the sampler's cached calls have no backward pass to save memory for)."""
+        def fn(state, x, cache):
+            return nnx.merge(graphdef, state)(x, positions_BxT, mask_BxTxS, cache, cache_index)
+        if not remat or self.cfg.remat == "none":
+            return fn
+        return jax.checkpoint(fn, policy=_remat_policy(self.cfg), prevent_cse=not self.cfg.scan_layers)
+
+    def _unrolled(self, x, cache, *, positions_BxT, mask_BxTxS, cache_index):
+        if self.cfg.remat == "none" or cache is not None:
+            new_cache = []
+            for i, layer in enumerate(self.layers):
+                x, c = layer(x, positions_BxT, mask_BxTxS, None if cache is None else cache[i], cache_index)
+                new_cache.append(c)
+            return x, (None if cache is None else tuple(new_cache))
+        for layer in self.layers:
+            graphdef, state = nnx.split(layer)
+            x, _ = self._layer_fn(graphdef, positions_BxT, mask_BxTxS, cache_index, True)(state, x, None)
+        return x, None
+
+    def _scanned(self, x, cache, *, positions_BxT, mask_BxTxS, cache_index):
+        graphdef, state = nnx.split(self.layers)
+        fn = self._layer_fn(graphdef, positions_BxT, mask_BxTxS, cache_index, cache is None)
+
+        def body(x, xs):
+            return fn(*xs[:1], x, xs[1])
+
+        return jax.lax.scan(body, x, (state, cache))
 
     def lm_head_slices(self, vocab_chunk: int | None = None) -> tuple[jax.Array, ...]:
         """The LM head weight [D, V] (the embedding transposed when tied) as column slices of <= `vocab_chunk`."""

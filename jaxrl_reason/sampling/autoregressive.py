@@ -147,11 +147,14 @@ def _record(bufs, t, s: TokenSample, alive_B, pad_id):
 
 
 def _grow(cache, slots):
-    """The cache with `slots` slots: the old slots first, zeros after (on each field's `SLOT_AXIS`)."""
+    """The cache with `slots` slots: the old slots first, zeros after (on each field's `SLOT_AXIS`); either
+    cache layout (a tuple of per-layer caches, or one stacked `LayerCache`)."""
     def grow(x, axis):
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, slots - x.shape[axis])
         return jnp.pad(x, widths)
+    if isinstance(cache, LayerCache):
+        return LayerCache(*map(grow, cache, SLOT_AXIS))
     return tuple(LayerCache(*map(grow, layer, SLOT_AXIS)) for layer in cache)
 
 

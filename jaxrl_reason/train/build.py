@@ -23,6 +23,7 @@ from jaxrl_reason.data.example import Example
 from jaxrl_reason.data.sources import build_examples, scorer_for, validate_task
 from jaxrl_reason.data.tokenizer import build_char_tokenizer, load_tokenizer
 from jaxrl_reason.models.hf import load_hf
+from jaxrl_reason.models.sharding import resolve_mesh_shape
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.train.objectives import ObjectiveConfig
 
@@ -116,12 +117,8 @@ def validate_tracerl_config(config) -> None:
 
 
 def _validate_mesh(config) -> None:
-    n = jax.device_count()
     m = config.mesh
-    _require(m.fsdp >= 1 and m.tensor >= 1, "mesh.fsdp and mesh.tensor must be >= 1.")
-    data = m.data if m.data > 0 else n // (m.fsdp * m.tensor)
-    _require(data >= 1 and data * m.fsdp * m.tensor == n,
-             f"mesh data={data} x fsdp={m.fsdp} x tensor={m.tensor} does not cover the {n} available devices.")
+    resolve_mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count())
 
 
 def _validate_sources(config) -> None:
@@ -180,18 +177,21 @@ def build_task(config) -> Task:
 
 def load_policy(config, tokenizer) -> tuple[Transformer, TransformerConfig]:
     """The initial policy: the SFT checkpoint, a Hugging Face checkpoint, or a random model."""
-    init = config.model.init
+    init, m = config.model.init, config.model
+    layout = dict(scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
+    if "remat_names" in m:
+        layout["remat_names"] = tuple(m.remat_names)
     if init == "sft":
-        return load_hf(config.model.sft_dir, attention_impl=config.model.get("attention_impl", "auto"))
+        return load_hf(config.model.sft_dir, attention_impl=m.get("attention_impl", "auto"), **layout)
     if init.startswith("hf:"):
         return load_hf(init[3:], param_dtype=config.model.param_dtype,
-                       attention_impl=config.model.get("attention_impl", "auto"))
-    m = config.model
+                       attention_impl=m.get("attention_impl", "auto"), **layout)
     cfg = TransformerConfig(vocab_size=m.vocab_size or len(tokenizer), hidden_size=m.hidden_size,
                             intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
                             num_kv_heads=m.num_kv_heads, rope_theta=m.rope_theta, tie_embeddings=m.tie_embeddings,
                             attention=m.attention, block_size=m.block_size, param_dtype=m.param_dtype,
-                            mask_token_id=tokenizer.mask_token_id, attention_impl=m.get("attention_impl", "auto"))
+                            mask_token_id=tokenizer.mask_token_id, attention_impl=m.get("attention_impl", "auto"),
+                            **layout)
     cfg.validate()
     return Transformer(cfg, rngs=nnx.Rngs(config.seed)), cfg
 

@@ -11,6 +11,9 @@ position, host RNG state as ints, config, metrics history). Writes are atomic: o
 (finalized) steps are ever listed or restored. Leftover temporary directories of a killed run are removed when the
 next `Checkpointer` opens the directory.
 
+A checkpoint written with one layer layout (`model.scan_layers`: stacked `layers/<param>` or per-layer
+`layers/<i>/<param>`) restores into a target of the other layout, converted on restore.
+
 Multi-host: every process calls `save` / `restore` with its global arrays (orbax writes each shard once).
 """
 from __future__ import annotations
@@ -161,6 +164,67 @@ def _check_matches(stored: dict, paths: list, target: list, where: str, strict_d
         raise ValueError(f"Checkpoint {where} has an entry '{_name(extra[0])}' that the restore target lacks.")
 
 
+# --------------------------------------------------------------------------------------------- layer layouts
+# A model with `scan_layers` keeps its layer params stacked under `layers/<param>` with a leading layer axis;
+# an unrolled one keeps them under `layers/<i>/<param>`. A checkpoint of one layout restores into the other:
+# the stored entries are read in their own layout and stacked or sliced into the target's.
+def _layer_key(path: tuple[str, ...], unrolled: bool) -> int | None:
+    """Index of the `layers` key of a stacked (unrolled=False) or per-layer (unrolled=True) entry, else None."""
+    for i, k in enumerate(path[:-1]):
+        if k == "layers" and path[i + 1].isdigit() == unrolled:
+            return i
+    return None
+
+
+def _reshard(sharding, lead: bool):
+    """`sharding` with a leading (layer) dim added (lead=True) or removed, for the stored layout's entries."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec)
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *spec) if lead else PartitionSpec(*spec[1:]))
+
+
+def _layout_plan(stored: dict, paths: list, abstract: list):
+    """None when the checkpoint's layer layout is the target's; else (paths to read, their abstract leaves,
+    rebuild(flat restored dict) -> target leaves) that read the stored layout and convert it."""
+    to_stacked = any(_layer_key(p, False) is not None for p in paths) and \
+        any(_layer_key(p, True) is not None for p in stored)
+    to_unrolled = any(_layer_key(p, True) is not None for p in paths) and \
+        any(_layer_key(p, False) is not None for p in stored)
+    if not (to_stacked or to_unrolled):
+        return None
+    read: dict = {}
+    recipes = []
+    for p, a in zip(paths, abstract):
+        i = _layer_key(p, not to_stacked)
+        if i is None:
+            read[p] = a
+            recipes.append(("same", p, a))
+        elif to_stacked:  # per-layer entries -> one stacked leaf
+            subs = [p[:i + 1] + (str(layer),) + p[i + 1:] for layer in range(a.shape[0])]
+            for q in subs:
+                read[q] = jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=_reshard(a.sharding, False))
+            recipes.append(("stack", subs, a))
+        else:  # one stacked entry -> this layer's slice
+            key, layer = p[:i + 1] + p[i + 2:], int(p[i + 1])
+            n = max(int(q[i + 1]) for q in paths if _layer_key(q, True) == i and q[:i + 1] + q[i + 2:] == key) + 1
+            read[key] = jax.ShapeDtypeStruct((n, *a.shape), a.dtype, sharding=_reshard(a.sharding, True))
+            recipes.append(("slice", (key, layer), a))
+
+    def rebuild(flat: dict) -> list:
+        out = []
+        for kind, src, a in recipes:
+            if kind == "same":
+                out.append(flat[src])
+            elif kind == "stack":
+                out.append(jax.device_put(jnp.stack([flat[q] for q in src]), a.sharding))
+            else:
+                out.append(jax.device_put(flat[src[0]][src[1]], a.sharding))
+        return out
+
+    return list(read), list(read.values()), rebuild
+
+
 # --------------------------------------------------------------------------------------------- the checkpointer
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` (v0 API, stack.md §5) for a TrainState plus JSON meta.
@@ -267,11 +331,16 @@ class Checkpointer:
         paths, leaves, treedef = _flatten(target)
         abstract = jax.tree.leaves(abstract_like(leaves))
         stored = _walk(self._manager.metadata(step).item_metadata[_STATE].tree)
-        _check_matches(stored, paths, abstract, f"{self.directory} step {step}", strict_dtypes)
+        plan = _layout_plan(stored, paths, abstract)
+        read_paths, read_abstract = (paths, abstract) if plan is None else plan[:2]
+        where = f"{self.directory} step {step}" + ("" if plan is None else " (read in its other layer layout, "
+                                                   "model.scan_layers differs)")
+        _check_matches(stored, read_paths, read_abstract, where, strict_dtypes)
         restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(_nest(paths, abstract)), _META: ocp.args.JsonRestore()}))
+            _STATE: ocp.args.StandardRestore(_nest(read_paths, read_abstract)), _META: ocp.args.JsonRestore()}))
         flat = _walk(restored[_STATE])
-        state = jax.tree_util.tree_unflatten(treedef, [flat[p] for p in paths])
+        leaves = [flat[p] for p in paths] if plan is None else plan[2](flat)
+        state = jax.tree_util.tree_unflatten(treedef, leaves)
         return state, dict(restored[_META])
 
     def _restore_newest_intact(self, target: Any, steps: list[int], strict_dtypes: bool) -> tuple[Any, dict]:

@@ -97,9 +97,8 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
 
 
 def _mesh(config):
-    fsdp, tensor = config.mesh.fsdp, config.mesh.tensor
-    data = config.mesh.data if config.mesh.data > 0 else jax.device_count() // max(fsdp * tensor, 1)
-    return sharding_lib.make_mesh(data, fsdp, tensor)
+    m = config.mesh
+    return sharding_lib.make_mesh(*sharding_lib.resolve_mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count()))
 
 
 def _initial_state(config, mesh, params: dict, total_updates: int):

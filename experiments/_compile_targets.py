@@ -126,6 +126,37 @@ def count_params(cfg) -> int:
     return cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + cfg.num_layers * layer + d
 
 
+# Architecture fields where config.model's 0 means "take the model's value".
+_ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+_FROM_HF = _ARCH + ("head_dim", "rope_theta", "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings",
+                    "mask_token_id", "max_position_embeddings")
+
+
+def model_config(config, hf_config: dict, layers: int = 0):
+    """TransformerConfig of the HF dict, with config.model's non-zero architecture fields and its other
+    TransformerConfig fields (dtypes, attention kind, and any memory knob the model grows) applied."""
+    from jaxrl_reason.models.hf import config_from_hf
+    from jaxrl_reason.models.transformer import TransformerConfig
+
+    cfg = config_from_hf(hf_config)
+    m, changes = config.model, {}
+    for field in dataclasses.fields(TransformerConfig):
+        if field.name not in m:
+            continue
+        if field.name in _ARCH:
+            if m[field.name]:
+                changes[field.name] = m[field.name]
+        elif field.name not in _FROM_HF:
+            changes[field.name] = m[field.name]
+    if layers:
+        changes["num_layers"] = layers
+    seq = config.rollout.max_prompt_len + config.rollout.max_new_tokens
+    changes["max_position_embeddings"] = max(cfg.max_position_embeddings, seq)
+    cfg = dataclasses.replace(cfg, **changes)
+    cfg.validate()
+    return cfg
+
+
 # ------------------------------------------------------------------------------------------------- compiled HLO
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}

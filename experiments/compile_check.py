@@ -51,7 +51,6 @@ _set_platform_env(sys.argv)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import dataclasses  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
 
@@ -65,37 +64,6 @@ _MODEL = flags.DEFINE_string("model", "Qwen2.5-1.5B", f"Shape name ({', '.join(c
 _TARGET = flags.DEFINE_string("target", "cpu:8", "tpu:<slice or topology> or cpu:<N>.")
 _LAYERS = flags.DEFINE_integer("layers", 0, "Decoder layers (0: the model's); a quick check at reduced depth.")
 _TOP = flags.DEFINE_integer("top", 6, "How many of the largest buffers to list per program.")
-
-# Architecture fields where config.model's 0 means "take the model's value".
-_ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
-_FROM_HF = _ARCH + ("head_dim", "rope_theta", "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings",
-                    "mask_token_id", "max_position_embeddings")
-
-
-def model_config(config, hf_config: dict, layers: int = 0):
-    """TransformerConfig of the HF dict, with config.model's non-zero architecture fields and its other
-    TransformerConfig fields (dtypes, attention kind, and any memory knob the model grows) applied."""
-    from jaxrl_reason.models.hf import config_from_hf
-    from jaxrl_reason.models.transformer import TransformerConfig
-
-    cfg = config_from_hf(hf_config)
-    m, changes = config.model, {}
-    for field in dataclasses.fields(TransformerConfig):
-        if field.name not in m:
-            continue
-        if field.name in _ARCH:
-            if m[field.name]:
-                changes[field.name] = m[field.name]
-        elif field.name not in _FROM_HF:
-            changes[field.name] = m[field.name]
-    if layers:
-        changes["num_layers"] = layers
-    seq = config.rollout.max_prompt_len + config.rollout.max_new_tokens
-    changes["max_position_embeddings"] = max(cfg.max_position_embeddings, seq)
-    cfg = dataclasses.replace(cfg, **changes)
-    cfg.validate()
-    return cfg
-
 
 def target_devices(target: ct.Target):
     import jax
@@ -138,6 +106,8 @@ def build(config, mcfg, devices):
     from jaxrl_reason.train import loop
     from jaxrl_reason.train.step import make_train_step
 
+    if config.model.attention != "causal":
+        raise ValueError("the compile check covers autoregressive (model.attention='causal') policies.")
     m = config.mesh
     data = m.data if m.data > 0 else len(devices) // max(m.fsdp * m.tensor, 1)
     mesh = sharding_lib.make_mesh(data, m.fsdp, m.tensor, devices=devices)
@@ -222,7 +192,7 @@ def main(argv):
 
     config, target = _CONFIG.value, ct.parse_target(_TARGET.value)
     name, hf = ct.model_hf_config(_MODEL.value)
-    mcfg = model_config(config, hf, _LAYERS.value)
+    mcfg = ct.model_config(config, hf, _LAYERS.value)
     devices = target_devices(target)
     b = build(config, mcfg, devices)
     r, o = config.rollout, config.optim

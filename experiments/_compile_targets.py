@@ -170,15 +170,21 @@ def _dims(s: str) -> list[int]:
 
 
 def largest_buffers(hlo_text: str, k: int = 8) -> list[tuple[int, str, str]]:
-    """The k largest array results of instructions in compiled HLO text: (bytes, 'dtype[dims]', op name)."""
-    seen = {}
+    """The k largest array results of instructions in compiled HLO text: (bytes, 'dtype[dims]', the op's name in
+    the traced program, or 'argument' for an input of the program)."""
+    seen, entry = {}, False
     for line in hlo_text.splitlines():
+        if _COMP.match(line):
+            entry = line.startswith("ENTRY")
         m = _INSTR.match(line)
+        if m and m.group(4) == "parameter" and not entry:
+            continue  # a fused computation's view of a buffer that its caller names with more context
         if m and m.group(2) in _BYTES:
             nbytes = int(np.prod(_dims(m.group(3)), dtype=np.int64)) * _BYTES[m.group(2)]
             key = f"{m.group(2)}[{m.group(3)}]"
             meta = re.search(r'op_name="([^"]+)"', line)
-            seen.setdefault(key, (nbytes, key, meta.group(1)[-90:] if meta else m.group(4)))
+            label = "argument" if m.group(4) == "parameter" else m.group(4)
+            seen.setdefault(key, (nbytes, key, meta.group(1)[-90:] if meta else label))
     return sorted(seen.values(), reverse=True)[:k]
 
 

@@ -183,9 +183,11 @@ def largest_buffers(hlo_text: str, k: int = 8) -> list[tuple[int, str, str]]:
             nbytes = int(np.prod(_dims(m.group(3)), dtype=np.int64)) * _BYTES[m.group(2)]
             key = f"{m.group(2)}[{m.group(3)}]"
             meta = re.search(r'op_name="([^"]+)"', line)
-            label = "argument" if m.group(4) == "parameter" else m.group(4)
-            seen.setdefault(key, (nbytes, key, meta.group(1)[-90:] if meta else label))
-    return sorted(seen.values(), reverse=True)[:k]
+            rank, label = ((0, "argument") if m.group(4) == "parameter" else (1, meta.group(1)[-90:]) if meta
+                           else (2, m.group(4)))
+            if key not in seen or rank < seen[key][0]:  # one row per shape, under its most telling name
+                seen[key] = (rank, nbytes, label)
+    return sorted(((nbytes, key, label) for key, (_, nbytes, label) in seen.items()), reverse=True)[:k]
 
 
 def _contracted(line: str, op: str, comp: str, shapes: dict) -> float:

@@ -1,6 +1,7 @@
 """Training benchmark: matmul peak, RL update-step throughput and MFU, and the time split of an RL iteration.
 
   python experiments/bench_train.py [--quick] [--issue] [--sweep] [--steps=3] [--iterations=4]
+  python experiments/bench_train.py --accel [--accel_models=Qwen2.5-0.5B,Qwen2.5-1.5B] [--accel_rows=4] [--steps=3]
 
 `--issue`: the issue's rows in <= 6 min on an idle 2-core machine: the peak over n = 512, 1024 (3 repeats), the
 full-size ~1M and ~30M update cases with one timed step each (after the compiling one), two RL iterations in (c).
@@ -21,6 +22,13 @@ Prints one markdown table per part (DESIGN.md §5), with the machine and its loa
       (mean over the iterations after the first, which compiles), plus the scorer timed alone on as many
       well-formed arithmetic solutions as the batch has rows.
 Run the final numbers when the machine is idle (`uptime`): other processes share the cores.
+
+`--accel`: the accelerator mode instead of (a)-(c): the bfloat16 update step of Qwen2.5-0.5B- and 1.5B-shaped
+decoders (`--accel_models`; random weights built on the device, nothing downloaded) at `--accel_rows` x
+(`--accel_prompt` + `--accel_response`) tokens on one device: compile seconds, step seconds, tokens/s, peak device
+memory where the backend reports it, and MFU = update_flops / step time / the chip's dense bf16 peak
+(`BF16_PEAK_TFLOPS`; n/a on a CPU). Each model is one compile and `--steps` timed steps (a few minutes on one
+GPU). `--accel_tiny` swaps the models for a 2-layer d=64 one, so the mode runs end to end on a CPU.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
@@ -53,6 +62,7 @@ class UpdateCase:
     response_len: int = 224  # seq = prompt_len + response_len
     micro_batches: int = 1
     param_dtype: str = "float32"
+    shape: str = ""  # a named model shape of experiments/_compile_targets.py (its sizes replace the ones above)
 
 
 # ------------------------------------------------------------------------------------------------- FLOP counts
@@ -115,6 +125,8 @@ def best_peak(*peaks: dict) -> dict:
 def model_config(case: UpdateCase):
     from jaxrl_reason.models.transformer import TransformerConfig
 
+    if case.shape:
+        return shape_config(case.shape, case.param_dtype)
     cfg = TransformerConfig(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.mlp,
                             num_layers=case.layers, num_heads=case.heads, num_kv_heads=case.heads,
                             param_dtype=case.param_dtype)
@@ -122,15 +134,30 @@ def model_config(case: UpdateCase):
     return cfg
 
 
-def synthetic_batch(case: UpdateCase, seed: int = 0) -> dict:
+def shape_config(shape: str, dtype: str):
+    """TransformerConfig of a named shape (experiments/_compile_targets.SHAPES) with parameters and compute in
+    `dtype` (where the model separates a compute dtype from parameter storage, both are set)."""
+    import _compile_targets as ct
+
+    from jaxrl_reason.models.hf import config_from_hf
+    from jaxrl_reason.models.transformer import TransformerConfig
+
+    cfg = config_from_hf(ct.SHAPES[shape])
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    changes = {k: dtype for k in ("param_dtype", "compute_dtype") if k in fields}
+    return dataclasses.replace(cfg, **changes)
+
+
+def synthetic_batch(case: UpdateCase, seed: int = 0, vocab: int | None = None) -> dict:
     """A full-length RL mini-batch in the layout of `train/objectives.py` (every token valid, random values)."""
     rng = np.random.default_rng(seed)
     n, r, seq = case.rows, case.response_len, case.prompt_len + case.response_len
+    vocab = vocab or case.vocab
     return {
-        "tokens_NxL": rng.integers(0, case.vocab, (n, seq)).astype(np.int32),
+        "tokens_NxL": rng.integers(0, vocab, (n, seq)).astype(np.int32),
         "valid_NxL": np.ones((n, seq), bool),
         "response_mask_NxR": np.ones((n, r), np.float32),
-        "logp_old_NxR": (-np.log(case.vocab) + 0.1 * rng.normal(size=(n, r))).astype(np.float32),
+        "logp_old_NxR": (-np.log(vocab) + 0.1 * rng.normal(size=(n, r))).astype(np.float32),
         "adv_NxR": rng.normal(size=(n, r)).astype(np.float32),
         "num_tokens_N": np.full((n,), n * r, np.float32),
         "num_seqs_N": np.full((n,), n, np.float32),
@@ -150,12 +177,14 @@ def bench_update(case: UpdateCase, steps: int = 3, seed: int = 0) -> dict:
     from jaxrl_reason.train.step import make_train_step
 
     cfg = model_config(case)
-    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+    graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed))), nnx.Param)[0]
+    # built by a jitted init: the weights appear on the device, never on the host
+    params = jax.jit(lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)[1])()
     tx = make_optimizer(1e-5)
     state = init_train_state({"policy": params}, tx, seed)
     loss_fn = functools.partial(rl_loss, cfg=ObjectiveConfig(), policy_graphdef=graphdef)
     update = make_train_step(loss_fn, tx, num_micro_batches=case.micro_batches)
-    batch = jax.device_put(synthetic_batch(case, seed))
+    batch = jax.device_put(synthetic_batch(case, seed, cfg.vocab_size))
     t0 = time.perf_counter()
     state, metrics = update(state, batch)
     jax.block_until_ready(metrics)
@@ -248,6 +277,79 @@ def bench_iteration(iterations: int = 4, eval_problems: int = 16, overrides: dic
     return {**split, "rows": rows, "max_new_tokens": config.rollout.max_new_tokens, "run_total_s": total}
 
 
+# ------------------------------------------------------------------------------------------------- accelerator
+# Dense bfloat16 peak of one device, TFLOP/s (vendor figures; an H200 has the H100's compute). Checked in order:
+# the first key that is part of the device kind wins ("TPU v5 lite" is a v5e, "TPU v5" alone a v5p).
+BF16_PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+                    ("TPU v6 lite", 918.0), ("TPU v5p", 459.0), ("TPU v5", 459.0))
+
+
+def bf16_peak(device_kind: str) -> float | None:
+    """FLOP/s of the device's dense bf16 peak, None for a device without an entry (a CPU)."""
+    return next((tf * 1e12 for key, tf in BF16_PEAK_TFLOPS if key in device_kind), None)
+
+
+def accel_cases(models: list[str], rows: int, prompt: int, response: int, tiny: bool) -> list[UpdateCase]:
+    """bf16 update cases of the named shapes, or of a 2-layer d=64 decoder (`tiny`: the CPU smoke run)."""
+    if tiny:
+        return [UpdateCase("tiny (d64 L2)", hidden=64, layers=2, heads=4, mlp=128, vocab=512, rows=rows,
+                           prompt_len=prompt, response_len=response, param_dtype="bfloat16")]
+    return [UpdateCase(m, hidden=0, layers=0, heads=0, mlp=0, rows=rows, prompt_len=prompt, response_len=response,
+                       param_dtype="bfloat16", shape=m) for m in models]
+
+
+def bench_accel(cases: list[UpdateCase], steps: int) -> list[dict]:
+    """`bench_update` per case on the default device, with its peak memory; a case that runs out of device memory
+    is reported as such instead of ending the run."""
+    import jax
+
+    out = []
+    for case in cases:
+        try:
+            r = bench_update(case, steps)
+        except Exception as e:  # noqa: BLE001 - only running out of memory is a result
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            out.append({"case": case, "oom": str(e).splitlines()[0][:200]})
+            continue
+        stats = jax.devices()[0].memory_stats() or {}
+        out.append({**r, "peak_bytes": stats.get("peak_bytes_in_use")})
+    return out
+
+
+def accel_table(results: list[dict], device_kind: str) -> str:
+    peak = bf16_peak(device_kind)
+    peak_txt = f"{peak / 1e12:.0f} TFLOP/s dense bf16" if peak else "no bf16 peak known for this device: MFU n/a"
+    lines = [f"### bf16 RL update step on one {device_kind} ({peak_txt}); best of timed steps", "",
+             "| model | params | rows x seq | compile s | step s | tokens/s | TFLOP/update | TFLOP/s | MFU | "
+             "peak memory GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c = r["case"]
+        if "oom" in r:
+            lines.append(f"| {c.name} | | {c.rows} x {c.prompt_len + c.response_len} | out of memory: {r['oom']} "
+                         "| | | | | | |")
+            continue
+        rate = r["total"] / r["step_s"]
+        mfu = f"{100 * rate / peak:.1f}%" if peak else "n/a"
+        mem = f"{r['peak_bytes'] / 2**30:.1f}" if r.get("peak_bytes") else "n/a"
+        lines.append(f"| {c.name} | {r['params'] / 1e9:.3f}B | {c.rows} x {c.prompt_len + c.response_len} | "
+                     f"{r['compile_s']:.1f} | {r['step_s']:.3f} | {r['tokens'] / r['step_s']:.0f} | "
+                     f"{r['total'] / 1e12:.2f} | {rate / 1e12:.1f} | {mfu} | {mem} |")
+    return "\n".join(lines)
+
+
+def accel_main(fv) -> str:
+    import jax
+
+    t0 = time.perf_counter()
+    cases = accel_cases(fv.accel_models, fv.accel_rows, fv.accel_prompt, fv.accel_response, fv.accel_tiny)
+    table = accel_table(bench_accel(cases, fv.steps), jax.devices()[0].device_kind)
+    report = (f"## bench_train --accel: backend {jax.default_backend()}, jax {jax.__version__}, "
+              f"{time.perf_counter() - t0:.0f} s in all\n\n{table}")
+    print(report, flush=True)
+    return report
+
+
 # ------------------------------------------------------------------------------------------------- tables
 def machine_header(load_start, load_end) -> str:
     """One line: CPU model, cores, backend, jax version and the 1/5/15-min load average at start and end."""
@@ -326,6 +428,13 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_integer("steps", 3, "Timed update steps per case (after one compiling step).", flag_values=fv)
     flags.DEFINE_integer("iterations", 4, "RL iterations of the tiny config for part (c).", flag_values=fv)
     flags.DEFINE_list("parts", ["a", "b", "c"], "Which parts to run.", flag_values=fv)
+    flags.DEFINE_bool("accel", False, "Accelerator mode: bf16 update step of 0.5B/1.5B shapes, MFU vs the chip's "
+                      "bf16 peak (instead of parts a-c).", flag_values=fv)
+    flags.DEFINE_list("accel_models", ["Qwen2.5-0.5B", "Qwen2.5-1.5B"], "Named shapes for --accel.", flag_values=fv)
+    flags.DEFINE_integer("accel_rows", 4, "Sequences per update in --accel.", flag_values=fv)
+    flags.DEFINE_integer("accel_prompt", 512, "Prompt tokens per sequence in --accel.", flag_values=fv)
+    flags.DEFINE_integer("accel_response", 1536, "Response tokens per sequence in --accel.", flag_values=fv)
+    flags.DEFINE_bool("accel_tiny", False, "--accel with a 2-layer d=64 model (runs on a CPU).", flag_values=fv)
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
         print(fv.get_help())
         raise SystemExit(0)
@@ -335,6 +444,8 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
 
 def main(argv: list[str]) -> str:
     fv = parse_flags(argv)
+    if fv.accel:
+        return accel_main(fv)
     load_start = os.getloadavg()
     short = fv.quick or fv.issue
     sizes, repeats = ((512, 1024), 3) if short else ((512, 1024, 2048), 5)

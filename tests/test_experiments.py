@@ -258,6 +258,37 @@ def test_bench_iteration_reads_the_loop_metrics(monkeypatch):
         bt.tiny_rl_config(1, overrides={"rollout.nope": 1})
 
 
+def test_bench_accelerator_peaks_shapes_and_mfu():
+    bt = _load("bench_train")
+    kinds = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+             "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12, "cpu": None}
+    assert {k: bt.bf16_peak(k) for k in kinds} == kinds
+    cases = bt.accel_cases(["Qwen2.5-0.5B", "Qwen2.5-1.5B"], rows=4, prompt=512, response=1536, tiny=False)
+    cfgs = [bt.model_config(c) for c in cases]
+    assert [(c.hidden_size, c.num_layers, c.param_dtype) for c in cfgs] == [(896, 24, "bfloat16"),
+                                                                             (1536, 28, "bfloat16")]
+    case = cases[1]
+    fake = {"case": case, "params": 1.5e9, "compile_s": 60.0, "step_s": 2.0, "tokens": 8192,
+            "total": 989e12, "peak_bytes": 40 * 2**30}  # 989 TFLOP in 2 s on a 989 TFLOP/s chip: 50%
+    table = bt.accel_table([fake, {"case": cases[0], "oom": "RESOURCE_EXHAUSTED: out of memory"}],
+                           "NVIDIA H100 80GB HBM3")
+    assert "| Qwen2.5-1.5B | 1.500B | 4 x 2048 | 60.0 | 2.000 | 4096 | 989.00 | 494.5 | 50.0% | 40.0 |" in table
+    assert "out of memory: RESOURCE_EXHAUSTED" in table
+
+
+def test_bench_accelerator_mode_runs_end_to_end_at_a_tiny_shape():
+    bt = _load("bench_train")
+    report = bt.main(["bench_train.py", "--accel", "--accel_tiny", "--accel_rows=2", "--accel_prompt=8",
+                      "--accel_response=8", "--steps=1"])
+    row = next(line for line in report.splitlines() if line.startswith("| tiny (d64 L2) |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "2 x 16"
+    step_s, tokens_s = float(cells[4]), float(cells[5])
+    assert step_s > 0 and abs(32 / tokens_s - step_s) <= 0.0005 + 1e-9  # step s is printed to 3 decimals
+    known_peak = bt.bf16_peak(jax.devices()[0].device_kind) is not None
+    assert cells[8].endswith("%") if known_peak else cells[8] == "n/a"
+
+
 # ------------------------------------------------------------------------------------------------- bench_sampler.py
 def test_bench_sampler_per_token_fit_by_hand():
     bs = _load("bench_sampler")

@@ -1,6 +1,7 @@
 """`run(config, workdir)`: the RL loop of DESIGN.md §2, readable top to bottom.
 
     validate config -> task, tokenizer, policy (+ reference, + critic) -> mesh, shardings, optimizer, state
+    -> preflight: compile the update step for the real shapes, stop when it needs more memory than a device has
     -> restore the latest checkpoint if any -> evaluate -> for each RL iteration:
          collect_batch (sample, reward, shape, filter, refill) -> parts.build_batch (old/ref log-probs, values,
          advantages) -> ppo_epochs x mini-batches of the jitted update step -> log -> checkpoint
@@ -34,6 +35,7 @@ from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import console
 from jaxrl_reason.train import export as export_lib
+from jaxrl_reason.train import preflight as preflight_lib
 from jaxrl_reason.train import repro as repro_lib
 from jaxrl_reason.train import rollout as rollout_lib
 from jaxrl_reason.train import workdir as workdir_lib
@@ -101,14 +103,19 @@ def _mesh(config):
     return sharding_lib.make_mesh(*sharding_lib.resolve_mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count()))
 
 
-def _initial_state(config, mesh, params: dict, total_updates: int):
-    """TrainState with per-part optimizers (policy lr, critic lr), sharded by the logical-axis rules."""
+def make_tx(config, params: dict, total_updates: int) -> optax.GradientTransformation:
+    """Per-part optimizers (policy lr, critic lr) over the trainable params {"policy"[, "value"]}."""
     o = config.optim
     make = functools.partial(make_optimizer, warmup_steps=o.warmup_steps, total_steps=total_updates,
                              schedule=o.schedule, weight_decay=o.weight_decay, grad_clip=o.grad_clip, b1=o.b1,
                              b2=o.b2)
     txs = {name: make(o.value_lr if name == "value" else o.lr) for name in params}
-    tx = optax.multi_transform(txs, {k: k for k in txs})
+    return optax.multi_transform(txs, {k: k for k in txs})
+
+
+def _initial_state(config, mesh, params: dict, total_updates: int):
+    """TrainState with per-part optimizers (policy lr, critic lr), sharded by the logical-axis rules."""
+    tx = make_tx(config, params, total_updates)
     with jax.set_mesh(mesh):
         params = {k: sharding_lib.shard_state(v, mesh) for k, v in params.items()}
         state = init_train_state(params, tx, config.seed)
@@ -116,6 +123,26 @@ def _initial_state(config, mesh, params: dict, total_updates: int):
     shardings = jax.tree.map(
         lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else replicated, state)
     return jax.device_put(state, shardings), tx, shardings
+
+
+def state_shardings(state, mesh):
+    """The shardings `_initial_state` gives a TrainState, from its structure alone (arrays or ShapeDtypeStructs):
+    parameters and the optimizer moments (which keep the parameters' logical axes) by the rules, the rest
+    replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(lambda x: sharding_lib.param_shardings(x, mesh) if is_var(x) else replicated, state,
+                        is_leaf=is_var)
+
+
+def abstract_state(config, mesh, params: dict, total_updates: int):
+    """(TrainState of ShapeDtypeStructs with the loop's shardings, tx, shardings) for abstract `params`: what
+    `_initial_state` builds, without allocating a weight."""
+    tx = make_tx(config, params, total_updates)
+    shapes = jax.eval_shape(lambda p: init_train_state(p, tx, config.seed), params)
+    shardings = state_shardings(shapes, mesh)
+    spec = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return spec, tx, shardings
 
 
 def _batch_sharding(config, mesh):
@@ -131,6 +158,56 @@ def _global(batch: dict, sharding) -> dict:
     """Host arrays (identical on every process) -> global jax arrays with `sharding`; multi-host safe."""
     return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]),
                         batch)
+
+
+def update_batch_spec(config, sharding) -> dict | None:
+    """ShapeDtypeStructs of one mini-batch as `parts.split` hands it to the step (autoregressive policies; None for
+    the masked-diffusion layout, whose row count depends on the sampled trajectories)."""
+    if config.model.attention != "causal":
+        return None
+    r, o = config.rollout, config.optim
+    n, resp = r.prompts_per_step * r.group_size // o.mini_batches, r.max_new_tokens
+    seq = r.max_prompt_len + resp
+    f32 = ("response_mask_NxR", "logp_old_NxR", "adv_NxR")
+    if config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0:
+        f32 += ("logp_ref_NxR",)
+    if config.advantage.estimator == "gae":
+        f32 += ("returns_NxR", "values_old_NxR")
+    spec = {k: ((n, resp), np.float32) for k in f32}
+    spec.update(tokens_NxL=((n, seq), np.int32), valid_NxL=((n, seq), np.bool_), num_tokens_N=((n,), np.float32),
+                num_seqs_N=((n,), np.float32))
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in spec.items()}
+
+
+def compile_update(step, state, batch_spec: dict, mesh):
+    """Ahead-of-time lower + compile of the jitted update step for `state` (arrays or ShapeDtypeStructs) and
+    `batch_spec`, under the mesh (what the compile check reports and the loop then runs)."""
+    with jax.set_mesh(mesh):
+        return step.lower(state, batch_spec).compile()
+
+
+def _preflight(config, mesh, step, state, batch_sh, capacity: int | None):
+    """Compiles the update step before the first rollout and stops the run (one sentence) when it needs more memory
+    per device than `capacity` (None: the backend does not say, no check). Returns `update(state, mini_batch)`, which
+    runs the compiled program on batches of the foreseen layout and the jitted step on any other."""
+    spec = update_batch_spec(config, batch_sh)
+    compiled = None
+    if spec is not None:
+        compiled = compile_update(step, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                    sharding=x.sharding), state),
+                                  spec, mesh)
+        if capacity is not None:
+            preflight_lib.check_fits(preflight_lib.memory_report(compiled), capacity)
+    layout = None if spec is None else jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), spec)
+
+    def update(state, mb):
+        batch = _global(mb, batch_sh)
+        if compiled is not None and jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), batch) == layout:
+            return compiled(state, batch)
+        with jax.set_mesh(mesh):  # traced under the mesh like the compiled program: same activation constraints
+            return step(state, batch)
+
+    return update
 
 
 def _update(config, update, state, mini_batches: list[dict], it: int, skips: int):
@@ -203,7 +280,7 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
     batch_sh = _batch_sharding(config, mesh)
     step = make_train_step(parts.loss_fn, tx, num_micro_batches=o.micro_batches, state_shardings=state_sh,
                            batch_shardings=batch_sh)
-    update = lambda state, mb: step(state, _global(mb, batch_sh))  # noqa: E731
+    update = _preflight(config, mesh, step, state, batch_sh, preflight_lib.device_capacity(mesh.devices.flat[0]))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
     meta = {"iteration": 0, "stream_position": 0, "hapo_stats": None, "eval_before": None}
     if ckpt.latest_step() is not None:

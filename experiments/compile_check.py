@@ -1,0 +1,235 @@
+"""Will it fit? Compiles the RL update step and the log-prob pass ahead of time for a model and a target.
+
+  python experiments/compile_check.py --config=configs/grpo.py:full [--config.x=y ...] \
+      --model=<Qwen2.5-0.5B | Qwen2.5-1.5B | Qwen2.5-7B | Qwen2.5-14B | Llama-3.1-8B | path/to/config.json> \
+      --target=<tpu:v5p-8 | tpu:v5e-8 | tpu:v5e:4x4 | cpu:8> [--layers=4]
+
+No weight is allocated: the model, its parameters and the optimizer state are abstract (shapes and shardings
+only), built by the same functions the RL loop uses (`train/loop.abstract_state`, `update_batch_spec`,
+`compile_update`, the PolicyParts loss and `train/step.make_train_step`), so the program compiled here is the
+loop's. TPU targets compile on this machine through libtpu's topology API (`pip install libtpu`); `cpu:N` uses N
+simulated CPU devices (XLA:CPU keeps float32 copies where a TPU keeps bfloat16: its memory is pessimistic).
+
+The update step sees one mini-batch of prompts_per_step x group_size / optim.mini_batches rows, scanned in
+optim.micro_batches micro-batches; the log-prob pass (old / reference log-probs: one program) one micro-batch of
+those rows. Every row has max_prompt_len + max_new_tokens tokens. Model architecture comes from --model; a non-zero
+config.model.{num_layers, hidden_size, ...} overrides it (e.g. --config.model.num_layers=4 for a quick check), and
+every other config.model key that names a TransformerConfig field (param_dtype, ...) is passed through.
+
+Per program it prints, per device: arguments, outputs, temporaries, what stays resident beside it (the rest of the
+train state, the reference params), the total against the chip's memory, the matmul FLOPs of the compiled HLO
+(loop bodies counted by their trip count) against the model FLOPs (6 x params x tokens for the update, 2 x params x
+tokens for the forward), compile time and the largest buffers. When XLA:TPU refuses with RESOURCE_EXHAUSTED, the
+temporaries it asked for are read from its message. The last line is
+  fits=yes|no peak_gib=<per device> capacity_gib=<per device>
+and the exit status is 0 whenever the check ran to its verdict (also when it does not fit).
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+
+def _set_platform_env(argv: list[str]) -> None:
+    """XLA_FLAGS / JAX_PLATFORMS from --target, before anything imports jax (the config file imports the package)."""
+    target = ""
+    for i, a in enumerate(argv):
+        if a.startswith("--target="):
+            target = a.split("=", 1)[1]
+        elif a == "--target" and i + 1 < len(argv):
+            target = argv[i + 1]
+    if target.startswith("cpu:") and target[4:].isdigit():
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={target[4:]}".strip()
+    os.environ["JAX_PLATFORMS"] = "cpu"  # TPU programs are compiled through the topology API, not a local device
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: this is not a TPU VM
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: several processes may load libtpu
+
+
+_set_platform_env(sys.argv)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import time  # noqa: E402
+import types  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import _compile_targets as ct  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo.py:full", "Method config (with overrides).")
+_MODEL = flags.DEFINE_string("model", "Qwen2.5-1.5B", f"Shape name ({', '.join(ct.SHAPES)}) or HF config.json.")
+_TARGET = flags.DEFINE_string("target", "cpu:8", "tpu:<slice or topology> or cpu:<N>.")
+_LAYERS = flags.DEFINE_integer("layers", 0, "Decoder layers (0: the model's); a quick check at reduced depth.")
+_TOP = flags.DEFINE_integer("top", 6, "How many of the largest buffers to list per program.")
+
+def target_devices(target: ct.Target):
+    import jax
+
+    if target.platform == "cpu":
+        if jax.device_count() != target.num_devices:
+            raise ValueError(f"{target.num_devices} CPU devices asked, {jax.device_count()} present: XLA_FLAGS was "
+                             "set before this script could set it.")
+        return jax.devices()
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(topology_name=target.topology, platform="tpu").devices
+    except Exception as e:  # noqa: BLE001 - libtpu missing or the topology unknown to it: say which
+        raise RuntimeError(f"libtpu could not describe topology {target.topology!r} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); install libtpu (setup.py's test extra).")
+
+
+def capacity_bytes(target: ct.Target, devices) -> int:
+    """The chip's HBM for TPU targets; for cpu:N this machine's RAM shared by the N simulated devices."""
+    from jaxrl_reason.train import preflight
+
+    reported = preflight.device_capacity(devices[0])
+    if reported:
+        return reported
+    if target.platform == "tpu":
+        return int(target.hbm_gib * ct.GIB)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // target.num_devices
+
+
+def build(config, mcfg, devices):
+    """The loop's update step and log-prob forward on abstract weights: everything `report_program` compiles."""
+    import jax
+    from flax import nnx
+
+    from jaxrl_reason.models import sharding as sharding_lib
+    from jaxrl_reason.models.transformer import Transformer
+    from jaxrl_reason.models.value import ValueModel
+    from jaxrl_reason.train import batch as batch_lib
+    from jaxrl_reason.train import loop
+    from jaxrl_reason.train.step import make_train_step
+
+    if config.model.attention != "causal":
+        raise ValueError("the compile check covers autoregressive (model.attention='causal') policies.")
+    m = config.mesh
+    data = m.data if m.data > 0 else len(devices) // max(m.fsdp * m.tensor, 1)
+    mesh = sharding_lib.make_mesh(data, m.fsdp, m.tensor, devices=devices)
+    policy = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(config.seed)))
+    graphdef, policy_params = nnx.split(policy, nnx.Param)
+    params, value_graphdef = {"policy": policy_params}, None
+    if config.advantage.estimator == "gae":
+        value = nnx.eval_shape(lambda: ValueModel.from_policy(Transformer(mcfg, rngs=nnx.Rngs(0)),
+                                                              rngs=nnx.Rngs(config.seed)))
+        value_graphdef, params["value"] = nnx.split(value, nnx.Param)
+    tokenizer = types.SimpleNamespace(eos_token_id=0, pad_token_id=0)  # the loss never reads token ids
+    parts = loop.ar_parts(config, graphdef, tokenizer, value_graphdef=value_graphdef)
+    o = config.optim
+    state, tx, state_sh = loop.abstract_state(config, mesh, params, config.train.num_steps * o.ppo_epochs *
+                                              o.mini_batches)
+    batch_sh = loop._batch_sharding(config, mesh)
+    step = make_train_step(parts.loss_fn, tx, num_micro_batches=o.micro_batches, state_shardings=state_sh,
+                           batch_shardings=batch_sh)
+    batch = loop.update_batch_spec(config, batch_sh)
+    logps_fn = batch_lib.make_forward_fns(graphdef, value_graphdef)[0]
+    micro_rows = batch["tokens_NxL"].shape[0] // o.micro_batches
+    fwd_batch = {k: jax.ShapeDtypeStruct((micro_rows,) + batch[k].shape[1:], batch[k].dtype)
+                 for k in ("tokens_NxL", "valid_NxL", "response_mask_NxR")}
+    return types.SimpleNamespace(mesh=mesh, step=step, state=state, batch=batch, logps_fn=logps_fn,
+                                 fwd_batch=fwd_batch, micro_rows=micro_rows, loop=loop)
+
+
+def compile_program(name, fn, mesh):
+    """(compiled or None, seconds, refusal dict from an out-of-memory message or None)."""
+    import jax
+
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = fn()
+        return compiled, time.perf_counter() - t0, None
+    except Exception as e:  # noqa: BLE001 - XLA's out-of-memory refusal is a result here, anything else is not
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        refusal = ct.parse_oom(str(e))
+        refusal["message"] = next((ln for ln in str(e).splitlines() if "RESOURCE_EXHAUSTED" in ln), str(e))[:300]
+        print(f"{name}: XLA refused: {refusal['message']}", flush=True)
+        return None, time.perf_counter() - t0, refusal
+
+
+def report_program(name, compiled, seconds, refusal, *, args, resident, model_flops, n_devices, top):
+    """Prints one program's per-device table; returns the bytes it needs per device (None: unknown)."""
+    from jaxrl_reason.train import preflight
+
+    gib = lambda b: f"{b / ct.GIB:.2f}"  # noqa: E731
+    print(f"\n### {name} (compiled in {seconds:.1f} s)")
+    if compiled is None:
+        temp = refusal.get("temp_bytes")
+        if temp is None:
+            print("  XLA's message gives no temporaries size")
+            return None
+        need = args + temp + resident
+        print(f"  arguments {gib(args)} GiB | temporaries {gib(temp)} GiB (from XLA's refusal) | resident beside it "
+              f"{gib(resident)} GiB | total {gib(need)} GiB per device")
+        return need
+    mem = preflight.memory_report(compiled)
+    need = mem.peak + resident
+    print(f"  arguments {gib(mem.argument)} GiB | outputs {gib(mem.output - mem.alias)} GiB (beyond donated) | "
+          f"temporaries {gib(mem.temp)} GiB | code {gib(mem.code)} GiB | resident beside it {gib(resident)} GiB | "
+          f"total {gib(need)} GiB per device")
+    text = compiled.as_text()
+    hlo = ct.dot_flops(text) * n_devices
+    cost = (compiled.cost_analysis() or {}).get("flops", 0.0) * n_devices
+    print(f"  matmul FLOPs of the compiled HLO {hlo / 1e12:.2f} TFLOP (all devices) = {hlo / model_flops:.2f} x the "
+          f"model FLOPs {model_flops / 1e12:.2f} TFLOP; XLA cost analysis (loop bodies once) {cost / 1e12:.2f} TFLOP")
+    for nbytes, shape, op in ct.largest_buffers(text, top):
+        print(f"  {nbytes / ct.GIB:8.3f} GiB  {shape}  {op}")
+    return need
+
+
+def main(argv):
+    del argv
+    import jax
+    import numpy as np
+
+    from jaxrl_reason.train import preflight
+
+    config, target = _CONFIG.value, ct.parse_target(_TARGET.value)
+    name, hf = ct.model_hf_config(_MODEL.value)
+    mcfg = ct.model_config(config, hf, _LAYERS.value)
+    devices = target_devices(target)
+    b = build(config, mcfg, devices)
+    r, o = config.rollout, config.optim
+    seq = r.max_prompt_len + r.max_new_tokens
+    n_params = ct.count_params(mcfg)
+    rows = b.batch["tokens_NxL"].shape[0]
+    capacity = capacity_bytes(target, devices)
+    print(f"## compile check: {name} ({n_params / 1e9:.3f}B params, {mcfg.num_layers} layers, {mcfg.param_dtype}) on "
+          f"{_TARGET.value} = {len(devices)} x {devices[0].device_kind}, mesh {dict(b.mesh.shape)}, jax "
+          f"{jax.__version__}")
+    print(f"   update: {rows} rows x {seq} tokens ({r.max_prompt_len} + {r.max_new_tokens}) in {o.micro_batches} "
+          f"micro-batch(es); log-prob pass: {b.micro_rows} rows; capacity {capacity / ct.GIB:.2f} GiB per device")
+
+    state_bytes = preflight.per_device_bytes(b.state)
+    policy_bytes = preflight.per_device_bytes(b.state.params["policy"])
+    ref_bytes = policy_bytes if config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0 else 0
+    step_c, step_s, step_r = compile_program(
+        "update step", lambda: b.loop.compile_update(b.step, b.state, b.batch, b.mesh), b.mesh)
+    needs = [report_program("update step", step_c, step_s, step_r, args=state_bytes
+                            + preflight.per_device_bytes(b.batch), resident=ref_bytes,
+                            model_flops=6.0 * n_params * rows * seq, n_devices=len(devices), top=_TOP.value)]
+    fwd_c, fwd_s, fwd_r = compile_program(
+        "log-prob pass", lambda: b.logps_fn.lower(b.state.params["policy"], b.fwd_batch).compile(), b.mesh)
+    needs.append(report_program("log-prob pass (old / reference)", fwd_c, fwd_s, fwd_r, args=policy_bytes,
+                                resident=state_bytes - policy_bytes + ref_bytes,
+                                model_flops=2.0 * n_params * b.micro_rows * seq, n_devices=len(devices),
+                                top=_TOP.value))
+    if step_r and step_r.get("hbm_bytes"):
+        capacity = step_r["hbm_bytes"]  # what XLA itself says the chip offers
+    known = [n for n in needs if n is not None]
+    peak = max(known) if known else float("nan")
+    fits = bool(known) and len(known) == len(needs) and peak <= capacity
+    print(f"\n{'fits' if fits else 'does NOT fit'}: {peak / ct.GIB:.2f} GiB needed of {capacity / ct.GIB:.2f} GiB "
+          f"per device ({100 * peak / capacity:.0f}%)" if np.isfinite(peak) else "\nno memory figure")
+    print(f"fits={'yes' if fits else 'no'} peak_gib={peak / ct.GIB:.2f} capacity_gib={capacity / ct.GIB:.2f}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -273,6 +273,12 @@ class Transformer(nnx.Module):
         h = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
         return h, (None if cache is None else tuple(new_cache))
 
+    def lm_head_weight(self) -> jax.Array:
+        """The LM head weight [D, V]: the embedding transposed when tied."""
+        if not (self.cfg.tie_embeddings or self.has_lm_head):
+            raise ValueError("This Transformer was built with lm_head=False and has no LM head.")
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
     def lm_head_slices(self, vocab_chunk: int | None = None) -> tuple[jax.Array, ...]:
         """The LM head weight [D, V] (the embedding transposed when tied) as column slices of <= `vocab_chunk`."""
         if not (self.cfg.tie_embeddings or self.has_lm_head):

@@ -47,6 +47,9 @@ from jaxrl_reason.train.step import make_train_step
 from jaxrl_reason.train.tracerl import diffusion_parts
 
 
+REPRO_QUERY_CHUNK = 64  # answer queries per call of REPRO's scorer
+
+
 class PolicyParts(NamedTuple):
     """What the loop needs from a policy kind."""
 
@@ -70,10 +73,9 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
                   eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
     train = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                            hapo_tau=r.hapo_tau, hapo_sign_compat=r.hapo_sign_compat)
-    spec = logp_spec(config)
+    spec, fwd_sh = logp_spec(config), _forward_shardings(config, mesh, shardings)
     logps_fn, values_fn = batch_lib.make_forward_fns(graphdef, value_graphdef, spec=spec,
-                                                     micro_batch_rows=config.optim.logp_micro_batch_rows,
-                                                     **_forward_shardings(config, mesh, shardings))
+                                                     micro_batch_rows=config.optim.logp_micro_batch_rows, **fwd_sh)
     adv_cfg = advantage_config(config)
 
     rw = config.reward
@@ -81,7 +83,8 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
     if rw.repro_alpha > 0:  # REPRO process advantage added to the outcome advantage (algorithms.md §5)
         repro_fn = repro_lib.make_repro_advantage_fn(
             graphdef, tokenizer, alpha=rw.repro_alpha, k=rw.repro_k, w=rw.repro_w, delimiter=rw.repro_delimiter,
-            answer_prefix=rw.repro_answer_prefix, think_end=rw.repro_think_end, spec=spec)
+            answer_prefix=rw.repro_answer_prefix, think_end=rw.repro_think_end, spec=spec,
+            **_repro_shardings(mesh, fwd_sh))
 
     def build_batch(rows, params):
         extra, repro_metrics = repro_fn(rows, params["policy"]) if repro_fn else (None, {})
@@ -125,6 +128,14 @@ def _forward_shardings(config, mesh, shardings) -> dict:
     split = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
     rows_sh = sharding_lib.batch_sharding(mesh, 1) if split else jax.sharding.NamedSharding(mesh, jax.P())
     return dict(policy_shardings=shardings["policy"], value_shardings=shardings.get("value"), rows_sharding=rows_sh)
+
+
+def _repro_shardings(mesh, fwd_sh: dict) -> dict:
+    """REPRO's answer queries over ('data', 'fsdp') when its query chunk (64) splits over them."""
+    if not fwd_sh or REPRO_QUERY_CHUNK % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return {}
+    return dict(query_sharding=sharding_lib.batch_sharding(mesh, 1), param_shardings=fwd_sh["policy_shardings"],
+                chunk_size=REPRO_QUERY_CHUNK)
 
 
 def _reference_copy(config, policy_params, shardings):

@@ -28,7 +28,7 @@ from jaxrl_reason.train.logprobs import LogpSpec, cast_floating, chunked_token_l
 
 
 def make_answer_scorer(graphdef: nnx.GraphDef, query_sharding: jax.sharding.Sharding | None = None,
-                       spec: LogpSpec = LogpSpec()) -> Callable:
+                       spec: LogpSpec = LogpSpec(), param_shardings=None) -> Callable:
     """Jitted surrogate `J~` (algorithms.md §5.2) of a fixed-shape batch of answer queries, no gradient.
 
     Returns `scorer(params, tokens_KxL, valid_KxL, answer_mask_KxA) -> J_K` (float32 numpy-convertible): the
@@ -37,11 +37,11 @@ def make_answer_scorer(graphdef: nnx.GraphDef, query_sharding: jax.sharding.Shar
     token (and vocabulary) chunks of `spec` (`train/logprobs.py`), with the params cast to `spec.compute_dtype`,
     so no `[K, L, V]` or `[K, A, V]` logits exist. A row with no answer token scores 0 (padding rows).
     `query_sharding`: optional sharding of the `[K, *]` query arrays (e.g. `models.sharding.batch_sharding(mesh,
-    2)`) so the queries are split over data-parallel devices; K must then divide over its shards.
+    2)`) so the queries are split over data-parallel devices; K must then divide over its shards. With it,
+    `param_shardings` (the params' training shardings) makes the jit's in/out shardings explicit.
     """
     spec.validate()
 
-    @jax.jit
     def score(params, tokens_KxL, valid_KxL, answer_mask_KxA):
         model = nnx.merge(graphdef, cast_floating(jax.lax.stop_gradient(params), spec.dtype))
         num_ans = answer_mask_KxA.shape[1]
@@ -52,7 +52,10 @@ def make_answer_scorer(graphdef: nnx.GraphDef, query_sharding: jax.sharding.Shar
         return repro_lib.answer_loglik_mean(logp_KxA, answer_mask_KxA)
 
     if query_sharding is None:
-        return score
+        return jax.jit(score)
+    explicit = {} if param_shardings is None else dict(in_shardings=(param_shardings,) + (query_sharding,) * 3,
+                                                       out_shardings=query_sharding)
+    score = jax.jit(score, **explicit)
 
     def sharded_score(params, tokens_KxL, valid_KxL, answer_mask_KxA):
         try:
@@ -244,17 +247,17 @@ def process_advantage_for_rows(rows: dict, answers_text: Sequence[str], tokenize
 
 def make_repro_advantage_fn(graphdef: nnx.GraphDef, tokenizer, *, alpha: float, k: int, w: float, delimiter: str,
                             answer_prefix: str, think_end: str = "", query_sharding=None,
-                            spec: LogpSpec = LogpSpec(), **kwargs) -> Callable:
+                            spec: LogpSpec = LogpSpec(), param_shardings=None, **kwargs) -> Callable:
     """The loop's hook: `fn(rows, policy_params) -> (alpha * process_adv_NxR, metrics)` (algorithms.md §5.2).
 
     `rows` must carry the gold answers as `rows["answer"]` ([N] strings). `delimiter` / `think_end` are text,
-    tokenized once here (`think_end=""`: the whole response is thinking). `spec`: chunk sizes and compute dtype
-    of the scorer's forward pass. `**kwargs` go to
+    tokenized once here (`think_end=""`: the whole response is thinking). `spec`, `query_sharding`,
+    `param_shardings`: as in `make_answer_scorer`. `**kwargs` go to
     `process_advantage_for_rows` (w_on, max_answer_tokens, chunk_size, the [INFERRED] switches).
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0 to use REPRO, got {alpha}.")
-    scorer = make_answer_scorer(graphdef, query_sharding, spec)
+    scorer = make_answer_scorer(graphdef, query_sharding, spec, param_shardings)
     fixed = dict(delimiter_ids=token_ids(tokenizer, delimiter), answer_prefix=answer_prefix, k=k, w=w,
                  think_end_ids=token_ids(tokenizer, think_end) or None, **kwargs)
     if not fixed["delimiter_ids"]:

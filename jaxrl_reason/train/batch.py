@@ -2,7 +2,8 @@
 
 `compute_advantages` is the one place that maps an estimator name to its `core.advantages` function
 (algorithms.md §0.4 step 5). The forward passes for old / reference log-probs and critic values are jitted
-once per shape (`make_forward_fns`), micro-batched over rows and sharded like the update step. The resulting batch layout is the one documented in `train/objectives.py`.
+once per shape (`make_forward_fns`), micro-batched over rows and sharded like the update step. The resulting
+batch layout is the one documented in `train/objectives.py`.
 """
 from __future__ import annotations
 

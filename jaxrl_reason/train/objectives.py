@@ -1,4 +1,4 @@
-"""RL objectives assembled from `core/` pieces, plus the forward passes that produce their log-probs.
+"""RL objectives assembled from `core/` pieces; the forward passes that produce their log-probs are re-exported.
 
 DESIGN.md §3: `logps_fn(params, batch) -> (logp_NxR, entropy_NxR)` is separate from the loss, which sees only
 log-probs; the forward passes themselves (chunked LM head, compute dtype) live in `train/logprobs.py`.

@@ -35,7 +35,15 @@ def _model(scale: str) -> config_dict.ConfigDict:
     m.tie_embeddings = False
     m.attention = "causal"  # causal | bidirectional | block (diffusion models)
     m.block_size = 1
-    m.param_dtype = "float32" if scale != "full" else "bfloat16"
+    # Storage dtype of the trained (master) params and so of the optimizer state; `compute_dtype` is what the
+    # forward passes, the sampler and the reference policy run in (float32 masters + bf16 compute at `full`).
+    m.param_dtype = "float32"
+    m.compute_dtype = "float32" if scale != "full" else "bfloat16"
+    # Response log-probs come from the hidden states in chunks of `logits_chunk` tokens (0: one chunk), each
+    # against the vocabulary in slices of `vocab_chunk` columns with a streaming logsumexp (0: whole vocabulary),
+    # so no [rows, tokens, vocab] logits tensor exists.
+    m.logits_chunk = 1024
+    m.vocab_chunk = 0 if scale != "full" else 32768
     # auto: cuDNN flash attention on a CUDA GPU (bf16), Pallas splash on TPU, the einsum path otherwise and for
     # masks no kernel takes; or force one of einsum | xla | cudnn | splash (models/attention_ops.py).
     m.attention_impl = "auto"
@@ -181,6 +189,8 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.optim.mini_batches = 1  # optimizer updates per rollout batch (per epoch)
     c.optim.ppo_epochs = 1
     c.optim.micro_batches = 1  # gradient accumulation inside one update
+    # rows per pass of the no-grad old / reference / value log-prob forwards (0: the whole rollout batch at once)
+    c.optim.logp_micro_batch_rows = 0 if scale != "full" else 256
 
     c.mesh = config_dict.ConfigDict()
     # -1 (data or fsdp, not both): all devices not used by the other axes. At `full` every device is an fsdp

@@ -109,8 +109,8 @@ def build(config, mcfg, devices):
     if config.model.attention != "causal":
         raise ValueError("the compile check covers autoregressive (model.attention='causal') policies.")
     m = config.mesh
-    data = m.data if m.data > 0 else len(devices) // max(m.fsdp * m.tensor, 1)
-    mesh = sharding_lib.make_mesh(data, m.fsdp, m.tensor, devices=devices)
+    mesh = sharding_lib.make_mesh(*sharding_lib.resolve_mesh_shape(m.data, m.fsdp, m.tensor, len(devices)),
+                                  devices=devices)
     policy = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(config.seed)))
     graphdef, policy_params = nnx.split(policy, nnx.Param)
     params, value_graphdef = {"policy": policy_params}, None
@@ -119,7 +119,8 @@ def build(config, mcfg, devices):
                                                               rngs=nnx.Rngs(config.seed)))
         value_graphdef, params["value"] = nnx.split(value, nnx.Param)
     tokenizer = types.SimpleNamespace(eos_token_id=0, pad_token_id=0)  # the loss never reads token ids
-    parts = loop.ar_parts(config, graphdef, tokenizer, value_graphdef=value_graphdef)
+    shardings = {k: sharding_lib.param_shardings(v, mesh) for k, v in params.items()}
+    parts = loop.ar_parts(config, graphdef, tokenizer, value_graphdef=value_graphdef, mesh=mesh, shardings=shardings)
     o = config.optim
     state, tx, state_sh = loop.abstract_state(config, mesh, params, config.train.num_steps * o.ppo_epochs *
                                               o.mini_batches)
@@ -127,8 +128,11 @@ def build(config, mcfg, devices):
     step = make_train_step(parts.loss_fn, tx, num_micro_batches=o.micro_batches, state_shardings=state_sh,
                            batch_shardings=batch_sh)
     batch = loop.update_batch_spec(config, batch_sh)
-    logps_fn = batch_lib.make_forward_fns(graphdef, value_graphdef)[0]
-    micro_rows = batch["tokens_NxL"].shape[0] // o.micro_batches
+    # The loop's old / reference pass: micro-batched over rows, sharded like the update step, in compute dtype.
+    logps_fn = batch_lib.make_forward_fns(
+        graphdef, value_graphdef, spec=loop.logp_spec(config), micro_batch_rows=o.logp_micro_batch_rows,
+        **loop._forward_shardings(config, mesh, shardings))[0]
+    micro_rows = config.rollout.prompts_per_step * config.rollout.group_size  # the whole rollout batch
     fwd_batch = {k: jax.ShapeDtypeStruct((micro_rows,) + batch[k].shape[1:], batch[k].dtype)
                  for k in ("tokens_NxL", "valid_NxL", "response_mask_NxR")}
     return types.SimpleNamespace(mesh=mesh, step=step, state=state, batch=batch, logps_fn=logps_fn,
@@ -204,7 +208,7 @@ def main(argv):
           f"{_TARGET.value} = {len(devices)} x {devices[0].device_kind}, mesh {dict(b.mesh.shape)}, jax "
           f"{jax.__version__}")
     print(f"   update: {rows} rows x {seq} tokens ({r.max_prompt_len} + {r.max_new_tokens}) in {o.micro_batches} "
-          f"micro-batch(es); log-prob pass: {b.micro_rows} rows; capacity {capacity / ct.GIB:.2f} GiB per device")
+          f"micro-batch(es); log-prob pass: {b.micro_rows} rows in passes of {o.logp_micro_batch_rows or b.micro_rows}; capacity {capacity / ct.GIB:.2f} GiB per device")
 
     state_bytes = preflight.per_device_bytes(b.state)
     policy_bytes = preflight.per_device_bytes(b.state.params["policy"])

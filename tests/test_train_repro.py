@@ -17,6 +17,7 @@ from jaxrl_reason.data.tokenizer import build_char_tokenizer, encode_batch_left_
 from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.train import repro
+from jaxrl_reason.train.logprobs import LogpSpec
 
 PROMPTS = ["12+7+30:", "12+7+30:", "5+6+7:", "5+6+7:", "3+4+5:", "3+4+5:", "3+4+5:"]
 ANSWERS = ["49", "49", "18", "18", "12", "12", "12"]
@@ -190,6 +191,19 @@ def test_sharded_queries_equal_unsharded(setup, base):
     np.testing.assert_allclose(run(tok, sharded, params, rows, chunk_size=jax.device_count())[0], adv, atol=1e-5)
     with pytest.raises(ValueError, match="do not split"):
         run(tok, sharded, params, rows, chunk_size=jax.device_count() + 1)
+
+
+@pytest.mark.devices(8)
+def test_explicitly_sharded_scorer_equals_unsharded(setup, base):
+    """Params with their (fsdp) training shardings and queries over ('data', 'fsdp') as the jit's in/out shardings,
+    the LM head in token and vocabulary chunks."""
+    tok, _, graphdef, params = setup
+    _, rows, adv, _ = base
+    mesh = sharding_lib.make_mesh(4, 2, 1)
+    param_sh = sharding_lib.param_shardings(params, mesh)
+    scorer = repro.make_answer_scorer(graphdef, sharding_lib.batch_sharding(mesh, 1), LogpSpec(8, 5), param_sh)
+    np.testing.assert_allclose(run(tok, scorer, jax.device_put(params, param_sh), rows, chunk_size=8)[0], adv,
+                               atol=1e-5)
 
 
 def test_switches_and_bad_arguments(setup, base):

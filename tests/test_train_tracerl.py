@@ -378,3 +378,18 @@ def test_diffusion_parts_run_rl_updates_end_to_end():
         changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(init[part]),
                                                          jax.tree.leaves(state.params[part]))]
         assert any(changed), part
+
+
+def test_chunked_row_logp_equals_plain_logits_path():
+    """row_logp (LM head in token and vocabulary chunks, no [W, R, V] logits) = log-softmax of row_logits."""
+    import dataclasses
+
+    from jaxrl_reason.train.logprobs import LogpSpec
+
+    rows, spec = _block_rollout(), _spec()
+    g, params = nnx.split(_model("block"), nnx.Param)
+    batch = T.pack_batch(rows, spec)
+    chunked = dataclasses.replace(spec, logp=LogpSpec(logits_chunk=40, vocab_chunk=7))
+    got = jax.jit(functools.partial(T.row_logp, g, chunked))(params, batch)
+    logits = jax.jit(functools.partial(T.row_logits, g, spec))(params, batch)
+    np.testing.assert_allclose(got, diff_lib.token_logp(logits, batch["clean_WxR"]), rtol=1e-5, atol=1e-5)

@@ -374,6 +374,12 @@ class Transformer(nnx.Module):
 
         return jax.lax.scan(body, x, (state, cache))
 
+    def lm_head_weight(self) -> jax.Array:
+        """The LM head weight [D, V]: the embedding transposed when tied."""
+        if not (self.cfg.tie_embeddings or self.has_lm_head):
+            raise ValueError("This Transformer was built with lm_head=False and has no LM head.")
+        return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
     def lm_head_slices(self, vocab_chunk: int | None = None) -> tuple[jax.Array, ...]:
         """The LM head weight [D, V] (the embedding transposed when tied) as column slices of <= `vocab_chunk`."""
         if not (self.cfg.tie_embeddings or self.has_lm_head):

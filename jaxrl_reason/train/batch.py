@@ -1,9 +1,9 @@
 """From collected rollout rows to the fixed-shape update batch: log-probs, values, advantages (DESIGN.md §2).
 
 `compute_advantages` calls the estimator registered under `advantage.estimator` in
-`core.advantages.ADVANTAGE_ESTIMATORS`. The forward passes for old / reference log-probs and critic values are
-jitted once per shape (`make_forward_fns`). The resulting batch layout is the one documented in
-`train/objectives.py`.
+`core.advantages.ADVANTAGE_ESTIMATORS`. The forward passes for old / reference log-probs and critic values
+are jitted once per shape (`make_forward_fns`), micro-batched over rows and sharded like the update step.
+The resulting batch layout is the one documented in `train/objectives.py`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_reason.core import advantages as adv_lib
-from jaxrl_reason.train.objectives import ar_logps, ar_values
+from jaxrl_reason.train.logprobs import LogpSpec, ar_logps, ar_values
+from jaxrl_reason.train.step import split_micro_batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +42,55 @@ def compute_advantages(cfg: AdvantageConfig, reward_N, mask_NxR, logp_old_NxR=No
         values_NxT=values_NxR, greedy_reward_N=greedy_reward_N)
 
 
-def make_forward_fns(policy_graphdef, value_graphdef=None):
-    """Jitted no-grad forwards: `logps(params, batch) -> (logp, entropy)`, `values(params, batch)`."""
-    logps = jax.jit(lambda p, b: ar_logps(policy_graphdef, p, b))
-    values = jax.jit(lambda p, b: ar_values(value_graphdef, p, b)) if value_graphdef is not None else None
+def _over_micro_batches(fn, micro_batch_rows: int):
+    """`fn(params, batch)` as a `lax.map` over micro-batches of `micro_batch_rows` rows (0: one pass).
+
+    Micro-batch m takes rows m, m + M, m + 2M, ... (the strided split of the update step), so with rows sharded
+    over ('data', 'fsdp') every device keeps its own rows; outputs are put back in row order.
+    """
+    if micro_batch_rows < 0:
+        raise ValueError(f"micro_batch_rows must be >= 0 (0: one pass), got {micro_batch_rows}.")
+
+    def run(params, batch):
+        rows = batch["response_mask_NxR"].shape[0]
+        if micro_batch_rows == 0 or micro_batch_rows >= rows:
+            return fn(params, batch)
+        if rows % micro_batch_rows:
+            raise ValueError(f"{rows} rows do not split into log-prob micro-batches of {micro_batch_rows} rows.")
+        out = jax.lax.map(lambda mb: fn(params, mb), split_micro_batches(batch, rows // micro_batch_rows))
+        return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(rows, *x.shape[2:]), out)
+
+    return run
+
+
+def make_forward_fns(policy_graphdef, value_graphdef=None, *, spec: LogpSpec = LogpSpec(), micro_batch_rows: int = 0,
+                     policy_shardings=None, value_shardings=None, rows_sharding=None):
+    """Jitted no-grad forwards: `logps(params, batch) -> (logp, entropy)`, `values(params, batch)`.
+
+    Both run over micro-batches of `micro_batch_rows` rows (0: the whole batch in one pass) and use `spec`'s
+    chunked LM head and compute dtype. With `rows_sharding` (rows over ('data', 'fsdp')) and the params'
+    training shardings (`policy_shardings`, `value_shardings`: pytrees of `NamedSharding`), they are jitted with
+    those explicit in/out shardings; the outputs `[N, R]` come back sharded by rows.
+    """
+    spec.validate()
+
+    def jit(fn, param_shardings):
+        fn = _over_micro_batches(fn, micro_batch_rows)
+        if rows_sharding is None:
+            return jax.jit(fn)
+        jitted = jax.jit(fn, in_shardings=(param_shardings, rows_sharding), out_shardings=rows_sharding)
+
+        def under_mesh(params, batch):  # traced under the mesh, so the model's activation constraints apply
+            with jax.set_mesh(rows_sharding.mesh):
+                return jitted(params, batch)
+
+        under_mesh.lower = jitted.lower
+        return under_mesh
+
+    logps = jit(lambda p, b: ar_logps(policy_graphdef, p, b, spec), policy_shardings)
+    values = None
+    if value_graphdef is not None:
+        values = jit(lambda p, b: ar_values(value_graphdef, p, b, spec), value_shardings)
     return logps, values
 
 

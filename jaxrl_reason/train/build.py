@@ -25,6 +25,7 @@ from jaxrl_reason.data.tokenizer import build_char_tokenizer, load_tokenizer
 from jaxrl_reason.models.hf import load_hf
 from jaxrl_reason.models.sharding import resolve_mesh_shape
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
+from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec
 from jaxrl_reason.train.objectives import ObjectiveConfig
 
 NUM_TRAIN_PROBLEMS = 20000
@@ -79,6 +80,7 @@ def validate_config(config) -> None:
              f"reward.overlong_buffer ({r.overlong_buffer}) must be within [0, max_new_tokens].")
     _validate_mesh(config)
     _validate_sources(config)
+    _validate_precision(config, ro.prompts_per_step * ro.group_size)
     if config.model.attention != "causal":
         validate_tracerl_config(config)
 
@@ -114,6 +116,16 @@ def validate_tracerl_config(config) -> None:
                  f"rollout.max_new_tokens must be a multiple of tracerl.llada_block_len ({t.llada_block_len}).")
         _require(t.llada_steps % (r.max_new_tokens // t.llada_block_len) == 0,
                  f"tracerl.llada_steps ({t.llada_steps}) must be a multiple of the number of LLaDA blocks.")
+
+
+def _validate_precision(config, rollout_rows: int) -> None:
+    """Storage / compute dtypes, log-prob chunk sizes and the no-grad pass micro-batch (`train/logprobs.py`)."""
+    m, micro = config.model, config.optim.logp_micro_batch_rows
+    _require(m.param_dtype in COMPUTE_DTYPES,
+             f"unknown model.param_dtype {m.param_dtype!r}; use one of {tuple(COMPUTE_DTYPES)}.")
+    LogpSpec(m.logits_chunk, m.vocab_chunk, m.compute_dtype).validate()
+    _require(isinstance(micro, int) and micro >= 0 and (micro == 0 or rollout_rows % micro == 0),
+             f"optim.logp_micro_batch_rows ({micro}) must be 0 (one pass) or divide the {rollout_rows} rollout rows.")
 
 
 def _validate_mesh(config) -> None:

@@ -42,12 +42,16 @@ from jaxrl_reason.train import workdir as workdir_lib
 from jaxrl_reason.train.build import build_task, load_policy, objective_config, validate_config
 from jaxrl_reason.train.checkpoint import Checkpointer, install_preemption_handler
 from jaxrl_reason.train.evaluation import evaluate
+from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec, ar_logps, ar_values, cast_floating
 from jaxrl_reason.train.metrics import MetricsWriter, ProgressBar
 from jaxrl_reason.train.objectives import rl_loss
 from jaxrl_reason.train.optimizer import make_optimizer
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step
 from jaxrl_reason.train.tracerl import diffusion_parts
+
+
+REPRO_QUERY_CHUNK = 64  # answer queries per call of REPRO's scorer
 
 
 class PolicyParts(NamedTuple):
@@ -61,14 +65,21 @@ class PolicyParts(NamedTuple):
     split: Callable[[dict, np.random.Generator], list[dict]]  # rollout batch -> mini-batches
 
 
-def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=None) -> PolicyParts:
-    """Autoregressive policy: KV-cache sampler, token log-probs, the composed RL objective."""
+def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=None, mesh=None,
+             shardings=None) -> PolicyParts:
+    """Autoregressive policy: KV-cache sampler, token log-probs, the composed RL objective.
+
+    `mesh` and `shardings` (the params' training shardings, {"policy"[, "value"]}) give the no-grad log-prob
+    passes explicit in/out shardings.
+    """
     r = config.rollout
     common = dict(max_prompt_len=r.max_prompt_len, max_new_tokens=r.max_new_tokens,
                   eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
     train = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                            hapo_tau=r.hapo_tau, hapo_sign_compat=r.hapo_sign_compat)
-    logps_fn, values_fn = batch_lib.make_forward_fns(graphdef, value_graphdef)
+    spec, fwd_sh = logp_spec(config), _forward_shardings(config, mesh, shardings)
+    logps_fn, values_fn = batch_lib.make_forward_fns(graphdef, value_graphdef, spec=spec,
+                                                     micro_batch_rows=config.optim.logp_micro_batch_rows, **fwd_sh)
     adv_cfg = advantage_config(config)
 
     rw = config.reward
@@ -76,7 +87,8 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
     if rw.repro_alpha > 0:  # REPRO process advantage added to the outcome advantage (algorithms.md §5)
         repro_fn = repro_lib.make_repro_advantage_fn(
             graphdef, tokenizer, alpha=rw.repro_alpha, k=rw.repro_k, w=rw.repro_w, delimiter=rw.repro_delimiter,
-            answer_prefix=rw.repro_answer_prefix, think_end=rw.repro_think_end)
+            answer_prefix=rw.repro_answer_prefix, think_end=rw.repro_think_end, spec=spec,
+            **_repro_shardings(mesh, fwd_sh))
 
     def build_batch(rows, params):
         extra, repro_metrics = repro_fn(rows, params["policy"]) if repro_fn else (None, {})
@@ -94,8 +106,47 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
         greedy_gen=make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common),
         build_batch=build_batch,
         loss_fn=functools.partial(rl_loss, cfg=objective_config(config), policy_graphdef=graphdef,
-                                  value_graphdef=value_graphdef),
+                                  value_graphdef=value_graphdef, logps_fn=functools.partial(ar_logps, spec=spec),
+                                  values_fn=functools.partial(ar_values, spec=spec)),
         split=split)
+
+
+def logp_spec(config) -> LogpSpec:
+    """Chunk sizes and compute dtype of every log-prob pass (`train/logprobs.py`)."""
+    m = config.model
+    return LogpSpec(m.logits_chunk, m.vocab_chunk, m.compute_dtype).validate()
+
+
+def compute_copy(config, params):
+    """The params in `model.compute_dtype` for the sampler and evaluation (the same arrays when it is the
+    storage dtype)."""
+    return cast_floating(params, COMPUTE_DTYPES[config.model.compute_dtype])
+
+
+def _forward_shardings(config, mesh, shardings) -> dict:
+    """In/out shardings of the no-grad passes: rows over ('data', 'fsdp') when they split evenly, else
+    replicated; params as in training."""
+    if mesh is None or shardings is None:
+        return {}
+    rows = config.rollout.prompts_per_step * config.rollout.group_size
+    split = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+    rows_sh = sharding_lib.batch_sharding(mesh, 1) if split else jax.sharding.NamedSharding(mesh, jax.P())
+    return dict(policy_shardings=shardings["policy"], value_shardings=shardings.get("value"), rows_sharding=rows_sh)
+
+
+def _repro_shardings(mesh, fwd_sh: dict) -> dict:
+    """REPRO's answer queries over ('data', 'fsdp') when its query chunk (64) splits over them."""
+    if not fwd_sh or REPRO_QUERY_CHUNK % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return {}
+    return dict(query_sharding=sharding_lib.batch_sharding(mesh, 1), param_shardings=fwd_sh["policy_shardings"],
+                chunk_size=REPRO_QUERY_CHUNK)
+
+
+def _reference_copy(config, policy_params, shardings):
+    """The frozen KL reference: a compute-dtype copy of the initial policy, sharded like the policy."""
+    if shardings is None:
+        return compute_copy(config, jax.tree.map(lambda x: x.copy(), policy_params))
+    return compute_copy(config, jax.device_put(policy_params, shardings["policy"], may_alias=False))
 
 
 def _mesh(config):
@@ -251,19 +302,22 @@ def run(config, workdir: str, *, eval_before: dict | None = None) -> dict:
         return _run(config, workdir, preempt, eval_before)
 
 
-def _build_parts(config, task):
+def _build_parts(config, task, mesh=None):
     """(policy module, its config, trainable params {"policy"[, "value"]}, PolicyParts): a value model for GAE,
-    a frozen reference copy when a KL term is on, autoregressive or masked-diffusion parts by `model.attention`."""
+    a frozen reference copy when a KL term is on, autoregressive or masked-diffusion parts by `model.attention`.
+    With `mesh`, the reference copy and the no-grad passes are sharded like the trained params."""
     policy, mcfg = load_policy(config, task.tokenizer)
     graphdef, policy_params = nnx.split(policy, nnx.Param)
     params, value_graphdef, ref_params = {"policy": policy_params}, None, None
     if config.advantage.estimator == "gae":
         value_graphdef, params["value"] = nnx.split(ValueModel.from_policy(policy, rngs=nnx.Rngs(config.seed)),
                                                     nnx.Param)
+    shardings = None if mesh is None else {k: sharding_lib.param_shardings(v, mesh) for k, v in params.items()}
     if config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0:
-        ref_params = jax.tree.map(lambda x: x.copy(), policy_params)
+        ref_params = _reference_copy(config, policy_params, shardings)
     if config.model.attention == "causal":
-        parts = ar_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef, ref_params=ref_params)
+        parts = ar_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef, ref_params=ref_params,
+                         mesh=mesh, shardings=shardings)
     else:  # masked-diffusion policy: TraceRL rows and objective, same loop (diffusion.md §7)
         parts = diffusion_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef)
     return policy, mcfg, params, parts
@@ -273,7 +327,7 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
     os.makedirs(workdir, exist_ok=True)
     mesh = _mesh(config)
     task = build_task(config)
-    policy, mcfg, params, parts = _build_parts(config, task)
+    policy, mcfg, params, parts = _build_parts(config, task, mesh)
     console.startup_summary(config, task, params, mesh)
     o = config.optim
     state, tx, state_sh = _initial_state(config, mesh, params, config.train.num_steps * o.ppo_epochs * o.mini_batches)
@@ -287,10 +341,11 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
         state, meta = ckpt.restore(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                                 state, state_sh))
         print(f"resumed from {ckpt.directory} at iteration {meta['iteration']}", flush=True)
-    eval_fn = functools.partial(
+    evaluate_fn = functools.partial(
         evaluate, examples=task.heldout, tokenizer=task.tokenizer, scorer=task.scorer, sample_fn=parts.eval_gen,
         greedy_fn=parts.greedy_gen if config.eval.greedy else None, samples=config.eval.samples,
         batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len, count_fn=task.count_fn)
+    eval_fn = lambda params, key: evaluate_fn(compute_copy(config, params), key=key)  # noqa: E731 (sampler dtype)
     # Lines after the restored iteration are written again; with no evaluation restored, step 0 is too (-1: drop all).
     writer = MetricsWriter(workdir, truncate_after=meta["iteration"] if meta["eval_before"] is not None else -1)
     if meta["eval_before"] is None and not preempt.requested:
@@ -335,7 +390,7 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
         t0 = time.time()
         stats = meta["hapo_stats"] if r.hapo_tau > 0 else None
         hapo_stats = None if stats is None else {k: np.float32(v) for k, v in stats.items()}
-        rows, metrics, _ = rollout_lib.collect_batch(spec, state.params["policy"], stream,
+        rows, metrics, _ = rollout_lib.collect_batch(spec, compute_copy(config, state.params["policy"]), stream,
                                                      jax.random.fold_in(base_key, it), train_groups=r.prompts_per_step,
                                                      reward_cfg=reward_cfg, filter_cfg=filter_cfg,
                                                      hapo_stats=hapo_stats)

@@ -1,7 +1,8 @@
-"""RL objectives assembled from `core/` pieces, plus the forward passes that produce their log-probs.
+"""RL objectives assembled from `core/` pieces; the forward passes that produce their log-probs are re-exported.
 
 DESIGN.md §3: `logps_fn(params, batch) -> (logp_NxR, entropy_NxR)` is separate from the loss, which sees only
-log-probs. `rl_loss` composes, per micro-batch:
+log-probs; the forward passes themselves (chunked LM head, compute dtype) live in `train/logprobs.py`.
+`rl_loss` composes, per micro-batch:
 
     policy term   POLICY_LOSSES[mode]: ppo (dual clip, clip-higher, HAPO adaptive bounds + redistribution), gspo,
                   cispo, sapo, gmpo, clip_cov, kl_cov, gpg, dppo_tv, dppo_kl
@@ -23,14 +24,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxrl_reason.core import hapo as hapo_lib
 from jaxrl_reason.core import kl as kl_lib
 from jaxrl_reason.core import policy_loss as pl
 from jaxrl_reason.core.advantages import hapo_redistribute_advantages
 from jaxrl_reason.core.aggregate import aggregate
-from jaxrl_reason.models.attention import AttentionMask, causal, positions_from_mask
+from jaxrl_reason.train.logprobs import ar_logps, ar_values, causal_forward_inputs, token_logps  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,37 +67,6 @@ class ObjectiveConfig:
         return self.hapo_adaptive_clip or self.hapo_redistribute
 
 
-def token_logps(logits_NxRxV: jax.Array, targets_NxR: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Float32 log-prob of each target token and the entropy of each predictive distribution."""
-    logprobs = jax.nn.log_softmax(logits_NxRxV.astype(jnp.float32), axis=-1)
-    logp = jnp.take_along_axis(logprobs, targets_NxR[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
-    return logp, entropy
-
-
-def causal_forward_inputs(batch: dict) -> tuple[jax.Array, jax.Array, AttentionMask]:
-    """tokens, positions and the causal mask (a pattern with key padding, for the fused kernels) of a batch."""
-    valid = batch["valid_NxL"]
-    return batch["tokens_NxL"], positions_from_mask(valid), causal(valid)
-
-
-def ar_logps(graphdef: nnx.GraphDef, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Autoregressive `logps_fn` (diffusion.md §6.1): logits at positions P-1 .. L-2 predict the response."""
-    model = nnx.merge(graphdef, params)
-    tokens, positions, mask = causal_forward_inputs(batch)
-    num_resp = batch["response_mask_NxR"].shape[1]
-    logits, _ = model(tokens, positions, mask)
-    return token_logps(logits[:, -num_resp - 1 : -1], tokens[:, -num_resp:])
-
-
-def ar_values(graphdef: nnx.GraphDef, params, batch: dict) -> jax.Array:
-    """Critic values of the states before each response token (verl `values[:, -R-1:-1]`)."""
-    model = nnx.merge(graphdef, params)
-    tokens, positions, mask = causal_forward_inputs(batch)
-    num_resp = batch["response_mask_NxR"].shape[1]
-    return model(tokens, positions, mask)[:, -num_resp - 1 : -1].astype(jnp.float32)
-
-
 def _agg_kwargs(cfg: ObjectiveConfig, batch: dict) -> dict:
     return dict(agg=cfg.agg, agg_const=cfg.agg_const, num_tokens=batch["num_tokens_N"][0],
                 num_seqs=batch["num_seqs_N"][0])
@@ -125,8 +94,12 @@ def policy_term(cfg: ObjectiveConfig, logp, entropy, batch: dict, rng=None) -> t
 
 
 def rl_loss(params: dict, batch: dict, rng: jax.Array, *, cfg: ObjectiveConfig, policy_graphdef,
-            value_graphdef=None, logps_fn=ar_logps) -> tuple[jax.Array, dict]:
-    """Total RL loss of one micro-batch; `params = {"policy": ..., ["value": ...]}`."""
+            value_graphdef=None, logps_fn=ar_logps, values_fn=ar_values) -> tuple[jax.Array, dict]:
+    """Total RL loss of one micro-batch; `params = {"policy": ..., ["value": ...]}`.
+
+    `logps_fn(graphdef, params, batch)` / `values_fn(graphdef, params, batch)`: the forward passes
+    (`train/logprobs.py`, bound to a `LogpSpec` by the caller).
+    """
     logp, entropy = logps_fn(policy_graphdef, params["policy"], batch)
     loss, metrics = policy_term(cfg, logp, entropy, batch, rng)
     mask = batch["response_mask_NxR"]
@@ -143,7 +116,7 @@ def rl_loss(params: dict, batch: dict, rng: jax.Array, *, cfg: ObjectiveConfig, 
     if cfg.entropy_coef > 0:
         loss = loss + ent_term
     if cfg.value_coef > 0:
-        values = ar_values(value_graphdef, params["value"], batch)
+        values = values_fn(value_graphdef, params["value"], batch)
         v_loss, v_metrics = pl.value_loss(values, batch["values_old_NxR"], batch["returns_NxR"], mask,
                                           cfg.value_clip, **agg)
         loss = loss + cfg.value_coef * v_loss

@@ -24,31 +24,38 @@ from flax import nnx
 
 from jaxrl_reason.core import repro as repro_lib
 from jaxrl_reason.models.attention import causal, positions_from_mask
-from jaxrl_reason.train.objectives import token_logps
+from jaxrl_reason.train.logprobs import LogpSpec, cast_floating, chunked_token_logps
 
 
-def make_answer_scorer(graphdef: nnx.GraphDef, query_sharding: jax.sharding.Sharding | None = None) -> Callable:
+def make_answer_scorer(graphdef: nnx.GraphDef, query_sharding: jax.sharding.Sharding | None = None,
+                       spec: LogpSpec = LogpSpec(), param_shardings=None) -> Callable:
     """Jitted surrogate `J~` (algorithms.md §5.2) of a fixed-shape batch of answer queries, no gradient.
 
     Returns `scorer(params, tokens_KxL, valid_KxL, answer_mask_KxA) -> J_K` (float32 numpy-convertible): the
     mean float32 log-likelihood of the answer tokens, which occupy (right-aligned) the last A slots of each
-    left-padded query; `answer_mask_KxA` marks them. Only the last A positions go through the LM head, so
-    long queries never materialize `[K, L, V]` logits. A row with no answer token scores 0 (padding rows).
+    left-padded query; `answer_mask_KxA` marks them. Only the last A positions go through the LM head, in
+    token (and vocabulary) chunks of `spec` (`train/logprobs.py`), with the params cast to `spec.compute_dtype`,
+    so no `[K, L, V]` or `[K, A, V]` logits exist. A row with no answer token scores 0 (padding rows).
     `query_sharding`: optional sharding of the `[K, *]` query arrays (e.g. `models.sharding.batch_sharding(mesh,
-    2)`) so the queries are split over data-parallel devices; K must then divide over its shards.
+    2)`) so the queries are split over data-parallel devices; K must then divide over its shards. With it,
+    `param_shardings` (the params' training shardings) makes the jit's in/out shardings explicit.
     """
+    spec.validate()
 
-    @jax.jit
     def score(params, tokens_KxL, valid_KxL, answer_mask_KxA):
-        model = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+        model = nnx.merge(graphdef, cast_floating(jax.lax.stop_gradient(params), spec.dtype))
         num_ans = answer_mask_KxA.shape[1]
         h_KxLxD, _ = model.hidden(tokens_KxL, positions_from_mask(valid_KxL), causal(valid_KxL))
-        logits_KxAxV = model.logits(h_KxLxD[:, -num_ans - 1:-1])
-        logp_KxA, _ = token_logps(logits_KxAxV, tokens_KxL[:, -num_ans:])
+        logp_KxA, _ = chunked_token_logps(h_KxLxD[:, -num_ans - 1:-1], model.lm_head_weight(),
+                                          tokens_KxL[:, -num_ans:], token_chunk=spec.logits_chunk,
+                                          vocab_chunk=spec.vocab_chunk)
         return repro_lib.answer_loglik_mean(logp_KxA, answer_mask_KxA)
 
     if query_sharding is None:
-        return score
+        return jax.jit(score)
+    explicit = {} if param_shardings is None else dict(in_shardings=(param_shardings,) + (query_sharding,) * 3,
+                                                       out_shardings=query_sharding)
+    score = jax.jit(score, **explicit)
 
     def sharded_score(params, tokens_KxL, valid_KxL, answer_mask_KxA):
         try:
@@ -239,16 +246,18 @@ def process_advantage_for_rows(rows: dict, answers_text: Sequence[str], tokenize
 
 
 def make_repro_advantage_fn(graphdef: nnx.GraphDef, tokenizer, *, alpha: float, k: int, w: float, delimiter: str,
-                            answer_prefix: str, think_end: str = "", query_sharding=None, **kwargs) -> Callable:
+                            answer_prefix: str, think_end: str = "", query_sharding=None,
+                            spec: LogpSpec = LogpSpec(), param_shardings=None, **kwargs) -> Callable:
     """The loop's hook: `fn(rows, policy_params) -> (alpha * process_adv_NxR, metrics)` (algorithms.md §5.2).
 
     `rows` must carry the gold answers as `rows["answer"]` ([N] strings). `delimiter` / `think_end` are text,
-    tokenized once here (`think_end=""`: the whole response is thinking). `**kwargs` go to
+    tokenized once here (`think_end=""`: the whole response is thinking). `spec`, `query_sharding`,
+    `param_shardings`: as in `make_answer_scorer`. `**kwargs` go to
     `process_advantage_for_rows` (w_on, max_answer_tokens, chunk_size, the [INFERRED] switches).
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0 to use REPRO, got {alpha}.")
-    scorer = make_answer_scorer(graphdef, query_sharding)
+    scorer = make_answer_scorer(graphdef, query_sharding, spec, param_shardings)
     fixed = dict(delimiter_ids=token_ids(tokenizer, delimiter), answer_prefix=answer_prefix, k=k, w=w,
                  think_end_ids=token_ids(tokenizer, think_end) or None, **kwargs)
     if not fixed["delimiter_ids"]:

@@ -48,6 +48,7 @@ from jaxrl_reason.models import attention
 from jaxrl_reason.sampling.diffusion import make_block_generate_fn, make_llada_generate_fn
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train.build import validate_tracerl_config
+from jaxrl_reason.train.logprobs import LogpSpec, cast_floating, chunked_token_logps
 
 ESTIMATORS = ("trace", "onestep")
 KINDS = {"block": "block", "bidirectional": "full"}
@@ -61,7 +62,8 @@ class TraceSpec:
 
     kind: "block" (two-stream, §5.5) | "full" (bidirectional, §5.2). block_size: training block (= rollout block;
     None for full attention). shrink: s of §6.5. num_rows: K_max replay rows per response (`num_rows_bound`).
-    norm: "response_len" (block, rl_trado) | "targets" (full attention, rl_llada), §7.3.
+    norm: "response_len" (block, rl_trado) | "targets" (full attention, rl_llada), §7.3. logp: chunk sizes and
+    compute dtype of the log-prob and value passes (`train/logprobs.py`).
     """
     kind: str
     block_size: int | None
@@ -82,6 +84,7 @@ class TraceSpec:
     p_mask_prompt: float = 0.15
     seed: int = 0
     forward_rows: int = 64
+    logp: LogpSpec = LogpSpec()
 
     def validate(self) -> TraceSpec:
         """Raises ValueError with one sentence on an impossible setting; returns self."""
@@ -96,6 +99,7 @@ class TraceSpec:
         for name in ("shrink", "num_rows", "group_size", "forward_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TraceSpec.{name} must be >= 1, got {getattr(self, name)}.")
+        self.logp.validate()
         return self
 
 
@@ -113,7 +117,9 @@ def trace_spec(config, mask_token_id: int) -> TraceSpec:
                      group_size=r.group_size, estimator=t.estimator, eps=t.eps, beta=t.beta, norm=norm,
                      adv_eps=t.adv_eps, gamma=config.advantage.gamma, lam=config.advantage.lam,
                      value_clip=t.value_clip, value_coef=t.value_coef, value_norm=t.value_norm,
-                     p_mask_prompt=t.p_mask_prompt, seed=config.seed, forward_rows=t.forward_rows).validate()
+                     p_mask_prompt=t.p_mask_prompt, seed=config.seed, forward_rows=t.forward_rows,
+                     logp=LogpSpec(config.model.logits_chunk, config.model.vocab_chunk,
+                                   config.model.compute_dtype)).validate()
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -198,7 +204,7 @@ def row_inputs(spec: TraceSpec, batch: dict):
 
 
 def row_logits(graphdef, spec: TraceSpec, params, batch: dict) -> jax.Array:
-    """Float32 logits `[W, R, V]` of the noisy stream (LM head only on those positions)."""
+    """Float32 logits `[W, R, V]` of the noisy stream (the plain form of `row_logp`, for checks)."""
     model = nnx.merge(graphdef, params)
     tokens, pos, mask, start = row_inputs(spec, batch)
     h, _ = model.hidden(tokens, pos, mask)
@@ -206,14 +212,24 @@ def row_logits(graphdef, spec: TraceSpec, params, batch: dict) -> jax.Array:
 
 
 def row_logp(graphdef, spec: TraceSpec, params, batch: dict) -> jax.Array:
-    """`log pi(o_j | replayed state)` `[W, R]` float32 (diffusion.md §6.5; targets are the clean response)."""
-    return diff_lib.token_logp(row_logits(graphdef, spec, params, batch), batch["clean_WxR"])
+    """`log pi(o_j | replayed state)` `[W, R]` float32 (diffusion.md §6.5; targets are the clean response).
+
+    The LM head runs on the noisy stream only, in the chunks of `spec.logp`, so no `[W, R, V]` logits exist; the
+    params are cast to its compute dtype inside (gradients keep the params' dtype).
+    """
+    model = nnx.merge(graphdef, cast_floating(params, spec.logp.dtype))
+    tokens, pos, mask, start = row_inputs(spec, batch)
+    h, _ = model.hidden(tokens, pos, mask)
+    logp, _ = chunked_token_logps(h[:, start:], model.lm_head_weight(), batch["clean_WxR"],
+                                  token_chunk=spec.logp.logits_chunk, vocab_chunk=spec.logp.vocab_chunk)
+    return logp
 
 
 def row_values(value_graphdef, spec: TraceSpec, params, batch: dict) -> jax.Array:
     """Value-model outputs at the noisy-stream positions `[W, R]` (diffusion.md §7.4: same rows and masks)."""
     tokens, pos, mask, start = row_inputs(spec, batch)
-    return nnx.merge(value_graphdef, params)(tokens, pos, mask)[:, start:]
+    model = nnx.merge(value_graphdef, cast_floating(params, spec.logp.dtype))
+    return model(tokens, pos, mask)[:, start:].astype(jnp.float32)
 
 
 def chunked_forward(fn, params, batch: dict, chunk: int) -> np.ndarray:

@@ -117,7 +117,7 @@ def test_script_on_simulated_cpu_devices():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert LAST_LINE.match(lines[-1]) and lines[-1].startswith("fits=yes")
-    assert "2 x cpu" in out.stdout and "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in out.stdout
+    assert "2 x cpu" in out.stdout and "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in out.stdout  # full: FSDP over all devices
     assert "### update step" in out.stdout and "### log-prob pass" in out.stdout
 
 

@@ -18,6 +18,7 @@ from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.train import step as step_lib
 from jaxrl_reason.train.objectives import ObjectiveConfig, ar_logps, ar_values, rl_loss
 from jaxrl_reason.train.state import init_train_state
+from jaxrl_reason.train.step import SUMMED
 
 N, P, R, V = 8, 3, 6, 11
 LENGTHS_N = np.array([6, 1, 4, 0, 2, 6, 3, 5])  # uneven, one empty response
@@ -55,14 +56,16 @@ def _batch():
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def _cfg(agg, mode="ppo"):
+def _cfg(agg, mode="ppo", value_coef=0.5):
     return ObjectiveConfig(mode=mode, eps_low=0.1, eps_high=0.15, dual_clip_c=3.0, agg=agg, agg_const=4.0,
-                           kl_coef=0.3, kl_kind="k3", entropy_coef=0.05, value_coef=0.5, value_clip=0.2)
+                           kl_coef=0.3, kl_kind="k3", entropy_coef=0.05, value_coef=value_coef, value_clip=0.2)
 
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-# every aggregation of the clipped PPO loss, and GSPO; distinct weights so that no error cancels another
-OBJECTIVES = tuple((_cfg(agg), w) for agg, w in zip(AGGS, (1.0, 0.7, 1.3, 0.9))) + ((_cfg(AGGS[1], "gspo"), 1.1),)
+# every aggregation of the clipped PPO loss, and GSPO; distinct weights so that no error cancels another; the
+# critic term (one more forward) in two of them
+OBJECTIVES = tuple((_cfg(agg, value_coef=v), w) for agg, w, v in zip(AGGS, (1.0, 0.7, 1.3, 0.9), (0.5, 0, 0, 0.5))) \
+    + ((_cfg(AGGS[1], "gspo", value_coef=0.0), 1.1),)
 
 
 def _all_objectives(params, mb, rng, *, pg, vg):
@@ -71,8 +74,10 @@ def _all_objectives(params, mb, rng, *, pg, vg):
     shared = lambda graphdef, p, b: (logp, entropy)  # noqa: E731
     total, metrics = 0.0, {}
     for i, (cfg, weight) in enumerate(OBJECTIVES):
-        loss, _ = rl_loss(params, mb, rng, cfg=cfg, policy_graphdef=pg, value_graphdef=vg, logps_fn=shared)
-        total, metrics[f"loss_{i}"] = total + weight * loss, loss
+        loss, m = rl_loss(params, mb, rng, cfg=cfg, policy_graphdef=pg, value_graphdef=vg, logps_fn=shared)
+        total, metrics[f"{SUMMED}loss_{i}"] = total + weight * loss, loss
+        if i == 0:  # the logged terms of one objective, as the step reduces them
+            metrics.update(m)
     return total, metrics
 
 
@@ -92,10 +97,10 @@ def test_micro_batched_rl_loss_equals_one_batch():
     assert ref_metrics["grad_norm"] > 1e-3 and float(ref_metrics["skipped"]) == 0.0
     for m in (2, 4):
         metrics, new_params = out[m]
-        for i, (cfg, _) in enumerate(OBJECTIVES):  # micro-batch losses are averaged in the metrics: times M sums
-            np.testing.assert_allclose(m * metrics[f"loss_{i}"], ref_metrics[f"loss_{i}"], rtol=1e-5,
+        for i, (cfg, _) in enumerate(OBJECTIVES):
+            np.testing.assert_allclose(metrics[f"loss_{i}"], ref_metrics[f"loss_{i}"], rtol=1e-5,
                                        err_msg=f"{cfg.mode} {cfg.agg}, M={m}")
-        for key in ("loss", "grad_norm"):
+        for key in ("loss", "grad_norm", "pg_loss", "kl_loss", "entropy", "vf_loss"):
             np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=f"{key}, M={m}")
         for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(new_params)):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=f"params, M={m}")
@@ -147,6 +152,7 @@ def test_each_term_of_the_loss_by_hand():
     kl = float(np.mean(np.exp(d) - d - 1.0))
     cfg = ObjectiveConfig(agg="token-mean", kl_coef=0.4, kl_kind="k3", entropy_coef=0.1)
     loss, metrics = rl_loss(params, batch, None, cfg=cfg, policy_graphdef=None, logps_fn=_fake_logps)
+    metrics = step_lib._reduce_metrics(metrics)  # as the step logs them
     np.testing.assert_allclose(metrics["pg_loss"], -0.25, rtol=1e-6)
     np.testing.assert_allclose(metrics["kl_loss"], kl, rtol=1e-6)
     np.testing.assert_allclose(metrics["entropy"], 2.0, rtol=1e-6)
@@ -180,7 +186,7 @@ def test_total_is_the_sum_of_its_parts_with_a_critic():
     results = jax.jit(lambda p, b: [rl_loss(p, b, None, cfg=_cfg(agg), policy_graphdef=pg, value_graphdef=vg)
                                     for agg in AGGS])(params, batch)
     for agg, (loss, m) in zip(AGGS, results):
-        cfg = _cfg(agg)
+        cfg, m = _cfg(agg), step_lib._reduce_metrics(m)
         parts = m["pg_loss"] + cfg.kl_coef * m["kl_loss"] - cfg.entropy_coef * m["entropy"] + \
             cfg.value_coef * m["vf_loss"]
         np.testing.assert_allclose(loss, parts, rtol=1e-6, atol=1e-7, err_msg=agg)

@@ -30,6 +30,10 @@ from jaxrl_reason.core import policy_loss as pl
 from jaxrl_reason.core.advantages import hapo_redistribute_advantages
 from jaxrl_reason.core.aggregate import aggregate
 from jaxrl_reason.models.attention import causal_mask, positions_from_mask
+from jaxrl_reason.train.step import SUMMED
+
+# Metrics normalized by the mini-batch's counts: each micro-batch reports its share, the step sums the shares.
+_SHARES = ("pg_loss", "kl_loss", "entropy", "vf_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,5 +145,5 @@ def rl_loss(params: dict, batch: dict, rng: jax.Array, *, cfg: ObjectiveConfig, 
                                           cfg.value_clip, **agg)
         loss = loss + cfg.value_coef * v_loss
         metrics.update(v_metrics, vf_loss=v_loss)
-    return loss, metrics
+    return loss, {(SUMMED + k if k in _SHARES else k): v for k, v in metrics.items()}
 

@@ -1,10 +1,12 @@
 """The RL loop end to end on a (data, fsdp, tensor) = (2, 2, 2) mesh with 2 micro-batches: the same numbers as on a
 data-only mesh with 1 micro-batch; stopped after one iteration and resumed from its checkpoint on the data-only mesh
-it repeats the uninterrupted run.
+it repeats the uninterrupted run (three loop runs in all).
 
 Parameters agree to atol 1e-5 (1% of one Adam step at the smoke lr 1e-3): Adam divides by the root of the squared
 gradient, so for a parameter whose gradient is near zero the float-rounding differences of another reduction order
 move its update by more than rtol 1e-5 of the parameter."""
+import shutil
+
 import numpy as np
 import pytest
 
@@ -20,7 +22,7 @@ DATA_ONLY = dict(mesh__data=-1, mesh__fsdp=1, mesh__tensor=1, optim__micro_batch
 
 def _config(mesh: dict, steps: int):
     # a KL term, so the frozen reference copy is sharded too
-    return tiny_config("grpo", train__num_steps=steps, loss__kl_coef=0.01, **mesh)
+    return tiny_config("grpo", train__num_steps=steps, train__checkpoint_every=1, loss__kl_coef=0.01, **mesh)
 
 
 def _numbers(workdir) -> list[dict]:
@@ -46,9 +48,12 @@ def test_sharded_loop_matches_data_parallel_and_resumes_on_another_mesh(tmp_path
     sharded = loop.run(_config(SHARDED, 2), str(sharded_dir))
     _assert_same_run(ref, ref_dir, sharded, sharded_dir, "(2,2,2) mesh, 2 micro-batches vs data-only")
 
-    loop.run(_config(SHARDED, 1), str(moved_dir))  # stopped after iteration 1
+    # the sharded run as if killed after iteration 1's checkpoint, resumed on the data-only mesh
+    shutil.copytree(sharded_dir, moved_dir)
     with Checkpointer(str(moved_dir / "checkpoints")) as ckpt:
-        assert ckpt.latest_step() == 1
-    moved = loop.run(_config(DATA_ONLY, 2), str(moved_dir))  # resumes the (2,2,2) checkpoint on 8 x data
+        assert ckpt.all_steps() == [1, 2]
+    shutil.rmtree(moved_dir / "checkpoints" / "2")
+    capsys.readouterr()
+    moved = loop.run(_config(DATA_ONLY, 2), str(moved_dir))
     assert "resumed from" in capsys.readouterr().out
-    _assert_same_run(ref, ref_dir, moved, moved_dir, "stopped on (2,2,2), resumed on the data-only mesh")
+    _assert_same_run(ref, ref_dir, moved, moved_dir, "stopped on (2,2,2) after iteration 1, resumed on data-only")

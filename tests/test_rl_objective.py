@@ -63,9 +63,19 @@ def _cfg(agg, mode="ppo", value_coef=0.5):
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 # every aggregation of the clipped PPO loss, and GSPO; distinct weights so that no error cancels another; the
-# critic term (one more forward) in two of them
-OBJECTIVES = tuple((_cfg(agg, value_coef=v), w) for agg, w, v in zip(AGGS, (1.0, 0.7, 1.3, 0.9), (0.5, 0, 0, 0.5))) \
+# critic term (one more forward) in the first
+OBJECTIVES = tuple((_cfg(agg, value_coef=v), w) for agg, w, v in zip(AGGS, (1.0, 0.7, 1.3, 0.9), (0.5, 0, 0, 0))) \
     + ((_cfg(AGGS[1], "gspo", value_coef=0.0), 1.1),)
+TERMS = ("pg_loss", "kl_loss", "entropy", "vf_loss")
+
+
+def _numpy_value_loss(vg, value_params, batch):
+    """0.5 token-mean of max((v - R)^2, (clip(v, v_old -+ 0.2) - R)^2) over the response tokens."""
+    mask = np.asarray(batch["response_mask_NxR"])
+    v = np.asarray(ar_values(vg, value_params, batch))
+    v_old, ret = np.asarray(batch["values_old_NxR"]), np.asarray(batch["returns_NxR"])
+    per_tok = np.maximum((v - ret) ** 2, (np.clip(v, v_old - 0.2, v_old + 0.2) - ret) ** 2)
+    return 0.5 * np.sum(per_tok * mask) / mask.sum()
 
 
 def _all_objectives(params, mb, rng, *, pg, vg):
@@ -76,14 +86,16 @@ def _all_objectives(params, mb, rng, *, pg, vg):
     for i, (cfg, weight) in enumerate(OBJECTIVES):
         loss, m = rl_loss(params, mb, rng, cfg=cfg, policy_graphdef=pg, value_graphdef=vg, logps_fn=shared)
         total, metrics[f"{SUMMED}loss_{i}"] = total + weight * loss, loss
-        if i == 0:  # the logged terms of one objective, as the step reduces them
-            metrics.update(m)
+        metrics.update({f"{k}_{i}": v for k, v in m.items() if k.removeprefix(SUMMED) in TERMS})
     return total, metrics
 
 
 def test_micro_batched_rl_loss_equals_one_batch():
-    """M = 1, 2, 4 micro-batches: same loss, grad_norm and SGD-updated params, for every aggregation of the PPO
-    loss and for GSPO, with KL, entropy and critic terms on and uneven response lengths."""
+    """M = 1, 2, 4 micro-batches: same loss, logged loss terms, grad_norm and SGD-updated params, for every
+    aggregation of the PPO loss and for GSPO, with KL, entropy and critic terms on and uneven response lengths.
+
+    Each objective's total is the sum of its logged terms with their coefficients (entropy with a minus sign), and
+    the critic's term is a numpy clipped value loss of the critic's own values."""
     pg, vg, params = _models()
     loss_fn = functools.partial(_all_objectives, pg=pg, vg=vg)
     tx = optax.sgd(0.5)
@@ -95,13 +107,18 @@ def test_micro_batched_rl_loss_equals_one_batch():
         out[m] = (jax.device_get(metrics), jax.device_get(new_state.params))
     ref_metrics, ref_params = out[1]
     assert ref_metrics["grad_norm"] > 1e-3 and float(ref_metrics["skipped"]) == 0.0
+    for i, (cfg, _) in enumerate(OBJECTIVES):
+        t = {k: float(ref_metrics.get(f"{k}_{i}", 0.0)) for k in TERMS}
+        parts = t["pg_loss"] + cfg.kl_coef * t["kl_loss"] - cfg.entropy_coef * t["entropy"] + \
+            cfg.value_coef * t["vf_loss"]
+        np.testing.assert_allclose(ref_metrics[f"loss_{i}"], parts, rtol=1e-6, atol=1e-7, err_msg=f"{cfg}")
+        assert t["kl_loss"] > 0 and t["entropy"] > 0
+    np.testing.assert_allclose(ref_metrics["vf_loss_0"], _numpy_value_loss(vg, params["value"], batch), rtol=1e-5)
     for m in (2, 4):
         metrics, new_params = out[m]
-        for i, (cfg, _) in enumerate(OBJECTIVES):
-            np.testing.assert_allclose(metrics[f"loss_{i}"], ref_metrics[f"loss_{i}"], rtol=1e-5,
-                                       err_msg=f"{cfg.mode} {cfg.agg}, M={m}")
-        for key in ("loss", "grad_norm", "pg_loss", "kl_loss", "entropy", "vf_loss"):
-            np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=f"{key}, M={m}")
+        for key in ref_metrics:
+            if key == "loss" or key == "grad_norm" or key.startswith(("loss_",) + TERMS):
+                np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=f"{key}, M={m}")
         for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(new_params)):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=f"params, M={m}")
 
@@ -171,25 +188,3 @@ def test_each_term_of_the_loss_by_hand():
     ref_minus_logp = np.asarray(batch["logp_ref_NxR"]) + 1.0
     want = (-np.asarray(batch["adv_NxR"]) + 0.4 * (1.0 - np.exp(ref_minus_logp))) / 4 * mask
     np.testing.assert_allclose(grads["logp"], want, atol=1e-6)
-
-
-def test_total_is_the_sum_of_its_parts_with_a_critic():
-    """Real policy and critic, every aggregation: loss = pg + kl_coef kl - ent_coef H + value_coef vf, where vf is
-    a numpy clipped value loss of the critic's own values."""
-    pg, vg, params = _models()
-    batch = _batch()
-    mask = np.asarray(batch["response_mask_NxR"])
-    v = np.asarray(ar_values(vg, params["value"], batch))
-    v_old, ret = np.asarray(batch["values_old_NxR"]), np.asarray(batch["returns_NxR"])
-    per_tok = np.maximum((v - ret) ** 2, (np.clip(v, v_old - 0.2, v_old + 0.2) - ret) ** 2)
-    vf_token_mean = 0.5 * np.sum(per_tok * mask) / mask.sum()
-    results = jax.jit(lambda p, b: [rl_loss(p, b, None, cfg=_cfg(agg), policy_graphdef=pg, value_graphdef=vg)
-                                    for agg in AGGS])(params, batch)
-    for agg, (loss, m) in zip(AGGS, results):
-        cfg, m = _cfg(agg), step_lib._reduce_metrics(m)
-        parts = m["pg_loss"] + cfg.kl_coef * m["kl_loss"] - cfg.entropy_coef * m["entropy"] + \
-            cfg.value_coef * m["vf_loss"]
-        np.testing.assert_allclose(loss, parts, rtol=1e-6, atol=1e-7, err_msg=agg)
-        assert float(m["kl_loss"]) > 0 and float(m["entropy"]) > 0 and float(m["vf_loss"]) > 0
-        if agg == "token-mean":
-            np.testing.assert_allclose(m["vf_loss"], vf_token_mean, rtol=1e-5)

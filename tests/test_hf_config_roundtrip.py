@@ -21,7 +21,8 @@ def _rope_theta(auto_config) -> float:
 @pytest.mark.parametrize("qk_norm,qkv_bias,tie", [(False, False, False), (False, True, True), (True, False, True)])
 def test_config_scalars_survive_export_and_reimport(qk_norm, qkv_bias, tie, tmp_path):
     cfg = TransformerConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
-                            head_dim=4, num_kv_heads=1, qk_norm=qk_norm, qkv_bias=qkv_bias, tie_embeddings=tie, **SCALARS)
+                            head_dim=4, num_kv_heads=1, qk_norm=qk_norm, qkv_bias=qkv_bias, tie_embeddings=tie,
+                            **SCALARS)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     hf.save_hf(model, cfg, str(tmp_path))
     with open(tmp_path / "config.json") as f:

@@ -159,7 +159,7 @@ def _fake_logps(graphdef, params, batch):
 def test_each_term_of_the_loss_by_hand():
     """logp = logp_old (ratio 1, no clipping), token-mean over 4 tokens:
     pg = -mean(adv) = -(1 + 1 + 1 - 2) / 4 = -0.25
-    k3 = exp(ref - logp) - (ref - logp) - 1 at d = -0.5, 0, 0.5, -1 -> mean = (e^-.5 + .5 - 1 + e^.5 - .5 - 1 + e^-1) / 4
+    k3 = exp(d) - d - 1 at d = ref - logp = -0.5, 0, 0.5, -1 -> mean = (e^-.5 - .5 + e^.5 - 1.5 + e^-1) / 4
     entropy term = -coef * mean(H) with H = 1, 2, 3, 2 -> -0.1 * 2 = -0.2
     """
     batch = _hand_batch()

@@ -72,6 +72,8 @@ TABLE = {
     ("ppo", "full"): {**_PPO, **_NO_SHAPING},
     ("dler", "full"): _DLER,
     ("da_dler", "full"): {**_DLER, "reward.da_dler_thresholds": (0.5,), "reward.da_dler_budgets": (1.0, 0.5)},
+    # HAPO and LSPO keep DAPO's overlong fraction (4096 of 20480); their released scripts use 4096 of 10240 (HAPO)
+    # and 512 of 2048 (LSPO) at their own response budgets
     ("hapo", "full"): {**_DAPO, "advantage.estimator": "hapo", "loss.eps_high": 0.2, "rollout.hapo_tau": 0.05,
                        "loss.hapo_adaptive_clip": True, "loss.hapo_redistribute": True, "loss.hapo_clip_alpha": 1.0,
                        "loss.hapo_adv_beta": 1.0, "loss.hapo_pivot": 0.8},

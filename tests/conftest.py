@@ -3,7 +3,9 @@
 The XLA flags must be set before jax is imported anywhere, so they live at the top of conftest. On a GPU
 (`JAX_PLATFORMS=cuda`), XLA's scatter-add reductions are non-deterministic unless `xla_gpu_deterministic_ops` is
 set (the bit-for-bit SFT test fails without it); CPU runs ignore it. Tests marked `@pytest.mark.devices(n)` build
-meshes of n devices and are skipped where fewer exist (one GPU has one).
+meshes of n devices and are skipped where fewer exist (one GPU has one); on the CPU backend, which fakes 8 devices,
+fewer means the XLA flag above was lost (an XLA_FLAGS set outside without it), so there such a test fails instead of
+being skipped without a word.
 """
 import os
 
@@ -23,9 +25,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "devices(n): needs at least n devices (skipped where fewer exist)")
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        mark = item.get_closest_marker("devices")
-        if mark is not None and jax.device_count() < mark.args[0]:
-            item.add_marker(pytest.mark.skip(reason=f"needs {mark.args[0]} devices, {jax.device_count()} here "
-                                                    "(the CPU suite fakes 8)"))
+def device_shortfall(needed: int, available: int, backend: str) -> tuple[str, str] | None:
+    """("skip" | "fail", reason) for a test that needs `needed` devices, or None when there are enough."""
+    if available >= needed:
+        return None
+    if backend == "cpu":
+        return "fail", (f"needs {needed} devices but the CPU backend has {available}: XLA_FLAGS lacks "
+                        f"--xla_force_host_platform_device_count=8 (the CPU suite fakes 8 devices)")
+    return "skip", f"needs {needed} devices, {available} here"
+
+
+def pytest_runtest_setup(item):
+    mark = item.get_closest_marker("devices")
+    if mark is None:
+        return
+    verdict = device_shortfall(mark.args[0], jax.device_count(), jax.default_backend())
+    if verdict is not None:
+        action, reason = verdict
+        (pytest.fail if action == "fail" else pytest.skip)(reason)

@@ -1,4 +1,5 @@
 """The RL system end to end: every method's config trains, resume == uninterrupted, config errors are early."""
+import json
 import os
 
 import jax
@@ -16,12 +17,55 @@ METHODS = [("grpo", "tiny"), ("dr_grpo", "tiny"), ("dapo", "tiny"), ("gspo", "ti
            ("tracerl", "block,tiny"), ("tracerl", "full,value,tiny")]
 
 
+GOLDENS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "goldens", "method_metrics.json")
+UPDATE_GOLDENS = os.environ.get("JAXRL_UPDATE_GOLDENS") == "1"
+
+
+def _golden_rows(rows: list[dict]) -> list[dict]:
+    """Every logged number but wall-clock timings (time/*), which no two runs share."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def _check_goldens(name: str, rows: list[dict]) -> None:
+    """Compares a run's metrics.jsonl rows with the stored ones (rtol 1e-4, atol 1e-6 for values near 0).
+
+    With JAXRL_UPDATE_GOLDENS=1 the rows are written instead; commit them only with the reason the numbers moved.
+    """
+    rows = _golden_rows(rows)
+    stored = {}
+    if os.path.exists(GOLDENS):
+        with open(GOLDENS) as f:
+            stored = json.load(f)
+    if UPDATE_GOLDENS:
+        stored[name] = rows
+        os.makedirs(os.path.dirname(GOLDENS), exist_ok=True)
+        with open(GOLDENS, "w") as f:
+            json.dump(dict(sorted(stored.items())), f, indent=1, sort_keys=True)
+        return
+    assert name in stored, f"no golden metrics for {name}; generate them with JAXRL_UPDATE_GOLDENS=1"
+    want = stored[name]
+    assert [r["step"] for r in rows] == [r["step"] for r in want], f"{name}: logged steps differ from the golden"
+    for got_row, want_row in zip(rows, want):
+        assert sorted(got_row) == sorted(want_row), (
+            f"{name} step {want_row['step']}: metric keys differ: {sorted(set(got_row) ^ set(want_row))}")
+        for key, value in want_row.items():
+            np.testing.assert_allclose(got_row[key], value, rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{name} step {want_row['step']} {key}")
+
+
 def _policy_leaves(state):
     return [np.asarray(x) for x in jax.tree.leaves(state.params["policy"])]
 
 
 @pytest.mark.parametrize("module,arg", METHODS)
 def test_every_method_trains_with_finite_loss_and_changing_params(module, arg, tmp_path, monkeypatch):
+    """Also a golden run: every metric of the 2 iterations (and the evaluations) must match
+    tests/goldens/method_metrics.json to rtol 1e-4, so a refactor that moves any method's numbers fails here.
+
+    After a change that is meant to move the numbers, regenerate with
+      JAXRL_UPDATE_GOLDENS=1 python -m pytest tests/test_rl_loop.py -k every_method
+    and say in the commit message why they moved.
+    """
     config = tiny_config(module, arg)
     seen = {}
     real_init = loop._initial_state
@@ -43,6 +87,7 @@ def test_every_method_trains_with_finite_loss_and_changing_params(module, arg, t
     final = out["final_params"]
     changed = [not np.array_equal(a, b) for a, b in zip(seen["init"], final)]
     assert any(changed), f"{module}: no parameter changed"
+    _check_goldens(f"{module}:{arg}", rows)
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):

@@ -61,6 +61,9 @@ def test_micro_batched_equals_full_batch():
         for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(micro.params)):
             np.testing.assert_allclose(a, b, atol=1e-6)
         np.testing.assert_allclose(hist_full[-1]["loss"], hist_micro[-1]["loss"], rtol=1e-6)
+        # AdamW and clipping hide a constant gradient factor from the params; the logged norm shows it
+        np.testing.assert_allclose([h["grad_norm"] for h in hist_micro], [h["grad_norm"] for h in hist_full],
+                                   rtol=1e-5)
         assert int(micro.step) == 3
 
 
@@ -112,3 +115,13 @@ def test_schedule_warmup_then_constant_and_cosine():
     np.testing.assert_allclose(float(c(7)), 0.5 * (1 + np.cos(np.pi * 5 / 10)), atol=1e-6)
     with pytest.raises(ValueError, match="unknown schedule"):
         optim_lib.learning_rate_schedule(1.0, 0, 1, "linear")
+
+
+def test_a_device_shortfall_fails_on_the_cpu_and_skips_elsewhere():
+    """The CPU suite fakes 8 devices, so fewer there is a lost XLA flag, not a small machine: fail, never skip."""
+    from conftest import device_shortfall
+
+    assert device_shortfall(8, 8, "cpu") is None and device_shortfall(8, 16, "gpu") is None
+    action, reason = device_shortfall(8, 1, "cpu")
+    assert action == "fail" and "xla_force_host_platform_device_count" in reason
+    assert device_shortfall(8, 1, "gpu")[0] == "skip"

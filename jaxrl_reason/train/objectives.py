@@ -31,6 +31,10 @@ from jaxrl_reason.core import policy_loss as pl
 from jaxrl_reason.core.advantages import hapo_redistribute_advantages
 from jaxrl_reason.core.aggregate import aggregate
 from jaxrl_reason.train.logprobs import ar_logps, ar_values, causal_forward_inputs, token_logps  # noqa: F401
+from jaxrl_reason.train.step import SUMMED
+
+# Metrics normalized by the mini-batch's counts: each micro-batch reports its share, the step sums the shares.
+_SHARES = ("pg_loss", "kl_loss", "entropy", "vf_loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,5 +125,5 @@ def rl_loss(params: dict, batch: dict, rng: jax.Array, *, cfg: ObjectiveConfig, 
                                           cfg.value_clip, **agg)
         loss = loss + cfg.value_coef * v_loss
         metrics.update(v_metrics, vf_loss=v_loss)
-    return loss, metrics
+    return loss, {(SUMMED + k if k in _SHARES else k): v for k, v in metrics.items()}
 

@@ -25,6 +25,10 @@ from jaxrl_reason.train.state import TrainState
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
+# Metric-name prefix of a micro-batch's share of a mini-batch value (a loss term normalized by the mini-batch's
+# counts): such metrics are summed over micro-batches, the others averaged; the prefix is dropped from the name.
+SUMMED = "sum/"
+
 
 def split_micro_batches(batch: dict, num_micro_batches: int) -> dict:
     """[N, ...] -> [M, N/M, ...] with micro-batch m = rows m, m+M, ... (strided: keeps per-device rows local)."""
@@ -44,12 +48,20 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def _reduce_metrics(metrics: dict, axis=None) -> dict:
+    """`SUMMED`-prefixed metrics summed over the micro-batch axis, the others averaged (axis None: one batch)."""
+    if axis is None:
+        return {k.removeprefix(SUMMED): v for k, v in metrics.items()}
+    return {k.removeprefix(SUMMED): (jnp.sum(v, axis) if k.startswith(SUMMED) else jnp.mean(v, axis))
+            for k, v in metrics.items()}
+
+
 def _accumulate_grads(loss_fn: LossFn, params, batch: dict, rng: jax.Array, num_micro_batches: int):
-    """Sums loss and gradients over micro-batches; averages the other metrics over micro-batches."""
+    """Sums loss, gradients and `SUMMED` metrics over micro-batches; averages the other metrics."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro_batches == 1:
         (loss, metrics), grads = grad_fn(params, batch, rng)
-        return loss, grads, metrics
+        return loss, grads, _reduce_metrics(metrics)
     micro = split_micro_batches(batch, num_micro_batches)
     keys = jax.random.split(rng, num_micro_batches)
     zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -62,8 +74,7 @@ def _accumulate_grads(loss_fn: LossFn, params, batch: dict, rng: jax.Array, num_
         return (loss_acc + loss, grads_acc), metrics
 
     (loss, grads), metrics = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zero_grads), (micro, keys))
-    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
-    return loss, grads, metrics
+    return loss, grads, _reduce_metrics(metrics, axis=0)
 
 
 def train_step(

@@ -197,6 +197,7 @@ def test_sharded_equals_unsharded(sampled):
     put = lambda x: jax.device_put(jnp.asarray(x), sharding.batch_sharding(mesh, 2))  # noqa: E731
     ro = sampled["fn"](state, put(sampled["tokens"]), put(sampled["valid"]), sampled["key"], sampled["stats"])
     assert len(ro.tokens_BxR.sharding.device_set) == 8
+    assert ro.tokens_BxR.sharding.spec == jax.P(("data", "fsdp"), None)  # rows over 4 devices, each on 2
     ref = sampled["rollout"]
     np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), np.asarray(ref.tokens_BxR))
     np.testing.assert_allclose(np.asarray(ro.logp_BxR), np.asarray(ref.logp_BxR), atol=1e-5)
@@ -283,3 +284,55 @@ def test_lanes_equal_one_lane_per_slice(sampled, lanes):
 def test_default_segment_len():
     # one segment up to 64 new tokens; then ceil(R / 4) steps per segment, never fewer than 64
     assert [ar.default_segment_len(r) for r in (1, 10, 64, 200, 256, 257, 1024)] == [64, 64, 64, 64, 64, 65, 256]
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Qwen2-scan"])
+def test_shared_prefill_greedy_matches_transformers(models, arch):
+    """Each prompt prefilled once, its cache copied to its 4 samples: still transformers' greedy tokens."""
+    torch_model, model = models[arch]
+    tokens, valid = _prompts(2, seed=1)
+    want = _hf_generate(torch_model, np.repeat(tokens, 4, axis=0), np.repeat(valid, 4, axis=0), 2)
+    ro = ar.generate(model, tokens, valid, jax.random.key(0), n_samples=4, max_new_tokens=R, eos_ids=(2,),
+                     pad_id=PAD, params=pr.SamplingParams(greedy=True), share_prefill=True)
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), want)
+
+
+def test_shared_prefill_equals_repeated_prompts_when_sampling(sampled):
+    """Same per-row noise (same key, same row order): the tokens of prefilling all 8 rows, log-probs to float
+    rounding; groups of 4 rows must not straddle a lane."""
+    graphdef, _ = nnx.split(sampled["model"], nnx.Param)
+    tokens, valid = np.repeat(sampled["tokens"][:2], 4, axis=0), np.repeat(sampled["valid"][:2], 4, axis=0)
+    kw = dict(max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD, params=SAMPLED, segment_len=SEG)
+    shared = ar.make_generate_fn(graphdef, group_size=4, share_prefill=True, **kw)
+    got = shared(sampled["state"], tokens, valid, sampled["key"], sampled["stats"])
+    ref = sampled["fn"](sampled["state"], tokens, valid, sampled["key"], sampled["stats"])
+    for name in ("tokens_BxR", "response_mask_BxR", "length_B", "truncated_B"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)), err_msg=name)
+    assert len(set(map(tuple, np.asarray(got.tokens_BxR)[:4]))) > 1  # the group's samples differ
+    for name in ("logp_BxR", "logp_raw_BxR", "entropy_BxR"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)), atol=1e-5,
+                                   err_msg=name)
+    with pytest.raises(ValueError, match="whole groups of 4 rows in each of the 4 lanes"):
+        ar.make_generate_fn(graphdef, group_size=4, share_prefill=True, lanes=4, **kw)(
+            sampled["state"], tokens, valid, sampled["key"])
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        ar.make_generate_fn(graphdef, group_size=0, **kw)
+
+
+@pytest.mark.devices(8)
+def test_rows_are_sharded_over_the_batch_axes(sampled):
+    """Under a (8, 1, 1) data mesh each device decodes B / 8 rows: the outputs are rows-over-(data, fsdp) and
+    the compiled program's arrays are per-device [1, R] (the unsharded one's [B, R])."""
+    mesh = sharding.make_mesh(8, 1, 1)
+    state = sharding.shard_state(sampled["state"], mesh)
+    args = (jnp.asarray(sampled["tokens"]), jnp.asarray(sampled["valid"]), sampled["key"], sampled["stats"])
+    ro = sampled["fn"](state, *args)
+    assert ro.tokens_BxR.sharding.spec == jax.P(("data", "fsdp"), None)
+    assert ro.length_B.sharding.spec == jax.P(("data", "fsdp"))
+    ref = sampled["rollout"]
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), np.asarray(ref.tokens_BxR))
+    np.testing.assert_allclose(np.asarray(ro.logp_BxR), np.asarray(ref.logp_BxR), atol=1e-5)
+    sharded = sampled["fn"].lower(state, *args).compile().as_text()
+    whole = sampled["fn"].lower(sampled["state"], *args).compile().as_text()
+    assert f"s32[1,{R}]" in sharded and f"s32[8,{R}]" not in sharded
+    assert f"s32[8,{R}]" in whole

@@ -56,8 +56,9 @@ def test_sub_batches_must_be_whole_groups_dividing_the_round(setup, rows):
     assert str(e.value).endswith(".") and "\n" not in str(e.value)
 
 
-def test_loop_trains_with_sub_batches_and_shared_prefill(tmp_path, monkeypatch):
+def test_loop_trains_with_sub_batches_shared_prefill_and_compaction(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)
-    config = tiny_config("grpo", rollout__sample_batch_rows=8, rollout__share_prefill=True)
+    config = tiny_config("grpo", rollout__sample_batch_rows=8, rollout__share_prefill=True,
+                         rollout__compact_rows=True)
     out = loop.run(config, str(tmp_path))
     assert out["iterations"] == 2 and all(np.all(np.isfinite(x)) for x in out["final_params"])

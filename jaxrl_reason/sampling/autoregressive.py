@@ -21,6 +21,16 @@ carries a cache of only P + min((k + 1) W, R) slots, grown once between segments
 cache it carries, and at batch 32 that read (not the matmuls) is what grows with length on XLA:CPU, so
 attention only over the used part cuts the per-token cost at long R (and keeps it near flat in R). Each
 segment compiles its own copy of the step: `segment_len` trades compile time for speed.
+
+Shared prefill (`share_prefill`): an RL round samples a group of G responses per prompt, and the G rows of a
+group hold the same prompt; the prefill then runs on one row per group (B / G rows) and the P-slot cache and
+the last-position logits are repeated G times. The decode loop sees the same rows in the same order, so the
+per-row sampling noise is unchanged; the prefill's matmuls over B / G instead of B rows may round differently
+in the last bit on XLA:CPU (log-probs equal to float rounding, tokens equal unless two logits tie that closely).
+
+Row sharding: when the parameters carry a NamedSharding on a mesh with the ("data", "fsdp") axes, the jit gets
+explicit shardings (prompt rows and every output field over ("data", "fsdp"), parameters as given), so a
+data-parallel mesh decodes B / (data x fsdp) rows per device instead of every row on every device.
 """
 from __future__ import annotations
 
@@ -226,49 +236,72 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
               eos_ids, pad_id, sampling, segment_len, share) -> Rollout:
     """The jitted sampler body (see the module docstring)."""
     model = nnx.merge(graphdef, params_state)
-    b, p = prompt_tokens_BxP.shape
-    r = max_new_tokens
-    eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-    prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1, dtype=jnp.int32)
     head = model.lm_head_slices(decode_vocab_chunk())  # sliced once, outside the decode loop
-
     # Prefill into a P-slot cache (attention P x P, not P x (P + R)); only the last prompt position goes through
     # the LM head. The cache then grows segment by segment.
     logits_BxV, cache = _prefill(model, head, prompt_tokens_BxP, prompt_mask_BxP, share)
+    carry = initial_carry(logits_BxV, cache, max_new_tokens, pad_id)
+    for end in segment_ends(max_new_tokens, segment_len):
+        carry = decode_segment(model, head, carry, end, prompt_mask_BxP, key, hapo_stats, eos_ids=eos_ids,
+                               pad_id=pad_id, sampling=sampling)
+    return to_rollout(prompt_tokens_BxP, prompt_mask_BxP, carry[3], carry[4])
+
+
+def segment_ends(max_new_tokens: int, segment_len: int) -> list[int]:
+    """The exclusive last step of each decode segment: W, 2W, ..., R."""
+    return [min(end, max_new_tokens) for end in range(segment_len, max_new_tokens + segment_len, segment_len)]
+
+
+def initial_carry(logits_BxV, cache, max_new_tokens, pad_id):
+    """(t = 0, cache, logits, done_B, output buffers) before the first decode step."""
+    b, r = logits_BxV.shape[0], max_new_tokens
     bufs = (jnp.full((b, r), pad_id, jnp.int32),) + tuple(jnp.zeros((b, r), jnp.float32) for _ in range(4)) \
         + (jnp.full((b, r), STEP_MAP_PAD, jnp.int32),)
+    return jnp.asarray(0, jnp.int32), cache, logits_BxV, jnp.zeros((b,), bool), bufs
 
-    def segment(carry, end):
-        """Decode steps t < end (a while_loop) with a cache of P + end slots."""
-        key_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, end), bool)], axis=1)
 
-        def cond(carry):
-            t, _, _, done_B, _ = carry
-            return (t < end) & ~jnp.all(done_B)
+def decode_segment(model, head, carry, end, prompt_mask_BxP, key, hapo_stats, *, eos_ids, pad_id, sampling,
+                   row_ids_B=None):
+    """Decode steps t < end (a while_loop) with a cache of P + end slots.
 
-        def body(carry):
-            """Samples token t from the carried logits, then runs it through the model (slot P + t) for step t + 1.
+    Step t samples with `fold_in(key, t)` over the whole batch, or with `row_ids_B` row i with
+    `fold_in(fold_in(key, t), row_ids_B[i])` (noise that follows the row wherever it sits in the batch).
+    """
+    b, p = prompt_mask_BxP.shape
+    eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1, dtype=jnp.int32)
+    key_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, end), bool)], axis=1)
 
-            One sampling site per segment (a shorter compile); the forward of the last step is unused.
-            """
-            t, cache, logits_BxV, done_B, bufs = carry
-            s = sample_logits(jax.random.fold_in(key, t), logits_BxV, sampling, hapo_stats)
-            alive_B = ~done_B
-            bufs = _record(bufs, t, s, alive_B, pad_id)
-            done_B = done_B | jnp.isin(s.token, eos_E)
-            slot = p + t
-            h_Bx1xD, cache = model.hidden(jnp.where(alive_B, s.token, pad_id)[:, None],
-                                          (prompt_len_B + t)[:, None],
-                                          attention.cached_causal_mask(key_valid_BxS, slot, 1), cache, slot)
-            return t + 1, cache, model.logits(h_Bx1xD, head)[:, 0], done_B, bufs
+    def cond(carry):
+        t, _, _, done_B, _ = carry
+        return (t < end) & ~jnp.all(done_B)
 
+    def body(carry):
+        """Samples token t from the carried logits, then runs it through the model (slot P + t) for step t + 1.
+
+        One sampling site per segment (a shorter compile); the forward of the last step is unused.
+        """
         t, cache, logits_BxV, done_B, bufs = carry
-        return jax.lax.while_loop(cond, body, (t, _grow(cache, p + end), logits_BxV, done_B, bufs))
+        if row_ids_B is None:
+            s = sample_logits(jax.random.fold_in(key, t), logits_BxV, sampling, hapo_stats)
+        else:
+            keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, t), row_ids_B)
+            one = lambda k, x: sample_logits(k, x[None], sampling, hapo_stats)  # noqa: E731
+            s = jax.tree.map(lambda x: x[:, 0], jax.vmap(one)(keys_B, logits_BxV))
+        alive_B = ~done_B
+        bufs = _record(bufs, t, s, alive_B, pad_id)
+        done_B = done_B | jnp.isin(s.token, eos_E)
+        slot = p + t
+        h_Bx1xD, cache = model.hidden(jnp.where(alive_B, s.token, pad_id)[:, None], (prompt_len_B + t)[:, None],
+                                      attention.cached_causal_mask(key_valid_BxS, slot, 1), cache, slot)
+        return t + 1, cache, model.logits(h_Bx1xD, head)[:, 0], done_B, bufs
 
-    carry = (jnp.asarray(0, jnp.int32), cache, logits_BxV, jnp.zeros((b,), bool), bufs)
-    for end in range(segment_len, r + segment_len, segment_len):
-        carry = segment(carry, min(end, r))
-    _, _, _, done_B, bufs = carry
+    t, cache, logits_BxV, done_B, bufs = carry
+    return jax.lax.while_loop(cond, body, (t, _grow(cache, p + end), logits_BxV, done_B, bufs))
+
+
+def to_rollout(prompt_tokens_BxP, prompt_mask_BxP, done_B, bufs) -> Rollout:
+    """The Rollout of the final output buffers and stop flags."""
     tokens_BxR, logp_BxR, logp_raw_BxR, entropy_BxR, conf_BxR, step_BxR = bufs
     response_mask_BxR = step_BxR != STEP_MAP_PAD
     return Rollout(prompt_tokens_BxP=prompt_tokens_BxP, prompt_mask_BxP=prompt_mask_BxP, tokens_BxR=tokens_BxR,

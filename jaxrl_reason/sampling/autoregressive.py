@@ -82,7 +82,8 @@ def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_
     `graphdef` comes from `nnx.split(model, nnx.Param)`; `params_state` is the matching `nnx.State` (may be
     sharded). When the parameters live on a mesh with the ("data", "fsdp") axes and the rows split evenly over
     them, the sampler is compiled with explicit shardings: parameters as given, prompts and every output field
-    rows-over-("data", "fsdp"), so each device decodes only its own rows (other batch sizes run replicated).
+    rows-over-("data", "fsdp"), so each device decodes only its own rows (other batch sizes: no explicit
+    shardings).
     Prompts are LEFT-padded; a prompt shorter than `max_prompt_len` is left-padded to it on the fly (no
     recompilation), a longer one raises ValueError. `eos_ids` are the EOS and stop tokens: a row stops after
     emitting one (it is part of the response). `hapo_stats` (dict from `core.hapo.entropy_stats` of the previous
@@ -120,7 +121,7 @@ def _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, pad_i
     compiled_for_mesh = {}
 
     def generate_fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout:
-        tokens, mask = _left_pad(prompt_tokens_BxP, prompt_mask_BxP, max_prompt_len, pad_id)
+        tokens, mask = left_pad(prompt_tokens_BxP, prompt_mask_BxP, max_prompt_len, pad_id)
         rows = tokens.shape[0]
         if rows % lanes:
             raise ValueError(f"The batch of {rows} prompts does not split into {lanes} equal lanes.")
@@ -130,24 +131,31 @@ def _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, pad_i
         mesh = rows_mesh(params_state, rows)
         if mesh is None:
             return core(params_state, tokens, mask, key, hapo_stats)
-        if mesh not in compiled_for_mesh:
-            compiled_for_mesh[mesh] = jax.jit(body, **sampler_shardings(mesh, hapo_stats is not None))
-        return compiled_for_mesh[mesh](params_state, tokens, mask, key, hapo_stats)
+        case = (mesh, hapo_stats is not None)
+        if case not in compiled_for_mesh:
+            compiled_for_mesh[case] = jax.jit(body, **sampler_shardings(*case))
+        return compiled_for_mesh[case](params_state, tokens, mask, key, hapo_stats)
 
-    generate_fn.lower = lambda params_state, tokens, mask, key, hapo_stats=None: (  # for compile checks
+    generate_fn.lower = lambda params_state, tokens, mask, key, hapo_stats=None: (  # the program, to inspect
         jax.jit(body, **sampler_shardings(rows_mesh(params_state, tokens.shape[0]), hapo_stats is not None))
         .lower(params_state, tokens, mask, key, hapo_stats))
     return generate_fn
 
 
-def rows_mesh(params_state, rows: int):
-    """The mesh of the parameters when it has the batch axes and `rows` split evenly over them, else None."""
+def batch_mesh(params_state):
+    """(mesh, data x fsdp) of the parameters when they carry a NamedSharding on a mesh with the batch axes,
+    else (None, 1)."""
     leaves = jax.tree.leaves(params_state)
     sh = getattr(leaves[0], "sharding", None) if leaves else None
     if not isinstance(sh, jax.sharding.NamedSharding) or not set(sharding_lib.BATCH_AXES) <= set(sh.mesh.axis_names):
-        return None
-    shards = int(np.prod([sh.mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
-    return sh.mesh if rows % shards == 0 else None
+        return None, 1
+    return sh.mesh, int(np.prod([sh.mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
+
+
+def rows_mesh(params_state, rows: int):
+    """The mesh of the parameters when it has the batch axes and `rows` split evenly over them, else None."""
+    mesh, shards = batch_mesh(params_state)
+    return mesh if rows % shards == 0 else None
 
 
 def sampler_shardings(mesh, with_hapo: bool) -> dict:
@@ -170,7 +178,7 @@ def _in_lanes(one_lane, lanes, params_state, prompt_tokens_BxP, prompt_mask_BxP,
     return jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *outs)
 
 
-def _left_pad(tokens_BxP, mask_BxP, max_prompt_len, pad_id):
+def left_pad(tokens_BxP, mask_BxP, max_prompt_len, pad_id):
     """Validates shapes and LEFT-pads prompts to `max_prompt_len` (int32 tokens, bool mask)."""
     tokens_BxP, mask_BxP = (x if hasattr(x, "ndim") else np.asarray(x) for x in (tokens_BxP, mask_BxP))
     if tokens_BxP.ndim != 2 or tokens_BxP.shape != mask_BxP.shape:
@@ -220,7 +228,7 @@ def _repeat_rows(cache, n):
     return jax.tree.map(lambda x: jnp.repeat(x, n, axis=x.ndim - 4), cache)
 
 
-def _prefill(model, head, prompt_tokens_BxP, prompt_mask_BxP, share):
+def prefill(model, head, prompt_tokens_BxP, prompt_mask_BxP, share):
     """P-slot cache and last-position logits of every row; with `share` > 1 only the first row of each group of
     `share` rows is run through the model, and its cache and logits are copied to the whole group."""
     tokens_bxP, mask_bxP = prompt_tokens_BxP[::share], prompt_mask_BxP[::share]
@@ -239,7 +247,7 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
     head = model.lm_head_slices(decode_vocab_chunk())  # sliced once, outside the decode loop
     # Prefill into a P-slot cache (attention P x P, not P x (P + R)); only the last prompt position goes through
     # the LM head. The cache then grows segment by segment.
-    logits_BxV, cache = _prefill(model, head, prompt_tokens_BxP, prompt_mask_BxP, share)
+    logits_BxV, cache = prefill(model, head, prompt_tokens_BxP, prompt_mask_BxP, share)
     carry = initial_carry(logits_BxV, cache, max_new_tokens, pad_id)
     for end in segment_ends(max_new_tokens, segment_len):
         carry = decode_segment(model, head, carry, end, prompt_mask_BxP, key, hapo_stats, eos_ids=eos_ids,

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrl_reason.models.sharding import BATCH_AXES
 from jaxrl_reason.sampling import autoregressive as ar
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.sampling.types import Rollout
@@ -53,11 +52,11 @@ def make_compacting_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens
                 for end in ar.segment_ends(max_new_tokens, w)]
 
     def generate_fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout:
-        tokens, mask = ar._left_pad(prompt_tokens_BxP, prompt_mask_BxP, max_prompt_len, pad_id)
+        tokens, mask = ar.left_pad(prompt_tokens_BxP, prompt_mask_BxP, max_prompt_len, pad_id)
         b = tokens.shape[0]
         if b % share:
             raise ValueError(f"share_prefill needs whole groups of {share} rows in the batch of {b} rows.")
-        shards = _shards(params_state)
+        shards = ar.batch_mesh(params_state)[1]
         carry = prefill(params_state, tokens, mask)
         out = [np.array(x) for x in jax.device_get(carry[4])] + [np.zeros(b, bool)]  # bufs, done (writable)
         pos_B, row_ids, cur_mask = np.arange(b), jnp.arange(b, dtype=jnp.int32), mask
@@ -71,8 +70,10 @@ def make_compacting_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens
             stats["rows_per_segment"].append(len(pos_B))
             done_B = np.asarray(carry[3])
             alive = np.flatnonzero(~done_B & (pos_B >= 0))
+            if alive.size == 0:  # every row has stopped: the later segments would decode nothing
+                break
             rows = _bucket(alive.size, shards, len(pos_B))
-            if k == len(segments) - 1 or alive.size == 0 or rows == len(pos_B):
+            if k == len(segments) - 1 or rows == len(pos_B):
                 continue
             _write_back(out, pos_B, carry)
             pick = np.concatenate([alive, np.full(rows - alive.size, np.flatnonzero(done_B)[0])])
@@ -85,15 +86,6 @@ def make_compacting_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens
 
     generate_fn.last_stats = None
     return generate_fn
-
-
-def _shards(params_state) -> int:
-    """data x fsdp of the parameters' mesh (1 when they are not on a mesh with those axes)."""
-    leaves = jax.tree.leaves(params_state)
-    sh = getattr(leaves[0], "sharding", None) if leaves else None
-    if not isinstance(sh, jax.sharding.NamedSharding) or not set(BATCH_AXES) <= set(sh.mesh.axis_names):
-        return 1
-    return int(np.prod([sh.mesh.shape[a] for a in BATCH_AXES]))
 
 
 def _bucket(alive: int, shards: int, current: int) -> int:
@@ -122,7 +114,7 @@ def _take_rows(carry, pick_B):
 def _prefill(params_state, prompt_tokens_BxP, prompt_mask_BxP, *, graphdef, max_new_tokens, pad_id, share):
     model = nnx.merge(graphdef, params_state)
     head = model.lm_head_slices(ar.decode_vocab_chunk())
-    logits_BxV, cache = ar._prefill(model, head, prompt_tokens_BxP, prompt_mask_BxP, share)
+    logits_BxV, cache = ar.prefill(model, head, prompt_tokens_BxP, prompt_mask_BxP, share)
     return ar.initial_carry(logits_BxV, cache, max_new_tokens, pad_id)
 
 

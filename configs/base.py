@@ -108,6 +108,9 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.rollout.hapo_tau = 0.0  # > 0: HAPO entropy-adaptive temperature (algorithms.md §4.2)
     c.rollout.hapo_sign_compat = False
     c.rollout.lanes = 1  # > 1: decode the batch as independent lanes run concurrently (sampling/autoregressive.py)
+    c.rollout.sample_batch_rows = 0  # > 0: sample a round in sub-batches of this many rows (whole groups)
+    c.rollout.share_prefill = {"tiny": False, "small": False, "full": True}[scale]  # prefill each prompt once
+    c.rollout.compact_rows = False  # True: drop finished rows between decode segments (sampling/compaction.py)
 
     c.reward = config_dict.ConfigDict()
     c.reward.kind = "binary"  # binary: {0, 1}; signed: {-1, +1} (DAPO verifier)

@@ -7,6 +7,7 @@
                                                    # both models, batch 1 and 32, 256 new tokens, one timed call
                                                    # each (batch 32 in 1, 2 and 4 lanes); per-token table for
                                                    # llama-1M at 64/256/1024; no diffusion
+  python experiments/bench_sampler.py --group      # table (4) only: group-16 rollouts, shared prefill vs not
 
 Tables (markdown on stdout):
   (1) AR generated tokens/s, ours vs transformers, same weights (built with torch, `save_pretrained`, imported
@@ -26,6 +27,13 @@ Tables (markdown on stdout):
       extra 1000 tokens of length; 0 = total time exactly linear in R) and the ratio ms/token(R_max) / ms/token(R_min)
       (1 = linear; a cost quadratic in R would give R_max / R_min).
   (3) the rows of `experiments/_bench_diffusion.py::diffusion_rows(quick)` when that module exists.
+  (4) `--group`: an RL round of `--group_prompts` prompts x 16 samples, 256-token prompts, sampled at temperature
+      1 with no EOS, decoded by today's sampler (every row prefilled) and with `share_prefill` (each prompt
+      prefilled once, its cache copied to its 16 samples), same model and weights, compiled first, then timed
+      alternately (best of `--repeats`). tokens/s counts generated tokens; the ratio is what to compare on a
+      shared machine. A last row adds stop ids (every `--group_stop_every`-th id) so that rows stop at different
+      lengths, and a third variant that also compacts finished rows between decode segments
+      (`sampling/compaction.py`; "compact row-steps" = rows x steps decoded over batch x steps).
 """
 import argparse
 import importlib.util
@@ -46,6 +54,7 @@ from flax import nnx  # noqa: E402
 
 from jaxrl_reason.models import hf  # noqa: E402
 from jaxrl_reason.sampling import autoregressive as ar  # noqa: E402
+from jaxrl_reason.sampling import compaction  # noqa: E402
 from jaxrl_reason.sampling.processors import SamplingParams  # noqa: E402
 
 MODELS = {  # Llama-style: (vocab, hidden, intermediate, layers, heads, kv_heads)
@@ -189,6 +198,49 @@ def fit_lines(rows):
     return "\n".join(lines)
 
 
+def _timed_alternately(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Compiles (first call) then times each run `repeats` times, alternating between them; (best s, outputs)."""
+    outs = {name: run() for name, run in runs.items()}
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):  # alternate, so that a busy spell on the machine hits every variant
+        for name, run in runs.items():
+            best[name] = min(best[name], _best_of(run, 1)[0])
+    return best, outs
+
+
+def group_rows(model, prompts_per_round, new_tokens_list, repeats, group=16, prompt_len=256, stop_every=0):
+    """Table (4): generated tokens/s of one round: today's sampler, shared prefill, and (with stop ids, one
+    every `stop_every` vocabulary ids, so that rows stop at different lengths) shared prefill + compaction."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, model.cfg.vocab_size, (prompts_per_round, prompt_len)).astype(np.int32)
+    tokens, mask = np.repeat(prompts, group, axis=0), np.ones((prompts_per_round * group, prompt_len), bool)
+    eos = tuple(range(stop_every, model.cfg.vocab_size, stop_every)) if stop_every else ()
+    rows = []
+    for new_tokens in new_tokens_list:
+        kw = dict(max_prompt_len=prompt_len, max_new_tokens=new_tokens, eos_ids=eos, pad_id=PAD,
+                  params=SamplingParams(), group_size=group)
+        fns = {"today": ar.make_generate_fn(graphdef, **kw),
+               "shared": ar.make_generate_fn(graphdef, share_prefill=True, **kw)}
+        if eos:
+            fns["shared+compact"] = compaction.make_compacting_generate_fn(graphdef, share_prefill=True, **kw)
+        runs = {name: (lambda f=f: jax.block_until_ready(f(state, tokens, mask, jax.random.key(0))))
+                for name, f in fns.items()}
+        best, outs = _timed_alternately(runs, repeats)
+        row = {"rows": f"{prompts_per_round} x {group}", "prompt": prompt_len, "new tokens": new_tokens,
+               "stop ids": len(eos)}
+        for name in fns:
+            n = int(np.asarray(outs[name].length_B).sum())  # generated tokens (EOS included)
+            row[f"{name} tok/s"] = f"{n / best[name]:.0f}"
+            row[f"{name} speedup"] = f"{best['today'] / best[name]:.2f}x"
+        if eos:
+            stats = fns["shared+compact"].last_stats
+            row["compact row-steps"] = f"{stats['row_steps'] / stats['full_row_steps']:.2f}"
+        rows.append(row)
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
 def diffusion_bench_rows(quick):
     """Table (3): rows from experiments/_bench_diffusion.py (written with the diffusion sampler), if present."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bench_diffusion.py")
@@ -210,7 +262,15 @@ def main(argv=None):
     parser.add_argument("--skip_diffusion", action="store_true")
     parser.add_argument("--lanes", type=int, nargs="+", default=None,
                         help="sampler lanes for batch > 1 rows (default: 1, 2 and 4)")
+    parser.add_argument("--group", action="store_true", help="table (4) only: shared prefill at group 16")
+    parser.add_argument("--group_prompts", type=int, default=2, help="prompts per round in table (4)")
+    parser.add_argument("--group_new_tokens", type=int, nargs="+", default=[32, 128],
+                        help="response budgets of table (4)")
+    parser.add_argument("--group_stop_every", type=int, default=32,
+                        help="table (4)'s last row: every n-th vocabulary id stops a row (lengths vary)")
     args = parser.parse_args(argv)
+    if args.group:
+        return group_main(args)
     import torch
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
@@ -236,6 +296,19 @@ def main(argv=None):
         if rows:
             print("\n## Diffusion sampler (experiments/_bench_diffusion.py)\n")
             print(_table(rows, list(dict.fromkeys(k for r in rows for k in r))), flush=True)
+
+
+def group_main(args):
+    name = (args.models or ["llama-1M"])[0]
+    with tempfile.TemporaryDirectory() as workdir:
+        model = build_models(name, workdir)[1]
+    cores = len(os.sched_getaffinity(0))
+    print(f"\n## Group-16 rollout, shared prefill vs every row prefilled ({name}, CPU, {cores} of "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, jax {jax.__version__})\n")
+    rows = group_rows(model, args.group_prompts, args.group_new_tokens, args.repeats or 3)
+    rows += group_rows(model, args.group_prompts, args.group_new_tokens[-1:], args.repeats or 3,
+                       stop_every=args.group_stop_every)
+    print(_table(rows, list(dict.fromkeys(k for r in rows for k in r))), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from jaxrl_reason.core import hapo
 from jaxrl_reason.models import attention as A
 from jaxrl_reason.models import hf, sharding
 from jaxrl_reason.sampling import autoregressive as ar
+from jaxrl_reason.sampling import compaction
 from jaxrl_reason.sampling import processors as pr
 from jaxrl_reason.sampling.types import STEP_MAP_PAD
 
@@ -197,6 +198,7 @@ def test_sharded_equals_unsharded(sampled):
     put = lambda x: jax.device_put(jnp.asarray(x), sharding.batch_sharding(mesh, 2))  # noqa: E731
     ro = sampled["fn"](state, put(sampled["tokens"]), put(sampled["valid"]), sampled["key"], sampled["stats"])
     assert len(ro.tokens_BxR.sharding.device_set) == 8
+    assert ro.tokens_BxR.sharding.spec == jax.P(("data", "fsdp"), None)  # rows over 4 devices, each on 2
     ref = sampled["rollout"]
     np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), np.asarray(ref.tokens_BxR))
     np.testing.assert_allclose(np.asarray(ro.logp_BxR), np.asarray(ref.logp_BxR), atol=1e-5)
@@ -283,3 +285,106 @@ def test_lanes_equal_one_lane_per_slice(sampled, lanes):
 def test_default_segment_len():
     # one segment up to 64 new tokens; then ceil(R / 4) steps per segment, never fewer than 64
     assert [ar.default_segment_len(r) for r in (1, 10, 64, 200, 256, 257, 1024)] == [64, 64, 64, 64, 64, 65, 256]
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Qwen2-scan"])
+def test_shared_prefill_greedy_matches_transformers(models, arch):
+    """Each prompt prefilled once, its cache copied to its 4 samples: still transformers' greedy tokens."""
+    torch_model, model = models[arch]
+    tokens, valid = _prompts(2, seed=1)
+    want = _hf_generate(torch_model, np.repeat(tokens, 4, axis=0), np.repeat(valid, 4, axis=0), 2)
+    ro = ar.generate(model, tokens, valid, jax.random.key(0), n_samples=4, max_new_tokens=R, eos_ids=(2,),
+                     pad_id=PAD, params=pr.SamplingParams(greedy=True), share_prefill=True)
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), want)
+
+
+def test_shared_prefill_equals_repeated_prompts_when_sampling(sampled):
+    """Same per-row noise (same key, same row order): the tokens of prefilling all 8 rows, log-probs to float
+    rounding; groups of 4 rows must not straddle a lane."""
+    graphdef, _ = nnx.split(sampled["model"], nnx.Param)
+    tokens, valid = np.repeat(sampled["tokens"][:2], 4, axis=0), np.repeat(sampled["valid"][:2], 4, axis=0)
+    kw = dict(max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD, params=SAMPLED, segment_len=SEG)
+    shared = ar.make_generate_fn(graphdef, group_size=4, share_prefill=True, **kw)
+    got = shared(sampled["state"], tokens, valid, sampled["key"], sampled["stats"])
+    ref = sampled["fn"](sampled["state"], tokens, valid, sampled["key"], sampled["stats"])
+    for name in ("tokens_BxR", "response_mask_BxR", "length_B", "truncated_B"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)), err_msg=name)
+    assert len(set(map(tuple, np.asarray(got.tokens_BxR)[:4]))) > 1  # the group's samples differ
+    for name in ("logp_BxR", "logp_raw_BxR", "entropy_BxR"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)), atol=1e-5,
+                                   err_msg=name)
+    with pytest.raises(ValueError, match="whole groups of 4 rows in each of the 4 lanes"):
+        ar.make_generate_fn(graphdef, group_size=4, share_prefill=True, lanes=4, **kw)(
+            sampled["state"], tokens, valid, sampled["key"])
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        ar.make_generate_fn(graphdef, group_size=0, **kw)
+
+
+@pytest.mark.devices(8)
+def test_rows_are_sharded_over_the_batch_axes(sampled):
+    """Under a (8, 1, 1) data mesh each device decodes B / 8 rows: the outputs are rows-over-(data, fsdp) and
+    the compiled program's arrays are per-device [1, R] (the unsharded one's [B, R])."""
+    mesh = sharding.make_mesh(8, 1, 1)
+    state = sharding.shard_state(sampled["state"], mesh)
+    args = (jnp.asarray(sampled["tokens"]), jnp.asarray(sampled["valid"]), sampled["key"], sampled["stats"])
+    ro = sampled["fn"](state, *args)
+    assert ro.tokens_BxR.sharding.spec == jax.P(("data", "fsdp"), None)
+    assert ro.length_B.sharding.spec == jax.P(("data", "fsdp"))
+    ref = sampled["rollout"]
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), np.asarray(ref.tokens_BxR))
+    np.testing.assert_allclose(np.asarray(ro.logp_BxR), np.asarray(ref.logp_BxR), atol=1e-5)
+    sharded = sampled["fn"].lower(state, *args).compile().as_text()
+    whole = sampled["fn"].lower(sampled["state"], *args).compile().as_text()
+    assert f"s32[1,{R}]" in sharded and f"s32[8,{R}]" not in sharded
+    assert f"s32[8,{R}]" in whole
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2-scan"])
+def test_compacted_greedy_matches_transformers(models, arch):
+    """Finished rows dropped between segments of 3 steps (many stop ids, so most rows stop early): still
+    transformers' tokens, and fewer row-steps decoded than the batch times the steps."""
+    torch_model, model = models[arch]
+    tokens, valid = _prompts(8, seed=1)
+    want = _hf_generate(torch_model, tokens, valid, list(EOS_SAMPLED))
+    graphdef, state = nnx.split(model, nnx.Param)
+    fn = compaction.make_compacting_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED,
+                                                pad_id=PAD, params=pr.SamplingParams(greedy=True), segment_len=SEG)
+    ro = fn(state, tokens, valid, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), want)
+    assert fn.last_stats["row_steps"] < fn.last_stats["full_row_steps"], fn.last_stats
+    assert min(fn.last_stats["rows_per_segment"]) < 8, fn.last_stats
+
+
+def _naive_per_row_loop(model, tokens, valid, key, params, eos_ids, stats):
+    """Reference: full forward at every step; row i samples step t alone with fold_in(fold_in(key, t), i)."""
+    b = tokens.shape[0]
+    resp, rmask, logp = np.full((b, R), PAD, np.int32), np.zeros((b, R), bool), np.zeros((b, R), np.float32)
+    done = np.zeros(b, bool)
+    for t in range(R):
+        logits = _full_forward_logits(model, tokens, valid, resp, rmask)[:, t]
+        s = [_sample(jax.random.fold_in(jax.random.fold_in(key, t), i), logits[i:i + 1], params, stats)
+             for i in range(b)]
+        tok = np.asarray([int(x.token[0]) for x in s])
+        resp[:, t], rmask[:, t] = np.where(done, PAD, tok), ~done
+        logp[:, t] = np.where(done, 0.0, [float(x.logp[0]) for x in s])
+        done |= np.isin(tok, eos_ids)
+    return resp, rmask, logp
+
+
+def test_compacted_sampling_equals_naive_per_row_noise(sampled):
+    """Sampled rows follow their own noise wherever compaction puts them; with shared prefill over groups of 4."""
+    graphdef, _ = nnx.split(sampled["model"], nnx.Param)
+    tokens, valid = np.repeat(sampled["tokens"][:2], 4, axis=0), np.repeat(sampled["valid"][:2], 4, axis=0)
+    fn = compaction.make_compacting_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED,
+                                                pad_id=PAD, params=SAMPLED, segment_len=SEG, group_size=4,
+                                                share_prefill=True)
+    ro = fn(sampled["state"], tokens, valid, sampled["key"], sampled["stats"])
+    assert min(fn.last_stats["rows_per_segment"]) < 8, fn.last_stats
+    resp, rmask, logp = _naive_per_row_loop(sampled["model"], tokens, valid, sampled["key"], SAMPLED, EOS_SAMPLED,
+                                            sampled["stats"])
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), resp)
+    np.testing.assert_array_equal(np.asarray(ro.response_mask_BxR), rmask)
+    np.testing.assert_allclose(np.asarray(ro.logp_BxR), logp, atol=2e-5)
+    with pytest.raises(ValueError, match="one lane"):
+        compaction.make_compacting_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED,
+                                               pad_id=PAD, params=SAMPLED, lanes=2)

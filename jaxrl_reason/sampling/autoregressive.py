@@ -21,6 +21,16 @@ carries a cache of only P + min((k + 1) W, R) slots, grown once between segments
 cache it carries, and at batch 32 that read (not the matmuls) is what grows with length on XLA:CPU, so
 attention only over the used part cuts the per-token cost at long R (and keeps it near flat in R). Each
 segment compiles its own copy of the step: `segment_len` trades compile time for speed.
+
+Shared prefill (`share_prefill`): an RL round samples a group of G responses per prompt, and the G rows of a
+group hold the same prompt; the prefill then runs on one row per group (B / G rows) and the P-slot cache and
+the last-position logits are repeated G times. The decode loop sees the same rows in the same order, so the
+per-row sampling noise is unchanged; the prefill's matmuls over B / G instead of B rows may round differently
+in the last bit on XLA:CPU (log-probs equal to float rounding, tokens equal unless two logits tie that closely).
+
+Row sharding: when the parameters carry a NamedSharding on a mesh with the ("data", "fsdp") axes, the jit gets
+explicit shardings (prompt rows and every output field over ("data", "fsdp"), parameters as given), so a
+data-parallel mesh decodes B / (data x fsdp) rows per device instead of every row on every device.
 """
 from __future__ import annotations
 
@@ -33,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_reason.models import attention
+from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.transformer import SLOT_AXIS, LayerCache, init_cache
 from jaxrl_reason.sampling.processors import SamplingParams, TokenSample, sample_logits
 from jaxrl_reason.sampling.types import STEP_MAP_PAD, Rollout
@@ -64,19 +75,26 @@ def default_segment_len(max_new_tokens: int) -> int:
 
 
 def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_ids: Sequence[int],
-                     pad_id: int, params: SamplingParams, segment_len: int | None = None, lanes: int = 1):
+                     pad_id: int, params: SamplingParams, segment_len: int | None = None, lanes: int = 1,
+                     group_size: int = 1, share_prefill: bool = False):
     """Returns `fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout`.
 
     `graphdef` comes from `nnx.split(model, nnx.Param)`; `params_state` is the matching `nnx.State` (may be
-    sharded; the batch may be sharded over ("data", "fsdp")). Prompts are LEFT-padded; a prompt shorter than
-    `max_prompt_len` is left-padded to it on the fly (no recompilation), a longer one raises ValueError.
-    `eos_ids` are the EOS and stop tokens: a row stops after emitting one (it is part of the response).
-    `hapo_stats` (dict from `core.hapo.entropy_stats` of the previous step) turns on HAPO's adaptive
-    temperature when `params.hapo_tau > 0` (algorithms.md §4.2). The compiled function is cached: equal
-    arguments return the same function, so calling this per RL step does not recompile. Nothing is donated:
-    the one large buffer, the KV cache, lives inside the jitted function (updated in place by XLA), and the
-    parameters are reused by the caller. `segment_len` is W of the decode segments (module docstring; None ->
-    `default_segment_len`); the results do not depend on it. `lanes` (module docstring) must divide the batch.
+    sharded). When the parameters live on a mesh with the ("data", "fsdp") axes and the rows split evenly over
+    them, the sampler is compiled with explicit shardings: parameters as given, prompts and every output field
+    rows-over-("data", "fsdp"), so each device decodes only its own rows (other batch sizes: no explicit
+    shardings).
+    Prompts are LEFT-padded; a prompt shorter than `max_prompt_len` is left-padded to it on the fly (no
+    recompilation), a longer one raises ValueError. `eos_ids` are the EOS and stop tokens: a row stops after
+    emitting one (it is part of the response). `hapo_stats` (dict from `core.hapo.entropy_stats` of the previous
+    step) turns on HAPO's adaptive temperature when `params.hapo_tau > 0` (algorithms.md §4.2). The compiled
+    function is cached: equal arguments return the same function, so calling this per RL step does not
+    recompile. Nothing is donated: the one large buffer, the KV cache, lives inside the jitted function (updated
+    in place by XLA), and the parameters are reused by the caller. `segment_len` is W of the decode segments
+    (module docstring; None -> `default_segment_len`); the results do not depend on it. `lanes` (module
+    docstring) must divide the batch. `share_prefill`: the rows come in contiguous groups of `group_size` rows
+    with the same prompt; each prompt is prefilled once and its cache rows copied to the group's samples
+    (same rollout as prefilling every row; the caller guarantees equal prompts within a group).
     """
     eos_ids = tuple(int(e) for e in eos_ids)
     _check_args(max_prompt_len, max_new_tokens, eos_ids, pad_id, params)
@@ -86,23 +104,70 @@ def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_
         raise ValueError(f"segment_len must be a positive int or None, got {segment_len!r}.")
     if not isinstance(lanes, (int, np.integer)) or lanes < 1:
         raise ValueError(f"lanes must be a positive int, got {lanes!r}.")
+    if not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}.")
+    share = int(group_size) if share_prefill else 1
     return _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, int(pad_id), params,
-                               min(int(segment_len), max_new_tokens), int(lanes))
+                               min(int(segment_len), max_new_tokens), int(lanes), share)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, pad_id, params, segment_len, lanes):
+def _cached_generate_fn(graphdef, max_prompt_len, max_new_tokens, eos_ids, pad_id, params, segment_len, lanes,
+                        share):
     one_lane = functools.partial(_generate, graphdef=graphdef, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
-                                 pad_id=pad_id, sampling=params, segment_len=segment_len)
-    core = jax.jit(one_lane if lanes == 1 else functools.partial(_in_lanes, one_lane, lanes))
+                                 pad_id=pad_id, sampling=params, segment_len=segment_len, share=share)
+    body = one_lane if lanes == 1 else functools.partial(_in_lanes, one_lane, lanes)
+    core = jax.jit(body)
+    compiled_for_mesh = {}
 
     def generate_fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout:
-        tokens, mask = _left_pad(prompt_tokens_BxP, prompt_mask_BxP, max_prompt_len, pad_id)
-        if tokens.shape[0] % lanes:
-            raise ValueError(f"The batch of {tokens.shape[0]} prompts does not split into {lanes} equal lanes.")
-        return core(params_state, tokens, mask, key, hapo_stats)
+        tokens, mask = left_pad(prompt_tokens_BxP, prompt_mask_BxP, max_prompt_len, pad_id)
+        rows = tokens.shape[0]
+        if rows % lanes:
+            raise ValueError(f"The batch of {rows} prompts does not split into {lanes} equal lanes.")
+        if (rows // lanes) % share:
+            raise ValueError(f"share_prefill needs whole groups of {share} rows in each of the {lanes} lanes of "
+                             f"{rows} rows.")
+        mesh = rows_mesh(params_state, rows)
+        if mesh is None:
+            return core(params_state, tokens, mask, key, hapo_stats)
+        case = (mesh, hapo_stats is not None)
+        if case not in compiled_for_mesh:
+            compiled_for_mesh[case] = jax.jit(body, **sampler_shardings(*case))
+        return compiled_for_mesh[case](params_state, tokens, mask, key, hapo_stats)
 
+    generate_fn.lower = lambda params_state, tokens, mask, key, hapo_stats=None: (  # the program, to inspect
+        jax.jit(body, **sampler_shardings(rows_mesh(params_state, tokens.shape[0]), hapo_stats is not None))
+        .lower(params_state, tokens, mask, key, hapo_stats))
     return generate_fn
+
+
+def batch_mesh(params_state):
+    """(mesh, data x fsdp) of the parameters when they carry a NamedSharding on a mesh with the batch axes,
+    else (None, 1)."""
+    leaves = jax.tree.leaves(params_state)
+    sh = getattr(leaves[0], "sharding", None) if leaves else None
+    if not isinstance(sh, jax.sharding.NamedSharding) or not set(sharding_lib.BATCH_AXES) <= set(sh.mesh.axis_names):
+        return None, 1
+    return sh.mesh, int(np.prod([sh.mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
+
+
+def rows_mesh(params_state, rows: int):
+    """The mesh of the parameters when it has the batch axes and `rows` split evenly over them, else None."""
+    mesh, shards = batch_mesh(params_state)
+    return mesh if rows % shards == 0 else None
+
+
+def sampler_shardings(mesh, with_hapo: bool) -> dict:
+    """jit in/out shardings of the sampler on `mesh`: parameters as given (None), prompt rows and every output
+    field rows-over-("data", "fsdp"), the key and HAPO statistics replicated."""
+    if mesh is None:
+        return {}
+    rows = lambda ndim: sharding_lib.batch_sharding(mesh, ndim)  # noqa: E731
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    out = Rollout(*(rows(1) if name in ("length_B", "truncated_B") else rows(2) for name in Rollout._fields))
+    return dict(in_shardings=(None, rows(2), rows(2), replicated, replicated if with_hapo else None),
+                out_shardings=out)
 
 
 def _in_lanes(one_lane, lanes, params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats) -> Rollout:
@@ -113,7 +178,7 @@ def _in_lanes(one_lane, lanes, params_state, prompt_tokens_BxP, prompt_mask_BxP,
     return jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *outs)
 
 
-def _left_pad(tokens_BxP, mask_BxP, max_prompt_len, pad_id):
+def left_pad(tokens_BxP, mask_BxP, max_prompt_len, pad_id):
     """Validates shapes and LEFT-pads prompts to `max_prompt_len` (int32 tokens, bool mask)."""
     tokens_BxP, mask_BxP = (x if hasattr(x, "ndim") else np.asarray(x) for x in (tokens_BxP, mask_BxP))
     if tokens_BxP.ndim != 2 or tokens_BxP.shape != mask_BxP.shape:
@@ -158,55 +223,93 @@ def _grow(cache, slots):
     return tuple(LayerCache(*map(grow, layer, SLOT_AXIS)) for layer in cache)
 
 
+def _repeat_rows(cache, n):
+    """Each batch row of the cache `n` times in a row (the batch axis is the one before the 4 per-layer axes)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=x.ndim - 4), cache)
+
+
+def prefill(model, head, prompt_tokens_BxP, prompt_mask_BxP, share):
+    """P-slot cache and last-position logits of every row; with `share` > 1 only the first row of each group of
+    `share` rows is run through the model, and its cache and logits are copied to the whole group."""
+    tokens_bxP, mask_bxP = prompt_tokens_BxP[::share], prompt_mask_BxP[::share]
+    h_bxPxD, cache = model.hidden(tokens_bxP, attention.positions_from_mask(mask_bxP), attention.causal(mask_bxP),
+                                  init_cache(model.cfg, tokens_bxP.shape[0], tokens_bxP.shape[1]), 0)
+    logits_bxV = model.logits(h_bxPxD[:, -1:], head)[:, 0]
+    if share == 1:
+        return logits_bxV, cache
+    return jnp.repeat(logits_bxV, share, axis=0), _repeat_rows(cache, share)
+
+
 def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats, *, graphdef, max_new_tokens,
-              eos_ids, pad_id, sampling, segment_len) -> Rollout:
+              eos_ids, pad_id, sampling, segment_len, share) -> Rollout:
     """The jitted sampler body (see the module docstring)."""
     model = nnx.merge(graphdef, params_state)
-    b, p = prompt_tokens_BxP.shape
-    r = max_new_tokens
-    eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-    prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1, dtype=jnp.int32)
     head = model.lm_head_slices(decode_vocab_chunk())  # sliced once, outside the decode loop
-
     # Prefill into a P-slot cache (attention P x P, not P x (P + R)); only the last prompt position goes through
     # the LM head. The cache then grows segment by segment.
-    h_BxPxD, cache = model.hidden(prompt_tokens_BxP, attention.positions_from_mask(prompt_mask_BxP),
-                                  attention.causal(prompt_mask_BxP), init_cache(model.cfg, b, p), 0)
+    logits_BxV, cache = prefill(model, head, prompt_tokens_BxP, prompt_mask_BxP, share)
+    carry = initial_carry(logits_BxV, cache, max_new_tokens, pad_id)
+    for end in segment_ends(max_new_tokens, segment_len):
+        carry = decode_segment(model, head, carry, end, prompt_mask_BxP, key, hapo_stats, eos_ids=eos_ids,
+                               pad_id=pad_id, sampling=sampling)
+    return to_rollout(prompt_tokens_BxP, prompt_mask_BxP, carry[3], carry[4])
+
+
+def segment_ends(max_new_tokens: int, segment_len: int) -> list[int]:
+    """The exclusive last step of each decode segment: W, 2W, ..., R."""
+    return [min(end, max_new_tokens) for end in range(segment_len, max_new_tokens + segment_len, segment_len)]
+
+
+def initial_carry(logits_BxV, cache, max_new_tokens, pad_id):
+    """(t = 0, cache, logits, done_B, output buffers) before the first decode step."""
+    b, r = logits_BxV.shape[0], max_new_tokens
     bufs = (jnp.full((b, r), pad_id, jnp.int32),) + tuple(jnp.zeros((b, r), jnp.float32) for _ in range(4)) \
         + (jnp.full((b, r), STEP_MAP_PAD, jnp.int32),)
+    return jnp.asarray(0, jnp.int32), cache, logits_BxV, jnp.zeros((b,), bool), bufs
 
-    def segment(carry, end):
-        """Decode steps t < end (a while_loop) with a cache of P + end slots."""
-        key_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, end), bool)], axis=1)
 
-        def cond(carry):
-            t, _, _, done_B, _ = carry
-            return (t < end) & ~jnp.all(done_B)
+def decode_segment(model, head, carry, end, prompt_mask_BxP, key, hapo_stats, *, eos_ids, pad_id, sampling,
+                   row_ids_B=None):
+    """Decode steps t < end (a while_loop) with a cache of P + end slots.
 
-        def body(carry):
-            """Samples token t from the carried logits, then runs it through the model (slot P + t) for step t + 1.
+    Step t samples with `fold_in(key, t)` over the whole batch, or with `row_ids_B` row i with
+    `fold_in(fold_in(key, t), row_ids_B[i])` (noise that follows the row wherever it sits in the batch).
+    """
+    b, p = prompt_mask_BxP.shape
+    eos_E = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    prompt_len_B = jnp.sum(prompt_mask_BxP, axis=-1, dtype=jnp.int32)
+    key_valid_BxS = jnp.concatenate([prompt_mask_BxP, jnp.ones((b, end), bool)], axis=1)
 
-            One sampling site per segment (a shorter compile); the forward of the last step is unused.
-            """
-            t, cache, logits_BxV, done_B, bufs = carry
-            s = sample_logits(jax.random.fold_in(key, t), logits_BxV, sampling, hapo_stats)
-            alive_B = ~done_B
-            bufs = _record(bufs, t, s, alive_B, pad_id)
-            done_B = done_B | jnp.isin(s.token, eos_E)
-            slot = p + t
-            h_Bx1xD, cache = model.hidden(jnp.where(alive_B, s.token, pad_id)[:, None],
-                                          (prompt_len_B + t)[:, None],
-                                          attention.cached_causal_mask(key_valid_BxS, slot, 1), cache, slot)
-            return t + 1, cache, model.logits(h_Bx1xD, head)[:, 0], done_B, bufs
+    def cond(carry):
+        t, _, _, done_B, _ = carry
+        return (t < end) & ~jnp.all(done_B)
 
+    def body(carry):
+        """Samples token t from the carried logits, then runs it through the model (slot P + t) for step t + 1.
+
+        One sampling site per segment (a shorter compile); the forward of the last step is unused.
+        """
         t, cache, logits_BxV, done_B, bufs = carry
-        return jax.lax.while_loop(cond, body, (t, _grow(cache, p + end), logits_BxV, done_B, bufs))
+        if row_ids_B is None:
+            s = sample_logits(jax.random.fold_in(key, t), logits_BxV, sampling, hapo_stats)
+        else:
+            keys_B = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, t), row_ids_B)
+            one = lambda k, x: sample_logits(k, x[None], sampling, hapo_stats)  # noqa: E731
+            s = jax.tree.map(lambda x: x[:, 0], jax.vmap(one)(keys_B, logits_BxV))
+        alive_B = ~done_B
+        bufs = _record(bufs, t, s, alive_B, pad_id)
+        done_B = done_B | jnp.isin(s.token, eos_E)
+        slot = p + t
+        h_Bx1xD, cache = model.hidden(jnp.where(alive_B, s.token, pad_id)[:, None], (prompt_len_B + t)[:, None],
+                                      attention.cached_causal_mask(key_valid_BxS, slot, 1), cache, slot)
+        return t + 1, cache, model.logits(h_Bx1xD, head)[:, 0], done_B, bufs
 
-    logits_BxV = model.logits(h_BxPxD[:, -1:], head)[:, 0]
-    carry = (jnp.asarray(0, jnp.int32), cache, logits_BxV, jnp.zeros((b,), bool), bufs)
-    for end in range(segment_len, r + segment_len, segment_len):
-        carry = segment(carry, min(end, r))
-    _, _, _, done_B, bufs = carry
+    t, cache, logits_BxV, done_B, bufs = carry
+    return jax.lax.while_loop(cond, body, (t, _grow(cache, p + end), logits_BxV, done_B, bufs))
+
+
+def to_rollout(prompt_tokens_BxP, prompt_mask_BxP, done_B, bufs) -> Rollout:
+    """The Rollout of the final output buffers and stop flags."""
     tokens_BxR, logp_BxR, logp_raw_BxR, entropy_BxR, conf_BxR, step_BxR = bufs
     response_mask_BxR = step_BxR != STEP_MAP_PAD
     return Rollout(prompt_tokens_BxP=prompt_tokens_BxP, prompt_mask_BxP=prompt_mask_BxP, tokens_BxR=tokens_BxR,
@@ -218,11 +321,12 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
 def generate(model, prompt_tokens_BxP, prompt_mask_BxP, key, *, n_samples: int = 1, max_new_tokens: int,
              eos_ids: Sequence[int], pad_id: int, params: SamplingParams = SamplingParams(),
              max_prompt_len: int | None = None, hapo_stats=None, segment_len: int | None = None,
-             lanes: int = 1) -> Rollout:
+             lanes: int = 1, share_prefill: bool = False) -> Rollout:
     """Convenience: samples `n_samples` responses per prompt from an `nnx` model -> Rollout of B * n rows.
 
     Groups are contiguous: rows `b * n .. b * n + n - 1` answer prompt b. `max_prompt_len` defaults to the
-    prompts' width. Uses the cached jitted function of `make_generate_fn` (`segment_len`, `lanes`: see there).
+    prompts' width. Uses the cached jitted function of `make_generate_fn` (`segment_len`, `lanes`,
+    `share_prefill` with `group_size = n_samples`: see there).
     """
     if not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}.")
@@ -230,7 +334,7 @@ def generate(model, prompt_tokens_BxP, prompt_mask_BxP, key, *, n_samples: int =
     width = np.shape(prompt_tokens_BxP)[-1]
     fn = make_generate_fn(graphdef, max_prompt_len=width if max_prompt_len is None else max_prompt_len,
                           max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, params=params,
-                          segment_len=segment_len, lanes=lanes)
+                          segment_len=segment_len, lanes=lanes, group_size=n_samples, share_prefill=share_prefill)
     tokens = jnp.repeat(jnp.asarray(prompt_tokens_BxP), n_samples, axis=0)
     mask = jnp.repeat(jnp.asarray(prompt_mask_BxP), n_samples, axis=0)
     return fn(params_state, tokens, mask, key, hapo_stats)

@@ -31,6 +31,7 @@ from jaxrl_reason.core import hapo as hapo_lib
 from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.sampling.autoregressive import make_generate_fn
+from jaxrl_reason.sampling.compaction import make_compacting_generate_fn
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import console
@@ -101,7 +102,8 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
         return batch_lib.mini_batches(batch, config.optim.mini_batches, rng, r.group_size)
 
     return PolicyParts(
-        train_gen=make_generate_fn(graphdef, params=train, lanes=r.lanes, **common),
+        train_gen=(make_compacting_generate_fn if r.compact_rows else make_generate_fn)(
+            graphdef, params=train, lanes=r.lanes, group_size=r.group_size, share_prefill=r.share_prefill, **common),
         eval_gen=make_generate_fn(graphdef, params=SamplingParams(temperature=config.eval.temperature), **common),
         greedy_gen=make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common),
         build_batch=build_batch,
@@ -382,7 +384,7 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
     reward_cfg, filter_cfg = reward_config(config), filter_config(config)
     r = config.rollout
     spec = rollout_lib.RolloutSpec(parts.train_gen, task.tokenizer, task.scorer, r.prompts_per_step, r.group_size,
-                                   r.max_prompt_len, r.max_new_tokens)
+                                   r.max_prompt_len, r.max_new_tokens, r.sample_batch_rows)
     stream = rollout_lib.PromptStream(task.train, config.seed, meta["stream_position"])
     bar, log = ProgressBar(config.train.num_steps, desc=config.algorithm), console.IterationLog(config)
     base_key, start, skips, last = jax.random.PRNGKey(config.seed), time.time(), 0, {}

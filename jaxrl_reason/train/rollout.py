@@ -119,6 +119,25 @@ class RolloutSpec:
     group_size: int
     max_prompt_len: int
     max_new_tokens: int
+    sample_batch_rows: int = 0  # rows per sampler call (whole groups); 0 = the whole round in one call
+
+    def __post_init__(self):
+        rows, b = self.prompts_per_round * self.group_size, self.sample_batch_rows
+        if not isinstance(b, (int, np.integer)) or b < 0 or (b and (b % self.group_size or rows % b)):
+            raise ValueError(f"rollout.sample_batch_rows ({b!r}) must be 0 or a multiple of rollout.group_size "
+                             f"({self.group_size}) that divides the {rows} rows of a round.")
+
+
+def _sample_in_batches(spec: RolloutSpec, params, ids, mask, key, hapo_stats):
+    """The sampler on the round's rows: one call (`sample_batch_rows` 0), or equal sub-batches of whole groups,
+    sub-batch k with key `fold_in(key, k)` (all dispatched before the first is read back)."""
+    extra = (hapo_stats,) if hapo_stats is not None else ()
+    if not spec.sample_batch_rows:
+        return jax.device_get(spec.generate_fn(params, ids, mask, key, *extra))
+    step = spec.sample_batch_rows
+    outs = [spec.generate_fn(params, ids[i:i + step], mask[i:i + step], jax.random.fold_in(key, k), *extra)
+            for k, i in enumerate(range(0, len(ids), step))]
+    return jax.tree.map(lambda *x: np.concatenate(x, axis=0), *jax.device_get(outs))
 
 
 def sample_round(spec: RolloutSpec, params, examples: list[Example], key, hapo_stats=None) -> dict:
@@ -127,8 +146,7 @@ def sample_round(spec: RolloutSpec, params, examples: list[Example], key, hapo_s
     prompts = [ex.prompt for ex in examples for _ in range(g)]
     answers = [ex.answer for ex in examples for _ in range(g)]
     ids, mask = encode_batch_left_padded(spec.tokenizer, prompts, spec.max_prompt_len)
-    args = (params, ids, mask, key) + ((hapo_stats,) if hapo_stats is not None else ())
-    ro = jax.device_get(spec.generate_fn(*args))
+    ro = _sample_in_batches(spec, params, ids, mask, key, hapo_stats)
     texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
     golds = [ex for ex in examples for _ in range(g)] if getattr(spec.scorer, "accepts_examples", False) else answers
     score = np.asarray(spec.scorer(texts, golds), np.float32)

@@ -1,0 +1,64 @@
+"""sample_round in sub-batches of whole groups (rollout.sample_batch_rows) and the loop with the rollout options."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from rl_testing import digit_scorer, tiny_config
+
+from jaxrl_reason.data.example import Example
+from jaxrl_reason.data.tokenizer import DEFAULT_VOCAB_SIZE, build_char_tokenizer, encode_batch_left_padded
+from jaxrl_reason.models.transformer import Transformer, TransformerConfig
+from jaxrl_reason.sampling import autoregressive as ar
+from jaxrl_reason.sampling.processors import SamplingParams
+from jaxrl_reason.train import build, loop
+from jaxrl_reason.train import rollout as rollout_lib
+
+G, PROMPTS, P, R = 2, 4, 8, 6
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = build_char_tokenizer(str(tmp_path_factory.mktemp("tok")))
+    cfg = TransformerConfig(vocab_size=DEFAULT_VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_layers=1,
+                            num_heads=2, num_kv_heads=1)
+    graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    fn = ar.make_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=(tok.eos_token_id,),
+                             pad_id=tok.pad_token_id, params=SamplingParams(temperature=1.5))
+    examples = [Example(f"{i}+{i + 3}=", str(2 * i + 3), "t") for i in range(PROMPTS)]
+    return tok, fn, state, examples
+
+
+def _spec(tok, fn, rows):
+    return rollout_lib.RolloutSpec(fn, tok, lambda texts, answers: np.zeros(len(texts), np.float32), PROMPTS, G,
+                                   P, R, sample_batch_rows=rows)
+
+
+def test_sub_batches_are_sampler_calls_on_slices_with_folded_keys(setup):
+    tok, fn, state, examples = setup
+    key = jax.random.key(3)
+    ids, mask = encode_batch_left_padded(tok, [ex.prompt for ex in examples for _ in range(G)], P)
+    one, _ = rollout_lib.sample_round(_spec(tok, fn, 0), state, examples, key)
+    np.testing.assert_array_equal(one["tokens"], np.asarray(fn(state, ids, mask, key).tokens_BxR))
+    rows, _ = rollout_lib.sample_round(_spec(tok, fn, 2 * G), state, examples, key)
+    want = [fn(state, ids[i:i + 2 * G], mask[i:i + 2 * G], jax.random.fold_in(key, k)) for k, i in enumerate((0, 4))]
+    np.testing.assert_array_equal(rows["tokens"], np.concatenate([np.asarray(w.tokens_BxR) for w in want]))
+    np.testing.assert_array_equal(rows["logp_sampler"], np.concatenate([np.asarray(w.logp_BxR) for w in want]))
+    np.testing.assert_array_equal(rows["length_N"], np.concatenate([np.asarray(w.length_B) for w in want]))
+    np.testing.assert_array_equal(rows["example_index"], np.repeat(np.arange(PROMPTS), G))
+    assert not np.array_equal(rows["tokens"], one["tokens"])  # sub-batches draw their own noise
+
+
+@pytest.mark.parametrize("rows", [3, 6, -2])
+def test_sub_batches_must_be_whole_groups_dividing_the_round(setup, rows):
+    tok, fn, _, _ = setup
+    with pytest.raises(ValueError, match="sample_batch_rows") as e:
+        _spec(tok, fn, rows)
+    assert str(e.value).endswith(".") and "\n" not in str(e.value)
+
+
+def test_loop_trains_with_sub_batches_shared_prefill_and_compaction(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)
+    config = tiny_config("grpo", rollout__sample_batch_rows=8, rollout__share_prefill=True,
+                         rollout__compact_rows=True)
+    out = loop.run(config, str(tmp_path))
+    assert out["iterations"] == 2 and all(np.all(np.isfinite(x)) for x in out["final_params"])

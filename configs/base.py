@@ -23,7 +23,8 @@ SCALES = ("tiny", "small", "full")
 def _model(scale: str) -> config_dict.ConfigDict:
     m = config_dict.ConfigDict()
     # `init`: "sft" = the SFT checkpoint at `sft_dir` (HF format, shipped for tiny), "random", or "hf:<dir>".
-    m.init = "sft"
+    # At `full` there is no default: a real run names its checkpoint (a forgotten flag must not train the toy).
+    m.init = "sft" if scale != "full" else ""
     m.sft_dir = "checkpoints/arith_tiny_sft"
     m.vocab_size = 0  # 0: taken from the tokenizer / checkpoint
     m.hidden_size = {"tiny": 128, "small": 512, "full": 0}[scale]
@@ -59,7 +60,7 @@ def _model(scale: str) -> config_dict.ConfigDict:
 
 def _task(scale: str) -> config_dict.ConfigDict:
     t = config_dict.ConfigDict()
-    t.name = "arithmetic"  # arithmetic | reasoning_gym | jsonl
+    t.name = "arithmetic" if scale != "full" else "jsonl"  # arithmetic | reasoning_gym | jsonl (files by path)
     t.train_levels = (0, 1, 2, 3, 4, 5, 6, 7, 8)
     t.eval_levels = (0, 1, 2, 3, 4, 5, 6, 7, 8)
     t.recheck_prob = 0.9  # SFT traces with redundant re-checks (calibration.md lesson 1)

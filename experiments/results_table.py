@@ -1,12 +1,12 @@
-"""The README's table of every reproduction claim, generated from results JSON (issue 6: nothing typed by hand).
+"""The table of every reproduction claim in docs/reproduction.md, generated from results JSON (nothing typed by hand).
 
-  python experiments/results_table.py           # rewrites the README block between the markers below
-  python experiments/results_table.py --check   # exits 1 if the README block is not what the JSON files give
+  python experiments/results_table.py           # rewrites the block between the markers below
+  python experiments/results_table.py --check   # exits 1 if the block is not what the JSON files give
 
 One row per claim of each study (the claim rows of `_repro_report`, the same as in each directory's summary.md) and
 per results directory that holds the study: `DIRS`, the plateaued warm start first, then the mid-SFT one. Rows of
 the same claim sit together so the two starts can be compared. A test (tests/test_reproduce.py) checks that the
-committed README block equals this script's output on the committed JSON files.
+committed block in docs/reproduction.md equals this script's output on the committed JSON files.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def replace_block(readme: str, block: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if the README block is out of date")
-    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--readme", default=os.path.join(ROOT, "docs", "reproduction.md"))
     args = ap.parse_args(argv)
     with open(args.readme) as f:
         readme = f.read()

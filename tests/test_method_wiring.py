@@ -84,6 +84,33 @@ TABLE = {
     ("tracerl", "block,paper"): {**_TRACERL, "advantage.estimator": "grpo", "tracerl.shrink": 1},
     ("tracerl", "full,value,paper"): {**_TRACERL, "advantage.estimator": "gae", "tracerl.shrink": 8},
 }
+# The losses and estimators of verl's loss family, with verl's defaults (core_algos.py and its example scripts);
+# their core functions are checked against verl's formulas in test_core_policy_loss_variants.py and
+# test_core_advantages_registry.py, and each name reaching its registry entry in test_train_methods.py.
+_VERL = {"loss.kl_coef": 0.0, "filter.kind": "none", **_NO_SHAPING}
+VERL_TABLE = {
+    ("cispo", "full"): {**_VERL, "advantage.estimator": "grpo", "loss.mode": "cispo", "loss.eps_low": 10.0,
+                        "loss.eps_high": 0.2, "loss.agg": "token-mean"},
+    ("sapo", "full"): {**_VERL, "advantage.estimator": "grpo", "loss.mode": "sapo", "loss.sapo_tau_pos": 1.0,
+                       "loss.sapo_tau_neg": 1.05, "loss.agg": "seq-mean-token-mean"},
+    ("gmpo", "full"): {**_VERL, "advantage.estimator": "grpo", "loss.mode": "gmpo", "loss.eps_low": 0.4,
+                       "loss.eps_high": 0.4, "loss.agg": "token-mean"},
+    ("clip_cov", "full"): {**_VERL, "advantage.estimator": "grpo", "loss.mode": "clip_cov",
+                           "loss.clip_cov_ratio": 2e-4, "loss.clip_cov_lb": 1.0, "loss.clip_cov_ub": 5.0},
+    ("kl_cov", "full"): {**_VERL, "advantage.estimator": "grpo", "loss.mode": "kl_cov", "loss.kl_cov_ratio": 2e-4,
+                         "loss.kl_cov_coef": 1.0},
+    ("gpg", "full"): {**_VERL, "advantage.estimator": "gpg", "loss.mode": "gpg", "loss.agg": "token-mean"},
+    ("dppo_tv", "full"): {**_VERL, "advantage.estimator": "grpo", "loss.mode": "dppo_tv", "loss.eps_low": 0.15,
+                          "loss.eps_high": 0.15, "loss.dual_clip_c": 20.0},
+    ("dppo_kl", "full"): {**_VERL, "advantage.estimator": "grpo", "loss.mode": "dppo_kl", "loss.eps_low": 0.05,
+                          "loss.eps_high": 0.05, "loss.dual_clip_c": 20.0},
+    ("grpo_passk", "full"): {"advantage.estimator": "grpo_passk", **_GRPO_LOSS, "filter.kind": "none",
+                             **_NO_SHAPING},
+    ("opo", "full"): {**_VERL, "advantage.estimator": "opo", "loss.mode": "ppo", "loss.agg": "token-mean"},
+    ("remax", "full"): {**_VERL, "advantage.estimator": "remax", "loss.mode": "ppo", "loss.agg": "token-mean"},
+    ("grpo_token_sum", "full"): {"advantage.estimator": "grpo", **{**_GRPO_LOSS, "loss.agg": "token-sum"},
+                                 "filter.kind": "none", **_NO_SHAPING},
+}
 # recipes without a config file of their own, applied to the base config
 RECIPE_TABLE = {
     "reinforce_pp_baseline": {"advantage.estimator": "reinforce_pp_baseline", "loss.kl_coef": 0.001,
@@ -116,14 +143,14 @@ def _check_table(config, want: dict, label: str):
 
 
 def test_the_table_covers_every_method():
-    methods = {m for m, _ in TABLE} | set(RECIPE_TABLE)
+    methods = {m for m, _ in TABLE} | {m for m, _ in VERL_TABLE} | set(RECIPE_TABLE)
     assert set(algorithms.RECIPES) <= methods | {"lspo", "repro", "tracerl"}
     assert {m for m, _ in TABLE} >= {"lspo", "repro", "tracerl"}
 
 
-@pytest.mark.parametrize("module,arg", sorted(TABLE))
+@pytest.mark.parametrize("module,arg", sorted({**TABLE, **VERL_TABLE}))
 def test_method_config_resolves_to_the_paper_recipe(module, arg):
-    _check_table(_load(module, arg), TABLE[(module, arg)], f"{module}:{arg}")
+    _check_table(_load(module, arg), {**TABLE, **VERL_TABLE}[(module, arg)], f"{module}:{arg}")
 
 
 @pytest.mark.parametrize("name", sorted(RECIPE_TABLE))
@@ -169,6 +196,8 @@ def _spy(monkeypatch, module, name):
                 for k, v in list(value.items()):
                     if v is orig:
                         monkeypatch.setitem(value, k, recorder)
+                    elif getattr(v, "loss_fn", None) is orig:  # a registry entry that calls its core function
+                        monkeypatch.setattr(v, "loss_fn", recorder)
     return calls
 
 

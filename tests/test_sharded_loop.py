@@ -31,7 +31,10 @@ def _numbers(workdir) -> list[dict]:
 
 def _assert_same_run(out_a, dir_a, out_b, dir_b, what: str):
     for x, y in zip(out_a["final_params"], out_b["final_params"], strict=True):
-        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5, err_msg=f"{what}: params")
+        # AdamW divides by sqrt(v): a gradient entry near zero turns its float rounding (which differs with the
+        # reduction order of a sharded step) into an update difference of up to ~2e-5 at lr 1e-3, on 1 of ~2k
+        # entries; a real wiring error (a gradient divided by M, a dropped term) moves every entry by far more
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=5e-5, err_msg=f"{what}: params")
     rows_a, rows_b = _numbers(dir_a), _numbers(dir_b)
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b], what
     for ra, rb in zip(rows_a, rows_b):

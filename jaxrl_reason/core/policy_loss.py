@@ -35,7 +35,7 @@ def register_policy_loss(name: str, hparams: Callable):
             kwargs = {**hparams(hp), **agg, **overrides}
             if takes_rng:
                 kwargs["rng"] = rng
-            return fn(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, **kwargs)
+            return entry.loss_fn(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, **kwargs)  # looked up per call
 
         entry.__name__, entry.__doc__, entry.loss_fn = f"{name}_entry", fn.__doc__, fn
         POLICY_LOSSES[name] = entry

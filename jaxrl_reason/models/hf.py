@@ -236,6 +236,8 @@ def load_hf_tensors(model: Transformer, tensors: dict) -> None:
 def _host_tensor(x: jax.Array, layer: int | None = None) -> np.ndarray:
     """`x` (or its slice `x[layer]`) on the host, assembled from its addressable shards, each distinct shard
     copied once: nothing larger than the tensor itself is gathered (single host)."""
+    if not isinstance(x, jax.Array):  # already on the host (e.g. params fetched with jax.device_get)
+        return np.asarray(x if layer is None else x[layer])
     shape = x.shape if layer is None else x.shape[1:]
     out = np.empty(shape, x.dtype)
     done = set()

@@ -78,7 +78,14 @@ def make_forward_fns(policy_graphdef, value_graphdef=None, *, spec: LogpSpec = L
         fn = _over_micro_batches(fn, micro_batch_rows)
         if rows_sharding is None:
             return jax.jit(fn)
-        return jax.jit(fn, in_shardings=(param_shardings, rows_sharding), out_shardings=rows_sharding)
+        jitted = jax.jit(fn, in_shardings=(param_shardings, rows_sharding), out_shardings=rows_sharding)
+
+        def under_mesh(params, batch):  # traced under the mesh, so the model's activation constraints apply
+            with jax.set_mesh(rows_sharding.mesh):
+                return jitted(params, batch)
+
+        under_mesh.lower = jitted.lower
+        return under_mesh
 
     logps = jit(lambda p, b: ar_logps(policy_graphdef, p, b, spec), policy_shardings)
     values = None

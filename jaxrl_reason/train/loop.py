@@ -75,7 +75,7 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
     """
     r = config.rollout
     common = dict(max_prompt_len=r.max_prompt_len, max_new_tokens=r.max_new_tokens,
-                  eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id)
+                  eos_ids=export_lib.stop_ids(tokenizer, _source_dir(config)), pad_id=tokenizer.pad_token_id)
     train = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                            hapo_tau=r.hapo_tau, hapo_sign_compat=r.hapo_sign_compat)
     spec, fwd_sh = logp_spec(config), _forward_shardings(config, mesh, shardings)
@@ -113,6 +113,13 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
         split=split)
 
 
+def _source_dir(config) -> str:
+    """The checkpoint directory the policy starts from ("" for a random init): its generation_config.json names the
+    end-of-turn ids a chat model stops at besides the tokenizer's EOS."""
+    init = config.model.init
+    return init[3:] if init.startswith("hf:") else (config.model.sft_dir if init == "sft" else "")
+
+
 def logp_spec(config) -> LogpSpec:
     """Chunk sizes and compute dtype of every log-prob pass (`train/logprobs.py`)."""
     m = config.model
@@ -146,9 +153,9 @@ def _repro_shardings(mesh, fwd_sh: dict) -> dict:
 
 def _reference_copy(config, policy_params, shardings):
     """The frozen KL reference: a compute-dtype copy of the initial policy, sharded like the policy."""
-    if shardings is None:
-        return compute_copy(config, jax.tree.map(lambda x: x.copy(), policy_params))
-    return compute_copy(config, jax.device_put(policy_params, shardings["policy"], may_alias=False))
+    # Its own buffers (x.copy()), never the policy's: the update step donates the policy params.
+    copy = jax.tree.map(lambda x: x.copy(), policy_params)
+    return compute_copy(config, copy if shardings is None else jax.device_put(copy, shardings["policy"]))
 
 
 def _mesh(config):

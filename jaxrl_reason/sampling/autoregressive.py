@@ -233,7 +233,8 @@ def prefill(model, head, prompt_tokens_BxP, prompt_mask_BxP, share):
     `share` rows is run through the model, and its cache and logits are copied to the whole group."""
     tokens_bxP, mask_bxP = prompt_tokens_BxP[::share], prompt_mask_BxP[::share]
     h_bxPxD, cache = model.hidden(tokens_bxP, attention.positions_from_mask(mask_bxP), attention.causal(mask_bxP),
-                                  init_cache(model.cfg, tokens_bxP.shape[0], tokens_bxP.shape[1]), 0)
+                                  init_cache(model.cfg, tokens_bxP.shape[0], tokens_bxP.shape[1],
+                                             dtype=model.embed[...].dtype), 0)  # the weights' (compute) dtype
     logits_bxV = model.logits(h_bxPxD[:, -1:], head)[:, 0]
     if share == 1:
         return logits_bxV, cache

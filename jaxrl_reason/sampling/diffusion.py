@@ -158,7 +158,8 @@ def _llada_core(graphdef, p, r, bl, steps, m, eos_ids, pad_id, sampling, thresho
         x_BxL = jnp.concatenate([prompt_BxP, jnp.full((b, r), m, jnp.int32)], axis=1)
         valid_BxL = jnp.concatenate([pmask_BxP, jnp.ones((b, r), bool)], axis=1)
         pos_BxL = attention.positions_from_mask(valid_BxL)
-        cache = init_cache(nnx.merge(graphdef, params).cfg, b, p + r) if use_cache else None
+        model = nnx.merge(graphdef, params)
+        cache = init_cache(model.cfg, b, p + r, dtype=model.embed[...].dtype) if use_cache else None
 
         def step_cond(c):
             x_BxL, i, blk = c[0], c[4], c[6]
@@ -280,7 +281,7 @@ def _block_core(graphdef, p, r, bs, t_b, m, eos_ids, pad_id, sampling, remasking
         cache, n_fwd = None, jnp.int32(0)
         if use_cache:   # prefill: the prompt's K/V with block-causal attention (no LM head)
             model = nnx.merge(graphdef, params)
-            cache = init_cache(model.cfg, b, p + r)
+            cache = init_cache(model.cfg, b, p + r, dtype=model.embed[...].dtype)
             _, cache = model.hidden(prompt_BxP, pos_BxL[:, :p], attention.cached_block_mask(valid_BxL, 0, p, bs, p),
                                     cache, 0)
             n_fwd = jnp.int32(1)

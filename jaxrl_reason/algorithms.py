@@ -14,6 +14,7 @@ from typing import Any
 
 from jaxrl_reason.core.advantages import ADVANTAGE_ESTIMATORS as _ESTIMATOR_REGISTRY
 from jaxrl_reason.core.aggregate import AGGREGATIONS as _AGGREGATION_REGISTRY
+from jaxrl_reason.core import policy_loss_variants  # noqa: F401  (registers the variants in POLICY_LOSSES)
 from jaxrl_reason.core.policy_loss import POLICY_LOSSES as _POLICY_LOSS_REGISTRY
 
 # The accepted names are the registries' keys: registering a new part makes its name valid here.

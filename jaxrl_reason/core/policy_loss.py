@@ -5,7 +5,8 @@ stop-gradient scalars. Log-probs are upcast to float32 (or wider) before any exp
 
 Policy terms register under a name in `POLICY_LOSSES` (`@register_policy_loss`); the training stage calls
 `POLICY_LOSSES[name](logp, logp_old, adv, mask, hp, agg, rng=key)` whatever the loss. The losses that verl ships
-beyond PPO and GSPO (CISPO, SAPO, GMPO, Clip-Cov, KL-Cov, GPG, DPPO) live in `policy_loss_variants.py`.
+beyond PPO and GSPO (CISPO, SAPO, GMPO, Clip-Cov, KL-Cov, GPG, DPPO) live in `policy_loss_variants.py`, which
+registers them when imported (`train/objectives.py` imports it, so every stage sees the whole registry).
 """
 import inspect
 from typing import Callable, Optional
@@ -209,8 +210,3 @@ def entropy_bonus(entropy_NxT, mask_NxT, coef: float, agg: str = "token-mean", a
     check_agg_mode(agg)
     ent = aggregate(_float(entropy_NxT), mask_NxT, agg, agg_const, **agg_kwargs)
     return -coef * ent, {"entropy": jax.lax.stop_gradient(ent)}
-
-
-# The variants module registers the losses it defines; importing it here makes `POLICY_LOSSES` complete for anyone
-# who imports this module.
-from . import policy_loss_variants  # noqa: E402,F401

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxrl_reason.core import hapo as hapo_lib
 from jaxrl_reason.core import kl as kl_lib
 from jaxrl_reason.core import policy_loss as pl
+from jaxrl_reason.core import policy_loss_variants  # noqa: F401  (registers CISPO, SAPO, GMPO, ... in POLICY_LOSSES)
 from jaxrl_reason.core.advantages import hapo_redistribute_advantages
 from jaxrl_reason.core.aggregate import aggregate
 from jaxrl_reason.train.logprobs import ar_logps, ar_values, causal_forward_inputs, token_logps  # noqa: F401

@@ -43,7 +43,7 @@ def test_column_mapping_chat_template_and_instruction(tmp_path, tok):
 
 
 def test_overlong_prompts_filtered_truncated_or_fatal(tmp_path, tok, caplog):
-    rows = ROWS + [{"q": "x" * 200, "meta": {"gold": 0}}]
+    rows = ROWS + [{"q": "no answer field"}, {"q": "x" * 200, "meta": {"gold": 0}}]  # a skipped row before it
     path = _jsonl(tmp_path / "long.jsonl", rows)
     c = _config(path, path, prompt_key="q", answer_key="meta.gold", chat_template="off")
     train, _ = sources.build_examples(c, tok)
@@ -52,7 +52,9 @@ def test_overlong_prompts_filtered_truncated_or_fatal(tmp_path, tok, caplog):
     train, _ = sources.build_examples(c, tok)
     assert len(train) == 5 and train[4].prompt == "x" * 64
     c.task.on_overlong = "raise"
-    with pytest.raises(ValueError, match=r"long.jsonl: prompt 5 has 200 tokens, more than rollout.max_prompt_len=64"):
+    # named by its line in the file (6), not its index among the parsed examples (5)
+    with pytest.raises(ValueError, match=r"long.jsonl:line 6: the prompt has 200 tokens, more than "
+                                         r"rollout.max_prompt_len=64"):
         sources.build_examples(c, tok)
 
 

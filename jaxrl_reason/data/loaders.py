@@ -141,13 +141,14 @@ def _rows_saved_dataset(path):
 
 
 def load_examples(path: str, on_error: str = "skip", default_data_source: str | None = None, *,
-                  prompt_key: str = "", answer_key: str = ""):
+                  prompt_key: str = "", answer_key: str = "", positions: list | None = None):
     """Reads a `.jsonl` (one object per line) or `.parquet` file, or a saved `datasets` directory, into `Example`s.
 
     Args:
       on_error: "skip" (skip and count malformed rows) or "raise" (ValueError naming file and line/row).
       default_data_source: for rows without `data_source`; defaults to the file's stem.
       prompt_key, answer_key: column mapping (module docstring); "" searches the usual fields.
+      positions: when given, gets "line N" / "row N" of each returned example appended (for later reports).
 
     Returns:
       (examples: list[Example], n_skipped: int).
@@ -173,6 +174,8 @@ def load_examples(path: str, on_error: str = "skip", default_data_source: str | 
             if err is not None:
                 raise ValueError(err)
             examples.append(row_to_example(row, source, prompt_key, answer_key))
+            if positions is not None:
+                positions.append(f"{where} {n}")
         except ValueError as e:
             if on_error == "raise":
                 raise ValueError(f"{path}:{where} {n}: {e}.") from None

@@ -62,23 +62,28 @@ def validate_task(config) -> None:
 
 
 def _load(config, which: str):
+    """(examples, where each sits in its file: "line N" / "row N", or "prompt N" for generated tasks)."""
     t = config.task
     if t.name == "reasoning_gym":
         from jaxrl_reason.data.reasoning_gym_tasks import make_examples
 
         n = NUM_REASONING_GYM_TRAIN if which == "train_path" else config.eval.num_problems
         seed = config.seed if which == "train_path" else t.eval_seed
-        return make_examples(t.reasoning_gym_task, n, seed)
+        examples = make_examples(t.reasoning_gym_task, n, seed)
+        return examples, [f"prompt {i + 1}" for i in range(len(examples))]
     from jaxrl_reason.data.loaders import load_examples
 
+    positions = []
     examples, _ = load_examples(t[which], on_error=_get(config, "on_malformed", "skip"),
-                                prompt_key=_get(config, "prompt_key", ""), answer_key=_get(config, "answer_key", ""))
-    return examples
+                                prompt_key=_get(config, "prompt_key", ""), answer_key=_get(config, "answer_key", ""),
+                                positions=positions)
+    return examples, positions
 
 
-def fit_prompts(tok, examples, max_len: int, mode: str, where: str):
+def fit_prompts(tok, examples, max_len: int, mode: str, where: str, positions: list | None = None):
     """Examples whose prompt has at most `max_len` tokens: the others dropped ('filter', with one warning),
-    cut to their last `max_len` tokens ('truncate') or an error naming the first one ('raise')."""
+    cut to their last `max_len` tokens ('truncate') or an error naming the first one ('raise') by its place in
+    the file (`positions[i]`, e.g. "line 7"; "prompt i" without them)."""
     if not examples:
         return examples
     lengths = [len(ids) for ids in tok([ex.prompt for ex in examples], add_special_tokens=False)["input_ids"]]
@@ -87,7 +92,8 @@ def fit_prompts(tok, examples, max_len: int, mode: str, where: str):
         return examples
     if mode == "raise":
         i = long[0]
-        raise ValueError(f"{where}: prompt {i + 1} has {lengths[i]} tokens, more than rollout.max_prompt_len="
+        at = positions[i] if positions else f"prompt {i + 1}"
+        raise ValueError(f"{where}:{at}: the prompt has {lengths[i]} tokens, more than rollout.max_prompt_len="
                          f"{max_len} ({len(long)} such prompts; raise rollout.max_prompt_len or set "
                          f"task.on_overlong='filter' or 'truncate').")
     if mode == "filter":
@@ -115,11 +121,13 @@ def build_split(config, tok, which: str):
     uses_template(tok, mode)
     role = "training" if which == "train_path" else "held-out"
     where = t[which] if t.name in FILE_TASKS else f"reasoning_gym/{t.reasoning_gym_task}"
-    examples = render_examples(tok, _load(config, which), mode=mode, system_prompt=_get(config, "system_prompt", ""),
+    examples, positions = _load(config, which)
+    examples = render_examples(tok, examples, mode=mode, system_prompt=_get(config, "system_prompt", ""),
                                instruction=_get(config, "instruction", ""))
     if role == "held-out":
-        examples = examples[: config.eval.num_problems]
-    examples = fit_prompts(tok, examples, config.rollout.max_prompt_len, _get(config, "on_overlong", "filter"), where)
+        examples, positions = examples[: config.eval.num_problems], positions[: config.eval.num_problems]
+    examples = fit_prompts(tok, examples, config.rollout.max_prompt_len, _get(config, "on_overlong", "filter"), where,
+                           positions)
     if not examples:
         raise ValueError(f"the {role} set {where!r} is empty (after skipping malformed rows and too-long prompts).")
     return examples

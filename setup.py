@@ -30,8 +30,8 @@ setup(
         # pytest-xdist: the README runs the suite on both cores (`-n 2`); compiles are single-threaded.
         # libtpu: the compile check's TPU targets are compiled on the CPU through it (the version jax[tpu] pins).
         "test": ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4", "torch==2.13.0", "reasoning-gym>=0.1.25",
-                 "matplotlib>=3.10", "nbclient>=0.11", "ipykernel>=7.4", "jupytext>=1.19", "libtpu==0.0.42.*"],
-        "data": ["reasoning-gym>=0.1.25"],
+                 "matplotlib>=3.10", "datasets>=5.2,<6", "nbclient>=0.11", "ipykernel>=7.4", "jupytext>=1.19", "libtpu==0.0.42.*"],
+        "data": ["reasoning-gym>=0.1.25", "datasets>=5.2,<6"],
         "nb": ["nbclient>=0.11", "ipykernel>=7.4", "jupytext>=1.19", "matplotlib>=3.10"],
     },
 )

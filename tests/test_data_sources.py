@@ -128,3 +128,18 @@ def test_sft_pairs_from_chat_rows_and_gsm8k_solutions(tmp_path, tok):
     assert responses == ["#### 2", "2+2=4\n#### 4", "so 6"]  # the 41-token response (with EOS) is dropped
     assert prompts[0] == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
     assert prompts[1] == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_saved_datasets_directory_reads_like_the_jsonl_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"question": f"What is {i}+1?", "answer": f"{i}+1 = {i + 1}\n#### {i + 1}"} for i in range(3)]
+    rows.append({"question": "no answer here"})  # malformed: skipped and counted in both forms
+    jsonl = _jsonl(tmp_path / "gsm.jsonl", rows)
+    table = {k: [r.get(k) for r in rows] for k in ("question", "answer")}
+    datasets.Dataset.from_dict(table).save_to_disk(str(tmp_path / "gsm_ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(table)}).save_to_disk(str(tmp_path / "gsm_dict"))
+    want, skipped = load_examples(jsonl, default_data_source="gsm")
+    assert [e.answer for e in want] == ["1", "2", "3"] and skipped == 1
+    for d in ("gsm_ds", "gsm_dict"):
+        got, skipped = load_examples(str(tmp_path / d), default_data_source="gsm")
+        assert skipped == 1 and [(e.prompt, e.answer) for e in got] == [(e.prompt, e.answer) for e in want], d

@@ -57,6 +57,13 @@ def _float(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _loss_inputs(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT):
+    """What every policy loss starts from: float32 log-probs, the old log-probs and advantages as constants
+    (stop-gradient), and a float32 mask."""
+    return (_float(logp_NxT), jax.lax.stop_gradient(_float(logp_old_NxT)), jax.lax.stop_gradient(_float(adv_NxT)),
+            jnp.asarray(mask_NxT, jnp.float32))
+
+
 def _check_eps(eps, name: str):
     if isinstance(eps, (int, float)) and not 0.0 <= eps < 1.0:
         raise ValueError(f"{name} must lie in [0, 1), got {eps}.")
@@ -117,10 +124,7 @@ def ppo_clip_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_hi
     _check_eps(eps_high, "eps_high")
     if dual_clip_c is not None and isinstance(dual_clip_c, (int, float)) and dual_clip_c <= 1.0:
         raise ValueError(f"dual_clip_c must be greater than 1, got {dual_clip_c}.")
-    logp = _float(logp_NxT)
-    logp_old = jax.lax.stop_gradient(_float(logp_old_NxT))
-    adv = jax.lax.stop_gradient(_float(adv_NxT))
-    mask = jnp.asarray(mask_NxT, jnp.float32)
+    logp, logp_old, adv, mask = _loss_inputs(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT)
     eps_low, eps_high = jax.lax.stop_gradient((eps_low, eps_high))
     log_ratio = jnp.clip(logp - logp_old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
@@ -159,10 +163,7 @@ def gspo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=3e-4, eps_high=
     """
     _check_eps(eps_low, "eps_low")
     _check_eps(eps_high, "eps_high")
-    logp = _float(logp_NxT)
-    logp_old = jax.lax.stop_gradient(_float(logp_old_NxT))
-    adv = jax.lax.stop_gradient(_float(adv_NxT))
-    mask = jnp.asarray(mask_NxT, jnp.float32)
+    logp, logp_old, adv, mask = _loss_inputs(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT)
     log_ratio = logp - logp_old
     seq_len_N1 = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
     seq_log_ratio_N1 = jnp.sum(jnp.where(mask > 0, log_ratio * mask, 0.0), axis=-1, keepdims=True) / seq_len_N1

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .aggregate import aggregate, check_agg_mode, masked_mean
-from .policy_loss import LOG_RATIO_CLAMP, _clip_hparams, _float, _ratio_metrics, register_policy_loss
+from .policy_loss import LOG_RATIO_CLAMP, _clip_hparams, _loss_inputs, _ratio_metrics, register_policy_loss
 
 DPPO_TRUNCATION_DEFAULT = 20.0  # verl's clip_ratio_c fallback for DPPO's truncated importance weight
 
@@ -19,10 +19,7 @@ DPPO_TRUNCATION_DEFAULT = 20.0  # verl's clip_ratio_c fallback for DPPO's trunca
 def _inputs(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, agg):
     """float32 log-probs (logp_old, adv constant), the mask, the clamped log-ratio and the ratio."""
     check_agg_mode(agg)
-    logp = _float(logp_NxT)
-    logp_old = jax.lax.stop_gradient(_float(logp_old_NxT))
-    adv = jax.lax.stop_gradient(_float(adv_NxT))
-    mask = jnp.asarray(mask_NxT, jnp.float32)
+    logp, logp_old, adv, mask = _loss_inputs(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT)
     log_ratio = jnp.clip(logp - logp_old, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return logp, logp_old, adv, mask, log_ratio, jnp.exp(log_ratio)
 
@@ -85,10 +82,7 @@ def gmpo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.4, eps_high=0
     del agg, agg_const, num_tokens
     _check_positive(eps_low, "eps_low")
     _check_positive(eps_high, "eps_high")
-    logp = _float(logp_NxT)
-    logp_old = jax.lax.stop_gradient(_float(logp_old_NxT))
-    adv = jax.lax.stop_gradient(_float(adv_NxT))
-    mask = jnp.asarray(mask_NxT, jnp.float32)
+    logp, logp_old, adv, mask = _loss_inputs(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT)
     log_ratio = logp - logp_old
     sgn = jnp.sign(adv)
     log_ratio_clip = jnp.clip(log_ratio, -eps_low, eps_high)

@@ -60,8 +60,9 @@ def hf_dir_of(checkpoint: str, step: int | None = None) -> str:
         return checkpoint
     if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
         from jaxrl_reason.train import export as export_lib
+        from jaxrl_reason.train import restore as restore_lib
 
-        config, policy, mcfg, tok, step = export_lib.restore_policy(checkpoint, step)
+        config, policy, mcfg, tok, step = restore_lib.restore_policy(checkpoint, step)
         out = os.path.join(checkpoint, f"hf_step{step}")
         export_lib.export_policy(config, policy, mcfg, tok, out)
         return out

@@ -20,10 +20,11 @@ _OUT = flags.DEFINE_string("out", None, "Output directory; default <workdir>/hf_
 
 def export(workdir: str, step: int | None = None, out: str | None = None) -> str:
     from jaxrl_reason.train import export as export_lib
+    from jaxrl_reason.train import restore as restore_lib
 
     if not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir!r} is not a directory.")
-    config, policy, mcfg, tok, step = export_lib.restore_policy(workdir, step)
+    config, policy, mcfg, tok, step = restore_lib.restore_policy(workdir, step)
     out = out or os.path.join(workdir, f"hf_step{step}")
     export_lib.export_policy(config, policy, mcfg, tok, out)
     print(f"exported step {step} of {workdir} to {out}", flush=True)

@@ -6,8 +6,7 @@
 `generation_config.json` is the source checkpoint's (e.g. Qwen's list of end-of-turn ids and its sampling
 defaults) with missing ids filled from the tokenizer. The source is `model.init=hf:<dir>` or `model.sft_dir`.
 
-`restore_policy(workdir, step)` rebuilds the policy of any saved RL checkpoint from the config the run saved in
-its workdir (`train/workdir.py`), for `experiments/export.py`.
+Rebuilding the policy of a saved checkpoint is `train/restore.py` (it needs the loop, which imports this module).
 """
 from __future__ import annotations
 
@@ -69,41 +68,3 @@ def export_policy(config, policy, mcfg, tokenizer, out_dir: str) -> None:
     save_hf(policy, mcfg, out_dir)
     tokenizer.save_pretrained(out_dir)
     write_generation_files(out_dir, tokenizer, source_dir(config))
-
-
-def load_run_config(workdir: str):
-    """The config a run saved in its workdir, as an ml_collections ConfigDict."""
-    from ml_collections import config_dict
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{workdir!r} holds no config.json (written by experiments/train.py at start-up).")
-    with open(path) as f:
-        return config_dict.ConfigDict(json.load(f))
-
-
-def restore_policy(workdir: str, step: int | None = None):
-    """(config, policy, its TransformerConfig, tokenizer, step) of a saved RL checkpoint of `workdir`."""
-    import types
-
-    import jax
-    from flax import nnx
-
-    from jaxrl_reason.train import build, loop
-    from jaxrl_reason.train.checkpoint import Checkpointer
-
-    config = load_run_config(workdir)
-    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1  # any device count restores
-    tok = build.tokenizer_for(config)
-    policy, mcfg, params, _ = loop._build_parts(config, types.SimpleNamespace(tokenizer=tok))
-    state, _, shardings = loop._initial_state(config, loop._mesh(config), params, 1)
-    with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise ValueError(f"{workdir!r} holds no saved checkpoint.")
-        if step is not None and step not in steps:
-            raise ValueError(f"{workdir!r} has no checkpoint of step {step} (saved: {steps}).")
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-        state, meta = ckpt.restore(target, step)
-    nnx.update(policy, jax.device_get(state.params["policy"]))
-    return config, policy, mcfg, tok, meta.get("iteration", step)

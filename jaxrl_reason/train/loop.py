@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -47,23 +46,13 @@ from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec, ar_logps, ar_v
 from jaxrl_reason.train.metrics import MetricsWriter, ProgressBar
 from jaxrl_reason.train.objectives import rl_loss
 from jaxrl_reason.train.optimizer import make_optimizer
+from jaxrl_reason.train.parts import PolicyParts
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step
 from jaxrl_reason.train.tracerl import diffusion_parts
 
 
 REPRO_QUERY_CHUNK = 64  # answer queries per call of REPRO's scorer
-
-
-class PolicyParts(NamedTuple):
-    """What the loop needs from a policy kind."""
-
-    train_gen: Callable  # (params, prompt_tokens, prompt_mask, key[, hapo_stats]) -> Rollout
-    eval_gen: Callable
-    greedy_gen: Callable | None
-    build_batch: Callable[[dict, dict], tuple[dict, dict, Any]]  # (rows, params) -> (batch, metrics, entropy)
-    loss_fn: Callable  # (params, micro_batch, rng) -> (loss, metrics)
-    split: Callable[[dict, np.random.Generator], list[dict]]  # rollout batch -> mini-batches
 
 
 def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=None, mesh=None,

@@ -49,6 +49,7 @@ from jaxrl_reason.sampling.diffusion import make_block_generate_fn, make_llada_g
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train.build import validate_tracerl_config
 from jaxrl_reason.train.logprobs import LogpSpec, cast_floating, chunked_token_logps
+from jaxrl_reason.train.parts import PolicyParts
 
 ESTIMATORS = ("trace", "onestep")
 KINDS = {"block": "block", "bidirectional": "full"}
@@ -375,8 +376,7 @@ def make_samplers(config, graphdef, tokenizer):
 
 
 def diffusion_parts(config, graphdef, tokenizer, *, value_graphdef=None):
-    """The `loop.PolicyParts` of a masked-diffusion policy (`config.model.attention` block | bidirectional)."""
-    from jaxrl_reason.train.loop import PolicyParts  # the loop imports this module
+    """The `PolicyParts` of a masked-diffusion policy (`config.model.attention` block | bidirectional)."""
 
     validate_tracerl_config(config)
     if tokenizer.mask_token_id is None:

@@ -112,6 +112,12 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.rollout.sample_batch_rows = 0  # > 0: sample a round in sub-batches of this many rows (whole groups)
     c.rollout.share_prefill = {"tiny": False, "small": False, "full": True}[scale]  # prefill each prompt once
     c.rollout.compact_rows = False  # True: drop finished rows between decode segments (sampling/compaction.py)
+    # The sampler's weight layout: "train" decodes with the trainer's (FSDP: weights gathered at every decode step);
+    # "decode" gives the sampler its own mesh over the same devices, (devices / decode_tensor) x decode_tensor,
+    # weights split over the tensor axis by heads / MLP columns / vocabulary and whole over data, copied from the
+    # trainer's device to device in the compute dtype before each rollout (train/sampler_layout.py).
+    c.rollout.layout = "train"
+    c.rollout.decode_tensor = 1
 
     c.reward = config_dict.ConfigDict()
     c.reward.kind = "binary"  # binary: {0, 1}; signed: {-1, +1} (DAPO verifier)

@@ -25,6 +25,7 @@ from jaxrl_reason.data.tokenizer import build_char_tokenizer, load_tokenizer
 from jaxrl_reason.models.hf import load_hf
 from jaxrl_reason.models.sharding import resolve_mesh_shape
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
+from jaxrl_reason.train import sampler_layout
 from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec
 from jaxrl_reason.train.objectives import ObjectiveConfig
 
@@ -79,6 +80,7 @@ def validate_config(config) -> None:
     _require(0 <= r.overlong_buffer <= ro.max_new_tokens,
              f"reward.overlong_buffer ({r.overlong_buffer}) must be within [0, max_new_tokens].")
     _validate_mesh(config)
+    sampler_layout.validate(ro, config.model.attention, jax.device_count())
     _validate_sources(config)
     _validate_precision(config, ro.prompts_per_step * ro.group_size)
     if config.model.attention != "causal":

@@ -47,6 +47,7 @@ from jaxrl_reason.train.metrics import MetricsWriter, ProgressBar
 from jaxrl_reason.train.objectives import rl_loss
 from jaxrl_reason.train.optimizer import make_optimizer
 from jaxrl_reason.train.parts import PolicyParts
+from jaxrl_reason.train.sampler_layout import sampler_copy
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step
 from jaxrl_reason.train.tracerl import diffusion_parts
@@ -388,7 +389,7 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
         t0 = time.time()
         stats = meta["hapo_stats"] if r.hapo_tau > 0 else None
         hapo_stats = None if stats is None else {k: np.float32(v) for k, v in stats.items()}
-        rows, metrics, _ = rollout_lib.collect_batch(spec, compute_copy(config, state.params["policy"]), stream,
+        rows, metrics, _ = rollout_lib.collect_batch(spec, sampler_copy(config, state.params["policy"]), stream,
                                                      jax.random.fold_in(base_key, it), train_groups=r.prompts_per_step,
                                                      reward_cfg=reward_cfg, filter_cfg=filter_cfg,
                                                      hapo_stats=hapo_stats)

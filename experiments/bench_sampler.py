@@ -8,6 +8,8 @@
                                                    # each (batch 32 in 1, 2 and 4 lanes); per-token table for
                                                    # llama-1M at 64/256/1024; no diffusion
   python experiments/bench_sampler.py --group      # table (4) only: group-16 rollouts, shared prefill vs not
+  python experiments/bench_sampler.py --reshard    # table (5) only: trainer -> sampler weight transfer (bf16);
+                                                   # on the CPU over --cpu_devices fake devices (default 8)
 
 Tables (markdown on stdout):
   (1) AR generated tokens/s, ours vs transformers, same weights (built with torch, `save_pretrained`, imported
@@ -34,6 +36,10 @@ Tables (markdown on stdout):
       shared machine. A last row adds stop ids (every `--group_stop_every`-th id) so that rows stop at different
       lengths, and a third variant that also compacts finished rows between decode segments
       (`sampling/compaction.py`; "compact row-steps" = rows x steps decoded over batch x steps).
+  (5) `--reshard`: the time to move the trainer's float32 weights (`--train_mesh`, default FSDP over every device)
+      into the sampler's bf16 decode layout for each of `--decode_tensor` (`sampling/weights.py`), against the host
+      round trip it replaces (`experiments/_bench_reshard.py`). On the CPU the fake devices share host memory and
+      cores: a functional measurement; on accelerators it is the real transfer.
 """
 import argparse
 import importlib.util
@@ -44,6 +50,9 @@ import time
 
 if "--one_core" in sys.argv:  # before jax / torch create their thread pools
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+if "--reshard" in sys.argv and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    _n = sys.argv[sys.argv.index("--cpu_devices") + 1] if "--cpu_devices" in sys.argv else "8"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_n}"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -268,9 +277,20 @@ def main(argv=None):
                         help="response budgets of table (4)")
     parser.add_argument("--group_stop_every", type=int, default=32,
                         help="table (4)'s last row: every n-th vocabulary id stops a row (lengths vary)")
+    parser.add_argument("--reshard", action="store_true", help="table (5) only: trainer -> sampler weight transfer")
+    parser.add_argument("--reshard_models", nargs="+", default=["llama-30M", "qwen2.5-0.5B"],
+                        help="table (5)'s models: names of experiments/_bench_reshard.py SHAPES or "
+                             "vocab,hidden,intermediate,layers,heads,kv_heads")
+    parser.add_argument("--train_mesh", type=int, nargs=3, default=[1, -1, 1], metavar=("DATA", "FSDP", "TENSOR"),
+                        help="the trainer's mesh in table (5) (-1: all devices the other axes leave)")
+    parser.add_argument("--decode_tensor", type=int, nargs="+", default=None,
+                        help="sampler tensor sizes of table (5) (default: 1, 2 and all devices)")
+    parser.add_argument("--cpu_devices", type=int, default=8, help="fake CPU devices for table (5) on the CPU")
     args = parser.parse_args(argv)
     if args.group:
         return group_main(args)
+    if args.reshard:
+        return reshard_main(args)
     import torch
     cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
@@ -309,6 +329,30 @@ def group_main(args):
     rows += group_rows(model, args.group_prompts, args.group_new_tokens[-1:], args.repeats or 3,
                        stop_every=args.group_stop_every)
     print(_table(rows, list(dict.fromkeys(k for r in rows for k in r))), flush=True)
+
+
+def reshard_main(args):
+    from jaxrl_reason.models import sharding as sharding_lib
+    module = _sibling("_bench_reshard")
+    for name in args.reshard_models:
+        module.parse_shape(name)  # a bad shape fails before any model is built
+    mesh = sharding_lib.make_mesh(*sharding_lib.resolve_mesh_shape(*args.train_mesh, jax.device_count()))
+    tensors = args.decode_tensor or sorted({1, 2, jax.device_count()})
+    dev = jax.devices()[0]
+    print(f"\n## Trainer -> sampler weight reshard (float32 -> bf16, {jax.device_count()} {dev.platform} devices "
+          f"({dev.device_kind}), {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at start, jax {jax.__version__}, best of {args.repeats or 5})\n")
+    rows = module.reshard_rows(args.reshard_models, mesh, tensors, args.repeats or 5)
+    print(_table(rows, list(rows[0])), flush=True)
+
+
+def _sibling(name):
+    """experiments/<name>.py imported as a module (the experiments folder is not a package)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":

@@ -305,6 +305,19 @@ def test_bench_sampler_per_token_fit_by_hand():
         bs.per_token_fit([64], [0.1])
 
 
+@pytest.mark.devices(8)
+def test_bench_sampler_reshard_table(capsys):
+    """`--reshard` on a tiny shape: the on-device reshard equals the host round trip (values and shardings) for a
+    replicated and a 2-way tensor sampler layout; a bad shape is one sentence."""
+    bs = _load("bench_sampler")
+    bs.main(["--reshard", "--reshard_models", "64,32,64,1,4,2", "--decode_tensor", "1", "2", "--repeats", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 64,32,64,1,4,2")]
+    assert [line.split(" | ")[4] for line in lines] == ["8 x 1 x 1", "4 x 1 x 2"]
+    assert all(line.split(" | ")[-1] == "True |" for line in lines), lines
+    with pytest.raises(ValueError, match="six positive ints"):
+        bs.main(["--reshard", "--reshard_models", "64,32"])
+
+
 # ------------------------------------------------------------------------------------------------- sft.py
 def _oracle_greedy_fn(tok, response_len, seen):
     """A stand-in greedy sampler: answers `a+b+c:` with `#### <sum + params["off"]>` (EOS after), records prompts."""

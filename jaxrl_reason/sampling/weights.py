@@ -1,8 +1,9 @@
 """The sampler's own weight layout, and the in-process reshard of the trainer's weights into it.
 
 Training keeps float32 master weights laid out for the update (with FSDP every matrix is split over 'fsdp' and
-gathered whole for each matmul). Decoding is bound by weight bandwidth: a decode step that gathers every weight
-moves the whole model between devices once per generated token. The sampler therefore decodes on a mesh of its
+gathered whole for each matmul). Decoding is bound by weight bandwidth, and a decode step in that layout must
+bring every weight shard and the rows together in every layer: it gathers the weights (or, for a small batch,
+all rows' activations) over the whole mesh once per generated token. The sampler therefore decodes on a mesh of its
 own over the same devices, (data, 1, tensor) (`decode_mesh`): with `DECODE_RULES` the weights are split over
 'tensor' by heads, kv heads, MLP columns and vocabulary and replicated over 'data' (nothing over 'fsdp'), and the
 prompt rows go over 'data'. A decode step then exchanges activation partial sums (all-reduces) and never a
@@ -10,7 +11,10 @@ weight; with tensor = 1 every device holds the whole model and decodes its own r
 
 `sampler_params` moves the trainer's weights into that layout once per rollout: one jitted cast to the compute
 dtype whose out_shardings are the sampler's, so XLA moves the shards device to device with collectives (nothing
-goes through the host), and nothing is donated (the trainer keeps its arrays). The sampler
+goes through the host), and nothing is donated (the trainer keeps its arrays). A tensor group is adjacent
+devices (the decode mesh is data-major), which suits the all-reduces of every decode step; XLA moves a training
+shard into that device order by gathering the whole tensor and slicing it (its log warns of an "involuntary full
+rematerialization"), up to twice the minimal traffic, paid once per rollout. The sampler
 (`autoregressive.make_generate_fn`) takes its mesh and its parameter shardings from the arrays it is given, so
 the resharded weights are all it needs.
 """

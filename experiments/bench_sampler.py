@@ -36,7 +36,6 @@ Tables (markdown on stdout):
       (`sampling/compaction.py`; "compact row-steps" = rows x steps decoded over batch x steps).
 """
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -46,7 +45,6 @@ if "--one_core" in sys.argv:  # before jax / torch create their thread pools
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -242,14 +240,10 @@ def group_rows(model, prompts_per_round, new_tokens_list, repeats, group=16, pro
 
 
 def diffusion_bench_rows(quick):
-    """Table (3): rows from experiments/_bench_diffusion.py (written with the diffusion sampler), if present."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bench_diffusion.py")
-    if not os.path.exists(path):
-        return None
-    spec = importlib.util.spec_from_file_location("_bench_diffusion", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.diffusion_rows(quick)
+    """Table (3): the diffusion sampler's rows (experiments/_bench_diffusion.py)."""
+    from experiments import _bench_diffusion
+
+    return _bench_diffusion.diffusion_rows(quick)
 
 
 def main(argv=None):

@@ -1,13 +1,10 @@
 """Shared helpers for the RL-system tests: a very small config of any method that runs in seconds."""
 import importlib
 import os
-import sys
+
+from configs.base import shrink_for_smoke
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from configs.base import shrink_for_smoke  # noqa: E402
 
 
 def tiny_config(module: str = "grpo", arg: str = "tiny", **overrides):

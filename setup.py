@@ -6,7 +6,9 @@ setup(
     version="0.1.0",
     description="RL for reasoning LMs (autoregressive and masked-diffusion) in JAX / Flax NNX.",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["jaxrl_reason", "jaxrl_reason.*"]),
+    # configs, the study and the entry points' package install beside the library: `python experiments/train.py`
+    # puts experiments/ (not the repository root) on sys.path, so they are imported from the installed project.
+    packages=find_packages(include=["jaxrl_reason", "jaxrl_reason.*", "configs", "study", "experiments"]),
     install_requires=[
         "jax>=0.10.2,<0.11",
         "jaxlib>=0.10.2,<0.11",

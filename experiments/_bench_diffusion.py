@@ -1,4 +1,4 @@
-"""Diffusion-sampler benchmark rows (diffusion.md §4.5): block KV cache + dynamic threshold vs the naive loop.
+"""Diffusion-sampler benchmark rows: block KV cache + dynamic threshold vs the naive loop.
 
     python experiments/_bench_diffusion.py [--quick]
 

@@ -42,7 +42,6 @@ Tables (markdown on stdout):
       cores: a functional measurement; on accelerators it is the real transfer.
 """
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -55,7 +54,6 @@ if "--reshard" in sys.argv and "xla_force_host_platform_device_count" not in os.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_n}"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -251,14 +249,10 @@ def group_rows(model, prompts_per_round, new_tokens_list, repeats, group=16, pro
 
 
 def diffusion_bench_rows(quick):
-    """Table (3): rows from experiments/_bench_diffusion.py (written with the diffusion sampler), if present."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bench_diffusion.py")
-    if not os.path.exists(path):
-        return None
-    spec = importlib.util.spec_from_file_location("_bench_diffusion", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.diffusion_rows(quick)
+    """Table (3): the diffusion sampler's rows (experiments/_bench_diffusion.py)."""
+    from experiments import _bench_diffusion
+
+    return _bench_diffusion.diffusion_rows(quick)
 
 
 def main(argv=None):

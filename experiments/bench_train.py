@@ -7,7 +7,7 @@
 full-size ~1M and ~30M update cases with one timed step each (after the compiling one), two RL iterations in (c).
 `--quick`: a smoke run at reduced batch sizes.
 
-Prints one markdown table per part (DESIGN.md §5), with the machine and its load average in the header:
+Prints one markdown table per part, with the machine and its load average in the header:
   (a) the measured matmul peak of this machine: best GFLOP/s of a jitted float32 `a @ b` over a few sizes;
   (b) the RL update step (`train/objectives.rl_loss` through `train/step.make_train_step`: forward, backward,
       AdamW) on random data for a ~1M and a ~30M parameter decoder: tokens/s and model FLOP utilization
@@ -40,11 +40,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
+import numpy as np
+from absl import flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +134,7 @@ def model_config(case: UpdateCase):
 def shape_config(shape: str, dtype: str):
     """TransformerConfig of a named shape (experiments/_compile_targets.SHAPES) with parameters and compute in
     `dtype` (where the model separates a compute dtype from parameter storage, both are set)."""
-    import _compile_targets as ct
+    from experiments import _compile_targets as ct
 
     from jaxrl_reason.models.hf import config_from_hf
     from jaxrl_reason.models.transformer import TransformerConfig

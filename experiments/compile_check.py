@@ -48,8 +48,6 @@ def _set_platform_env(argv: list[str]) -> None:
 
 
 _set_platform_env(sys.argv)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import time  # noqa: E402
 import types  # noqa: E402
@@ -57,7 +55,7 @@ import types  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import _compile_targets as ct  # noqa: E402
+from experiments import _compile_targets as ct  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo.py:full", "Method config (with overrides).")
 _MODEL = flags.DEFINE_string("model", "Qwen2.5-1.5B", f"Shape name ({', '.join(ct.SHAPES)}) or HF config.json.")

@@ -7,11 +7,8 @@ newest intact checkpoint, `--out` to `<workdir>/hf_step<step>`. The result loads
 `transformers.AutoModelForCausalLM.from_pretrained` and serves as `experiments/evaluate.py --checkpoint`.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import flags, logging  # noqa: E402
+from absl import flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with checkpoints/ and config.json.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest intact one.")

@@ -1,4 +1,4 @@
-"""DLER update-selective merging of two Hugging Face checkpoints with the same architecture (algorithms.md §2.2.7).
+"""DLER update-selective merging of two Hugging Face checkpoints with the same architecture.
 
   python experiments/merge.py --base=checkpoints/arith_tiny_sft --tuned=runs/dler_tiny/hf_export \
       --out=runs/dler_tiny/merged --top_frac=0.25 --scale=0.7 --granularity=tensor [--include_regex=layers/]
@@ -21,9 +21,7 @@ import re
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import flags  # noqa: E402
+from absl import flags
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -51,8 +49,9 @@ def copy_tokenizer_files(src_dirs: list[str], out_dir: str) -> list[str]:
 
 def merge_checkpoints(base_dir: str, tuned_dir: str, out_dir: str, *, top_frac: float = 0.25, scale: float = 0.7,
                       granularity: str = "tensor", include_regex: str = "", excluded: str = "base") -> dict:
-    """Merges `tuned_dir` into `base_dir` (DLER §2.2.7), writes an HF checkpoint to `out_dir`; returns stats:
-    number of parameters, how many differ from the base after the merge, and the tokenizer files copied."""
+    """Merges `tuned_dir` into `base_dir` (DLER's update-selective merge), writes an HF checkpoint to `out_dir`;
+    returns stats: number of parameters, how many differ from the base after the merge, and the tokenizer files
+    copied."""
     import jax
     import numpy as np
     from flax import nnx

@@ -12,10 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
+import numpy as np
+from absl import flags
 
 DEFAULT_METRICS = ("reward/accuracy", "response/length_mean", "policy/entropy", "eval/pass@1")
 _LABELS = {"reward/accuracy": "training reward (accuracy)", "response/length_mean": "response length (tokens)",

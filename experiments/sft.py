@@ -9,12 +9,9 @@ responses from `data/sft_data.py`):
       --config.task.name=jsonl --config.task.train_path=sft.jsonl [--config.task.eval_path=test.jsonl] --out=runs/sft
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags, logging
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "SFT config file[:arg].", lock_config=True)
 _OUT = flags.DEFINE_string("out", "checkpoints/arith_tiny_sft", "Output directory (HF checkpoint + tokenizer).")

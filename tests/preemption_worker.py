@@ -3,8 +3,8 @@
 Launched as a script, never imported by pytest. Runs the real RL loop, `train/loop.run(config, workdir)`, exactly as
 `experiments/train.py` does, on `rl_testing.tiny_config("grpo")` (random 1-layer model, 4 prompts x 4 samples,
 24 new tokens) with `rl_testing.digit_scorer` as the arithmetic reward, so a random policy earns non-zero
-advantages and its parameters really move. When the loop returns (finished or preempted) the policy parameters it
-returned are written to `--out` (.npz, leaf order of `jax.tree.leaves`) and `WORKER_DONE` is printed.
+advantages and its parameters really move. When the loop finishes, the policy parameters of its last checkpoint
+are written to `--out` (.npz, leaf order of `jax.tree.leaves`); finished or preempted, `WORKER_DONE` is printed.
 
     python tests/preemption_worker.py --workdir=/tmp/run --num_steps=6 --checkpoint_every=1 --out=/tmp/p.npz
 
@@ -16,8 +16,6 @@ nothing else changes (the same files are written, the same commit follows).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +49,7 @@ def main(args) -> None:
     import numpy as np
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    from rl_testing import digit_scorer, tiny_config
+    from rl_testing import digit_scorer, final_policy_params, tiny_config
 
     from jaxrl_reason.train import build, loop
 
@@ -60,12 +58,10 @@ def main(args) -> None:
         slow_down_commits(args.slow_finalize_s)
     config = tiny_config("grpo", train__num_steps=args.num_steps, train__checkpoint_every=args.checkpoint_every)
     out = loop.run(config, args.workdir)
-    if "final_params" in out:  # a preempted run returns without final evaluation or parameters
-        np.savez(args.out, *out["final_params"])
+    if not out.get("preempted"):  # a preempted run has no final evaluation or parameters
+        np.savez(args.out, *final_policy_params(args.workdir))
     print(f"WORKER_DONE preempted={bool(out.get('preempted'))}", flush=True)
 
 
 if __name__ == "__main__":
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:0] = [here, os.path.dirname(here)]
     main(parse_args())

@@ -1,13 +1,10 @@
 """Shared helpers for the RL-system tests: a very small config of any method that runs in seconds."""
 import importlib
 import os
-import sys
+
+from configs.base import shrink_for_smoke
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from configs.base import shrink_for_smoke  # noqa: E402
 
 
 def tiny_config(module: str = "grpo", arg: str = "tiny", **overrides):
@@ -28,3 +25,16 @@ def digit_scorer(texts, answers):
     import numpy as np
 
     return np.asarray([float("1" in t) for t in texts], np.float32)
+
+
+def final_policy_params(workdir: str) -> list:
+    """The policy parameters of a run's last checkpoint (where `loop.run` leaves its trained weights), as numpy
+    arrays in `jax.tree.leaves` order of the train state's policy params."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxrl_reason.train.restore import restore_policy
+
+    _, policy, *_ = restore_policy(workdir)
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(policy, nnx.Param))]

@@ -1,4 +1,4 @@
-"""Mask builders vs brute-force numpy double loops written from diffusion.md §5 tables."""
+"""Mask builders vs brute-force numpy double loops written from the diffusion models' attention tables."""
 import jax
 import numpy as np
 import pytest
@@ -117,7 +117,7 @@ def test_tracerl_mask(seed):
             return _floor_blk(i, bs, p)
         return (i - p) // bs if i < p + r else (i - p - r) // bs
 
-    table = {  # query class -> key class -> rule(bq, bk), diffusion.md §5.5
+    table = {  # query class -> key class -> rule(bq, bk), the two-stream table
         "prompt": {"prompt": lambda bq, bk: bk <= bq},
         "clean": {"prompt": lambda bq, bk: True, "clean": lambda bq, bk: bk <= bq},
         "noisy": {"prompt": lambda bq, bk: True, "clean": lambda bq, bk: bk < bq, "noisy": lambda bq, bk: bk == bq},

@@ -121,7 +121,7 @@ def test_restore_into_sharded_target_on_2x2x2_mesh(tmp_path, state):
     mesh = _mesh()
     with jax.set_mesh(mesh):
         abstract_params = nnx.state(nnx.eval_shape(lambda: _linear(partitioned=True)), nnx.Param)
-    # the stack.md §5 trap: eval_shape under set_mesh gives AbstractMesh shardings
+    # a jax trap: eval_shape under set_mesh gives AbstractMesh shardings
     assert isinstance(abstract_params["kernel"].sharding.mesh, jax.sharding.AbstractMesh)
     with pytest.raises(ValueError, match="AbstractMesh"):
         abstract_like(abstract_params)

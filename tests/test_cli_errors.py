@@ -8,10 +8,8 @@ import pytest
 
 from rl_testing import ROOT
 
+from experiments import _cli
 from jaxrl_reason.data.sources import validate_task
-
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import _cli  # noqa: E402
 
 
 def test_missing_config_file_is_two_lines_on_stderr_and_exit_2():

@@ -11,13 +11,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from experiments import _compile_targets as ct
 from jaxrl_reason.models.hf import config_from_hf
 from jaxrl_reason.models.transformer import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-sys.path.insert(0, ROOT)
-import _compile_targets as ct  # noqa: E402
 
 LAST_LINE = re.compile(r"^fits=(yes|no) peak_gib=(\d+\.\d+) capacity_gib=(\d+\.\d+)$")
 # A 1-layer model with the 0.5B shape's architecture (Qwen2: qkv bias, tied embeddings) and tiny sizes.

@@ -1,4 +1,4 @@
-"""Golden tests for core/filters.py (algorithms.md §1.8, §2.2.4, §3; diffusion.md §7.1)."""
+"""Golden tests for core/filters.py."""
 import math
 from fractions import Fraction
 
@@ -151,7 +151,7 @@ def test_lspo_edge_cases():
   two = _lengths_with_means([10, 20])
   keep, _ = filters.lspo_length_filter(two, 2)
   np.testing.assert_array_equal(keep, [True, False])
-  # ... the paper's inverted-cdf keeps both, and so does the min_candidates=3 switch (§3.4 intent)
+  # ... the paper's inverted-cdf keeps both, and so does the min_candidates=3 switch (the paper's stated intent)
   keep, _ = filters.lspo_length_filter(two, 2, percentile_method="inverted_cdf")
   assert keep.all()
   keep, m = filters.lspo_length_filter(two, 2, min_candidates=3)

@@ -1,4 +1,4 @@
-"""Golden tests for core/hapo.py (algorithms.md §4.1, §4.2): a loop port of the released `compute_entropy_h`
+"""Golden tests for core/hapo.py: a loop port of the released `compute_entropy_h`
 and of the vLLM `compute_entropy_based_temperature`."""
 import math
 

@@ -1,4 +1,4 @@
-"""Golden tests for jaxrl_reason/core/aggregate.py (algorithms.md §1.5) and core/kl.py (§1.3)."""
+"""Golden tests for jaxrl_reason/core/aggregate.py and core/kl.py."""
 import functools
 import math
 

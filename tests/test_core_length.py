@@ -1,4 +1,4 @@
-"""Golden tests for jaxrl_reason/core/length.py (algorithms.md §1.8, §2.2 items 1 and 6, §2.4)."""
+"""Golden tests for jaxrl_reason/core/length.py."""
 import functools
 
 import jax

@@ -1,4 +1,4 @@
-"""Golden tests for core/repro.py (algorithms.md §5): hand cases and explicit-loop numpy references."""
+"""Golden tests for core/repro.py: hand cases and explicit-loop numpy references."""
 import math
 
 import jax

@@ -100,7 +100,7 @@ def test_decode_until_eos(tok):
 
 
 def test_helpers_work_with_a_bpe_hf_tokenizer(tmp_path):
-    """load_tokenizer + helpers on a different HF tokenizer kind (byte-level BPE, stack.md §4)."""
+    """load_tokenizer + helpers on a different HF tokenizer kind (byte-level BPE)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -1,7 +1,7 @@
-"""Tests for train/diffusion_sft.py (diffusion.md §3.1, §3.3, §5.4, §5.5) on tiny random models, char tokenizer.
+"""Tests for train/diffusion_sft.py on tiny random models, char tokenizer.
 
-References written here: the masks of §5.2 / §5.4 / §5.5 by brute force from their tables, float64 numpy
-log-softmax, and the loss formulas of §3.1 (per-sequence answer length) and §3.3 (batch token mean).
+References written here: the attention masks (full, block, two-stream) by brute force from their tables, float64 numpy
+log-softmax, and the loss formulas of LLaDA (per-sequence answer length) and SDAR (batch token mean).
 """
 import functools
 import tempfile
@@ -45,7 +45,7 @@ def _spec(layout, **kw):
 
 
 def _mask_np(layout, pvalid, rvalid):
-    """Brute-force masks: full (§5.2), bd3 over [prompt; x_t; prompt; x_0] (§5.4), tracerl (§5.5)."""
+    """Brute-force masks: full, bd3 over [prompt; x_t; prompt; x_0], tracerl."""
     if layout == "full":
         kv = np.concatenate([pvalid, rvalid])
         allow = np.ones((P + R, P + R), bool)
@@ -72,7 +72,7 @@ def _mask_np(layout, pvalid, rvalid):
 
 
 def _reference_loss(model, layout, batch, xt, masked, p, mode):
-    """The §3.1 / §3.3 loss computed directly: one forward per sequence with the numpy mask, float64 softmax."""
+    """The LLaDA / SDAR loss computed directly: one forward per sequence with the numpy mask, float64 softmax."""
     fwd = jax.jit(lambda x, pos, m: model(x, pos, m)[0])
     pm, resp, mk = batch["prompt_NxP"], batch["response_NxR"], batch["maskable_NxR"]
     n = resp.shape[0]
@@ -93,9 +93,9 @@ def _reference_loss(model, layout, batch, xt, masked, p, mode):
             - logits.max(-1, keepdims=True)
         nll[i] = -logp[np.arange(R), resp[i]]
     w = np.where(masked, nll / p, 0.0)
-    if mode == "sft":  # LLaDA §3.1: per sequence / answer length, mean over the batch
+    if mode == "sft":  # LLaDA: per sequence / answer length, mean over the batch
         return np.mean(w.sum(-1) / mk.sum(-1))
-    if mode == "token_mean":  # SDAR §3.3: batch token mean
+    if mode == "token_mean":  # SDAR: batch token mean
         return w.sum() / mk.sum()
     return np.mean(np.where(masked, nll, 0.0).sum(-1) / R)  # semi_ar (dLLM-RL sft_trado): no 1/t, / R
 
@@ -176,7 +176,7 @@ def test_arrays_config_and_errors():
 
 
 def test_tracerl_layout_scores_each_block_in_the_context_the_sampler_decodes_it():
-    """The two-stream training layout (diffusion.md §5.5) gives noisy block b the logits of a single-stream
+    """The two-stream training layout gives noisy block b the logits of a single-stream
     block-causal forward of [prompt ; clean blocks < b ; noisy block b]: what the block sampler sees when it
     decodes block b, so the SFT and RL objectives train the conditional the sampler uses."""
     from jaxrl_reason.models import attention

@@ -1,9 +1,8 @@
 """experiments/: evaluate.py, plot.py, merge.py (through their main), bench_train.py's FLOP count and pieces."""
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
-import sys
 
 import jax
 import numpy as np
@@ -19,13 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name):
-    """Imports experiments/<name>.py (not a package) under the module name `experiments_<name>`."""
-    key = f"experiments_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "experiments", f"{name}.py"))
-        sys.modules[key] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[key])
-    return sys.modules[key]
+    """The module experiments/<name>.py."""
+    return importlib.import_module(f"experiments.{name}")
 
 
 @pytest.fixture(scope="module")

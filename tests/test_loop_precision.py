@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rl_testing import digit_scorer, tiny_config
+from rl_testing import digit_scorer, final_policy_params, tiny_config
 
 from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
@@ -21,7 +21,7 @@ def test_bf16_compute_run_keeps_float32_masters(tmp_path, monkeypatch):
                          loss__kl_coef=0.05, optim__logp_micro_batch_rows=8)
     out = loop.run(config, str(tmp_path))
     assert out["iterations"] == 2
-    assert {x.dtype for x in out["final_params"]} == {np.dtype(np.float32)}
+    assert {x.dtype for x in final_policy_params(str(tmp_path))} == {np.dtype(np.float32)}
     rows = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
     assert all(np.isfinite([r["train/loss"], r["train/kl_loss"]]).all() for r in rows)
 

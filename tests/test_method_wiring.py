@@ -20,8 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl_testing import ROOT  # noqa: F401  (puts the repository root, and so `configs`, on sys.path)
-
 from jaxrl_reason import algorithms
 from jaxrl_reason.core import advantages as adv_core
 from jaxrl_reason.core import filters as filters_core

@@ -1,5 +1,5 @@
-"""Multi-process training == single-process training (DESIGN.md §4: "tested on one machine with several CPU
-processes").
+"""Multi-process training == single-process training, tested on one machine with several CPU processes (what a
+multi-host run needs, without the hosts).
 
 Two CPU processes, each with 2 fake devices, are joined by `jax.distributed.initialize` on a free loopback port
 (coordinator bound to 127.0.0.1; jax 0.10.2 uses gloo TCP collectives on CPU, set explicitly in the worker). Each

@@ -1,4 +1,4 @@
-"""Executes every notebook in notebooks/ so they cannot rot (issue: loss prototyping notebook)."""
+"""Executes every notebook in notebooks/ so they cannot rot."""
 import glob
 import os
 

@@ -162,7 +162,7 @@ def test_order_is_respected():
 
 @pytest.mark.parametrize("sign_compat", [False, True])
 def test_hapo_adaptive_temperature(logits, sign_compat):
-    """algorithms.md §4.2: H on base-T logits, h~ from the previous step's stats, T = T_base (1 + tau h~)."""
+    """HAPO: H on base-T logits, h~ from the previous step's stats, T = T_base (1 + tau h~)."""
     stats = {"pivot": jnp.float32(0.3), "sigma": jnp.float32(0.5), "h_max": jnp.float32(2.0),
              "h_min": jnp.float32(-3.0)}
     t_base, tau = 0.8, 0.1

@@ -1,20 +1,14 @@
-"""The reproduction study's report (experiments/_repro_report.py, _repro_plots.py, results_table.py): statistics,
-verdicts, tables and plot data against numpy / hand-computed references on synthetic results, and the README's
-generated claims table against the committed results JSON."""
+"""The reproduction study's report (study/report.py, plots.py, table.py): statistics, verdicts, tables and plot
+data against numpy / hand-computed references on synthetic results, and the generated claims table of
+study/README.md against the committed results JSON."""
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
 
-from rl_testing import ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-
-import _repro_plots as plots  # noqa: E402
-import _repro_report as report  # noqa: E402
-import results_table  # noqa: E402
+from study import plots, report
+from study import table as results_table
 
 
 def test_tradeoff_points_keep_same_named_runs_of_different_work_dirs_apart():

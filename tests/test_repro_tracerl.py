@@ -1,37 +1,28 @@
-"""experiments/_repro_tracerl.py: the TraceRL study end to end at smoke size, SFT reuse, result.json skip / staleness.
+"""study/tracerl.py: the TraceRL study end to end at smoke size, SFT reuse, result.json skip / staleness.
 
 One real smoke study (1 seed, 2 SFT steps, 2 RL steps, 8 eval problems) is shared by the tests; the reward is
 tests/rl_testing.py:digit_scorer so a near-random policy gets a varying reward and every run really updates.
-Independent checks: the three block runs start from the same SFT checkpoint with the same eval key and sampler,
-so their `eval_before` must be identical; re-runs must not call training at all (patched to raise) and must leave
-the SFT checkpoint files untouched (mtimes).
+Independent checks: the block runs start from the same SFT checkpoint with the same eval key and sampler, so their
+`eval_before` must be identical; re-runs must not call training at all (patched to raise) and must leave the SFT
+checkpoint files untouched (mtimes).
 """
-import importlib.util
 import json
 import math
 import os
 import shutil
-import sys
 
 import pytest
 
-from rl_testing import ROOT, digit_scorer
+from rl_testing import digit_scorer
 
 from jaxrl_reason.train import build, diffusion_sft, loop
+from study import tracerl
+from study.runs import TRACERL_RUNS
 
 # Two of the four runs (the other two are the configs tests/test_rl_loop.py trains): keeps the suite < 10 min.
 RUNS = ("block_onestep", "block_tracerl_value")
 SMOKE = dict(seeds=(0,), rl_steps=2, eval_problems=8, eval_samples=2, sft_steps=2, smoke=True, runs=RUNS)
 CHECKPOINT_FILES = ("sft_done.json", "config.json", "model.safetensors")
-
-
-def _study():
-    key = "experiments__repro_tracerl"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "experiments", "_repro_tracerl.py"))
-        sys.modules[key] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[key])
-    return sys.modules[key]
 
 
 def _forbid(*_, **__):
@@ -43,7 +34,7 @@ def smoke_run(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tracerl_study"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(build, "arithmetic_scorer", digit_scorer)
-        results = _study().run_tracerl_study(workroot=root, **SMOKE)
+        results = tracerl.run_tracerl_study(workroot=root, **SMOKE)
     return root, results
 
 
@@ -54,7 +45,6 @@ def _mtimes(root):
 
 def test_smoke_study_returns_every_run_with_finite_metrics(smoke_run):
     root, results = smoke_run
-    study = _study()
     assert list(results) == list(RUNS)
     for run, records in results.items():
         assert [r["seed"] for r in records] == [0]
@@ -67,7 +57,7 @@ def test_smoke_study_returns_every_run_with_finite_metrics(smoke_run):
             assert 0.0 <= rec[when]["pass@1"] <= 1.0
         with open(os.path.join(root, run, "seed0", "result.json")) as f:
             stored = json.load(f)["config"]
-        kind = study.RUNS[run].split(",")[0]
+        kind = TRACERL_RUNS[run].split(",")[0]
         assert stored["model"]["sft_dir"] == f"sft_{kind}"  # relative to the workroot
         assert stored["train"]["num_steps"] == 2 and stored["eval"]["num_problems"] == 8
         assert stored["tracerl"]["estimator"] == ("onestep" if run == "block_onestep" else "trace")
@@ -87,7 +77,7 @@ def test_second_call_reuses_sft_checkpoints_and_finished_runs(smoke_run, monkeyp
     before = _mtimes(root)
     monkeypatch.setattr(diffusion_sft, "train_diffusion_sft", _forbid)
     monkeypatch.setattr(loop, "run", _forbid)
-    again = _study().run_tracerl_study(workroot=root, log_fn=lambda *_: None, **SMOKE)
+    again = tracerl.run_tracerl_study(workroot=root, log_fn=lambda *_: None, **SMOKE)
     assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
     assert _mtimes(root) == before
 
@@ -98,14 +88,13 @@ def test_only_runs_without_result_json_are_run_again(smoke_run, tmp_path, monkey
     os.remove(os.path.join(root, "block_tracerl_value", "seed0", "result.json"))
     calls = []
 
-    def fake_run(config, workdir, eval_before=None):
-        assert eval_before == smoke_run[1]["block_tracerl_value"][0]["eval_before"]  # shared by the block runs
+    def fake_run(config, workdir):
         calls.append((workdir, config.model.sft_dir, config.tracerl.llada_block_len))
         return {"eval_before": {"pass@1": 0.25}, "eval_after": {"pass@1": 0.5}, "iterations": 2}
 
     monkeypatch.setattr(diffusion_sft, "train_diffusion_sft", _forbid)
     monkeypatch.setattr(loop, "run", fake_run)
-    out = _study().run_tracerl_study(workroot=root, log_fn=lambda *_: None, **SMOKE)
+    out = tracerl.run_tracerl_study(workroot=root, log_fn=lambda *_: None, **SMOKE)
     assert [c[:2] for c in calls] == [(os.path.join(root, "block_tracerl_value", "seed0"),
                                        os.path.join(root, "sft_block"))]
     assert out["block_tracerl_value"][0]["eval_after"] == {"pass@1": 0.5}
@@ -121,11 +110,11 @@ def test_results_made_with_other_settings_are_not_reused(smoke_run, monkeypatch,
     monkeypatch.setattr(diffusion_sft, "train_diffusion_sft", _forbid)
     monkeypatch.setattr(loop, "run", _forbid)
     with pytest.raises(ValueError, match=what):
-        _study().run_tracerl_study(workroot=smoke_run[0], log_fn=lambda *_: None, **{**SMOKE, **change})
+        tracerl.run_tracerl_study(workroot=smoke_run[0], log_fn=lambda *_: None, **{**SMOKE, **change})
 
 
 @pytest.mark.parametrize("kwargs,sentence", [({"seeds": ()}, "at least one seed"),
                                              ({"runs": ("block_ppo",)}, "unknown TraceRL study runs")])
 def test_bad_arguments_are_one_sentence(tmp_path, kwargs, sentence):
     with pytest.raises(ValueError, match=sentence):
-        _study().run_tracerl_study(workroot=str(tmp_path), **{**SMOKE, **kwargs})
+        tracerl.run_tracerl_study(workroot=str(tmp_path), **{**SMOKE, **kwargs})

@@ -1,5 +1,5 @@
-"""experiments/reproduce.py: the study machinery (run keys, study definitions, resumption, the worker pool, flags,
-the DLER study's extras) at micro scale. The report's statistics and tables: tests/test_repro_report.py."""
+"""The study package behind experiments/reproduce.py: run keys, study definitions, resumption, the worker pool,
+flags, the DLER study's extras, at micro scale. The report's statistics and tables: tests/test_repro_report.py."""
 import json
 import os
 import signal
@@ -12,28 +12,17 @@ import pytest
 
 from rl_testing import ROOT, digit_scorer
 
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-
-import _repro_dler as dler  # noqa: E402
-import _repro_pool as pool  # noqa: E402
-import _repro_report as report  # noqa: E402
-import _repro_studies as studies  # noqa: E402
-import reproduce  # noqa: E402
-import results_table  # noqa: E402
-
-from jaxrl_reason.train import build, loop  # noqa: E402
-from jaxrl_reason.train.evaluation import evaluate  # noqa: E402
-from jaxrl_reason.train.metrics import read_metrics  # noqa: E402
+from jaxrl_reason.train import build, loop
+from jaxrl_reason.train.metrics import read_metrics
+from study import cli, common, dler, pool, report, runner, runs, table, tracerl
 
 
 # ------------------------------------------------------------------------------------- micro-scale end to end
 def test_smoke_dler_study_writes_json_plots_summary_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)  # a reward a random policy can earn
-    monkeypatch.setitem(studies.STUDIES, "dler", (studies.RunSpec("dler", "dler"),))
-    argv = ["reproduce.py", "--smoke", "--rl_steps=2", "--studies=dler,tracerl", f"--out={tmp_path}",
-            "--jax_cache=none"]
-    monkeypatch.setattr(studies, "tracerl_module", lambda: None)  # TraceRL is the other helper's test
-    reproduce.main(argv)
+    monkeypatch.setitem(runs.STUDIES, "dler", (runs.RunSpec("dler", "dler"),))
+    argv = ["reproduce.py", "--smoke", "--rl_steps=2", "--studies=dler", f"--out={tmp_path}", "--jax_cache=none"]
+    cli.main(argv)
     data = json.loads((tmp_path / "dler.json").read_text())
     assert data["status"] == "run" and data["seeds"] == [0] and data["settings"]["rl_steps"] == 2
     assert set(data["results"]) == {"dler", "sft", "dler_merged"}
@@ -44,114 +33,98 @@ def test_smoke_dler_study_writes_json_plots_summary_and_resumes(tmp_path, monkey
     for entry in (run, data["results"]["sft"][0], data["results"]["dler_merged"][0]):
         tiers = entry["eval_common"]
         assert set(tiers) == {"easy", "medium", "hard", "all"}
-        n = {t: sum(1 for lv in studies.TIERS[t] if f"pass@1/level{lv}" in tiers[t]) for t in studies.TIERS}
+        n = {t: sum(1 for lv in runs.TIERS[t] if f"pass@1/level{lv}" in tiers[t]) for t in runs.TIERS}
         want = sum(n[t] * tiers[t]["pass@1"] for t in n) / sum(n.values())  # 9 problems: one per level
         np.testing.assert_allclose(tiers["all"]["pass@1"], want, atol=1e-9)
     merge = data["results"]["dler_merged"][0]["merge"]
     assert 0 < merge["changed"] <= merge["numel"]
-    assert json.loads((tmp_path / "tracerl.json").read_text())["status"] == "not run"
     for name in ("summary.md", "dler_curves.png", "tradeoff.png"):
         assert (tmp_path / name).stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "| dler_merged |" in summary and "DLER halves the length" in summary and "not run" in summary
+    assert "| dler_merged |" in summary and "DLER halves the length" in summary
 
     def no_training(*a, **k):
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(loop, "run", no_training)
-    reproduce.main(argv)  # restart: every run, evaluation and merge is read back from disk
+    cli.main(argv)  # restart: every run, evaluation and merge is read back from disk
     assert json.loads((tmp_path / "dler.json").read_text())["results"] == data["results"]
 
 
 def test_runs_are_shared_by_key_and_configs_get_the_study_budget(tmp_path):
-    s = studies.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
-    grpo = studies.RunSpec("grpo", "grpo")
-    assert grpo in studies.STUDIES["dler"] and grpo in studies.STUDIES["lspo"] and grpo in studies.STUDIES["repro"]
-    assert studies.run_key(grpo, 0, s) == studies.run_key(studies.RunSpec("other_name", "grpo"), 0, s)
-    keys = {studies.run_key(grpo, 1, s), studies.run_key(grpo, 0, s._replace(rl_steps=8)),
-            studies.run_key(studies.RunSpec("grpo", "grpo", "tiny", (("loss.kl_coef", 0.1),)), 0, s)}
-    assert len(keys | {studies.run_key(grpo, 0, s)}) == 4
+    s = runs.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
+    grpo = runs.RunSpec("grpo", "grpo")
+    assert grpo in runs.STUDIES["dler"] and grpo in runs.STUDIES["lspo"] and grpo in runs.STUDIES["repro"]
+    assert common.run_key(grpo, 0, s) == common.run_key(runs.RunSpec("other_name", "grpo"), 0, s)
+    keys = {common.run_key(grpo, 1, s), common.run_key(grpo, 0, s._replace(rl_steps=8)),
+            common.run_key(runs.RunSpec("grpo", "grpo", "tiny", (("loss.kl_coef", 0.1),)), 0, s)}
+    assert len(keys | {common.run_key(grpo, 0, s)}) == 4
     # a rebuilt warm start (other bytes at the same path) is a new run, never the old run's result
     ckpt = tmp_path / "sft"
     ckpt.mkdir()
-    on_ckpt = studies.RunSpec("grpo", "grpo", "tiny", (("model.sft_dir", str(ckpt)),))
+    on_ckpt = runs.RunSpec("grpo", "grpo", "tiny", (("model.sft_dir", str(ckpt)),))
     (ckpt / "model.safetensors").write_bytes(b"weights v1")
-    first = studies.run_key(on_ckpt, 0, s)
+    first = common.run_key(on_ckpt, 0, s)
     (ckpt / "model.safetensors").write_bytes(b"weights v2")
-    assert studies.run_key(on_ckpt, 0, s) != first
+    assert common.run_key(on_ckpt, 0, s) != first
     # --start: every AR run starts there; its key follows the weights, not the path
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "model.safetensors").write_bytes(b"weights v2")
     on_start = s._replace(ar_start=str(copy))
-    assert studies.make_config(grpo, 0, on_start).model.sft_dir == str(copy)
-    at_ckpt = studies.run_key(grpo, 0, s._replace(ar_start=str(ckpt)))  # same bytes, another path
-    assert studies.run_key(grpo, 0, on_start) == at_ckpt != studies.run_key(grpo, 0, s)
-    spec = dict((r.name, r) for r in studies.STUDIES["hapo"])["hapo_no_A_temperature"]
-    c = studies.make_config(spec, 2, s)
+    assert common.make_config(grpo, 0, on_start).model.sft_dir == str(copy)
+    at_ckpt = common.run_key(grpo, 0, s._replace(ar_start=str(ckpt)))  # same bytes, another path
+    assert common.run_key(grpo, 0, on_start) == at_ckpt != common.run_key(grpo, 0, s)
+    spec = dict((r.name, r) for r in runs.STUDIES["hapo"])["hapo_no_A_temperature"]
+    c = common.make_config(spec, 2, s)
     assert c.rollout.hapo_tau == 0.0 and c.loss.hapo_redistribute and c.seed == 2
-    # §4.5: several updates per rollout batch, so HAPO's clip bounds can bind (the DAPO control too)
-    assert {studies.make_config(r, 0, s).optim.mini_batches for r in studies.STUDIES["hapo"]} == {4}
+    # several updates per rollout batch, so HAPO's clip bounds can bind (the DAPO control too)
+    assert {common.make_config(r, 0, s).optim.mini_batches for r in runs.STUDIES["hapo"]} == {4}
     assert (c.train.num_steps, c.train.time_budget_s, c.eval.num_problems, c.eval.samples) == (7, 0.0, 50, 3)
     assert os.path.isabs(c.model.sft_dir) and c.model.init == "sft"
-    lspo_grpo = dict((r.name, r) for r in studies.STUDIES["lspo"])["lspo_grpo"]
-    assert studies.make_config(lspo_grpo, 0, s).loss.kl_coef == studies.make_config(grpo, 0, s).loss.kl_coef == 0.0
+    lspo_grpo = dict((r.name, r) for r in runs.STUDIES["lspo"])["lspo_grpo"]
+    assert common.make_config(lspo_grpo, 0, s).loss.kl_coef == common.make_config(grpo, 0, s).loss.kl_coef == 0.0
 
 
 def test_lspo_fill_raises_the_round_cap_of_exactly_the_filtered_runs():
     """The lspo_fill study is lspo with filter.max_rounds = 12 where a filter draws rounds (its config has one),
     and the unfiltered runs are lspo's own (same key: trained once); every study has a report section and a name
     in the README table."""
-    s = studies.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
-    base, fill = studies.STUDIES["lspo"], studies.STUDIES["lspo_fill"]
+    s = runs.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
+    base, fill = runs.STUDIES["lspo"], runs.STUDIES["lspo_fill"]
     assert [r.name for r in base] == [r.name for r in fill]
     for b, f in zip(base, fill):
-        cb, cf = studies.make_config(b, 0, s), studies.make_config(f, 0, s)
+        cb, cf = common.make_config(b, 0, s), common.make_config(f, 0, s)
         if cb.filter.kind == "none":
-            assert f == b and studies.run_key(f, 0, s) == studies.run_key(b, 0, s)
+            assert f == b and common.run_key(f, 0, s) == common.run_key(b, 0, s)
         else:
             assert (cb.filter.max_rounds, cf.filter.max_rounds) == (4, 12)
-            assert studies.run_key(f, 0, s) != studies.run_key(b, 0, s)
+            assert common.run_key(f, 0, s) != common.run_key(b, 0, s)
             cf.filter.max_rounds = 4
             assert cf.to_dict() == cb.to_dict()  # nothing else differs
-    assert {r.name for r in fill if studies.make_config(r, 0, s).filter.kind != "none"} == {
+    assert {r.name for r in fill if common.make_config(r, 0, s).filter.kind != "none"} == {
         "dapo", "lspo_grpo", "lspo_dapo", "lspo_gspo"}
-    ar = [n for n in studies.ALL_STUDIES if n not in studies.TRACERL_STUDIES]
-    assert set(studies.TRACERL_STUDIES) == set(studies.tracerl_module().STUDY_RUNS)  # each diffusion study has runs
-    assert set(report.SECTIONS) == set(studies.ALL_STUDIES) == set(results_table.NAMES) and set(ar) <= set(
-        studies.STUDIES)
+    ar = [n for n in runs.ALL_STUDIES if n not in runs.TRACERL_STUDIES]
+    assert set(runs.TRACERL_STUDIES) == set(runs.TRACERL_STUDY_RUNS)  # each diffusion study has runs
+    assert set(report.SECTIONS) == set(runs.ALL_STUDIES) == set(table.NAMES) and set(ar) <= set(
+        runs.STUDIES)
 
 
-def test_start_evaluation_is_computed_once_per_start_and_budget(tmp_path, monkeypatch):
-    """Runs from one start with one evaluation budget share the start policy's evaluation (eval_before_key): two
-    methods computing it give equal numbers, and a third run gets the stored one instead of evaluating."""
-    full = studies.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
-    grpo, dapo = studies.RunSpec("grpo", "grpo"), studies.RunSpec("dapo", "dapo")
-
-    def key(spec, seed=0, s=full):
-        return studies.eval_before_key(studies.make_config(spec, seed, s))
-
-    hapo_no_a = dict((r.name, r) for r in studies.STUDIES["hapo"])["hapo_no_A_temperature"]
-    assert key(grpo) == key(dapo) == key(studies.RunSpec("lspo_gspo", "lspo", "gspo,tiny")) == key(hapo_no_a)
-    others = {key(grpo, 1), key(grpo, s=full._replace(eval_samples=4)), key(studies.RunSpec("dler", "dler"))}
-    assert len(others | {key(grpo)}) == 4  # another seed, another eval budget, DLER's 64-token budget
-
+def test_runs_from_one_start_record_equal_start_evaluations(tmp_path, monkeypatch):
+    """Two methods from one start with one evaluation budget each evaluate the start policy in their own loop: the
+    evaluation depends only on the start weights, the eval settings and the seed, so the records are equal; a
+    preempted run ends the study with one sentence."""
+    grpo, dapo = runs.RunSpec("grpo", "grpo"), runs.RunSpec("dapo", "dapo")
     monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)
-    smoke = studies.Settings(rl_steps=1, eval_problems=9, eval_samples=2, greedy=False, smoke=True)
-    a = studies.run_one(grpo, 0, smoke, str(tmp_path / "a"))
-    b = studies.run_one(dapo, 0, smoke, str(tmp_path / "b"))
-    assert a["eval_before"] == b["eval_before"] and a["eval_before"]["pass@1"] >= 0.0  # computed twice: equal
-    stored = tmp_path / "a" / studies.EVAL_BEFORE_DIR / (key(dapo, s=smoke) + ".json")
-    assert json.loads(stored.read_text()) == a["eval_before"]
-    calls = []
-    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: calls.append(k["key"]) or evaluate(*a, **k))
-    c = studies.run_one(dapo, 0, smoke, str(tmp_path / "a"))  # the stored evaluation: only the final one runs
-    assert len(calls) == 1 and c["eval_before"] == a["eval_before"] and c["iterations"] == 1
-    step0 = [r for r in read_metrics(c["workdir"]) if r["step"] == 0]
-    assert step0[0]["eval/pass@1"] == a["eval_before"]["pass@1"]  # logged as if computed
-    monkeypatch.setattr(loop, "run", lambda config, workdir, eval_before=None: {"preempted": True})
+    smoke = runs.Settings(rl_steps=1, eval_problems=9, eval_samples=2, greedy=False, smoke=True)
+    a = runner.run_one(grpo, 0, smoke, str(tmp_path / "a"))
+    b = runner.run_one(dapo, 0, smoke, str(tmp_path / "b"))
+    assert a["eval_before"] == b["eval_before"] and a["eval_before"]["pass@1"] >= 0.0
+    step0 = [r for r in read_metrics(b["workdir"]) if r["step"] == 0]
+    assert step0[0]["eval/pass@1"] == b["eval_before"]["pass@1"]
+    monkeypatch.setattr(loop, "run", lambda config, workdir: {"preempted": True})
     with pytest.raises(SystemExit, match="preempted; the same command resumes it"):
-        studies.run_one(grpo, 1, smoke, str(tmp_path / "a"))
+        runner.run_one(grpo, 1, smoke, str(tmp_path / "a"))
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +139,14 @@ def test_pool_trains_each_run_once_and_equals_the_sequential_run(tmp_path, monke
     it back without training (loop.run raises in this process), and the worker's run equals the same run trained
     sequentially here; a failing job makes the pool raise after its worker stops. (Two workers side by side:
     the SIGTERM test below.)"""
-    smoke = studies.Settings(rl_steps=1, eval_problems=9, eval_samples=2, greedy=False, smoke=True)
-    grpo = studies.RunSpec("grpo", "grpo")
-    monkeypatch.setitem(studies.STUDIES, "lspo", (grpo,))
-    monkeypatch.setitem(studies.STUDIES, "repro", (studies.RunSpec("also_grpo", "grpo"),))
+    smoke = runs.Settings(rl_steps=1, eval_problems=9, eval_samples=2, greedy=False, smoke=True)
+    grpo = runs.RunSpec("grpo", "grpo")
+    monkeypatch.setitem(runs.STUDIES, "lspo", (grpo,))
+    monkeypatch.setitem(runs.STUDIES, "repro", (runs.RunSpec("also_grpo", "grpo"),))
     root = str(tmp_path / "pooled")
     first, second = pool.plan(["lspo", "repro"], [0, 1], smoke, 2, root)
     assert [(j[0], j[1]["seed"]) for j in first] == [("ar", 0), ("ar", 1)] and second == []
-    full = studies.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
+    full = runs.Settings(rl_steps=7, eval_problems=50, eval_samples=3, greedy=False)
     one, none = pool.plan(["tracerl", "lspo"], [0], full, 2, str(tmp_path / "planned"))  # shipped starts
     assert [j[0] for j in one] == ["tracerl"] * 4 + ["ar"] and none == []  # longest first, one phase
     builds, later = pool.plan(["tracerl"], [0], smoke, 2, str(tmp_path / "planned"))  # smoke builds its starts
@@ -188,14 +161,14 @@ def test_pool_trains_each_run_once_and_equals_the_sequential_run(tmp_path, monke
         pool.run_jobs([first[1], ("no_such_job", {})], workers=1, cache_dir=worker_cache)
     assert pool.plan(["lspo"], [1], smoke, 2, root) == ([], [])  # a finished run is not planned again
     monkeypatch.setattr(loop, "run", lambda *a, **k: pytest.fail("the pool's run was trained again"))
-    pooled = studies.run_study("lspo", [1], smoke, root)["grpo"][0]
+    pooled = runner.run_study("lspo", [1], smoke, root)["grpo"][0]
     monkeypatch.undo()
-    alone = studies.run_one(grpo, 1, smoke, str(tmp_path / "alone"))
+    alone = runner.run_one(grpo, 1, smoke, str(tmp_path / "alone"))
     drop_times = lambda curve: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in curve]  # noqa
     assert pooled["eval_after"] == alone["eval_after"] and pooled["eval_before"] == alone["eval_before"]
     assert drop_times(pooled["curve"]) == drop_times(alone["curve"]) and len(pooled["curve"]) == 1
     with pytest.raises(ValueError, match="--workers must be >= 1"):
-        reproduce.parse_flags(["reproduce.py", "--workers=0"])
+        cli.parse_flags(["reproduce.py", "--workers=0"])
 
 
 def test_sigterm_to_the_pool_saves_each_workers_run_and_starts_no_other(tmp_path, worker_cache):
@@ -222,49 +195,49 @@ def test_sigterm_to_the_pool_saves_each_workers_run_and_starts_no_other(tmp_path
     started = sorted(runs.glob("*/seed0"))
     assert len(started) == 2  # the lspo study has 6 runs: no worker took a third
     for run in started:
-        assert not (run / studies.RESULT_FILE).exists() and any((run / "checkpoints").iterdir())
+        assert not (run / common.RESULT_FILE).exists() and any((run / "checkpoints").iterdir())
 
 
 def test_flags_reject_bad_values():
     with pytest.raises(ValueError, match="unknown studies"):
-        reproduce.parse_flags(["r", "--studies=dler,nope"])
+        cli.parse_flags(["r", "--studies=dler,nope"])
     with pytest.raises(ValueError, match="--seeds must be >= 1"):
-        reproduce.resolve(reproduce.parse_flags(["r", "--quick", "--seeds=0"]))
-    seeds, s, sft = reproduce.resolve(reproduce.parse_flags(["r", "--quick"]))
-    assert seeds == [0] and not s.greedy and s.eval_problems == 100 and s.rl_steps == reproduce.QUICK["rl_steps"]
-    assert s.tracerl_prompts == 4 and studies.run_key(studies.RunSpec("grpo", "grpo"), 0, s) == studies.run_key(
-        studies.RunSpec("grpo", "grpo"), 0, s._replace(tracerl_prompts=0))  # a TraceRL-only setting
-    cfg = studies.tracerl_module().rl_config("block_tracerl", seed=0, rl_steps=2, eval_problems=9, eval_samples=2,
+        cli.resolve(cli.parse_flags(["r", "--quick", "--seeds=0"]))
+    seeds, s, sft = cli.resolve(cli.parse_flags(["r", "--quick"]))
+    assert seeds == [0] and not s.greedy and s.eval_problems == 100 and s.rl_steps == cli.QUICK["rl_steps"]
+    assert s.tracerl_prompts == 4 and common.run_key(runs.RunSpec("grpo", "grpo"), 0, s) == common.run_key(
+        runs.RunSpec("grpo", "grpo"), 0, s._replace(tracerl_prompts=0))  # a TraceRL-only setting
+    cfg = tracerl.rl_config("block_tracerl", seed=0, rl_steps=2, eval_problems=9, eval_samples=2,
                                              sft_dir="x", prompts_per_step=s.tracerl_prompts)
     assert cfg.rollout.prompts_per_step == 4
-    seeds, s, _ = reproduce.resolve(reproduce.parse_flags(["r", "--rl_steps=9"]))
+    seeds, s, _ = cli.resolve(cli.parse_flags(["r", "--rl_steps=9"]))
     assert seeds == [0, 1, 2] and s.eval_problems == 500 and s.rl_steps == 9 and s.greedy and s.ar_start == ""
     with pytest.raises(ValueError, match="is not an SFT checkpoint directory"):
-        reproduce.parse_flags(["r", "--start=checkpoints/nope"])
-    _, s, _ = reproduce.resolve(reproduce.parse_flags(["r", f"--start={ROOT}/checkpoints/arith_tiny_sft"]))
+        cli.parse_flags(["r", "--start=checkpoints/nope"])
+    _, s, _ = cli.resolve(cli.parse_flags(["r", f"--start={ROOT}/checkpoints/arith_tiny_sft"]))
     assert s.ar_start == os.path.join("checkpoints", "arith_tiny_sft")  # repository-relative in results/*.json
 
 
 def test_runs_flag_restricts_the_plan_and_the_json_to_the_named_runs(tmp_path):
-    fv = reproduce.parse_flags(["r", "--studies=lspo,dler", "--runs=grpo,lspo_grpo"])
-    _, s, _ = reproduce.resolve(fv)
+    fv = cli.parse_flags(["r", "--studies=lspo,dler", "--runs=grpo,lspo_grpo"])
+    _, s, _ = cli.resolve(fv)
     phase1, phase2 = pool.plan(fv.studies, [0, 1], s, 1, str(tmp_path), fv.runs)
     assert phase2 == [] and [(kw["spec"].name, kw["seed"]) for _, kw in phase1] == [
         ("grpo", 0), ("grpo", 1), ("lspo_grpo", 0), ("lspo_grpo", 1)]  # grpo of both studies: trained once
-    assert list(studies.study_json("lspo", {}, s, [0], fv.runs)["runs"]) == ["grpo", "lspo_grpo"]
-    assert list(studies.study_json("dler", {}, s, [0], fv.runs)["runs"]) == ["grpo"]  # no DLER: no merge entries
-    assert len(studies.study_json("dler", {}, s, [0])["runs"]) == 6
+    assert list(runner.study_json("lspo", {}, s, [0], fv.runs)["runs"]) == ["grpo", "lspo_grpo"]
+    assert list(runner.study_json("dler", {}, s, [0], fv.runs)["runs"]) == ["grpo"]  # no DLER: no merge entries
+    assert len(runner.study_json("dler", {}, s, [0])["runs"]) == 6
     with pytest.raises(ValueError, match=r"\['hapo'\] are not runs of lspo"):
-        reproduce.parse_flags(["r", "--studies=lspo", "--runs=grpo,hapo"])
+        cli.parse_flags(["r", "--studies=lspo", "--runs=grpo,hapo"])
     with pytest.raises(ValueError, match="not tracerl"):
-        reproduce.parse_flags(["r", "--runs=grpo"])  # the default studies include tracerl
+        cli.parse_flags(["r", "--runs=grpo"])  # the default studies include tracerl
     with pytest.raises(ValueError, match="not tracerl_lr"):
-        reproduce.parse_flags(["r", "--studies=lspo,tracerl_lr", "--runs=grpo"])
+        cli.parse_flags(["r", "--studies=lspo,tracerl_lr", "--runs=grpo"])
     # the default: one study per claim; lspo_fill and tracerl_lr run when named; lspo_fill has its own plan (dapo at
     # 12 rounds, not lspo's)
-    assert reproduce.parse_flags(["r"]).studies == ["dler", "lspo", "hapo", "repro", "tracerl"]
-    fv = reproduce.parse_flags(["r", "--studies=lspo,lspo_fill", "--runs=dapo"])
-    phase1, _ = pool.plan(fv.studies, [0], reproduce.resolve(fv)[1], 1, str(tmp_path), fv.runs)
+    assert cli.parse_flags(["r"]).studies == ["dler", "lspo", "hapo", "repro", "tracerl"]
+    fv = cli.parse_flags(["r", "--studies=lspo,lspo_fill", "--runs=dapo"])
+    phase1, _ = pool.plan(fv.studies, [0], cli.resolve(fv)[1], 1, str(tmp_path), fv.runs)
     assert [kw["spec"].overrides for _, kw in phase1] == [(), (("filter.max_rounds", 12),)]
 
 

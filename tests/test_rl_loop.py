@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from rl_testing import digit_scorer, tiny_config
+from rl_testing import digit_scorer, final_policy_params, tiny_config
 
 from jaxrl_reason.train import build, loop
 from jaxrl_reason.train.checkpoint import Checkpointer
@@ -84,7 +84,7 @@ def test_every_method_trains_with_finite_loss_and_changing_params(module, arg, t
     assert len(losses) == 2 and all(np.isfinite(losses))
     with Checkpointer(os.path.join(str(tmp_path), "checkpoints")) as ckpt:
         assert ckpt.latest_step() == 2
-    final = out["final_params"]
+    final = final_policy_params(str(tmp_path))
     changed = [not np.array_equal(a, b) for a, b in zip(seen["init"], final)]
     assert any(changed), f"{module}: no parameter changed"
     _check_goldens(f"{module}:{arg}", rows)
@@ -95,12 +95,12 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)
     kw = dict(train__eval_every=2, rollout__lanes=2)
     straight = tiny_config("dapo", train__num_steps=3, **kw)
-    out_a = loop.run(straight, str(tmp_path / "a"))
+    loop.run(straight, str(tmp_path / "a"))
     first = tiny_config("dapo", train__num_steps=1, **kw)
     loop.run(first, str(tmp_path / "b"))
     resumed = tiny_config("dapo", train__num_steps=3, **kw)
-    out_b = loop.run(resumed, str(tmp_path / "b"))
-    for x, y in zip(out_a["final_params"], out_b["final_params"]):
+    loop.run(resumed, str(tmp_path / "b"))
+    for x, y in zip(final_policy_params(str(tmp_path / "a")), final_policy_params(str(tmp_path / "b"))):
         np.testing.assert_allclose(x, y, atol=1e-6)
     ma = [r for r in read_metrics(str(tmp_path / "a")) if "train/loss" in r]
     mb = [r for r in read_metrics(str(tmp_path / "b")) if "train/loss" in r]

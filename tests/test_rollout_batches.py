@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from rl_testing import digit_scorer, tiny_config
+from rl_testing import digit_scorer, final_policy_params, tiny_config
 
 from jaxrl_reason.data.example import Example
 from jaxrl_reason.data.tokenizer import DEFAULT_VOCAB_SIZE, build_char_tokenizer, encode_batch_left_padded
@@ -61,4 +61,4 @@ def test_loop_trains_with_sub_batches_shared_prefill_and_compaction(tmp_path, mo
     config = tiny_config("grpo", rollout__sample_batch_rows=8, rollout__share_prefill=True,
                          rollout__compact_rows=True)
     out = loop.run(config, str(tmp_path))
-    assert out["iterations"] == 2 and all(np.all(np.isfinite(x)) for x in out["final_params"])
+    assert out["iterations"] == 2 and all(np.all(np.isfinite(x)) for x in final_policy_params(str(tmp_path)))

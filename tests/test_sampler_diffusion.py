@@ -1,7 +1,7 @@
-"""Tests for sampling/diffusion.py (diffusion.md §4, §5.2–§5.3, §6.5, §10).
+"""Tests for sampling/diffusion.py.
 
 References are written here from the spec: numpy masks, python decoding loops that recompute the whole
-sequence at every step without a cache, and a replay of the recorded trajectory (§6.5).
+sequence at every step without a cache, and a replay of the recorded trajectory.
 """
 import dataclasses
 import functools
@@ -52,7 +52,7 @@ def _layout(prompt, pmask):
 
 
 def _np_mask(valid, block=None):
-    """diffusion.md §5.2 (block=None) / §5.3 response-aligned blocks, built with numpy double loops."""
+    """Full attention (block=None) / response-aligned blocks, built with numpy double loops."""
     b, n = valid.shape
     out = np.zeros((b, n, n), bool)
     for q in range(n):
@@ -78,7 +78,7 @@ def _cut_at_eos(tokens, steps, eos):
 
 
 def _greedy_ref(fwd, prompt, pmask, eos, *, block, k_sched, bidirectional, tau=None):
-    """Naive decoding loop (§4.2 LLaDA / §4.3 Fast-dLLM threshold / §4.5 SDAR static), full recompute, greedy.
+    """Naive decoding loop (LLaDA / Fast-dLLM threshold / SDAR static), full recompute, greedy.
 
     Commits the top-k masked block positions by raw probability, or with `tau` every one with prob >= tau
     plus the most confident one (then up to `block` steps per block).
@@ -249,7 +249,7 @@ def _rows8():
 
 
 def test_block_dynamic_trajectory_replays_exactly():
-    """§6.5: token j was committed from state s_{step_map[j]} = prompt + tokens with smaller step ids."""
+    """Trajectory: token j was committed from state s_{step_map[j]} = prompt + tokens with smaller step ids."""
     _, params, fwd = _model()
     prompt, pmask = _rows8()
     ro, aux = _dynamic_fn()(params, prompt, pmask, jax.random.key(7))
@@ -337,7 +337,7 @@ def test_llada_greedy_equals_naive_loop():
 
 @pytest.mark.parametrize("layers,refresh", [(2, 1), (1, None)])
 def test_llada_threshold_dual_cache_equals_uncached_loop(layers, refresh):
-    """Fast-dLLM dual cache refreshed every step == uncached naive threshold loop (§4.3); and a 1-layer model's
+    """Fast-dLLM dual cache refreshed every step == uncached naive threshold loop; and a 1-layer model's
     K/V depend only on (token, position), so there the stale-suffix dual cache (refresh once per block) is exact.
     """
     _, params, fwd = _model(layers)

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from rl_testing import digit_scorer, tiny_config
+from rl_testing import digit_scorer, final_policy_params, tiny_config
 
 from jaxrl_reason.train import build, loop
 from jaxrl_reason.train.checkpoint import Checkpointer
@@ -31,7 +31,7 @@ def _numbers(workdir) -> list[dict]:
 
 
 def _assert_same_run(out_a, dir_a, out_b, dir_b, what: str):
-    for x, y in zip(out_a["final_params"], out_b["final_params"], strict=True):
+    for x, y in zip(final_policy_params(str(dir_a)), final_policy_params(str(dir_b)), strict=True):
         # AdamW divides by sqrt(v): a gradient entry near zero turns its float rounding (which differs with the
         # reduction order of a sharded step) into an update difference of up to ~2e-5 at lr 1e-3, on 1 of ~2k
         # entries; a real wiring error (a gradient divided by M, a dropped term) moves every entry by far more

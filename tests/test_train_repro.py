@@ -1,17 +1,13 @@
-"""REPRO in the training loop (train/repro.py, algorithms.md §5.5) against direct per-query forwards and an
+"""REPRO in the training loop (train/repro.py) against direct per-query forwards and an
 explicit-loop reference of the whole process-advantage pipeline; padding, chunking and sharding invariance."""
 import functools
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxrl_reason.data.tokenizer import build_char_tokenizer, encode_batch_left_padded, encode_responses_right_padded
 from jaxrl_reason.models import sharding as sharding_lib
@@ -92,7 +88,8 @@ def direct_J(model, tok, context: str, answer: str, size: int = 64) -> float:
 
 
 def reference_advantage(model, tok, rows, eps=1e-6):
-    """Explicit loops over §5.2–§5.5 with after_last='zero', before_first='following', scope='batch'."""
+    """Explicit loops over the REPRO pipeline (scores, rewards, selection, advantages) with after_last='zero',
+    before_first='following', scope='batch'."""
     n_rows, R = rows["tokens"].shape
     per_row = {}
     for n in range(n_rows - 1):  # the last row has response mask 0

@@ -1,7 +1,7 @@
-"""Tests for train/tracerl.py (diffusion.md §6.5, §7, §11 test 2) on tiny random models over the char tokenizer.
+"""Tests for train/tracerl.py on tiny random models over the char tokenizer.
 
 References written here: the per-step naive block-causal forward of the sampler's trajectory (numpy mask), the
-§5.5 two-stream table by brute force, the population z-score by hand, and the d1 input fed straight to the model.
+two-stream attention table by brute force, the population z-score by hand, and the d1 input fed straight to the model.
 """
 import functools
 import tempfile
@@ -105,7 +105,7 @@ def _logp_fn_of_kind(kind):
 
 
 def _block_causal(valid, p):
-    """Numpy reference of the sampler's naive mask (§5.3, response-aligned blocks, diagonal forced)."""
+    """Numpy reference of the sampler's naive mask (response-aligned blocks, diagonal forced)."""
     idx = np.arange(valid.shape[0])
     blk = np.floor_divide(idx - p, BS)
     return (valid[None, :] & (blk[None, :] <= blk[:, None])) | np.eye(len(idx), dtype=bool)
@@ -117,7 +117,7 @@ def _dense_rank_in_block(step_row, j_block):
 
 
 def test_noisy_stream_logits_equal_block_sampler_logits_at_each_step():
-    """§11 test 2: row k's noisy-stream logits = the logits the block sampler saw at that denoising step (s = 1)."""
+    """Row k's noisy-stream logits = the logits the block sampler saw at that denoising step (s = 1)."""
     rows, spec, model = _block_rollout(), _spec(), _model("block")
     assert rows["response_mask"].all()
     g, params = nnx.split(model, nnx.Param)
@@ -206,7 +206,7 @@ def _value_setup():
 
 
 def _tracerl_mask_np(p, r, key_valid):
-    """Brute force of the §5.5 table."""
+    """Brute force of the two-stream attention table."""
     length = p + 2 * r
     allow = np.zeros((length, length), bool)
     for q in range(length):
@@ -265,7 +265,7 @@ def test_micro_batched_losses_sum_to_the_mini_batch_loss():
 
 
 def test_full_attention_rows_replay_the_llada_sampler():
-    """Full attention (§7.2): with s = 1 the row log-probs are the LLaDA sampler's own; s = 2 halves the rows."""
+    """Full attention: with s = 1 the row log-probs are the LLaDA sampler's own; s = 2 halves the rows."""
     model, tok = _model("bidirectional"), _tok()
     g, params = nnx.split(model, nnx.Param)
     fn = make_llada_generate_fn(g, prompt_len=P, gen_len=R, block_len=6, steps=6, mask_token_id=tok.mask_token_id,
@@ -285,7 +285,7 @@ def test_full_attention_rows_replay_the_llada_sampler():
 
 
 def test_onestep_estimator_scores_the_d1_input():
-    """d1 (§6.2): one row per response, whole response masked, prompt tokens masked with p; fixed per batch."""
+    """d1: one row per response, whole response masked, prompt tokens masked with p; fixed per batch."""
     model, tok = _model("bidirectional"), _tok()
     g, params = nnx.split(model, nnx.Param)
     rows = dict(_block_rollout())

@@ -1,4 +1,4 @@
-"""Loss aggregation over a per-token loss matrix (algorithms.md §1.5, verl `agg_loss`).
+"""Loss aggregation over a per-token loss matrix (verl `agg_loss`).
 
 Rows are responses (`N = B*G`), columns are response positions (`T`). Every denominator is guarded with
 `max(count, 1)`, so empty rows and empty batches give 0, never NaN.
@@ -16,7 +16,7 @@ per-row sums once and calls `AGGREGATIONS[mode]`.
 
 Micro-batching: pass the *global* token / sequence counts of the whole mini-batch as `num_tokens` /
 `num_seqs`; then summing `aggregate` over micro-batches equals `aggregate` over the full mini-batch
-(verl 0.8 global normalization, algorithms.md §1.5 and §7 item 6).
+(verl 0.8 global normalization).
 """
 from typing import Callable, Optional
 
@@ -101,7 +101,7 @@ def aggregate(
     num_seqs=None,
     sum_norm_per_seq: bool = True,
 ):
-    """Aggregates a per-token loss `[N, T]` into a scalar (algorithms.md §1.5).
+    """Aggregates a per-token loss `[N, T]` into a scalar.
 
     Args:
       loss_NxT: per-token loss `[N, T]`.
@@ -111,8 +111,8 @@ def aggregate(
       num_tokens: optional global token count used as the token-mean denominator (micro-batching).
       num_seqs: optional global count of non-empty rows used as the seq-mean denominator (micro-batching).
       sum_norm_per_seq: `seq-mean-token-sum-norm` only. True (default): Σ m·L / (num_seqs · C), as verl 0.8,
-        TRL `dr_grpo` and the Dr.GRPO paper. False: Σ m·L / C, the older verl (0.4-0.7) formula quoted in the
-        §1.5 table (it scales with the batch size). [switch; the spec table and verl 0.8 differ]
+        TRL `dr_grpo` and the Dr.GRPO paper. False: Σ m·L / C, the older verl (0.4-0.7) formula (it scales with
+        the batch size). [switch; the two verl versions differ]
 
     Returns:
       Scalar loss (float32 or wider). 0 when no token is valid.

@@ -1,15 +1,15 @@
-"""Masked-diffusion LM losses and the d1 one-step log-prob inputs (diffusion.md §3, §6.2).
+"""Masked-diffusion LM losses and the d1 one-step log-prob inputs.
 
 Pure functions on arrays: the forward process (which tokens are masked), the masked cross-entropy losses
 given per-token log-probs of the clean tokens, and the masked input of the d1 one-step estimator. The model
-forward (and the two-stream attention of block models, §5.4) lives in `models/`.
+forward (and the two-stream attention of block models) lives in `models/`.
 
 Loss modes (`masked_diffusion_loss`, `w_i = -logp_i / p_i` on masked tokens, 0 elsewhere):
-  sft         mean_n Σ_i w_i / max(ans_len_n, 1)               LLaDA SFT (§3.1)
-  pretrain    Σ_{n,i} w_i / (N L)                              LLaDA pretraining (§3.1)
-  token_mean  Σ_{n,i} w_i / max(Σ_n ans_len_n, 1)              SDAR / BD3-LM (§3.3, batch token mean)
-  semi_ar     mean_n Σ_i -logp_i m_i / L        (no 1/t)       dLLM-RL `sft_trado.py` semi-ar (§3.3)
-  masked_mean mean_n Σ_i -logp_i m_i / max(Σ_i m_i, 1) (no 1/t) dLLM-RL `random_masking` SFT (§3.3)
+  sft         mean_n Σ_i w_i / max(ans_len_n, 1)               LLaDA SFT
+  pretrain    Σ_{n,i} w_i / (N L)                              LLaDA pretraining
+  token_mean  Σ_{n,i} w_i / max(Σ_n ans_len_n, 1)              SDAR / BD3-LM (batch token mean)
+  semi_ar     mean_n Σ_i -logp_i m_i / L        (no 1/t)       dLLM-RL `sft_trado.py` semi-ar
+  masked_mean mean_n Σ_i -logp_i m_i / max(Σ_i m_i, 1) (no 1/t) dLLM-RL `random_masking` SFT
 `semi_ar` divides by the padded length L of the arrays, so pass response-region arrays `[N, R]` for it.
 """
 import jax
@@ -62,11 +62,11 @@ def _check_t_range(eps, t_min, t_max):
 
 def forward_mask(key, x0_NxL, maskable_NxL, mask_token_id: int, eps: float = 1e-3, t_min: float = 0.0,
                  t_max: float = 1.0, force_one: bool = False):
-    """Forward (masking) process of a full-attention MDM (diffusion.md §3.1).
+    """Forward (masking) process of a full-attention MDM.
 
     Per sequence `t ~ U(t_min, t_max)`, `p = (1 - eps) t + eps`; every maskable token (e.g. valid & not prompt)
     is masked independently with probability `p`. Defaults = LLaDA; the dLLM-RL semi-ar / random-masking SFT ratio
-    is `eps=0, t_min=0.1, t_max=0.9` (§3.3); `force_one` = SDAR's "at least one token masked" (a row with
+    is `eps=0, t_min=0.1, t_max=0.9`; `force_one` = SDAR's "at least one token masked" (a row with
     maskable tokens but no mask gets one uniformly random maskable token masked).
 
     Returns:
@@ -84,7 +84,7 @@ def forward_mask(key, x0_NxL, maskable_NxL, mask_token_id: int, eps: float = 1e-
 def block_forward_mask(key, x0_NxL, maskable_NxL, block_size: int, mask_token_id: int, eps: float = 1e-3,
                        per_block_t: bool = True, antithetic: bool = False, t_min: float = 0.0,
                        t_max: float = 1.0, force_one: bool = False):
-    """Forward process of block diffusion (diffusion.md §3.3) on blocks `[iB, (i+1)B)` of the L axis.
+    """Forward process of block diffusion on blocks `[iB, (i+1)B)` of the L axis.
 
     per_block_t=True: BD3-LM, an independent `t` per (sequence, block); False: SDAR, one `t` per sequence.
     antithetic: BD3-LM's antithetic sampling, the `N * nb` (or `N`) uniforms are stratified,
@@ -114,7 +114,7 @@ def block_forward_mask(key, x0_NxL, maskable_NxL, block_size: int, mask_token_id
 
 def masked_diffusion_loss(logp_NxL, masked_NxL, p, answer_len_N=None, mode: str = "sft", num_seqs=None,
                           num_tokens=None):
-    """Masked-diffusion cross-entropy (diffusion.md §3.1 ELBO, §3.3 variants); modes in the module docstring.
+    """Masked-diffusion cross-entropy (the LLaDA ELBO and its SFT variants); modes in the module docstring.
 
     Args:
       logp_NxL: log p_theta(x0_i | xt) of the clean tokens (`token_logp`), any value where not masked.
@@ -154,7 +154,7 @@ def masked_diffusion_loss(logp_NxL, masked_NxL, p, answer_len_N=None, mode: str 
 
 def block_diffusion_loss(logp_NxL, masked_NxL, p_NxL, maskable_NxL, mode: str = "token_mean", num_seqs=None,
                          num_tokens=None):
-    """Block-diffusion loss (diffusion.md §3.3) on the noisy-stream log-probs of the two-stream forward.
+    """Block-diffusion loss on the noisy-stream log-probs of the two-stream forward.
 
     `1/p`-weighted masked CE with per-token (per-block) rates from `block_forward_mask`, normalised by the number
     of maskable (answer) tokens: `token_mean` over the batch (SDAR; BD3-LM with every token maskable) or `sft`
@@ -166,7 +166,7 @@ def block_diffusion_loss(logp_NxL, masked_NxL, p_NxL, maskable_NxL, mode: str = 
 
 def d1_onestep_inputs(key, prompt_NxP, prompt_valid_NxP, response_NxR, mask_token_id: int,
                       p_mask_prompt: float = 0.15):
-    """Masked input of the d1 / diffu-GRPO one-step log-prob estimator (diffusion.md §6.2).
+    """Masked input of the d1 / diffu-GRPO one-step log-prob estimator.
 
     The whole response is masked; each valid prompt token is masked independently with `p_mask_prompt`
     (d1 train.yaml 0.15, dataclass default 0.3). Deterministic in `key`: pass the same key for the old, reference

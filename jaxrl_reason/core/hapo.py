@@ -1,4 +1,4 @@
-"""HAPO entropy statistics, normalized entropy h~ and adaptive temperature (algorithms.md §4.1, §4.2, §4.6).
+"""HAPO entropy statistics, normalized entropy h~ and adaptive temperature.
 
 HAPO (arXiv 2509.16591) modulates temperature, advantages and clip ranges per token by a normalized entropy
 ``h~ in [-1, 1]``. This module owns the normalization (released code ``compute_entropy_h``) and the sampler's
@@ -28,7 +28,7 @@ def _masked_nearest_quantile(x_M, valid_M, q: float):
 
 
 def entropy_stats(entropy_NxT, mask_NxT, pivot_quantile: float = 0.8):
-    """Entropy statistics over the VALID tokens of a batch (algorithms.md §4.1, code ``compute_entropy_h``).
+    """Entropy statistics over the VALID tokens of a batch (code ``compute_entropy_h``).
 
     ``l = log(max(H, 1e-8))``; ``pivot`` = nearest-interpolation ``pivot_quantile`` of ``l`` (ρ = 0.8: the top
     20% are "high entropy"); ``sigma = sqrt(max(mean_valid((l - pivot)^2), 1e-8))`` (RMS around the pivot, not the
@@ -58,14 +58,15 @@ def entropy_stats(entropy_NxT, mask_NxT, pivot_quantile: float = 0.8):
 
 
 def _scale_h(h, stats, sign_compat: bool):
-    """Piecewise scaling of §4.1: ``h / h_max`` for h > 0; for h <= 0 ``h / |h_min|`` (intended, in [-1, 0]) or
-    the released code's ``h * (1 / h_min)`` (positive: low-entropy tokens look like high-entropy ones)."""
+    """Piecewise scaling of the normalized entropy: ``h / h_max`` for h > 0; for h <= 0 ``h / |h_min|`` (intended,
+    in [-1, 0]) or the released code's ``h * (1 / h_min)`` (positive: low-entropy tokens look like high-entropy
+    ones)."""
     neg_scale = 1.0 / stats["h_min"] if sign_compat else 1.0 / jnp.abs(stats["h_min"])
     return jnp.where(h > 0, h / stats["h_max"], h * neg_scale)
 
 
 def normalize_entropy(entropy_NxT, mask_NxT, stats, sign_compat: bool = False):
-    """Normalized entropy ``h~`` in [-1, 1] (algorithms.md §4.1, NOTES Eq. 5–7 + code ``compute_entropy_h``).
+    """Normalized entropy ``h~`` in [-1, 1] (NOTES Eq. 5–7 + code ``compute_entropy_h``).
 
     ``h = (log(max(H, 1e-8)) - pivot) / sigma`` then ``h~ = h / h_max`` if h > 0, else ``h / |h_min|`` (default,
     the paper's intent: negative for low-entropy tokens). ``sign_compat=True`` [CODE] reproduces the released code,
@@ -86,9 +87,9 @@ def normalize_entropy(entropy_NxT, mask_NxT, stats, sign_compat: bool = False):
 
 def adaptive_temperature(entropy, stats, t_base: float, tau: float, sign_compat: bool = False,
                          eps: float = 1e-6):
-    """Per-row sampling temperature ``T = T_base * (1 + tau * h~)`` (algorithms.md §4.2, NOTES Eq. 8 + code).
+    """Per-row sampling temperature ``T = T_base * (1 + tau * h~)`` (NOTES Eq. 8 + code).
 
-    As the released vLLM sampler: ``h = (log(max(H, eps)) - pivot) / (sigma + eps)``, h~ by the §4.1 piecewise
+    As the released vLLM sampler: ``h = (log(max(H, eps)) - pivot) / (sigma + eps)``, h~ by the piecewise
     scaling (``sign_compat`` as in ``normalize_entropy``), clamped to [-1, 1]. ``stats`` are the previous training
     step's; ``stats=None`` (step 1) returns ``T_base``. ``H`` is the entropy of the base-temperature distribution.
 

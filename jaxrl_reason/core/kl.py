@@ -1,4 +1,4 @@
-"""KL estimators and the adaptive KL controller (algorithms.md §1.3, verl `kl_penalty`, Schulman 2020).
+"""KL estimators and the adaptive KL controller (verl `kl_penalty`, Schulman 2020).
 
 With `d = logp - logp_ref` per token:
   k1 / kl          d                                       unbiased value, biased gradient
@@ -26,7 +26,7 @@ def _kl_forward(d, kind: str):
 
 
 def kl_estimate(logp_NxT, logp_ref_NxT, kind: str = "low_var_kl"):
-    """Per-token KL(π_θ || π_ref) estimate `[N, T]` (algorithms.md §1.3).
+    """Per-token KL(π_θ || π_ref) estimate `[N, T]`.
 
     Args:
       logp_NxT: log-probs of the sampled tokens under the live (or old, for KL-in-reward) policy.
@@ -50,7 +50,7 @@ def kl_estimate(logp_NxT, logp_ref_NxT, kind: str = "low_var_kl"):
 
 
 def adaptive_kl_coef(beta, kl, target: float = 0.1, horizon: float = 10000.0, n=1):
-    """One step of the adaptive KL controller (algorithms.md §1.3; Ziegler et al. 2019).
+    """One step of the adaptive KL controller (Ziegler et al. 2019).
 
     β ← β · (1 + clip(KL/target − 1, −0.2, 0.2) · n / horizon), with `n` the number of responses in the batch.
 

@@ -1,18 +1,18 @@
 """REPRO ("RePro", arXiv 2512.01925) process reward: answer-likelihood surrogate, dual score, segment selection.
 
-algorithms.md §5 — the LOWEST-confidence spec of the project: no code was available, every formula is [NOTES]
+The least certain method of the project: no code was available, every formula is [NOTES]
 (third-party notes on the paper) or [INFERRED]; each inferred choice below is a function argument.
 
-Pipeline (§5.5), per response ``n`` with ``K`` selected segments (slots, original order, valid ones first):
-  J_NxK   = answer_loglik_mean(logp of the answer tokens after each selected prefix)     surrogate J~ (§5.2)
+Pipeline, per response ``n`` with ``K`` selected segments (slots, original order, valid ones first):
+  J_NxK   = answer_loglik_mean(logp of the answer tokens after each selected prefix)     surrogate J~
   S_m     = magnitude_score(J, J_b);  S_s = stability_score(J, valid)                    dual score
   S       = composite_score(S_m, S_s, w);  r = process_rewards(S, valid)                  r_1 = S_1, r_j = S_j - S_{j-1}
   r'      = normalize_process_rewards(r, valid)                                          z-score (scope INFERRED)
   A_proc  = process_advantage(r', seg_of_token, sel_idx, sel_valid, mask)                return-to-go on tokens
   A       = combine_advantages(A_outcome, A_proc, alpha=0.1)
 Host side: ``segment_boundaries`` splits a text / token sequence on "\\n\\n", ``segment_layout`` turns the
-boundaries of a batch into fixed-shape arrays, ``select_segments_by_entropy`` keeps the top-k (§5.3).
-Responses with fewer than 2 selected segments get zero process advantage (§5.5).
+boundaries of a batch into fixed-shape arrays, ``select_segments_by_entropy`` keeps the top-k.
+Responses with fewer than 2 selected segments get zero process advantage.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_JB_FLOOR = 1e-6  # |J_b| floor (§5.5 "clamp |J_b| >= 1e-6")
+_JB_FLOOR = 1e-6  # |J_b| floor: keeps J~ / J_b finite when the baseline likelihood is ~0
 
 
 def answer_loglik_mean(logp_answer_KxA, answer_mask_KxA):
-    """Surrogate ``J~ = (1/|a|) sum_k log pi(a^(k) | q, tau_<=t, a^(<k))`` (algorithms.md §5.2 [NOTES]).
+    """Surrogate ``J~ = (1/|a|) sum_k log pi(a^(k) | q, tau_<=t, a^(<k))`` [NOTES].
 
     Args:
       logp_answer_KxA: [..., A] log-probs of the ground-truth answer tokens (one row per scored prefix; the
@@ -41,7 +41,7 @@ def answer_loglik_mean(logp_answer_KxA, answer_mask_KxA):
 
 
 def magnitude_score(J_K, J_b, form: str = "one_minus_tanh"):
-    """Magnitude score from ``Delta + 1 = J~ / J_b`` (algorithms.md §5.2; the sign is [INFERRED]).
+    """Magnitude score from ``Delta + 1 = J~ / J_b`` (the sign is [INFERRED]).
 
     ``form="one_minus_tanh"`` (default, [INFERRED]): ``S = 1 - tanh(J / J_b)`` in (0, 1]: 1 when the answer is
     certain (J = 0), ~0.24 for no progress (J = J_b), -> 0 when reasoning makes the answer less likely.
@@ -73,7 +73,7 @@ def _ema_over_valid(J_NxK, valid_NxK, ema: float):
 
 
 def stability_score(J_K, valid_K, ema: float | None = None, single_point_value: float = 1.0):
-    """Prefix Kendall-τ of J~ against step order, rescaled to [0, 1] (algorithms.md §5.2; normalization [INFERRED]).
+    """Prefix Kendall-τ of J~ against step order, rescaled to [0, 1] (normalization [INFERRED]).
 
     ``S_t = 1/2 + 1/2 * sum_{i<j<=t} sign(J_j - J_i) / (n_t (n_t - 1) / 2)`` over the valid points up to slot t
     (Kendall τ-a: ties count 0). ``n_t < 2`` -> ``single_point_value`` ([INFERRED]: 1.0 or 0.5).
@@ -104,7 +104,7 @@ def stability_score(J_K, valid_K, ema: float | None = None, single_point_value: 
 def composite_score(S_m, S_s, w: float, w_on: str = "stability"):
     """Composite ``S = (1 - w) S_m + w S_s`` (``w_on="stability"``) or ``w S_m + (1 - w) S_s`` (``"magnitude"``).
 
-    algorithms.md §5.2: the two notes disagree on which score w weights [NOTES], hence the switch.
+    The two notes on the paper disagree on which score w weights [NOTES], hence the switch.
     """
     if w_on not in ("stability", "magnitude"):
         raise ValueError(f"w_on must be 'stability' or 'magnitude', got {w_on!r}.")
@@ -115,7 +115,7 @@ def composite_score(S_m, S_s, w: float, w_on: str = "stability"):
 
 
 def process_rewards(S_K, valid_K=None):
-    """Per-segment process reward ``r_j = S_j - S_{j-1}``, ``r_1 = S_1`` over valid slots (algorithms.md §5.2).
+    """Per-segment process reward ``r_j = S_j - S_{j-1}``, ``r_1 = S_1`` over valid slots.
 
     "Previous" means the previous VALID slot. Args: S_K [..., K]; valid_K [..., K] bool or None (all valid).
     Returns r_K [..., K] float32, 0 at invalid slots.
@@ -130,10 +130,10 @@ def process_rewards(S_K, valid_K=None):
 
 
 def normalize_process_rewards(r_NxK, valid_NxK, scope: str = "batch", eps: float = 1e-6, min_segments: int = 2):
-    """z-score the process rewards separately from the outcome reward (algorithms.md §5.2; scope [INFERRED]).
+    """z-score the process rewards separately from the outcome reward (scope [INFERRED]).
 
     ``r' = (r - mean) / (std + eps)`` with population std over the valid slots of rows that have at least
-    ``min_segments`` valid slots (other rows get 0: they receive no process advantage, §5.5).
+    ``min_segments`` valid slots (other rows get 0: they receive no process advantage).
     scope: "batch" (one mean/std over all rows), "response" (per row) or "none" (only masking).
 
     Args: r_NxK [N, K]; valid_NxK [N, K] bool. Returns r_norm_NxK [N, K] float32.
@@ -154,7 +154,7 @@ def normalize_process_rewards(r_NxK, valid_NxK, scope: str = "batch", eps: float
 
 
 def select_segments_by_entropy(first_token_entropy_NxM, seg_valid_NxM, k: int):
-    """Keep the top-k segments by first-token entropy, in original order (algorithms.md §5.3 [NOTES]).
+    """Keep the top-k segments by first-token entropy, in original order [NOTES].
 
     Ties go to the earlier segment. Args: first_token_entropy_NxM [N, M]; seg_valid_NxM [N, M] bool (candidate
     segments, i.e. those ending with a delimiter); k static, 1 <= k.
@@ -178,14 +178,14 @@ def select_segments_by_entropy(first_token_entropy_NxM, seg_valid_NxM, k: int):
 
 def process_advantage(r_norm_NxK, seg_of_token_NxT, sel_idx_NxK, sel_valid_NxK, mask_NxT,
                       before_first: str = "following", after_last: str = "zero", min_segments: int = 2):
-    """Token-level process advantage: return-to-go over the selected segments (algorithms.md §5.2–§5.3).
+    """Token-level process advantage: return-to-go over the selected segments.
 
     ``A~_t = sum_{i >= j(t)} r'_i`` where ``j(t)`` is the selected segment containing token t or, if t's segment
     is not selected, the nearest FOLLOWING selected one (the selected boundaries partition the response).
     [INFERRED switches]: ``before_first="following"`` gives tokens before the first selected segment its value,
     ``"zero"`` gives them 0; ``after_last="zero"`` gives tokens after the last selected boundary (conclusion) 0,
     ``"last"`` gives them the last segment's value r'_K. Rows with fewer than ``min_segments`` valid selected
-    segments get 0 (§5.5).
+    segments get 0.
 
     Args:
       r_norm_NxK: [N, K] normalized process rewards per selected slot.
@@ -219,12 +219,12 @@ def process_advantage(r_norm_NxK, seg_of_token_NxT, sel_idx_NxK, sel_valid_NxK, 
 
 
 def combine_advantages(outcome_adv_NxT, process_adv_NxT, alpha: float = 0.1):
-    """``A_t = A_outcome_t + alpha * A~_t`` (algorithms.md §5.2; alpha = 0.1 per [NOTES] §5.4)."""
+    """``A_t = A_outcome_t + alpha * A~_t`` (alpha = 0.1 per [NOTES])."""
     return outcome_adv_NxT + alpha * process_adv_NxT
 
 
 def segment_boundaries(seq, delimiter: str | int | Sequence[int] | frozenset = "\n\n") -> np.ndarray:
-    """Host helper: end offsets (exclusive) of the delimiter-terminated segments (algorithms.md §5.3).
+    """Host helper: end offsets (exclusive) of the delimiter-terminated segments.
 
     Occurrences are found left to right without overlap; segment j spans ``[b_{j-1}, b_j)`` (b_{-1} = 0) and
     includes its delimiter; whatever follows the last boundary is the conclusion (not a segment).
@@ -257,7 +257,7 @@ def segment_boundaries(seq, delimiter: str | int | Sequence[int] | frozenset = "
 
 
 def segment_layout(boundaries_N: Sequence[np.ndarray], length_N, T: int, max_segments: int | None = None):
-    """Host helper: fixed-shape segment arrays for a batch (algorithms.md §5.3).
+    """Host helper: fixed-shape segment arrays for a batch.
 
     Args:
       boundaries_N: per response, token offsets from ``segment_boundaries`` (increasing, each in (0, length]).

@@ -1,4 +1,4 @@
-"""Multi-term addition: the project's own verifiable task (calibration.md, "Task and model that were measured").
+"""Multi-term addition: the project's own verifiable task ("Task and model that were measured").
 
 Format (one line, steps separated by single spaces; the EOS token is NOT part of the text, the tokenizer
 helpers in `data.tokenizer` append it):
@@ -71,8 +71,9 @@ def solution_trace(problem: Problem, rng: np.random.Generator, recheck_prob: flo
          negative). Later steps continue from the wrong running sum, so the final answer is wrong too.
       2. `rng.random() < recheck_prob` adds `k = rng.integers(1, max_rechecks + 1)` re-check segments
          `check a+b=c`, each after step `rng.integers(0, n_steps)` (drawn as one array of size k), each
-         repeating that step exactly as written. calibration.md lesson 1: keep `recheck_prob` high (0.9)
-         so that greedy decoding still shows the overthinking that length penalties should remove.
+         repeating that step exactly as written. Keep `recheck_prob` high (0.9): with re-checks in only half
+         of the traces no single step makes `check` the likeliest token, so greedy decoding would hide the
+         overthinking that length penalties should remove.
     """
     if not 0.0 <= recheck_prob <= 1.0 or not 0.0 <= error_prob <= 1.0:
         raise ValueError(f"recheck_prob and error_prob must be in [0, 1], got {recheck_prob}, {error_prob}.")

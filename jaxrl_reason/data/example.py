@@ -1,4 +1,4 @@
-"""The one record type every task and loader produces (DESIGN.md §1, data/).
+"""The one record type every task and loader produces (data/).
 
 `Example(prompt, answer, data_source, extra)`:
   prompt       the text given to the policy (for chat rows: the last user message, see `data.loaders`);

@@ -1,4 +1,4 @@
-"""Materialize lists of `Example`s as a TFDS dataset (array_record, no TensorFlow; stack.md §1).
+"""Materialize lists of `Example`s as a TFDS dataset (array_record, no TensorFlow).
 
 `build_dataset({"train": [...], "test": [...]}, data_dir, name)` writes `<data_dir>/<name>/1.0.0/` with one
 array_record file set per split, in the given order (`DatasetInfo(builder=self, disable_shuffling=True)`).

@@ -1,12 +1,12 @@
 """Tokenizers: a character-level one for the synthetic tasks, and batch helpers for any HF tokenizer.
 
-The character tokenizer (stack.md §4: built with `tokenizers`, wrapped in `PreTrainedTokenizerFast`, saved with
+The character tokenizer (built with `tokenizers`, wrapped in `PreTrainedTokenizerFast`, saved with
 `save_pretrained`, reloaded offline with `AutoTokenizer.from_pretrained`) has one id per character of the
 alphabet plus the special tokens `<pad>` (id 0), `<eos>` (1), `<mask>` (2, masked diffusion), `<unk>` (3, any
 character outside the alphabet). With the default alphabet its vocabulary has `DEFAULT_VOCAB_SIZE` = 25 ids.
 Any string over the alphabet round-trips exactly (spaces, repeated spaces and newlines included).
 
-Padding layout (DESIGN.md §2, static shapes):
+Padding layout (static shapes):
   prompts    left-padded to P:   ids_BxP = [pad .. pad, p_0 .. p_n]          mask_BxP True on real tokens
   responses  right-padded to T:  ids_BxT = [r_0 .. r_m, eos, pad .. pad]     mask_BxT True on r and eos
 """

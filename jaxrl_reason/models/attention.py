@@ -1,9 +1,9 @@
-"""Attention masks (diffusion.md §5): boolean builders and `AttentionMask`, the form a fused kernel can take.
+"""Attention masks: boolean builders and `AttentionMask`, the form a fused kernel can take.
 
 Every mask is "query q may attend key k". Every builder ANDs the key-padding mask and then forces the
 diagonal (the query's own slot) to be allowed, so a row that would otherwise see nothing (a left-pad
-query) still has one visible key and the softmax never sees an all-masked row (diffusion.md §5, the
-official `process_pad`).
+query) still has one visible key and the softmax never sees an all-masked row (as the official diffusion
+code's `process_pad` does).
 
 `AttentionMask` keeps a mask as a pattern over slots (causal, bidirectional, block-causal) plus key validity
 [B, S], so a kernel gets padding as segment ids or a key-padding mask instead of a dense [B, T, S] array;
@@ -28,14 +28,14 @@ def positions_from_mask(valid_BxT: jax.Array) -> jax.Array:
 
 
 def _finish(allow_BxTxS, key_valid_BxS, q_slot_T, k_slot_S):
-    """AND key padding, then force query slot == key slot allowed (diffusion.md §5)."""
+    """AND key padding, then force query slot == key slot allowed."""
     allow_BxTxS = allow_BxTxS & key_valid_BxS[:, None, :].astype(bool)
     diag_TxS = q_slot_T[:, None] == k_slot_S[None, :]
     return allow_BxTxS | diag_TxS[None]
 
 
 def _blk(i, block_size, start):
-    """Block id `floor((i - start) / block_size)` (negative for i < start), diffusion.md §5.3."""
+    """Block id `floor((i - start) / block_size)` (negative for i < start)."""
     return jnp.floor_divide(i - start, block_size)
 
 
@@ -158,17 +158,17 @@ def as_mask(mask) -> AttentionMask:
 
 
 def causal_mask(valid_BxT: jax.Array) -> jax.Array:
-    """Causal mask (diffusion.md §5.1): key_valid[k] & (k <= q), diagonal forced. bool[B, T, T]."""
+    """Causal mask: key_valid[k] & (k <= q), diagonal forced. bool[B, T, T]."""
     return causal(valid_BxT).dense()
 
 
 def bidirectional_mask(valid_BxT: jax.Array) -> jax.Array:
-    """Full attention over real keys (diffusion.md §5.2), diagonal forced. bool[B, T, T]."""
+    """Full attention over real keys, diagonal forced. bool[B, T, T]."""
     return bidirectional(valid_BxT).dense()
 
 
 def block_causal_mask(valid_BxT: jax.Array, block_size: int, start: int = 0) -> jax.Array:
-    """Block-causal mask (diffusion.md §5.3): key_valid[k] & blk(k) <= blk(q). bool[B, T, T].
+    """Block-causal mask: key_valid[k] & blk(k) <= blk(q). bool[B, T, T].
 
     blk(i) = floor((i - start) / block_size); `start = P` gives response-aligned blocks (negative ids for
     the prompt), `start = 0` absolute alignment. block_size = 1 equals `causal_mask`.
@@ -199,7 +199,7 @@ def cached_causal_mask(key_valid_BxS: jax.Array, cache_index, num_queries: int) 
 
 def cached_block_mask(key_valid_BxS: jax.Array, cache_index, num_queries: int, block_size: int,
                       start: int) -> jax.Array:
-    """Block-causal mask of T new tokens over an S-slot KV cache (diffusion.md §4.5, §5.3). bool[B,T,S].
+    """Block-causal mask of T new tokens over an S-slot KV cache. bool[B,T,S].
 
     Query t sits at slot `cache_index + t`; it sees valid slots s with blk(s) <= blk(cache_index + t),
     blk(i) = floor((i - start) / block_size), plus its own slot. Slots of later blocks (stale or empty)
@@ -209,7 +209,7 @@ def cached_block_mask(key_valid_BxS: jax.Array, cache_index, num_queries: int, b
 
 
 def bd3_two_stream_mask(n: int, block_size: int) -> jax.Array:
-    """BD3-LM / SDAR two-stream mask over `[x_t (n) ; x_0 (n)]` (diffusion.md §5.4). bool[2n, 2n].
+    """BD3-LM / SDAR two-stream mask over `[x_t (n) ; x_0 (n)]`. bool[2n, 2n].
 
     noisy->noisy same block; noisy->clean strictly earlier blocks; clean->clean same or earlier blocks;
     clean->noisy never. Both copies share positions, so the caller passes positions `concat([p, p])`.
@@ -227,7 +227,7 @@ def bd3_two_stream_mask(n: int, block_size: int) -> jax.Array:
 
 def tracerl_mask(prompt_len: int, response_len: int, block_size: int,
                  key_valid_BxL: jax.Array) -> jax.Array:
-    """TraceRL mask over `[prompt (P) ; clean response (R) ; noisy response (R)]` (diffusion.md §5.5).
+    """TraceRL mask over `[prompt (P) ; clean response (R) ; noisy response (R)]`.
 
     Classes: prompt q < P, clean P <= q < P+R, noisy q >= P+R; blocks counted from the response start
     (negative ids for the prompt). prompt->prompt block-causal; clean->prompt all, clean->clean j' <= j;

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> `Transformer` (Qwen2, Qwen3, Llama), from/to a local directory (stack.md §4).
+"""Hugging Face checkpoints <-> `Transformer` (Qwen2, Qwen3, Llama), from/to a local directory.
 
 A checkpoint directory holds `config.json` plus `model.safetensors`, or a sharded
 `model.safetensors.index.json` with its shards; float32 or bfloat16. Torch linear weights are `(out, in)`;
@@ -19,7 +19,7 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy before safetensors.numpy, stack.md §4)
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy before safetensors.numpy)
 import numpy as np
 import safetensors.numpy
 from flax import nnx

@@ -1,11 +1,11 @@
-"""Logical axis names -> mesh axes (DESIGN.md §4, stack.md §3).
+"""Logical axis names -> mesh axes.
 
 Parameters carry `logical_axes` metadata (see `models/transformer.py`); a rules table maps each logical name
 to a mesh axis (or a tuple of axes, or None = replicated). Meshes use `AxisType.Auto` so XLA propagates
-shardings GSPMD-style (stack.md §3: `jax.make_mesh` would default to Explicit). A parameter dimension that
-does not divide its mesh axes' size, or reuses a mesh axis already taken by an earlier dimension, falls back
-to replicated for that dimension (tiny test models). Different layouts for training and sampling are just
-different rules tables passed to the same functions.
+shardings GSPMD-style (`jax.make_mesh` would default to Explicit axes, which need every sharding spelled out).
+A parameter dimension that does not divide its mesh axes' size, or reuses a mesh axis already taken by an earlier
+dimension, falls back to replicated for that dimension (tiny test models). Different layouts for training and
+sampling are just different rules tables passed to the same functions.
 
 Activations have their own logical names ("act_batch", "act_len", "act_embed", "act_heads", "act_kv_heads",
 "act_mlp"): the batch goes over ("data", "fsdp"), the embedding stays whole, heads and MLP columns go over

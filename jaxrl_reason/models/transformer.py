@@ -1,4 +1,4 @@
-"""One NNX decoder for Qwen2 / Qwen3 / Llama-style LMs, autoregressive or masked-diffusion (DESIGN.md §1).
+"""One NNX decoder for Qwen2 / Qwen3 / Llama-style LMs, autoregressive or masked-diffusion.
 
 RMSNorm, rotary embeddings (HF `rotate_half` layout), grouped-query attention, SwiGLU MLP; optional qkv
 bias (Qwen2), q/k RMSNorm over head_dim before RoPE (Qwen3) and tied embeddings. The model never chooses an
@@ -301,7 +301,7 @@ def _stack_blocks(blocks: list[Block]) -> Block:
 class Transformer(nnx.Module):
     """Decoder LM. `__call__` -> (float32 logits [B, T, V], updated cache or None).
 
-    `lm_head=False` builds the backbone without an (untied) LM head, for value models (diffusion.md §7.4);
+    `lm_head=False` builds the backbone without an (untied) LM head, for value models;
     `logits` then raises.
     """
 

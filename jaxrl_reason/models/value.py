@@ -1,4 +1,4 @@
-"""Value model: the policy's backbone with a zero-initialised scalar head (diffusion.md §7.4).
+"""Value model: the policy's backbone with a zero-initialised scalar head.
 
 A full copy of the base LM whose LM head is replaced by `Linear(hidden, 1, bias=False)` initialised to zero,
 applied to the final-normed hidden state at every position. Used as the PPO critic (AR) and as the TraceRL

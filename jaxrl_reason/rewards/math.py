@@ -3,7 +3,7 @@
 `extract_answer` never does more than O(len(text)) C-speed scanning plus O(MAX_ANSWER_CHARS) Python work,
 so a megabyte string or 10k nested braces return at once. `math_equal` calls math-verify, which can hang
 (sympy evaluating `10^{10^{10}}`): math-verify's own guard is `signal.alarm`, which works only in a main
-thread (stack.md §7). Hence the `timeout_s` switch: `None` turns math-verify's timers off
+thread. Hence the `timeout_s` switch: `None` turns math-verify's timers off
 (`parsing_timeout=None`, `timeout_seconds=None`) and the caller enforces the limit, as
 `rewards.pool.VerifierPool` does by killing the worker process; an int uses math-verify's alarm timers.
 """
@@ -78,7 +78,7 @@ def math_equal(pred: str | None, gold: str, timeout_s: int | None = None,
     `verify(gold, pred)` (math-verify's argument order).
 
     Args:
-      timeout_s: [switch, stack.md §7] None: no internal timers, the CALLER must bound the wall time (run it
+      timeout_s: [switch] None: no internal timers, the CALLER must bound the wall time (run it
         in a `VerifierPool` worker); an int: math-verify's `signal.alarm` timers (main thread only).
       max_chars: a longer `pred` is False without parsing.
     """

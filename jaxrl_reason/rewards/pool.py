@@ -5,7 +5,7 @@
 `timeout_s` (its worker is killed, SIGKILL) or crashes its worker (segfault, `os._exit`, out of memory)
 scores 0.0 and is counted in `info` ("errors", "timeouts"); killed or dead workers are replaced, so the
 next item is scored normally. This is how math-verify is run with its own `signal.alarm` timers off
-(stack.md §7): the limit is enforced here, from outside.
+: the limit is enforced here, from outside.
 
 `fn` is a registered name (`VERIFIERS`), a `"package.module:function"` path, or a picklable top-level
 callable. Workers import it once and score one warm-up pair with it ("load": not counted against

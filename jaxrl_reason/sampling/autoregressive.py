@@ -1,7 +1,7 @@
 """Autoregressive sampling: prefill + decode with a static KV cache inside one jitted `lax.while_loop`.
 
-DESIGN.md §2–§3 (the Rollout contract), diffusion.md §6.1 (AR log-probs), §10 (static shapes),
-algorithms.md §4.2 (HAPO adaptive temperature, through `SamplingParams.hapo_tau` and `hapo_stats`).
+Returns the `Rollout` every sampler returns (static shapes; the log-prob of each sampled token), with HAPO's
+adaptive temperature through `SamplingParams.hapo_tau` and `hapo_stats`.
 
 Layout: prompts are LEFT-padded to P = max_prompt_len; the cache has S = P + R slots (R = max_new_tokens);
 response token j of every row sits at slot P + j with RoPE position prompt_len + j, so left padding changes
@@ -87,7 +87,7 @@ def make_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_
     Prompts are LEFT-padded; a prompt shorter than `max_prompt_len` is left-padded to it on the fly (no
     recompilation), a longer one raises ValueError. `eos_ids` are the EOS and stop tokens: a row stops after
     emitting one (it is part of the response). `hapo_stats` (dict from `core.hapo.entropy_stats` of the previous
-    step) turns on HAPO's adaptive temperature when `params.hapo_tau > 0` (algorithms.md §4.2). The compiled
+    step) turns on HAPO's adaptive temperature when `params.hapo_tau > 0`. The compiled
     function is cached: equal arguments return the same function, so calling this per RL step does not
     recompile. Nothing is donated: the one large buffer, the KV cache, lives inside the jitted function (updated
     in place by XLA), and the parameters are reused by the caller. `segment_len` is W of the decode segments

@@ -1,19 +1,19 @@
-"""Masked-diffusion decoding with trajectories (diffusion.md §4, §5.2–§5.3, §6.5, §10).
+"""Masked-diffusion decoding with trajectories.
 
-Primitives (§4.1) and the trajectory record are in `sampling/diffusion_steps.py`. Samplers (one jitted function each):
-  * `make_llada_generate_fn`: full attention, semi-AR blocks, low-confidence remasking (LLaDA, §4.2), or
-    Fast-dLLM confidence-threshold parallel decoding (§4.3), optionally with a Fast-dLLM DUAL KV cache.
+Primitives and the trajectory record are in `sampling/diffusion_steps.py`. Samplers (one jitted function each):
+  * `make_llada_generate_fn`: full attention, semi-AR blocks, low-confidence remasking (LLaDA), or
+    Fast-dLLM confidence-threshold parallel decoding, optionally with a Fast-dLLM DUAL KV cache.
   * `make_block_generate_fn`: SDAR / TraDo block diffusion with a block KV cache and static or dynamic
-    (threshold) remasking (§4.5), response-aligned blocks [design].
+    (threshold) remasking, response-aligned blocks [design].
 Both return `(Rollout, aux)`; `aux = {"num_forwards": int32 scalar}` counts model calls (one call may process
 many tokens), for the benchmark.
 
-Layout (§4.5 [design], §10): prompts LEFT-padded to P, response slots [P, P + R) start as the mask token M;
+Layout [design]: prompts LEFT-padded to P, response slots [P, P + R) start as the mask token M;
 RoPE positions come from the prompt mask (`cumsum(valid) - 1`), so response token j has position
 `len(prompt) + j`. The prediction for a masked position is read AT that position (no logit shift: LLaDA,
 SDAR; Dream's shifted logits are not supported).
 
-Trajectory (§6.5): `step_map_BxR[b, j]` is the per-row decoding step (0, 1, ...) at which token j was unmasked;
+Trajectory: `step_map_BxR[b, j]` is the per-row decoding step (0, 1, ...) at which token j was unmasked;
 a row's counter advances only on steps where that row commits at least one token, so ids are dense, globally
 monotone across blocks, and shared by all tokens committed in the same step. `confidence_BxR`, `logp_BxR`,
 `logp_raw_BxR`, `entropy_BxR` are those of the proposal at that step. After the first EOS (kept in the
@@ -81,24 +81,24 @@ def _wrap(core, prompt_len, pad_id):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# LLaDA / Fast-dLLM: full attention (diffusion.md §4.2, §4.3)
+# LLaDA / Fast-dLLM: full attention
 # ----------------------------------------------------------------------------------------------------------
 
 def make_llada_generate_fn(graphdef, *, prompt_len: int, gen_len: int, block_len: int, steps: int,
                            mask_token_id: int, eos_id: int | Sequence[int] | None, pad_id: int,
                            sampling: SamplingParams, threshold: float | None = None, use_cache: bool = False,
                            refresh_interval: int | None = None, confidence: str = "raw"):
-    """LLaDA semi-AR low-confidence remasking / Fast-dLLM threshold decoding (diffusion.md §4.2, §4.3).
+    """LLaDA semi-AR low-confidence remasking / Fast-dLLM threshold decoding.
 
     Returns jitted `fn(params, prompt_tokens_BxP, prompt_mask_BxP, key) -> (Rollout, {"num_forwards"})`.
-    Full bidirectional attention over `L = prompt_len + gen_len` (pad keys masked, §5.2); the response is
+    Full bidirectional attention over `L = prompt_len + gen_len` (pad keys masked); the response is
     decoded block by block (`gen_len / block_len` blocks; candidates outside the current block are ignored).
       * `threshold=None`: `steps / num_blocks` steps per block, committing `transfer_schedule(block_len, .)`
         tokens per step by confidence (LLaDA `low_confidence`).
       * `threshold=tau`: Fast-dLLM parallel decoding: per step every masked block position with confidence
         `>= tau` plus the most confident one (`select_transfer(mode="fastdllm")`) until the block is full
         (at most `block_len` steps; `steps` is then only validated, not used).
-    `use_cache=True`: Fast-dLLM DUAL cache (§4.3): a full forward refreshes the K/V of all L positions at the
+    `use_cache=True`: Fast-dLLM DUAL cache: a full forward refreshes the K/V of all L positions at the
     first step of every block and then every `refresh_interval` steps (None: block start only); other steps
     feed only the block's tokens, write their K/V at the block slots and attend over all L cached slots
     (stale suffix = approximation). `refresh_interval=1` is exactly the uncached sampler; a 1-layer model is
@@ -123,7 +123,7 @@ def make_llada_generate_fn(graphdef, *, prompt_len: int, gen_len: int, block_len
 
 
 def _llada_forward(graphdef, params, x_BxL, pos_BxL, valid_BxL, cache, start, bl, refresh_now):
-    """Logits `[B, bl, V]` of the block at slots [start, start + bl) and the updated cache (§4.3, §5.2).
+    """Logits `[B, bl, V]` of the block at slots [start, start + bl) and the updated cache.
 
     No cache, or a refresh step: full bidirectional forward over all L slots (writing every slot's K/V into
     the cache). Otherwise (dual cache): only the block's tokens, their K/V written at their slots, attending
@@ -202,18 +202,18 @@ def _llada_core(graphdef, p, r, bl, steps, m, eos_ids, pad_id, sampling, thresho
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SDAR / TraDo block diffusion with a block KV cache (diffusion.md §4.5)
+# SDAR / TraDo block diffusion with a block KV cache
 # ----------------------------------------------------------------------------------------------------------
 
 def make_block_generate_fn(graphdef, *, prompt_len: int, max_new_tokens: int, block_size: int,
                            steps_per_block: int, mask_token_id: int, eos_ids: Sequence[int], pad_id: int,
                            sampling: SamplingParams, remasking: str = "static", threshold: float = 0.9,
                            use_cache: bool = True, confidence: str = "sampled"):
-    """SDAR / TraDo block-diffusion decoding (diffusion.md §4.5, response-aligned blocks [design]).
+    """SDAR / TraDo block-diffusion decoding (response-aligned blocks [design]).
 
     Returns jitted `fn(params, prompt_tokens_BxP, prompt_mask_BxP, key) -> (Rollout, {"num_forwards"})`.
     Blocks of `block_size` tokens are decoded left to right; block j is response slots `[jB, (j+1)B)` and the
-    prompt is a clean prefix with block-causal attention counted back from P (§5.3, `start = P`).
+    prompt is a clean prefix with block-causal attention counted back from P (`start = P`).
     Per block at most `steps_per_block` denoising steps; each re-proposes every masked position and commits
       * remasking="static": the `transfer_schedule(block_size, steps_per_block)[i]` most confident ones;
       * remasking="dynamic": every one with confidence `> threshold`, or the static top-k if fewer
@@ -221,8 +221,8 @@ def make_block_generate_fn(graphdef, *, prompt_len: int, max_new_tokens: int, bl
     `use_cache=True` (block KV cache): a prefill writes the prompt's K/V (block-causal); every denoising step
     is one model call over the window [block j-1 ; block j] (2B queries at their slots) that attends to the
     cached prefix and the window itself and writes both blocks' K/V: block j-1 is clean, so the separate
-    commit pass of §4.5 is fused into block j's first step (block j's noisy K/V are invisible to everything
-    before it and rewritten later). Same math as prefill + denoise + commit, one model call fewer per block
+    commit pass of SDAR's block decoding is fused into block j's first step (block j's noisy K/V are invisible to
+    everything before it and rewritten later). Same math as prefill + denoise + commit, one model call fewer per block
     and a single call site in the loop (small compiled program). `use_cache=False` recomputes all
     L = P + R positions with the block-causal mask at every step (the naive reference; same tokens up to
     float round-off).
@@ -248,7 +248,7 @@ def make_block_generate_fn(graphdef, *, prompt_len: int, max_new_tokens: int, bl
 
 
 def _block_forward(graphdef, params, x_BxL, pos_BxL, valid_BxL, cache, blk, p, bs):
-    """Logits `[B, bs, V]` of block `blk` given the current tokens, and the updated cache (§4.5, §5.3).
+    """Logits `[B, bs, V]` of block `blk` given the current tokens, and the updated cache.
 
     Cache: one call over the window [block blk-1 ; block blk] (slots `[P + (blk-1) bs, P + (blk+1) bs)`,
     2 bs queries) that (re)writes both blocks' K/V and attends to the cached prefix + itself. Block blk-1 is

@@ -1,4 +1,4 @@
-"""Masked-diffusion decoding primitives and the trajectory record (diffusion.md §4.1, §6.5).
+"""Masked-diffusion decoding primitives and the trajectory record.
 
 `transfer_schedule` (tokens to commit per step), `select_transfer` (which masked positions to commit: static
 top-k, SDAR dynamic threshold, Fast-dLLM threshold), `propose` (a candidate and its scores at every position), and
@@ -20,7 +20,7 @@ CONFIDENCES = ("raw", "sampled")
 
 
 def transfer_schedule(n, steps: int) -> jax.Array:
-    """Tokens to commit at each of `steps` steps for `n` masked tokens (diffusion.md §4.1.3).
+    """Tokens to commit at each of `steps` steps for `n` masked tokens.
 
     `k_i = floor(n / steps) + [i < n mod steps]` (LLaDA `get_num_transfer_tokens`), so the `k_i` sum to `n`.
 
@@ -38,7 +38,7 @@ def transfer_schedule(n, steps: int) -> jax.Array:
 
 
 def select_transfer(conf_BxR, masked_BxR, k_B, tau=None, mode: str = "static") -> jax.Array:
-    """Which masked positions to commit this step (diffusion.md §4.1.4, static-shape form).
+    """Which masked positions to commit this step (static-shape form).
 
     Modes:
       "static":       the `k_B` most confident masked positions (LLaDA `low_confidence`).
@@ -85,11 +85,11 @@ class Proposal(NamedTuple):
 
 
 def propose(key, logits_BxTxV, sampling: SamplingParams, mask_token_id: int, confidence: str) -> Proposal:
-    """Samples a candidate at every position and scores it (diffusion.md §4.1.1–§4.1.2).
+    """Samples a candidate at every position and scores it.
 
     The mask token is never proposed (its logit is -inf for sampling); `logp_raw` and `entropy` use the full,
-    untouched float32 logits, i.e. exactly what a training forward would score (§6.5).
-    Confidence switch (§4.1.2, both [code]): "raw" = probability of the candidate under the untempered softmax
+    untouched float32 logits, i.e. exactly what a training forward would score.
+    Confidence switch (both [code]): "raw" = probability of the candidate under the untempered softmax
     (LLaDA); "sampled" = its probability under the processed (temperature / top-k / top-p) distribution
     actually sampled from (SDAR / jetengine). Greedy decoding is a point mass, so there "sampled" falls back to
     "raw" (argmax of the logits, ranked by raw probability).

@@ -6,7 +6,7 @@ whose shape is a prefix of the leading dims (e.g. `[B]` for logits `[B, V]` or `
 
 Order (as in transformers' `generate` and vLLM): temperature -> top-k -> top-p -> min-p, configurable with
 `SamplingParams.order`. Greedy decoding is argmax of the raw logits (every processor keeps the argmax).
-HAPO adaptive temperature (algorithms.md §4.2) replaces the plain temperature when `hapo_tau > 0` and
+HAPO adaptive temperature replaces the plain temperature when `hapo_tau > 0` and
 statistics from the previous step are given.
 """
 from __future__ import annotations
@@ -91,11 +91,11 @@ def token_entropy(logits: jax.Array) -> jax.Array:
 
 def entropy_adaptive_temperature(logits: jax.Array, hapo_stats, t_base: float, tau: float,
                                  sign_compat: bool = False) -> jax.Array:
-    """HAPO per-row temperature `T = T_base * (1 + tau * h~)` (algorithms.md §4.2), shape `logits.shape[:-1]`.
+    """HAPO per-row temperature `T = T_base * (1 + tau * h~)`, shape `logits.shape[:-1]`.
 
     The entropy is computed on the base-temperature logits `logits / T_base` (float32 softmax); h~ is that
     entropy normalized with the previous step's statistics `hapo_stats` (`core.hapo.entropy_stats`) and clamped
-    to [-1, 1] by `core.hapo.adaptive_temperature`; `sign_compat` switches to the released code's sign (§4.1).
+    to [-1, 1] by `core.hapo.adaptive_temperature`; `sign_compat` switches to the released code's sign.
     """
     entropy = token_entropy(temperature(logits, t_base))
     return hapo.adaptive_temperature(entropy, hapo_stats, t_base, tau, sign_compat)
@@ -107,8 +107,8 @@ class SamplingParams:
 
     temperature: > 0; the base temperature T_base when `hapo_tau > 0`.
     top_k: 0 = off. top_p: 1.0 = off. min_p: 0.0 = off.
-    hapo_tau: HAPO adaptive-temperature strength τ (algorithms.md §4.2; released scripts 0.05, paper 0.1); 0 = off.
-    hapo_sign_compat: reproduce the released code's sign for low-entropy tokens (algorithms.md §4.1, a switch).
+    hapo_tau: HAPO adaptive-temperature strength τ (released scripts 0.05, paper 0.1); 0 = off.
+    hapo_sign_compat: reproduce the released code's sign for low-entropy tokens (a switch).
     greedy: argmax of the raw logits (ignores every processor).
     order: the order in which the processors run (names from PROCESSOR_NAMES).
     """
@@ -198,7 +198,7 @@ class TokenSample(NamedTuple):
 
 
 def sample_logits(key: jax.Array, logits: jax.Array, params: SamplingParams, hapo_stats=None) -> TokenSample:
-    """Samples one token per row from raw logits `[..., V]` (float32 math) and scores it (DESIGN.md §3).
+    """Samples one token per row from raw logits `[..., V]` (float32 math) and scores it.
 
     Greedy: argmax of the raw logits; the sampled-from distribution is a point mass, so logp = 0, prob = 1.
     """

@@ -1,4 +1,4 @@
-"""The `Rollout` pytree every sampler returns (DESIGN.md §2–§3, diffusion.md §6.1, §6.5, §10).
+"""The `Rollout` pytree every sampler returns.
 
 Shapes: B = rows (prompts x samples, groups contiguous), P = padded prompt length (LEFT-padded),
 R = response budget (max new tokens / generation length).
@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-# step_map value of response slots that hold no real token (after EOS / never generated), diffusion.md §10.
+# step_map value of response slots that hold no real token (after EOS / never generated).
 STEP_MAP_PAD = int(np.iinfo(np.int32).max)
 
 
@@ -24,12 +24,12 @@ class Rollout(NamedTuple):
             (after temperature / top-k / top-p / min-p / HAPO temperature); 0 for greedy decoding (a point mass)
             and on padding.
         logp_raw_BxR: float32 [B, R] log-prob of the sampled token under the raw policy (temperature 1, no
-            truncation), i.e. diffusion.md §6.1 for AR; 0 on padding.
+            truncation); 0 on padding.
         entropy_BxR: float32 [B, R] entropy (nats) of the raw policy distribution at that slot; 0 on padding.
         length_B: int32 [B] number of real response tokens (= response_mask_BxR.sum(-1)).
         truncated_B: bool [B] True when no EOS / stop token was produced within the budget R.
         step_map_BxR: int32 [B, R] decoding step at which each token was produced: AR 0..length-1, diffusion
-            the global denoising step at which the token was unmasked (diffusion.md §6.5); STEP_MAP_PAD on padding.
+            the global denoising step at which the token was unmasked; STEP_MAP_PAD on padding.
         confidence_BxR: float32 [B, R] AR: probability of the sampled token under the sampled-from distribution
             (= exp(logp_BxR)); diffusion: the sampler's confidence at commit; 0 on padding.
     """

@@ -287,18 +287,16 @@ def _fmt(m: dict) -> str:
     return "  ".join(f"{k}={m[k]:.3f}" for k in keys)
 
 
-def run(config, workdir: str, *, eval_before: dict | None = None) -> dict:
+def run(config, workdir: str) -> dict:
     """Runs RL as configured; returns the final metrics (eval before/after and the last step's).
 
     SIGTERM is handled from start-up on: before or during the first evaluation the run exits cleanly (saving the
     evaluation), during training it saves the iteration and exits; a restart resumes (`{"preempted": True}`).
-    `eval_before`: the held-out evaluation of the start policy when the caller already has it (the evaluation is
-    deterministic in the start weights, the eval settings and `seed`; the reproduction study shares it between runs
-    from one start); it is used, logged and checkpointed as if computed here.
+    The trained parameters are in the run's last checkpoint (train/restore.py reads them back).
     """
     validate_config(config)
     with workdir_lib.claim(config, workdir), install_preemption_handler() as preempt:
-        return _run(config, workdir, preempt, eval_before)
+        return _run(config, workdir, preempt)
 
 
 def _build_parts(config, task, mesh=None):
@@ -322,7 +320,7 @@ def _build_parts(config, task, mesh=None):
     return policy, mcfg, params, parts
 
 
-def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict:
+def _run(config, workdir: str, preempt) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = _mesh(config)
     task = build_task(config)
@@ -348,8 +346,7 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
     # Lines after the restored iteration are written again; with no evaluation restored, step 0 is too (-1: drop all).
     writer = MetricsWriter(workdir, truncate_after=meta["iteration"] if meta["eval_before"] is not None else -1)
     if meta["eval_before"] is None and not preempt.requested:
-        meta["eval_before"] = (dict(eval_before) if eval_before is not None
-                               else eval_fn(state.params["policy"], key=jax.random.PRNGKey(config.seed + 1)))
+        meta["eval_before"] = eval_fn(state.params["policy"], key=jax.random.PRNGKey(config.seed + 1))
         writer.write(0, {f"eval/{k}": v for k, v in meta["eval_before"].items()})
         print("held-out before RL: " + _fmt(meta["eval_before"]), flush=True)
         if preempt.requested:  # keep the evaluation: a restart goes straight to training
@@ -371,9 +368,7 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
     if config.train.export_hf:
         nnx.update(policy, jax.device_get(state.params["policy"]))
         export_lib.export_policy(config, policy, mcfg, task.tokenizer, os.path.join(workdir, "hf_export"))
-    final_params = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params["policy"]))]
-    return {"eval_before": meta["eval_before"], "eval_after": after, "iterations": meta["iteration"],
-            "final_params": final_params, **last}
+    return {"eval_before": meta["eval_before"], "eval_after": after, "iterations": meta["iteration"], **last}
 
 
 def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer, preempt, eval_fn):

@@ -1,12 +1,11 @@
-"""Tables and verdicts of the reproduction study (issue 6), computed from results/<study>.json only
-(plots: experiments/_repro_plots.py).
+"""Tables and verdicts of the reproduction study, computed from results/<study>.json only (plots: study/plots.py).
 
 Statistics: mean ± sample standard deviation (ddof 1) over seeds; one seed is shown as "(n=1)". A claim gets
-"yes"/"no" only when the study is powered (>= MIN_SEEDS seeds and >= MIN_PROBLEMS held-out problems, issue 6);
-otherwise "inconclusive", with whether the criterion held on the means. A claim "A > B" is
-`verdict_greater`: yes if mean(A) - mean(B) > 2 SE with SE = sqrt(s_A^2/n_A + s_B^2/n_B), no if
+"yes"/"no" only when the study is powered (>= MIN_SEEDS seeds and >= MIN_PROBLEMS held-out problems: fewer cannot
+resolve the few-point differences the papers report); otherwise "inconclusive", with whether the criterion held on
+the means. A claim "A > B" is `verdict_greater`: yes if mean(A) - mean(B) > 2 SE with SE = sqrt(s_A^2/n_A + s_B^2/n_B), no if
 mean(A) <= mean(B), inconclusive in between. Threshold claims (DLER length, accuracy tolerances) are
-`verdict_if` on the means. The papers' numbers are the only typed-in numbers (PAPER, with the spec section).
+`verdict_if` on the means. The papers' numbers are the only typed-in numbers (study/papers.py).
 """
 from __future__ import annotations
 
@@ -14,35 +13,12 @@ import os
 
 import numpy as np
 
-from _repro_plots import plot_curves, plot_tradeoff
-from _repro_studies import FILL_ROUNDS, TRACERL_LR, TRACERL_LR_RUN, TRACERL_STUDIES
-from _repro_stats import common, ev, mean_std
+from study.papers import ABLATIONS, PAPER, PAPER_TRACERL
+from study.plots import plot_curves, plot_tradeoff
+from study.runs import FILL_ROUNDS, TRACERL_LR, TRACERL_LR_RUN, TRACERL_STUDIES
+from study.stats import common, ev, mean_std
 
 MIN_SEEDS, MIN_PROBLEMS = 3, 500
-_S = "algorithms.md"
-PAPER = {  # the papers' own numbers, transcribed from the spec sections cited
-    "dler_half": f"avg length −77% (R1-1.5B 10499 → 2466 tokens), −69% (7B 7747 → 2405) ({_S} §2.5)",
-    "dler_control": f"no correctness-only control in the paper; vs Laser-DE-L4096-1.5B 4882 → 2466 tokens "
-                    f"({_S} §2.5)",
-    "dler_acc": f"MATH 84.31 → 86.95, AIME-24 29.79 → 34.38 (R1-1.5B → DLER; {_S} §2.5)",
-    "da_easy": f"DA-DLER a further −15% (1.5B: 2466 → 2106 avg tokens), −11–12% (7B) ({_S} §2.5)",
-    "da_hard": f"AIME-24 34.38 (DLER) vs 34.37 (DA-DLER) 1.5B; 55.62 vs 53.90 7B ({_S} §2.5)",
-    "merge": f"AIME-24 66.40 → DLER 63.54 → merged 66.66; length 5996 → 2735 → 3237 ({_S} §2.5, Table 2)",
-    "lspo_grpo": f"GRPO 37.5 → 38.7 (AIME-25/Olympiad/Minerva avg, Qwen2.5-Math-7B; {_S} §3.5)",
-    "lspo_dapo": f"DAPO 37.9 → 38.6 ({_S} §3.5)",
-    "lspo_gspo": f"GSPO 38.5 → 39.2 ({_S} §3.5)",
-    "hapo_acc": f"DAPO 46.97 → HAPO 50.04 (Qwen2.5-Math-7B, 6-benchmark avg; {_S} §4.8)",
-    "hapo_entropy": f"no number in the spec ({_S} §4.8); the issue's claim",
-    "hapo_ablation": f"add-one ablation over DAPO 46.97: +A 48.85, +B 48.56, +C 48.28, +D 48.02; all 50.04 "
-                     f"({_S} §4.8)",
-    "repro_ppo": f"PPO → +REPRO: AIME24 34.8 → 36.3, MATH500 86.9 → 87.7 (R1-Distill-1.5B; {_S} §5.6)",
-    "repro_grpo": f"GRPO → +REPRO: AIME24 32.9 → 36.0, MATH500 86.0 → 87.1 (R1-Distill-1.5B; {_S} §5.6)",
-    "repro_tokens": f"reasoning tokens −36.8% at most (abstract-level; {_S} §5.6)",
-}
-ABLATIONS = {"hapo_no_A_temperature": "A (adaptive temperature, §4.2)",
-             "hapo_no_B_token_group_adv": "B (token-level group average, §4.3)",
-             "hapo_no_C_redistribution": "C (advantage redistribution, §4.4)",
-             "hapo_no_D_adaptive_clip": "D (asymmetric adaptive clip, §4.5)"}
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -108,7 +84,7 @@ def nonfinite_skips(runs: list[dict]) -> list[float]:
 def lspo_filtered(runs: list[dict]) -> tuple[list[float], list[float]]:
     """Per seed, over all generation rounds of the run: (share of the accuracy-kept prompts the LSPO length rule
     dropped, share of all sampled prompts dropped by accuracy + length). Curve values are per-step means over that
-    step's rounds, so sums are mean x rounds (algorithms.md §3.3)."""
+    step's rounds, so sums are mean x rounds."""
     by_length, total = [], []
     for r in runs:
         kept = cand = sampled = 0.0
@@ -150,7 +126,7 @@ def claim(text: str, criterion: str, ours: str, paper: str, verdict: str) -> lis
 CLAIM_HEADER = ["claim", "criterion (reproduced? rule)", "ours", "paper (reference)", "reproduced?"]
 
 
-# ----------------------------------------------------------------------------------------------- DLER (§2.5)
+# ----------------------------------------------------------------------------------------------- DLER
 DLER_ROWS = ("sft", "grpo", "dapo", "dler", "da_dler", "dler_merged")
 
 
@@ -169,7 +145,7 @@ def dler_runs(res: dict) -> str:
 
 
 def dler_claims(res: dict, ctx: dict) -> list[list[str]]:
-    """DLER vs SFT and the controls, DA-DLER vs DLER, merging (algorithms.md §2.5)."""
+    """DLER vs SFT and the controls, DA-DLER vs DLER, merging."""
     L = {n: common(res[n], "length_mean") for n in res}
     A = {n: common(res[n], "pass@1") for n in res}
     claims = []
@@ -220,7 +196,7 @@ def merge_claim(A: dict, L: dict, ctx: dict) -> list[str]:
                  verdict)
 
 
-# ----------------------------------------------------------------------------------------------- LSPO (§3.5)
+# ----------------------------------------------------------------------------------------------- LSPO
 def lspo_runs(res: dict) -> str:
     rows = []
     for name, r in res.items():
@@ -245,7 +221,7 @@ def lspo_claims(res: dict, ctx: dict) -> list[list[str]]:
     return claims
 
 
-# ----------------------------------------------------------------------------------------------- HAPO (§4.8)
+# ----------------------------------------------------------------------------------------------- HAPO
 def hapo_runs(res: dict) -> str:
     rows = [[n, fmt(ev(r, "pass@1"), 100), fmt(ev(r, "length_mean")), fmt(curve_stat(r, "policy/entropy"), 1, 3),
              fmt(curve_stat(r, "policy/entropy", "last"), 1, 3)] for n, r in res.items()]
@@ -272,7 +248,7 @@ def hapo_claims(res: dict, ctx: dict) -> list[list[str]]:
     return claims
 
 
-# ----------------------------------------------------------------------------------------------- REPRO (§5.6)
+# ----------------------------------------------------------------------------------------------- REPRO
 def repro_runs(res: dict) -> str:
     rows = [[n, fmt(ev(r, "pass@1", "eval_before"), 100), fmt(ev(r, "pass@1"), 100),
              fmt(ev(r, "length_mean", "eval_before")), fmt(ev(r, "length_mean"))] for n, r in res.items()]
@@ -349,7 +325,7 @@ def study_claims(name: str, st: dict) -> list[list[str]]:
     return SECTIONS[name][2](st["results"], context(st["settings"], st["seeds"]))
 
 
-def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
+def summary_markdown(studies: dict, tracerl_paper: dict = PAPER_TRACERL) -> str:
     """results/summary.md from {study: study_json}: settings, the verdict rule, a run table and a claim table each."""
     out = ["# Small-scale reproduction study (issue 6)", "",
            "Generated by `experiments/reproduce.py` from `results/<study>.json`; only the papers' numbers are "
@@ -367,8 +343,7 @@ def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
         st = studies[name]
         out += ["", f"## {title}", ""]
         if st["status"] != "run" or not st["results"]:
-            out.append("not run" + (" (experiments/_repro_tracerl.py absent or not importable)"
-                                    if name in TRACERL_STUDIES else ""))
+            out.append("not run")
             continue
         s = st["settings"]
         out.append(f"Seeds {st['seeds']}, {s['rl_steps']} RL iterations per run, {s['eval_problems']} held-out "
@@ -376,13 +351,12 @@ def summary_markdown(studies: dict, tracerl_paper: dict | None = None) -> str:
         out += ["", runs_fn(st["results"]), "", table(CLAIM_HEADER, study_claims(name, st))]
         if name in TRACERL_STUDIES and not paper_shown:
             paper_shown = True
-            ref = "\n".join(f"- {k}: {v}" for k, v in (tracerl_paper or {}).items()) or \
-                "- (the TraceRL module gave none)"
+            ref = "\n".join(f"- {k}: {v}" for k, v in tracerl_paper.items())
             out += ["", "The paper's numbers (TraceRL helper, diffusion.md):", "", ref]
     return "\n".join(out) + "\n"
 
 
-def write_report(studies: dict, out_dir: str, tracerl_paper: dict | None = None) -> list[str]:
+def write_report(studies: dict, out_dir: str, tracerl_paper: dict = PAPER_TRACERL) -> list[str]:
     """Writes summary.md, <study>_curves.png and tradeoff.png under `out_dir`; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "summary.md")]

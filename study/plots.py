@@ -1,13 +1,13 @@
-"""Plots of the reproduction study (issue 6): per-study curves against RL step and the accuracy-length trade-off.
+"""Plots of the reproduction study: per-study curves against RL step and the accuracy-length trade-off.
 
-Computed from results/<study>.json only, like the tables of experiments/_repro_report.py.
+Computed from results/<study>.json only, like the tables of study/report.py.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from _repro_stats import common, ev, mean_std
-from _repro_studies import TRACERL_STUDIES
+from study.runs import TRACERL_STUDIES
+from study.stats import common, ev, mean_std
 
 CURVE_PANELS = {"reward/accuracy": "training accuracy (T=1)", "response/length_mean": "response length (tokens)",
                 "policy/entropy": "policy entropy (nats/token)", "train/loss": "training loss"}

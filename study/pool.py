@@ -1,13 +1,13 @@
-"""The study's runs in N worker processes, each pinned to its own core (`reproduce.py --workers=N`).
+"""The study's runs in N worker processes, each pinned to its own core (`experiments/reproduce.py --workers=N`).
 
 Why: on XLA:CPU the ops of a ~1M-parameter model are too small to keep two cores busy, so two processes each
-pinned to one core finish two runs in about the time one two-core process takes for one (README, reproduction
-section). The pool only trains: a job is the call a sequential study makes (`_repro_studies.run_one`,
-`_repro_tracerl.ensure_sft` / `run_named`), which stores its result on disk; reproduce.py then assembles every
-study from those files exactly as a sequential invocation would (and runs the DLER study's evaluations and merge
-itself). A run shared by several studies is one job (its run key). Jobs go in two phases, because the TraceRL runs
-start from SFT checkpoints the first phase may build: phase 1 = the SFT builds first (they are the longest), then
-the AR runs; phase 2 = the TraceRL runs.
+pinned to one core finish two runs in about the time one two-core process takes for one (study/README.md). The
+pool only trains: a job is the call a sequential study makes (`runner.run_one`, `tracerl.ensure_sft` /
+`run_named`), which stores its result on disk; the study then assembles every study from those files exactly as a
+sequential invocation would (and runs the DLER study's evaluations and merge itself). A run shared by several
+studies is one job (its run key). Jobs go in two phases, because the TraceRL runs start from SFT checkpoints the
+first phase may build: phase 1 = the SFT builds first (they are the longest), then the AR runs; phase 2 = the
+TraceRL runs.
 
 Each worker takes the next job from a shared counter until none is left. A job that fails stops its worker (the
 others finish theirs) and the pool raises after all have stopped. SIGTERM to the parent is forwarded to the
@@ -20,6 +20,10 @@ import multiprocessing as mp
 import os
 import signal
 import traceback
+
+from study import runner, tracerl
+from study.common import RESULT_FILE, run_key
+from study.runs import TRACERL_STUDIES, TRACERL_STUDY_RUNS, kinds, run_kind, study_specs
 
 PREEMPTED = 3  # a worker's exit code when its run was preempted (SIGTERM)
 
@@ -34,14 +38,10 @@ def enable_jax_cache(path: str) -> None:
 
 def _execute(job: tuple) -> None:
     """Runs one job: ("ar", run_one kwargs) | ("sft", ensure_sft kwargs) | ("tracerl", run_named kwargs)."""
-    import _repro_studies as studies
-
     kind, kwargs = job
     if kind == "ar":
-        studies.run_one(**kwargs)
-        return
-    tracerl = studies.tracerl_module()
-    if kind == "sft":
+        runner.run_one(**kwargs)
+    elif kind == "sft":
         tracerl.ensure_sft(**kwargs)
     elif kind == "tracerl":
         kwargs = dict(kwargs)
@@ -67,7 +67,7 @@ def _worker(jobs: list, counter, stop, core: int | None, cache_dir: str) -> None
             return
         try:
             _execute(jobs[i])
-        except SystemExit as e:  # a preempted run (run_one's sentence)
+        except SystemExit as e:  # a preempted run (common.train's sentence)
             print(e, flush=True)
             stop.set()
             raise SystemExit(PREEMPTED) from None
@@ -118,36 +118,33 @@ def run_jobs(jobs: list, workers: int, cache_dir: str = "") -> None:
 
 
 def plan(study_names, seeds, s, sft_steps: int, workroot: str, only=()) -> tuple[list, list]:
-    """(phase 1, phase 2) jobs for `study_names` (reproduce.py's arguments; `only`: its --runs): the runs without
-    a stored result, each once, in study order. TraceRL runs need their SFT start: when a start must be built, phase 1 = the SFT
+    """(phase 1, phase 2) jobs for `study_names` (the --studies; `only`: the --runs): the runs without a stored
+    result, each once, in study order. TraceRL runs need their SFT start: when a start must be built, phase 1 = the SFT
     builds + the AR runs and phase 2 = the TraceRL runs; when every start exists (shipped or built), the TraceRL
     runs (the longest jobs) open phase 1 and phase 2 is empty, so no worker idles at a phase boundary."""
-    import _repro_studies as studies
-
     sft_jobs, ar_jobs, tracerl_jobs, seen = [], [], [], set()
     for name in study_names:
-        for spec in studies.study_specs(name, only):
+        for spec in study_specs(name, only):
             for seed in seeds:
-                key = studies.run_key(spec, seed, s)
-                done = os.path.exists(os.path.join(workroot, "runs", key, studies.RESULT_FILE))
+                key = run_key(spec, seed, s)
+                done = os.path.exists(os.path.join(workroot, "runs", key, RESULT_FILE))
                 if key not in seen and not done:
                     ar_jobs.append(("ar", dict(spec=spec, seed=seed, s=s, workroot=workroot)))
                 seen.add(key)
-    diffusion = [name for name in study_names if name in studies.TRACERL_STUDIES]
-    mod = studies.tracerl_module() if diffusion else None
-    if mod is not None:
+    diffusion = [name for name in study_names if name in TRACERL_STUDIES]
+    if diffusion:
         root = os.path.join(workroot, "tracerl")
-        runs = list(dict.fromkeys(run for name in diffusion for run in mod.STUDY_RUNS[name]))  # shared runs once
+        runs = list(dict.fromkeys(run for name in diffusion for run in TRACERL_STUDY_RUNS[name]))  # shared runs once
         sft = {kind: dict(kind=kind, sft_steps=sft_steps, eval_problems=s.eval_problems, workroot=root,
-                          smoke=s.smoke, use_shipped=True) for kind in mod.kinds(runs)}
+                          smoke=s.smoke, use_shipped=True) for kind in kinds(runs)}
         sft_jobs = [("sft", kw) for kind, kw in sft.items()
-                    if not mod.shipped_sft_dir(kind, s.smoke)
-                    and not os.path.exists(os.path.join(root, f"sft_{kind}", mod.SFT_MARKER))]
-        tracerl_jobs = [("tracerl", dict(run=run, seed=seed, sft=sft[mod.run_kind(run)], rl_steps=s.rl_steps,
+                    if not tracerl.shipped_sft_dir(kind, s.smoke)
+                    and not os.path.exists(os.path.join(root, f"sft_{kind}", tracerl.SFT_MARKER))]
+        tracerl_jobs = [("tracerl", dict(run=run, seed=seed, sft=sft[run_kind(run)], rl_steps=s.rl_steps,
                                          eval_problems=s.eval_problems, eval_samples=s.eval_samples, workroot=root,
                                          smoke=s.smoke, prompts_per_step=s.tracerl_prompts))
                         for seed in seeds for run in runs
-                        if not os.path.exists(os.path.join(root, run, f"seed{seed}", mod.RESULT_FILE))]
+                        if not os.path.exists(os.path.join(root, run, f"seed{seed}", RESULT_FILE))]
     if not sft_jobs:
         return tracerl_jobs + ar_jobs, []
     return sft_jobs + ar_jobs, tracerl_jobs

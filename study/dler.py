@@ -1,14 +1,15 @@
-"""The DLER study's extra evaluations (issue 6, algorithms.md §2.5): every checkpoint, the SFT start, and the DLER
-checkpoint merged with the SFT base by update-selective merging (§2.2 item 7), evaluated at the correctness-only
-control's response budget, per difficulty tier (`split_eval`): DLER trains with a 64-token budget, and a length
-comparison must not be capped by it. Called by `_repro_studies.run_study`.
+"""The DLER study's extra evaluations: every checkpoint, the SFT start, and the DLER checkpoint merged into the
+SFT base by update-selective merging (the largest quarter of each tensor's update, scaled by 0.7, which the DLER
+paper uses to win back accuracy lost to over-shortening), evaluated at the correctness-only control's response
+budget, per difficulty tier (`split_eval`): DLER trains with a 64-token budget, and a length comparison must not
+be capped by it. Called by `runner.run_study`.
 """
 from __future__ import annotations
 
 import os
 
-from _repro_studies import (_GRPO, EVAL_COMMON_FILE, TIERS, RunSpec, Settings, _load_sibling, load_json,
-                            make_config, run_key, write_json)
+from study.common import EVAL_COMMON_FILE, load_json, make_config, run_key, write_json
+from study.runs import GRPO, TIERS, RunSpec, Settings
 
 
 def combine_tiers(parts: dict) -> dict:
@@ -102,13 +103,14 @@ def _base_checkpoint(config, workroot: str) -> str:
 
 def run_dler_extras(results: dict, seeds, s: Settings, workroot: str) -> dict:
     """Adds `eval_common` (split_eval at the control's budget) to every DLER-study run, and two entries: "sft"
-    (the start policy) and "dler_merged" (DLER merged into the start policy, top 25%, scale 0.7, §2.2 item 7)."""
-    merge_cli = _load_sibling("merge")
-    common = make_config(_GRPO, 0, s)  # the correctness-only control's budget and held-out set
+    (the start policy) and "dler_merged" (DLER merged into the start policy, top 25%, scale 0.7)."""
+    from experiments import merge as merge_cli
+
+    common = make_config(GRPO, 0, s)  # the correctness-only control's budget and held-out set
     extra = {"sft": [], "dler_merged": []}
     for seed in seeds:
         base = _base_checkpoint(make_config(RunSpec("dler", "dler"), seed, s), workroot)
-        sft_dir = os.path.join(workroot, "runs", f"sft_eval_{run_key(_GRPO, seed, s).replace('/', '_')}")
+        sft_dir = os.path.join(workroot, "runs", f"sft_eval_{run_key(GRPO, seed, s).replace('/', '_')}")
         extra["sft"].append({"seed": seed, "checkpoint": base, "eval_common": _cached(
             os.path.join(sft_dir, EVAL_COMMON_FILE), lambda: split_eval(common, base, seed))})
         for r in results.values():

@@ -1,27 +1,26 @@
-"""The TraceRL studies of the reproduction (issue 6): diffusion SFT, then the study's RL variants per seed.
+"""The TraceRL studies: diffusion SFT starts, then the study's RL runs per seed.
 
-    from experiments._repro_tracerl import run_tracerl_study   (or load the file by path; experiments/ is no package)
+    from study.tracerl import run_tracerl_study
     results = run_tracerl_study(seeds=(0, 1, 2), rl_steps=..., eval_problems=500, eval_samples=4, sft_steps=...,
                                 workroot="runs/repro_tracerl")
 
-Claims tested (diffusion.md §1, §6.2, §6.5, §7): accuracy before / after TraceRL on a tiny block-diffusion model
-(SFT'd with the block-diffusion loss, §3.3) and a tiny full-attention diffusion model (LLaDA loss, §3.1); TraceRL's
-trajectory estimate (§6.5) vs the d1 one-step estimate (§6.2); with and without the diffusion value model (§7.4).
+What the runs compare (study/runs.py: TRACERL_STUDY_RUNS): accuracy before / after TraceRL on a tiny
+block-diffusion model (SFT'd with the block-diffusion loss) and a tiny full-attention diffusion model (SFT'd with
+the LLaDA loss); TraceRL's trajectory estimate vs the one-step estimate of d1; with and without the diffusion
+value model.
 
 Steps:
-  1. two SFT checkpoints: with `use_shipped` (reproduce.py outside --smoke) the shipped
+  1. two SFT checkpoints: with `use_shipped` (experiments/reproduce.py outside --smoke) the shipped
      `checkpoints/arith_tiny_sft_{block,full}` (experiments/sft.py with configs/sft_diffusion.py:<kind>,tiny), as
      the AR studies start from checkpoints/arith_tiny_sft; otherwise, or when one is missing, `workroot/sft_<kind>`
      (the same config with `sft_steps` steps; the library calls of experiments/sft.py's `_diffusion_sft`, without
      its evaluation, which the RL runs' `eval_before` replaces). A built directory counts once its `sft_done.json`
      marker exists; the marker stores the SFT config, and reusing it under a different config raises ValueError.
-  2. for each seed (seed-major, so every finished seed is a complete comparison) the runs of the study
-     (`STUDY_RUNS`: "tracerl" the four claims above, "tracerl_lr" block TraceRL at lr 1e-5), each from its
-     kind's SFT checkpoint in a fresh workdir `workroot/<run>/seed<k>`, all with the same `rl_steps` (no time
+  2. for each seed (seed-major, so every finished seed is a complete comparison) the runs of the study, each from
+     its kind's SFT checkpoint in a fresh workdir `workroot/<run>/seed<k>`, all with the same `rl_steps` (no time
      budget), eval problems and samples. A run is done once `result.json` exists (it stores the run's config; a
      different config, or another SFT checkpoint (its sha256), raises ValueError); an unfinished run resumes
-     from its last checkpoint (train/loop.py). Runs from one start share its held-out evaluation
-     (`_repro_studies.train_from_start`: the three block runs of a seed evaluate the start once).
+     from its last checkpoint (train/loop.py).
   3. `{run: [{"eval_before", "eval_after", "curve", "seed", "iterations", "wall_s"}, ...]}`; `curve` holds the
      per-iteration records of the run's metrics.jsonl (the rows with a `train/loss`).
 
@@ -35,69 +34,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [p for p in (ROOT, os.path.join(ROOT, "experiments")) if p not in sys.path]
+from configs import sft_diffusion as sft_diffusion_config
+from configs import tracerl as tracerl_config
+from configs.base import shrink_for_smoke
+from jaxrl_reason.train import build, diffusion_sft, sft
+from study.common import RESULT_FILE, ROOT, read_curve, train, warm_start_digest, write_json
+from study.runs import TRACERL_RUNS, TRACERL_STUDY_RUNS, kinds, run_kind
 
-import _repro_studies as studies  # noqa: E402  (start-evaluation key and warm-start digest, shared with AR studies)
-from configs import sft_diffusion as sft_diffusion_config  # noqa: E402
-from configs import tracerl as tracerl_config  # noqa: E402
-from configs.base import shrink_for_smoke  # noqa: E402
-from jaxrl_reason.train import build, diffusion_sft, sft  # noqa: E402
-from jaxrl_reason.train.metrics import read_metrics  # noqa: E402
-
-RUNS = {  # run name -> configs/tracerl.py arg (tiny scale)
-    "block_tracerl": "block",
-    "block_onestep": "block,onestep",
-    "block_tracerl_value": "block,value",
-    "full_tracerl": "full",
-    studies.TRACERL_LR_RUN: f"block,lr={studies.TRACERL_LR}",
-}
-# The runs of each TraceRL study (reproduce.py --studies=...). "tracerl" is the claims of issue 6 at the tiny
-# configs' lr 1e-4; "tracerl_lr" repeats block TraceRL at lr _repro_studies.TRACERL_LR, where a one-seed probe
-# (results/full/tracerl_lr_probe.log) found RL no longer lowers the block model's accuracy.
-STUDY_RUNS = {
-    "tracerl": ("block_tracerl", "block_onestep", "block_tracerl_value", "full_tracerl"),
-    "tracerl_lr": (studies.TRACERL_LR_RUN,),
-}
 SFT_MARKER = "sft_done.json"
-RESULT_FILE = "result.json"
 # The shipped diffusion SFT checkpoints (configs/tracerl.py's default model.sft_dir), built with
 #   python experiments/sft.py --config=configs/sft_diffusion.py:<kind>,tiny --out=checkpoints/arith_tiny_sft_<kind>
 SHIPPED_SFT = os.path.join(ROOT, "checkpoints", "arith_tiny_sft_{kind}")
-
-PAPER_NUMBERS_TRACERL = {
-    "TraDo-8B-Instruct vs AR models (math)": (
-        "+6.1% relative vs Qwen2.5-7B-Instruct and +51.3% relative vs Llama3.1-8B-Instruct on math reasoning "
-        "[abs] (diffusion.md §1)"),
-    "TraDo-4B-Instruct vs 7B AR models": "beats 7B AR models on complex math [abs] (diffusion.md §1)",
-    "TraDo trained only with TraceRL": (
-        "TraDo-4B/8B-Instruct = TraceRL from SDAR-4B/8B-Chat; paper scale 64 tasks x 16 responses per step, 80 steps, "
-        "lr 1e-6, block 4 (rl_trado.yaml) [code-repo text] (diffusion.md §1, §7.3)"),
-    "long-CoT TraDo-8B-Thinking": (
-        "beats Qwen2.5-7B-Instruct on MATH500 by 18.1% relative [abs]; MATH500 = 87.4% [unverified] "
-        "(diffusion.md §1, §7.5)"),
-    "block-size enlargement with TraceRL": "block 4 -> 8: MATH500 60.2% -> 67.7% [unverified] (diffusion.md §1, §7.5)",
-    "dynamic (threshold) sampling speed-up": "15.4% faster on MATH500 [unverified] (diffusion.md §1, §4.1)",
-    "diffusion value model": (
-        "reduces variance / allows a larger lr or fewer accumulation steps; no number given [README text] "
-        "(diffusion.md §1, §7.4)"),
-    "TraceRL vs one-step (diffu-GRPO) estimator": (
-        "no paper number recorded: the paper's ablation tables were not available (diffusion.md §0); the estimators "
-        "are diffusion.md §6.5 (trajectory) and §6.2 (d1 one-step)"),
-}
-
-
-def run_kind(run: str) -> str:
-    """The attention kind ("block" | "full") of a run of RUNS: the first word of its configs/tracerl.py arg."""
-    return RUNS[run].split(",")[0]
-
-
-def kinds(runs=None) -> list[str]:
-    """The sorted attention kinds of `runs` (default: every run of RUNS): the SFT starts they need."""
-    return sorted({run_kind(r) for r in (RUNS if runs is None else runs)})
 
 
 def _shrink(c) -> None:
@@ -122,11 +71,11 @@ def sft_config(kind: str, *, sft_steps: int, eval_problems: int, smoke: bool = F
 
 def rl_config(run: str, *, seed: int, rl_steps: int, eval_problems: int, eval_samples: int, sft_dir: str,
               greedy: bool = False, smoke: bool = False, prompts_per_step: int = 0):
-    """configs/tracerl.py:RUNS[run] from the SFT checkpoint `sft_dir`: exactly `rl_steps` iterations, no HF export;
-    `prompts_per_step` > 0 replaces the config's rollout prompts per iteration (reproduce.py --quick)."""
-    if run not in RUNS:
-        raise ValueError(f"unknown TraceRL study run {run!r}; use one of {tuple(RUNS)}.")
-    c = tracerl_config.get_config(RUNS[run])
+    """configs/tracerl.py:<TRACERL_RUNS[run]> from the SFT checkpoint `sft_dir`: exactly `rl_steps` iterations, no
+    HF export; `prompts_per_step` > 0 replaces the config's rollout prompts per iteration (--quick)."""
+    if run not in TRACERL_RUNS:
+        raise ValueError(f"unknown TraceRL study run {run!r}; use one of {tuple(TRACERL_RUNS)}.")
+    c = tracerl_config.get_config(TRACERL_RUNS[run])
     c.seed = int(seed)
     c.model.init, c.model.sft_dir = "sft", sft_dir
     c.train.num_steps, c.train.time_budget_s, c.train.export_hf = int(rl_steps), 0.0, False
@@ -144,7 +93,7 @@ def _as_json(config, workroot: str | None = None) -> dict:
     out = json.loads(config.to_json_best_effort())
     if workroot is not None:
         out["model"]["sft_dir"] = os.path.relpath(config.model.sft_dir, workroot)
-        out["model"]["sft_sha256"] = studies.warm_start_digest(config)  # a rebuilt start is another run
+        out["model"]["sft_sha256"] = warm_start_digest(config)  # a rebuilt start is another run
     return out
 
 
@@ -177,7 +126,7 @@ def build_sft_checkpoint(config, out_dir: str, log_fn=print) -> dict:
     model, history = diffusion_sft.diffusion_sft_from_config(c, tok, model, prompts, traces, log_fn=log_fn)
     sft.save_sft_checkpoint(model, mcfg, tok, out_dir)
     done = {"config": config_json, "history": history, "wall_s": time.time() - start}
-    studies.write_json(marker, done)
+    write_json(marker, done)
     return done
 
 
@@ -188,12 +137,12 @@ def run_one(config, workdir: str, workroot: str) -> dict:
     done = _load_marker(path, config_json, "RL")
     if done is None:
         start = time.time()
-        out = studies.train_from_start(config, workdir, workroot)
-        curve = [r for r in read_metrics(workdir) if "train/loss" in r]
+        out = train(config, workdir)
+        curve = read_curve(workdir, keys=None)
         done = {"config": config_json, "seed": int(config.seed), "eval_before": out["eval_before"],
                 "eval_after": out["eval_after"], "iterations": int(out["iterations"]), "curve": curve,
                 "wall_s": time.time() - start}
-        studies.write_json(path, done)
+        write_json(path, done)
     return {k: v for k, v in done.items() if k != "config"}
 
 
@@ -221,7 +170,7 @@ def ensure_sft(kind: str, *, sft_steps: int, eval_problems: int, workroot: str, 
 def run_named(run: str, seed: int, *, sft_dir: str, rl_steps: int, eval_problems: int, eval_samples: int,
               workroot: str, smoke: bool = False, greedy: bool = False, prompts_per_step: int = 0,
               log_fn=print) -> dict:
-    """One run of `RUNS` from `sft_dir` into `workroot/<run>/seed<seed>` (run_one's record)."""
+    """One run of `TRACERL_RUNS` from `sft_dir` into `workroot/<run>/seed<seed>` (run_one's record)."""
     cfg = rl_config(run, seed=seed, rl_steps=rl_steps, eval_problems=eval_problems, eval_samples=eval_samples,
                     sft_dir=sft_dir, greedy=greedy, smoke=smoke, prompts_per_step=prompts_per_step)
     record = run_one(cfg, os.path.join(workroot, run, f"seed{seed}"), workroot)
@@ -231,15 +180,15 @@ def run_named(run: str, seed: int, *, sft_dir: str, rl_steps: int, eval_problems
 
 
 def run_tracerl_study(*, seeds, rl_steps: int, eval_problems: int, eval_samples: int, sft_steps: int, workroot: str,
-                      smoke: bool = False, greedy: bool = False, runs=STUDY_RUNS["tracerl"], use_shipped: bool = False,
-                      prompts_per_step: int = 0, log_fn=print) -> dict:
+                      smoke: bool = False, greedy: bool = False, runs=TRACERL_STUDY_RUNS["tracerl"],
+                      use_shipped: bool = False, prompts_per_step: int = 0, log_fn=print) -> dict:
     """SFT checkpoints (block, full; see ensure_sft) then `runs` x `seeds` RL runs; returns {run: [record per
     seed]} (see above)."""
     if not seeds:
         raise ValueError("run_tracerl_study needs at least one seed.")
-    unknown = [r for r in runs if r not in RUNS]
+    unknown = [r for r in runs if r not in TRACERL_RUNS]
     if unknown:
-        raise ValueError(f"unknown TraceRL study runs {unknown}; use names from {tuple(RUNS)}.")
+        raise ValueError(f"unknown TraceRL study runs {unknown}; use names from {tuple(TRACERL_RUNS)}.")
     os.makedirs(workroot, exist_ok=True)
     sft_dirs = {kind: ensure_sft(kind, sft_steps=sft_steps, eval_problems=eval_problems, workroot=workroot,
                                  smoke=smoke, use_shipped=use_shipped, log_fn=log_fn)

@@ -1,4 +1,4 @@
-"""DA-DLER (algorithms.md §2.2 item 6): DLER with a per-prompt truncation budget from the group pass rate
+"""DA-DLER: DLER with a per-prompt truncation budget from the group pass rate
 (one threshold 0.5: easy prompts get half the budget). [INFERRED details are switches in core/length.py]
 
 Launch:

@@ -1,4 +1,4 @@
-"""HAPO (algorithms.md §4): DAPO + entropy-adaptive temperature (tau 0.05), token-level group-average
+"""HAPO: DAPO + entropy-adaptive temperature (tau 0.05), token-level group-average
 advantage, differential advantage redistribution and asymmetric adaptive clipping.
 
 Launch:

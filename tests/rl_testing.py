@@ -28,3 +28,12 @@ def digit_scorer(texts, answers):
     import numpy as np
 
     return np.asarray([float("1" in t) for t in texts], np.float32)
+
+
+def loss_hp(**fields):
+    """The frozen loss section of the base config (what `rl_loss` gets as `hp`) with `fields` replaced; no critic
+    term, no fixed aggregation constant. A nested dict (`hapo=dict(...)`) replaces a method's section."""
+    from jaxrl_reason.train import hparams
+    from configs.base import get_base_config
+
+    return hparams.freeze({**hparams.loss_hp(get_base_config("tiny")).to_dict(), "agg_const": None, **fields})

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxrl_reason.data.tokenizer import build_char_tokenizer, encode_batch_left_padded, encode_responses_right_padded
 from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
-from jaxrl_reason.train import repro
+from jaxrl_reason.methods import repro
 from jaxrl_reason.train.logprobs import LogpSpec
 
 PROMPTS = ["12+7+30:", "12+7+30:", "5+6+7:", "5+6+7:", "3+4+5:", "3+4+5:", "3+4+5:"]
@@ -241,10 +241,10 @@ def test_config():
 
     for arg, estimator in (("ppo", "gae"), ("grpo,tiny", "grpo")):
         c = repro_config.get_config(arg)
-        assert c.reward.repro_alpha == pytest.approx(0.1) and c.advantage.estimator == estimator
-        assert c.algorithm == "repro" and c.scale == "tiny" and c.reward.repro_delimiter == " "
-        assert (c.reward.repro_answer_prefix, c.reward.repro_think_end) == ("#### ", "####")
-    full = repro_config.get_config("grpo,full").reward
-    assert (full.repro_delimiter, full.repro_think_end) == ("\n\n", "</think>")
+        assert c.repro.alpha == pytest.approx(0.1) and c.advantage.estimator == estimator
+        assert c.algorithm == "repro" and c.scale == "tiny" and c.repro.delimiter == " "
+        assert (c.repro.answer_prefix, c.repro.think_end) == ("#### ", "####")
+    full = repro_config.get_config("grpo,full").repro
+    assert (full.delimiter, full.think_end) == ("\n\n", "</think>")
     with pytest.raises(ValueError, match="REPRO runs on"):
         repro_config.get_config("dapo")

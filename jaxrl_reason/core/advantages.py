@@ -1,11 +1,11 @@
-"""Advantage estimators (algorithms.md §1.2, §1.6, §1.7, §1.10, §2.2.2, §4.3, §4.4).
+"""Advantage estimators.
 
 Convention (everywhere in core/): flat rows `N = B*G`, groups contiguous (rows `g*G .. g*G+G-1` share a
 prompt), `group_size = G` a static Python int. Outcome estimators return `adv_N` (broadcast to tokens with
 `adv_N[:, None] * mask_NxT`); token estimators return `[N, T]` arrays that are exactly 0 on padding.
 
 Exactness trick: group / batch statistics are computed on values shifted by one member of the group (batch)
-so that all-equal rewards give centred values that are exactly 0, hence advantages exactly 0 (§0.5), with no
+so that all-equal rewards give centred values that are exactly 0, hence advantages exactly 0, with no
 float32 round-off from the mean.
 
 Estimators register under a name in `ADVANTAGE_ESTIMATORS` (`@register_advantage`) with one signature,
@@ -57,17 +57,17 @@ def _group_centred(r_BxG):
 
 def grpo_advantages(reward_N, group_size: int, eps: float = 1e-6, norm_by_std: bool = True,
                     singleton: str = "verl"):
-    """GRPO group-normalized outcome advantage `adv_N` (algorithms.md §1.6, verl `compute_grpo_outcome_advantage`).
+    """GRPO group-normalized outcome advantage `adv_N` (verl `compute_grpo_outcome_advantage`).
 
     A_i = (R_i - mean_g) / (std_g + eps) with the unbiased (Bessel) group std; `norm_by_std=False` gives
-    Dr.GRPO's A_i = R_i - mean_g (§1.7). All-equal groups give exactly 0.
+    Dr.GRPO's A_i = R_i - mean_g. All-equal groups give exactly 0.
 
     Args:
       reward_N: outcome reward per response `[N]`.
       group_size: G (static); N must be a multiple of it.
       eps: added to the std (verl 1e-6, TRL 1e-4).
       norm_by_std: divide by the group std (verl `norm_adv_by_std_in_grpo`).
-      singleton: behaviour when G == 1 (§0.5): "verl" = mean 0, std 1 (raw reward / (1 + eps) passes through);
+      singleton: behaviour when G == 1: "verl" = mean 0, std 1 (raw reward / (1 + eps) passes through);
         "trl" = advantage 0. [switch; the two sources differ]
     """
     if singleton not in SINGLETON_MODES:
@@ -85,7 +85,7 @@ def grpo_advantages(reward_N, group_size: int, eps: float = 1e-6, norm_by_std: b
 
 
 def dr_grpo_advantages(reward_N, group_size: int, singleton: str = "verl"):
-    """Dr.GRPO advantage `adv_N` = R_i - mean_g(R) (algorithms.md §1.7); `grpo_advantages` without the std."""
+    """Dr.GRPO advantage `adv_N` = R_i - mean_g(R); `grpo_advantages` without the std."""
     return grpo_advantages(reward_N, group_size, norm_by_std=False, singleton=singleton)
 
 
@@ -101,10 +101,10 @@ def rloo_advantages(reward_N, group_size: int):
 
 
 def masked_whiten(x_NxT, mask_NxT, shift_mean: bool = True, eps: float = 1e-8):
-    """Batch-wide token whitening (algorithms.md §1.2, verl `masked_whiten`).
+    """Batch-wide token whitening (verl `masked_whiten`).
 
     (x - mean_m(x)) * rsqrt(var_m(x) + eps), mean and unbiased (Bessel) variance over every valid token of the
-    batch. `shift_mean=False` adds the mean back. Guard (§0.5): with fewer than 2 valid tokens the result is
+    batch. `shift_mean=False` adds the mean back. Guard: with fewer than 2 valid tokens the result is
     all zeros (verl raises). Padding positions are 0 in the output.
 
     Returns:
@@ -127,7 +127,7 @@ def masked_whiten(x_NxT, mask_NxT, shift_mean: bool = True, eps: float = 1e-8):
 
 
 def outcome_to_token_rewards(reward_N, mask_NxT):
-    """Places each outcome reward at the response's last valid token, zeros elsewhere (algorithms.md §0.3).
+    """Places each outcome reward at the response's last valid token, zeros elsewhere.
 
     `reward_{i,t} = R_i` at `t = last index with m=1`; an all-masked row gets no reward.
     Returns `[N, T]`.
@@ -141,7 +141,7 @@ def outcome_to_token_rewards(reward_N, mask_NxT):
 
 
 def reinforce_pp_advantages(token_reward_NxT, mask_NxT, gamma: float = 1.0):
-    """REINFORCE++ advantage `[N, T]` (algorithms.md §1.10, verl `reinforce_plus_plus`).
+    """REINFORCE++ advantage `[N, T]` (verl `reinforce_plus_plus`).
 
     Discounted return-to-go G_t = r_t + γ G_{t+1}, where the running return is reset after every masked position
     (so rewards never flow back across padding), then `masked_whiten` over all valid tokens of the batch.
@@ -159,11 +159,11 @@ def reinforce_pp_advantages(token_reward_NxT, mask_NxT, gamma: float = 1.0):
 
 
 def reinforce_pp_baseline_advantages(reward_N, mask_NxT, group_size: int):
-    """REINFORCE++-baseline = DLER batch-normalized advantage `[N, T]` (algorithms.md §1.10, §2.2 item 2, Eq. 3).
+    """REINFORCE++-baseline = DLER batch-normalized advantage `[N, T]` (DLER Eq. 3).
 
     a_i = R_i - mean_g(R) (baseline 0 for a singleton group), broadcast over the response tokens, then whitened
     over all valid tokens of the batch (token-weighted mean/std). An all-equal group has a_i = 0 exactly but gets
-    -mean/std after whitening (§2.4 edge cases); an all-zero batch gives 0.
+    -mean/std after whitening; an all-zero batch gives 0.
     """
     r_BxG = _groups(reward_N, group_size)
     mask = _check_mask(mask_NxT, r_BxG.size)
@@ -173,7 +173,7 @@ def reinforce_pp_baseline_advantages(reward_N, mask_NxT, group_size: int):
 
 def gae_advantages(token_reward_NxT, values_NxT, mask_NxT, gamma: float = 1.0, lam: float = 1.0,
                    whiten: bool = True):
-    """GAE with masked skipping (algorithms.md §1.2, verl `compute_gae_advantage_return`).
+    """GAE with masked skipping (verl `compute_gae_advantage_return`).
 
     Backward over t (lax.scan, reverse):
       delta = r_t + γ·next_v − V_t;  cand = delta + γλ·last
@@ -211,7 +211,7 @@ def gae_advantages(token_reward_NxT, values_NxT, mask_NxT, gamma: float = 1.0, l
 def hapo_token_group_advantages(reward_N, mask_NxT, group_size: int, eps: float = 1e-6,
                                 fallback_abs: float = 5.0, norm_by_std: bool = True,
                                 fallback_scope: str = "valid"):
-    """HAPO token-level group average advantage `[N, T]` (algorithms.md §4.3, HAPO Eq. 9,
+    """HAPO token-level group average advantage `[N, T]` (HAPO Eq. 9,
     code `compute_hapo_outcome_advantage`).
 
     a_{i,t} = R_i on every valid token; μ_g, σ_g = mean and *population* std over all valid tokens of the group
@@ -253,7 +253,7 @@ def hapo_token_group_advantages(reward_N, mask_NxT, group_size: int, eps: float 
 
 
 def hapo_redistribute_advantages(adv_NxT, h_NxT, ratio_NxT, eps_low_NxT, eps_high_NxT, beta: float = 1.0):
-    """HAPO differential advantage redistribution `[N, T]` (algorithms.md §4.4, HAPO Eq. 10-11, code
+    """HAPO differential advantage redistribution `[N, T]` (HAPO Eq. 10-11, code
     `ada_advantage`).
 
     Neutral zone (γ_L, γ_U) = (1 − ε_L/2, 1 + ε_R/2) (strict, with the already-adapted clip ranges);
@@ -389,12 +389,6 @@ def _gae(reward_N, mask_NxT, hp, **arrays):
     token_reward = _token_rewards(reward_N, mask_NxT, hp, arrays)
     adv, returns = gae_advantages(token_reward, arrays["values_NxT"], mask_NxT, hp.gamma, hp.lam)
     return adv, returns, {}
-
-
-@register_advantage("hapo")
-def _hapo(reward_N, mask_NxT, hp, **arrays):
-    adv, metrics = hapo_token_group_advantages(reward_N, mask_NxT, hp.group_size, hp.eps, hp.hapo_fallback_abs)
-    return adv, None, metrics
 
 
 @register_advantage("grpo_passk")

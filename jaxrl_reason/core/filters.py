@@ -1,21 +1,39 @@
-"""Group filters for dynamic sampling (host-side numpy), algorithms.md §1.8, §2.2.4–5, §3, diffusion.md §7.1.
+"""Group filters for dynamic sampling (host-side numpy): DAPO zero variance, DLER, LSPO, TraceRL accuracy band.
 
 These run on the host before the jitted update: they change the number of groups, so they use numpy, not jnp.
 Rows are flat ``N = B*G`` with groups contiguous (rows ``b*G .. b*G+G-1`` belong to prompt ``b``); every filter
 returns ``keep_B`` (bool, one entry per group) and a small metrics dict of Python floats.
 
-``GroupAccumulator`` + ``accumulate_groups`` implement the DAPO refill loop of §1.8: kept groups of successive
+``GroupAccumulator`` + ``accumulate_groups`` implement the DAPO refill loop: kept groups of successive
 generation rounds are appended until exactly ``train_groups`` groups are held; the surplus of the last round is
 dropped (verl discards it, it is not cached for the next step).
+
+Group filters register under a name in `GROUP_FILTERS` (`@register_filter`) with one signature,
+  `(arrays, hp) -> (keep_B, metrics)`,
+where `arrays` holds one round's per-response `score_N` and `length_N` and `hp` the frozen filter hyper-parameters
+(`group_size`, `band_low`, ...). The rollout stage calls `GROUP_FILTERS[filter.kind](...)` whatever the filter;
+filters that belong to one method (LSPO's length band) register in that method's module.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
-# LSPO threshold presets (L_low, L_high, L_max), algorithms.md §3.2. Which produced the paper's tables is unverified.
+GROUP_FILTERS: dict[str, Callable] = {}
+
+
+def register_filter(name: str):
+    """Decorator: registers a group filter `(arrays, hp) -> (keep_B, metrics)` under `name` (a `filter.kind`)."""
+
+    def deco(fn):
+        GROUP_FILTERS[name] = fn
+        return fn
+
+    return deco
+
+# LSPO threshold presets (L_low, L_high, L_max). Which produced the paper's tables is unverified.
 LSPO_THRESHOLDS_CODE = (0.30, 0.60, 0.90)  # released v2 launcher script (default of `lspo_length_filter`)
 LSPO_THRESHOLDS_NOTES = (0.30, 0.65, 0.95)  # third-party paper summary and the code's accuracy-percentile ablation
 
@@ -40,11 +58,11 @@ def _fraction(num: int, den: int) -> float:
 
 
 def zero_variance_filter(metric_N, group_size: int, keep_singletons: bool = True):
-    """DAPO dynamic sampling: keep groups whose metric is not constant (algorithms.md §1.8).
+    """DAPO dynamic sampling: keep groups whose metric is not constant.
 
     verl keeps a group iff ``std(metric_g) > 0`` or the group has size 1. We test ``max - min > 0``, which is the
     same condition in exact arithmetic but immune to rounding (``np.std([0.1]*3)`` is 1.4e-17, not 0).
-    DLER filters on the PRE-penalty correctness score (``seq_reward``, §2.2 item 4): pass the score, not the reward.
+    DLER filters on the PRE-penalty correctness score (``seq_reward``): pass the score, not the reward.
 
     Args:
       metric_N: [N] per-response metric (acc, score, seq_reward, ...), groups contiguous.
@@ -66,7 +84,7 @@ def zero_variance_filter(metric_N, group_size: int, keep_singletons: bool = True
     return keep_B, metrics
 
 
-# DLER's "curriculum-based filtering" (§2.2 item 5) IS dynamic sampling on the pre-penalty score (§2.2 item 4):
+# DLER's "curriculum-based filtering" IS dynamic sampling on the pre-penalty score:
 # the paper describes the curriculum as an implicit effect of this filter, so there is no separate code.
 dler_filter = zero_variance_filter
 
@@ -78,13 +96,13 @@ def _percentile(values, q: float, method: str) -> float:
 
 def lspo_length_filter(length_N, group_size: int, low: float = 0.30, high: float = 0.60, max: float = 0.90,
                        percentile_method: str = "linear", candidates_B=None, min_candidates: int = 0):
-    """LSPO length-aware filter (algorithms.md §3.1, §3.3).
+    """LSPO length-aware filter.
 
     ``L(q)`` = mean response length of the group. Among the candidate groups (the accuracy-kept ones) the
     thresholds ``Q(low), Q(high), Q(max)`` are percentiles of ``L``; a candidate is kept iff
     ``L <= Q(low)`` or ``Q(high) <= L <= Q(max)``. Thresholds are computed per generation round.
 
-    Presets (§3.2): ``LSPO_THRESHOLDS_CODE = (0.30, 0.60, 0.90)`` (released script, the default here) and
+    Presets: ``LSPO_THRESHOLDS_CODE = (0.30, 0.60, 0.90)`` (released script, the default here) and
     ``LSPO_THRESHOLDS_NOTES = (0.30, 0.65, 0.95)`` (paper summary): pass them as ``low, high, max``.
 
     Args:
@@ -96,7 +114,7 @@ def lspo_length_filter(length_N, group_size: int, low: float = 0.30, high: float
       candidates_B: [B] bool, the accuracy-kept groups (e.g. ``zero_variance_filter(acc_N, G)[0]``); None = all.
       min_candidates: [INFERRED switch] if fewer candidates than this remain, keep all of them without banding.
         0 (default) = released code, where 2 distinct candidates under "linear" keep only the shorter one;
-        3 gives §3.4's stated intent ("fewer than ~3 accuracy-kept prompts ... effectively keeps all").
+        3 gives the paper's stated intent ("fewer than ~3 accuracy-kept prompts ... effectively keeps all").
     Returns:
       keep_B: [B] bool (subset of candidates); metrics: kept_fraction, kept_of_candidates, num_candidates,
       p_low, p_high, p_max (NaN when there are no candidates).
@@ -133,7 +151,7 @@ def lspo_length_filter(length_N, group_size: int, low: float = 0.30, high: float
 
 
 def accuracy_band_filter(correct_N, group_size: int, low: float = 0.2, high: float = 0.8):
-    """TraceRL group filter: drop groups with accuracy > high or < low (diffusion.md §7.1 item 2).
+    """TraceRL group filter: drop groups with accuracy > high or < low.
 
     With G = 16 only groups with 4..12 correct survive. Bounds are inclusive (acc == 0.2 or 0.8 is kept).
 
@@ -159,9 +177,25 @@ def accuracy_band_filter(correct_N, group_size: int, low: float = 0.2, high: flo
     return keep_B, metrics
 
 
+@register_filter("none")
+def _keep_all(arrays, hp):
+    return np.ones(np.shape(arrays["score_N"])[0] // hp.group_size, bool), {}
+
+
+@register_filter("zero_variance")
+def _zero_variance(arrays, hp):
+    """DAPO dynamic sampling on the pre-penalty score (DLER filters on the same score)."""
+    return zero_variance_filter(arrays["score_N"], hp.group_size)
+
+
+@register_filter("accuracy_band")
+def _accuracy_band(arrays, hp):
+    return accuracy_band_filter(np.asarray(arrays["score_N"]) > 0, hp.group_size, hp.band_low, hp.band_high)
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupAccumulator:
-    """Kept groups gathered across generation rounds (algorithms.md §1.8; plain data, no logic).
+    """Kept groups gathered across generation rounds (plain data, no logic).
 
     Attributes:
       group_size: G.
@@ -191,7 +225,7 @@ def empty_accumulator(group_size: int, train_groups: int) -> GroupAccumulator:
 
 
 def accumulate_groups(acc: GroupAccumulator, batch: Mapping[str, np.ndarray], keep_B):
-    """Append the kept groups of one generation round; never hold more than ``train_groups`` (§1.8).
+    """Append the kept groups of one generation round; never hold more than ``train_groups``.
 
     Groups are taken in batch order; once ``train_groups`` groups are held the rest of the round is dropped.
 

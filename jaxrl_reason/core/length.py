@@ -1,12 +1,31 @@
-"""Length-based reward shaping: DAPO overlong penalty, DLER truncation, DA-DLER difficulty-aware budgets
-(algorithms.md §1.8, §2.2 items 1 and 6, §2.4).
+"""Length-based reward shaping: DAPO overlong penalty, DLER truncation, DA-DLER difficulty-aware budgets.
 
 Per-response arrays are flat `[N]` with groups contiguous (`group_size = G`, static), as in advantages.py.
+
+Reward shapings register under a name in `REWARD_SHAPINGS` (`@register_shaping`) with one signature,
+  `(arrays, hp) -> (reward_N, metrics)`,
+where `arrays` holds the round's `score_N` (correctness), `length_N`, `truncated_N` and the running `reward_N`, and
+`hp` the frozen reward hyper-parameters (`group_size`, `max_new_tokens`, `overlong_buffer`, ...). The rollout stage
+starts from the base named by `reward.kind` (binary, signed) and applies the names of `reward.shaping` in order.
+Shapings that belong to one method (DLER's truncation) register in that method's module.
 """
 import numbers
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax.numpy as jnp
+import numpy as np
+
+REWARD_SHAPINGS: dict[str, Callable] = {}
+
+
+def register_shaping(name: str):
+    """Decorator: registers a reward shaping `(arrays, hp) -> (reward_N, metrics)` under `name`."""
+
+    def deco(fn):
+        REWARD_SHAPINGS[name] = fn
+        return fn
+
+    return deco
 
 
 def _float(x):
@@ -15,7 +34,7 @@ def _float(x):
 
 
 def dapo_overlong_penalty(length_N, max_len: int, buffer: int, factor: float = 1.0):
-    """DAPO soft overlong punishment `[N]` (algorithms.md §1.8, verl `DAPORewardManager`).
+    """DAPO soft overlong punishment `[N]` (verl `DAPORewardManager`).
 
       expected = max_len − buffer;  r_len = min(−(len − expected)/buffer · factor, 0)
     0 up to `expected`, linear down to −factor at `max_len` (linear beyond it, as verl; TRL returns −1 there).
@@ -28,7 +47,7 @@ def dapo_overlong_penalty(length_N, max_len: int, buffer: int, factor: float = 1
 
 
 def dler_truncation_reward(score_N, truncated_N, stop_penalty_coef: float = 0.0):
-    """DLER truncation reward `[N]` (algorithms.md §2.2 item 1, §2.4).
+    """DLER truncation reward `[N]`.
 
     reward = score · (stop_penalty_coef if truncated else 1). `stop_penalty_coef=0.0` is the paper (truncated ⇒ 0);
     0.1 is the released code's `stop_properly_penalty.penalty_coef`. [switch; paper vs code]
@@ -50,7 +69,7 @@ def _check_tiers(thresholds: Sequence[float], budgets: Sequence[int]) -> None:
 
 def da_dler_budget(score_N, group_size: int, thresholds: Sequence[float] = (0.5,),
                    budgets: Sequence[int] = (4000, 2000), boundary_to_upper_tier: bool = True):
-    """DA-DLER difficulty-aware truncation budget per response `[N]` int32 (algorithms.md §2.2 item 6).
+    """DA-DLER difficulty-aware truncation budget per response `[N]` int32.
 
     c(q) = #correct / G (correct = score > 0) over the group of prompt q. Thresholds d_1 < ... < d_n split [0, 1]
     into n+1 tiers ordered by increasing c; tier k (c between d_k and d_{k+1}) uses budgets[k]. Paper: one
@@ -78,7 +97,7 @@ def da_dler_truncation_reward(score_N, length_N, truncated_N, group_size: int,
                               thresholds: Sequence[float] = (0.5,), budgets: Sequence[int] = (4000, 2000),
                               stop_penalty_coef: float = 0.0, boundary_to_upper_tier: bool = True,
                               c_after_budget: bool = False, virtual_uses_stop_penalty: bool = True):
-    """DA-DLER reward `[N]`: DLER truncation with a per-prompt budget (algorithms.md §2.2 item 6, [INFERRED]).
+    """DA-DLER reward `[N]`: DLER truncation with a per-prompt budget ([INFERRED]).
 
     Rollouts are generated with the largest budget; c(q) sets L_T(q) (`da_dler_budget`); a response with
     length > L_T(q) is "virtually truncated". Then reward = score · (coef if truncated else 1).
@@ -107,3 +126,23 @@ def da_dler_truncation_reward(score_N, length_N, truncated_N, group_size: int,
     if not virtual_uses_stop_penalty:
         reward = jnp.where(virtual & ~truncated, 0.0, reward)
     return reward, {"budget_N": budget_N, "truncated_N": eff_truncated}
+
+
+@register_shaping("binary")
+def _binary(arrays, hp):
+    """Base reward: the correctness score itself ({0, 1} for a verifier)."""
+    return np.asarray(arrays["score_N"], np.float32).copy(), {}
+
+
+@register_shaping("signed")
+def _signed(arrays, hp):
+    """Base reward of the DAPO verifier: {-1, +1} from a {0, 1} score."""
+    return 2.0 * np.asarray(arrays["score_N"], np.float32) - 1.0, {}
+
+
+@register_shaping("overlong")
+def _overlong(arrays, hp):
+    """DAPO soft overlong punishment added to the running reward (`hp.overlong_buffer` tokens before the budget)."""
+    penalty = np.asarray(dapo_overlong_penalty(arrays["length_N"], hp.max_new_tokens, int(hp.overlong_buffer),
+                                               hp.overlong_factor))
+    return arrays["reward_N"] + penalty, {"overlong_penalty": float(penalty.mean())}

@@ -1,4 +1,4 @@
-"""`run(config, workdir)`: the RL loop of DESIGN.md §2, readable top to bottom.
+"""`run(config, workdir)`: the RL loop, readable top to bottom.
 
     validate config -> task, tokenizer, policy (+ reference, + critic) -> mesh, shardings, optimizer, state
     -> preflight: compile the update step for the real shapes, stop when it needs more memory than a device has
@@ -12,8 +12,8 @@ What differs between policy kinds (autoregressive here; masked diffusion plugs i
 shared.
 
 Determinism and exact resume: the rollout key of iteration i is `fold_in(PRNGKey(seed), i)`, mini-batch order
-uses `np.random.default_rng([seed, i])`, and the prompt stream position, HAPO statistics and iteration count are
-stored in the checkpoint meta, so a resumed run repeats the uninterrupted one (tested).
+uses `np.random.default_rng([seed, i])`, and the prompt stream position, the methods' carried state and the
+iteration count are stored in the checkpoint meta, so a resumed run repeats the uninterrupted one (tested).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrl_reason.core import hapo as hapo_lib
+from jaxrl_reason.methods import registry as methods
 from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.sampling.autoregressive import make_generate_fn
@@ -35,11 +35,11 @@ from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import console
 from jaxrl_reason.train import export as export_lib
+from jaxrl_reason.train import hparams
 from jaxrl_reason.train import preflight as preflight_lib
-from jaxrl_reason.train import repro as repro_lib
 from jaxrl_reason.train import rollout as rollout_lib
 from jaxrl_reason.train import workdir as workdir_lib
-from jaxrl_reason.train.build import build_task, load_policy, objective_config, validate_config
+from jaxrl_reason.train.build import build_task, load_policy, validate_config
 from jaxrl_reason.train.checkpoint import Checkpointer, install_preemption_handler
 from jaxrl_reason.train.evaluation import evaluate
 from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec, ar_logps, ar_values, cast_floating
@@ -50,9 +50,6 @@ from jaxrl_reason.train.parts import PolicyParts
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step
 from jaxrl_reason.train.tracerl import diffusion_parts
-
-
-REPRO_QUERY_CHUNK = 64  # answer queries per call of REPRO's scorer
 
 
 def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=None, mesh=None,
@@ -66,26 +63,22 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
     common = dict(max_prompt_len=r.max_prompt_len, max_new_tokens=r.max_new_tokens,
                   eos_ids=export_lib.stop_ids(tokenizer, _source_dir(config)), pad_id=tokenizer.pad_token_id)
     train = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
-                           hapo_tau=r.hapo_tau, hapo_sign_compat=r.hapo_sign_compat)
+                           **methods.sampling_fields(config))
     spec, fwd_sh = logp_spec(config), _forward_shardings(config, mesh, shardings)
     logps_fn, values_fn = batch_lib.make_forward_fns(graphdef, value_graphdef, spec=spec,
                                                      micro_batch_rows=config.optim.logp_micro_batch_rows, **fwd_sh)
-    adv_cfg = advantage_config(config)
-
-    rw = config.reward
-    repro_fn = None
-    if rw.repro_alpha > 0:  # REPRO process advantage added to the outcome advantage (algorithms.md §5)
-        repro_fn = repro_lib.make_repro_advantage_fn(
-            graphdef, tokenizer, alpha=rw.repro_alpha, k=rw.repro_k, w=rw.repro_w, delimiter=rw.repro_delimiter,
-            answer_prefix=rw.repro_answer_prefix, think_end=rw.repro_think_end, spec=spec,
-            **_repro_shardings(mesh, fwd_sh))
+    adv_hp = hparams.advantage_hp(config)
+    extra_fns = methods.extra_advantages(config, graphdef, tokenizer, spec=spec, mesh=mesh, forward_shardings=fwd_sh)
 
     def build_batch(rows, params):
-        extra, repro_metrics = repro_fn(rows, params["policy"]) if repro_fn else (None, {})
+        extra, extra_metrics = None, {}
+        for fn in extra_fns:  # the methods' advantage terms, added to the outcome advantage
+            adv, more = fn(rows, params["policy"])
+            extra, extra_metrics = (adv if extra is None else extra + adv), {**extra_metrics, **more}
         batch, metrics, entropy = batch_lib.build_update_batch(
-            rows, adv_cfg, policy_params=params["policy"], logps_fn=logps_fn, ref_params=ref_params,
+            rows, adv_hp, policy_params=params["policy"], logps_fn=logps_fn, ref_params=ref_params,
             value_params=params.get("value"), values_fn=values_fn, extra_adv_NxR=extra)
-        return batch, {**metrics, **repro_metrics}, entropy
+        return batch, {**metrics, **extra_metrics}, entropy
 
     def split(batch, rng):
         return batch_lib.mini_batches(batch, config.optim.mini_batches, rng, r.group_size)
@@ -96,8 +89,9 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
         eval_gen=make_generate_fn(graphdef, params=SamplingParams(temperature=config.eval.temperature), **common),
         greedy_gen=make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common),
         build_batch=build_batch,
-        loss_fn=functools.partial(rl_loss, cfg=objective_config(config), policy_graphdef=graphdef,
-                                  value_graphdef=value_graphdef, logps_fn=functools.partial(ar_logps, spec=spec),
+        loss_fn=functools.partial(rl_loss, hp=hparams.loss_hp(config), hooks=methods.policy_hooks(config),
+                                  policy_graphdef=graphdef, value_graphdef=value_graphdef,
+                                  logps_fn=functools.partial(ar_logps, spec=spec),
                                   values_fn=functools.partial(ar_values, spec=spec)),
         split=split)
 
@@ -130,14 +124,6 @@ def _forward_shardings(config, mesh, shardings) -> dict:
     split = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
     rows_sh = sharding_lib.batch_sharding(mesh, 1) if split else jax.sharding.NamedSharding(mesh, jax.P())
     return dict(policy_shardings=shardings["policy"], value_shardings=shardings.get("value"), rows_sharding=rows_sh)
-
-
-def _repro_shardings(mesh, fwd_sh: dict) -> dict:
-    """REPRO's answer queries over ('data', 'fsdp') when its query chunk (64) splits over them."""
-    if not fwd_sh or REPRO_QUERY_CHUNK % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        return {}
-    return dict(query_sharding=sharding_lib.batch_sharding(mesh, 1), param_shardings=fwd_sh["policy_shardings"],
-                chunk_size=REPRO_QUERY_CHUNK)
 
 
 def _reference_copy(config, policy_params, shardings):
@@ -274,13 +260,6 @@ def _update(config, update, state, mini_batches: list[dict], it: int, skips: int
     return state, {f"train/{k}": float(v) for k, v in step_metrics.items()}, skips
 
 
-def _entropy_stats(config, entropy, mask):
-    """HAPO statistics of this step's entropies for the next rollout (JSON-safe, None when not finite)."""
-    stats = hapo_lib.entropy_stats(entropy, mask, config.loss.hapo_pivot)
-    stats = {k: float(v) for k, v in stats.items()}
-    return stats if all(np.isfinite(list(stats.values()))) else None
-
-
 def _fmt(m: dict) -> str:
     keys = [k for k in ("pass@1", "greedy_acc", "maj@4", "length_mean", "recheck_per_response") if k in m]
     return "  ".join(f"{k}={m[k]:.3f}" for k in keys)
@@ -316,7 +295,7 @@ def _build_parts(config, task, mesh=None):
     if config.model.attention == "causal":
         parts = ar_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef, ref_params=ref_params,
                          mesh=mesh, shardings=shardings)
-    else:  # masked-diffusion policy: TraceRL rows and objective, same loop (diffusion.md §7)
+    else:  # masked-diffusion policy: TraceRL rows and objective, same loop
         parts = diffusion_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef)
     return policy, mcfg, params, parts
 
@@ -334,10 +313,11 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
                            batch_shardings=batch_sh)
     update = _preflight(config, mesh, step, state, batch_sh, preflight_lib.device_capacity(mesh.devices.flat[0]))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
-    meta = {"iteration": 0, "stream_position": 0, "hapo_stats": None, "eval_before": None}
+    meta = {"iteration": 0, "stream_position": 0, "method_state": {}, "eval_before": None}
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                                 state, state_sh))
+        meta = methods.upgrade_meta(meta)
         print(f"resumed from {ckpt.directory} at iteration {meta['iteration']}", flush=True)
     evaluate_fn = functools.partial(
         evaluate, examples=task.heldout, tokenizer=task.tokenizer, scorer=task.scorer, sample_fn=parts.eval_gen,
@@ -377,7 +357,7 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
 
 def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer, preempt, eval_fn):
     """The RL iterations from `meta["iteration"]` to `config.train.num_steps` (or the time budget)."""
-    reward_cfg, filter_cfg = reward_config(config), filter_config(config)
+    reward_hp, filter_hp = hparams.reward_hp(config), hparams.filter_hp(config)
     r = config.rollout
     spec = rollout_lib.RolloutSpec(parts.train_gen, task.tokenizer, task.scorer, r.prompts_per_step, r.group_size,
                                    r.max_prompt_len, r.max_new_tokens, r.sample_batch_rows)
@@ -386,15 +366,13 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
     base_key, start, skips, last = jax.random.PRNGKey(config.seed), time.time(), 0, {}
     for it in range(meta["iteration"], config.train.num_steps):
         t0 = time.time()
-        stats = meta["hapo_stats"] if r.hapo_tau > 0 else None
-        hapo_stats = None if stats is None else {k: np.float32(v) for k, v in stats.items()}
-        rows, metrics, _ = rollout_lib.collect_batch(spec, compute_copy(config, state.params["policy"]), stream,
-                                                     jax.random.fold_in(base_key, it), train_groups=r.prompts_per_step,
-                                                     reward_cfg=reward_cfg, filter_cfg=filter_cfg,
-                                                     hapo_stats=hapo_stats)
+        rows, metrics, _ = rollout_lib.collect_batch(
+            spec, compute_copy(config, state.params["policy"]), stream, jax.random.fold_in(base_key, it),
+            train_groups=r.prompts_per_step, reward_hp=reward_hp, filter_hp=filter_hp,
+            sampler_args=methods.sampler_args(config, meta["method_state"]))
         t1 = time.time()
         batch, batch_metrics, entropy = parts.build_batch(rows, state.params)
-        meta["hapo_stats"] = _entropy_stats(config, entropy, batch["response_mask_NxR"])
+        meta["method_state"] = methods.next_state(config, entropy, batch["response_mask_NxR"])
         t2 = time.time()
         mbs = parts.split(batch, np.random.default_rng([config.seed, it]))
         state, step_metrics, skips = _update(config, update, state, mbs, it, skips)
@@ -433,22 +411,3 @@ def _periodic_eval(config, eval_fn, state, iteration: int, writer) -> None:
     m = eval_fn(state.params["policy"], key=jax.random.fold_in(jax.random.PRNGKey(config.seed + 3), iteration))
     writer.write(iteration, {f"eval/{k}": v for k, v in m.items()})
     print(f"held-out at iteration {iteration}: " + _fmt(m), flush=True)
-
-
-def reward_config(config) -> rollout_lib.RewardConfig:
-    r = config.reward
-    budgets = tuple(int(round(b * config.rollout.max_new_tokens)) for b in r.da_dler_budgets)
-    return rollout_lib.RewardConfig(r.kind, int(r.overlong_buffer), r.overlong_factor, r.truncation_penalty,
-                                    r.stop_penalty_coef, tuple(r.da_dler_thresholds), budgets)
-
-
-def filter_config(config) -> rollout_lib.FilterConfig:
-    f = config.filter
-    return rollout_lib.FilterConfig(f.kind, f.max_rounds, f.lspo_low, f.lspo_high, f.lspo_max, f.band_low,
-                                    f.band_high)
-
-
-def advantage_config(config) -> batch_lib.AdvantageConfig:
-    a = config.advantage
-    return batch_lib.AdvantageConfig(a.estimator, config.rollout.group_size, a.eps, a.gamma, a.lam,
-                                     a.hapo_fallback_abs, config.loss.kl_in_reward_coef)

@@ -100,6 +100,6 @@ HAPO = {  # on top of DAPO's recipe (`based_on`)
     "loss.eps_high": 0.2,  # released scripts 0.2 / 0.2; paper notes 0.2 / 0.28
 }
 
-METHOD = Method(name="hapo", recipes={"hapo": HAPO}, based_on="dapo", section=section, validate=validate, sampling=sampling,
-                next_state=next_state, sampler_args=sampler_args, legacy_meta_key="hapo_stats",
+METHOD = Method(name="hapo", recipes={"hapo": HAPO}, based_on="dapo", section=section, validate=validate,
+                sampling=sampling, next_state=next_state, sampler_args=sampler_args, legacy_meta_key="hapo_stats",
                 policy_hook=policy_hook, parts=("hapo",))

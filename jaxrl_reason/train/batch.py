@@ -1,9 +1,10 @@
 """From collected rollout rows to the fixed-shape update batch: log-probs, values, advantages.
 
 `compute_advantages` calls the estimator registered under `advantage.estimator` in
-`core.advantages.ADVANTAGE_ESTIMATORS` with the frozen advantage section as `hp` (`train/hparams.py`). The forward passes for old / reference log-probs and critic values
-are jitted once per shape (`make_forward_fns`), micro-batched over rows and sharded like the update step.
-The resulting batch layout is the one documented in `train/objectives.py`.
+`core.advantages.ADVANTAGE_ESTIMATORS` with the frozen advantage section as `hp` (`train/hparams.py`). The forward
+passes for old / reference log-probs and critic values are jitted once per shape (`make_forward_fns`),
+micro-batched over rows and sharded like the update step. The resulting batch layout is the one documented in
+`train/objectives.py`.
 """
 from __future__ import annotations
 

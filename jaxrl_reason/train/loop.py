@@ -7,9 +7,10 @@
          advantages) -> ppo_epochs x mini-batches of the jitted update step -> log -> checkpoint
     -> evaluate -> export the policy as a Hugging Face checkpoint.
 
-What differs between policy kinds (autoregressive here; masked diffusion plugs in the same way) is bundled in
-`PolicyParts`: the samplers, the update-batch builder, the loss and the mini-batch split. The loop itself is
-shared.
+What differs between policy kinds (autoregressive, masked diffusion) is bundled in `PolicyParts`, built by
+`train/policy.py`: the samplers, the update-batch builder, the loss and the mini-batch split. What differs between
+methods reaches the loop through the method hooks (`methods/registry.py`): extra sampler arguments from a state
+carried between iterations. The loop itself is shared.
 
 Determinism and exact resume: the rollout key of iteration i is `fold_in(PRNGKey(seed), i)`, mini-batch order
 uses `np.random.default_rng([seed, i])`, and the prompt stream position, the methods' carried state and the
@@ -28,109 +29,21 @@ from flax import nnx
 
 from jaxrl_reason.methods import registry as methods
 from jaxrl_reason.models import sharding as sharding_lib
-from jaxrl_reason.models.value import ValueModel
-from jaxrl_reason.sampling.autoregressive import make_generate_fn
-from jaxrl_reason.sampling.compaction import make_compacting_generate_fn
-from jaxrl_reason.sampling.processors import SamplingParams
-from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import console
 from jaxrl_reason.train import export as export_lib
 from jaxrl_reason.train import hparams
+from jaxrl_reason.train import policy as policy_lib
 from jaxrl_reason.train import preflight as preflight_lib
 from jaxrl_reason.train import rollout as rollout_lib
 from jaxrl_reason.train import workdir as workdir_lib
-from jaxrl_reason.train.build import build_task, load_policy, validate_config
+from jaxrl_reason.train.build import build_task, validate_config
 from jaxrl_reason.train.checkpoint import Checkpointer, install_preemption_handler
 from jaxrl_reason.train.evaluation import evaluate
-from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec, ar_logps, ar_values, cast_floating
 from jaxrl_reason.train.metrics import MetricsWriter, ProgressBar
-from jaxrl_reason.train.objectives import rl_loss
 from jaxrl_reason.train.optimizer import make_optimizer
 from jaxrl_reason.train.parts import PolicyParts
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step
-from jaxrl_reason.train.tracerl import diffusion_parts
-
-
-def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=None, mesh=None,
-             shardings=None) -> PolicyParts:
-    """Autoregressive policy: KV-cache sampler, token log-probs, the composed RL objective.
-
-    `mesh` and `shardings` (the params' training shardings, {"policy"[, "value"]}) give the no-grad log-prob
-    passes explicit in/out shardings.
-    """
-    r = config.rollout
-    common = dict(max_prompt_len=r.max_prompt_len, max_new_tokens=r.max_new_tokens,
-                  eos_ids=export_lib.stop_ids(tokenizer, _source_dir(config)), pad_id=tokenizer.pad_token_id)
-    train = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
-                           **methods.sampling_fields(config))
-    spec, fwd_sh = logp_spec(config), _forward_shardings(config, mesh, shardings)
-    logps_fn, values_fn = batch_lib.make_forward_fns(graphdef, value_graphdef, spec=spec,
-                                                     micro_batch_rows=config.optim.logp_micro_batch_rows, **fwd_sh)
-    adv_hp = hparams.advantage_hp(config)
-    extra_fns = methods.extra_advantages(config, graphdef, tokenizer, spec=spec, mesh=mesh, forward_shardings=fwd_sh)
-
-    def build_batch(rows, params):
-        extra, extra_metrics = None, {}
-        for fn in extra_fns:  # the methods' advantage terms, added to the outcome advantage
-            adv, more = fn(rows, params["policy"])
-            extra, extra_metrics = (adv if extra is None else extra + adv), {**extra_metrics, **more}
-        batch, metrics, entropy = batch_lib.build_update_batch(
-            rows, adv_hp, policy_params=params["policy"], logps_fn=logps_fn, ref_params=ref_params,
-            value_params=params.get("value"), values_fn=values_fn, extra_adv_NxR=extra)
-        return batch, {**metrics, **extra_metrics}, entropy
-
-    def split(batch, rng):
-        return batch_lib.mini_batches(batch, config.optim.mini_batches, rng, r.group_size)
-
-    return PolicyParts(
-        train_gen=(make_compacting_generate_fn if r.compact_rows else make_generate_fn)(
-            graphdef, params=train, lanes=r.lanes, group_size=r.group_size, share_prefill=r.share_prefill, **common),
-        eval_gen=make_generate_fn(graphdef, params=SamplingParams(temperature=config.eval.temperature), **common),
-        greedy_gen=make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common),
-        build_batch=build_batch,
-        loss_fn=functools.partial(rl_loss, hp=hparams.loss_hp(config), hooks=methods.policy_hooks(config),
-                                  policy_graphdef=graphdef, value_graphdef=value_graphdef,
-                                  logps_fn=functools.partial(ar_logps, spec=spec),
-                                  values_fn=functools.partial(ar_values, spec=spec)),
-        split=split)
-
-
-def _source_dir(config) -> str:
-    """The checkpoint directory the policy starts from ("" for a random init): its generation_config.json names the
-    end-of-turn ids a chat model stops at besides the tokenizer's EOS."""
-    init = config.model.init
-    return init[3:] if init.startswith("hf:") else (config.model.sft_dir if init == "sft" else "")
-
-
-def logp_spec(config) -> LogpSpec:
-    """Chunk sizes and compute dtype of every log-prob pass (`train/logprobs.py`)."""
-    m = config.model
-    return LogpSpec(m.logits_chunk, m.vocab_chunk, m.compute_dtype).validate()
-
-
-def compute_copy(config, params):
-    """The params in `model.compute_dtype` for the sampler and evaluation (the same arrays when it is the
-    storage dtype)."""
-    return cast_floating(params, COMPUTE_DTYPES[config.model.compute_dtype])
-
-
-def _forward_shardings(config, mesh, shardings) -> dict:
-    """In/out shardings of the no-grad passes: rows over ('data', 'fsdp') when they split evenly, else
-    replicated; params as in training."""
-    if mesh is None or shardings is None:
-        return {}
-    rows = config.rollout.prompts_per_step * config.rollout.group_size
-    split = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
-    rows_sh = sharding_lib.batch_sharding(mesh, 1) if split else jax.sharding.NamedSharding(mesh, jax.P())
-    return dict(policy_shardings=shardings["policy"], value_shardings=shardings.get("value"), rows_sharding=rows_sh)
-
-
-def _reference_copy(config, policy_params, shardings):
-    """The frozen KL reference: a compute-dtype copy of the initial policy, sharded like the policy."""
-    # Its own buffers (x.copy()), never the policy's: the update step donates the policy params.
-    copy = jax.tree.map(lambda x: x.copy(), policy_params)
-    return compute_copy(config, copy if shardings is None else jax.device_put(copy, shardings["policy"]))
 
 
 def _mesh(config):
@@ -279,32 +192,11 @@ def run(config, workdir: str, *, eval_before: dict | None = None) -> dict:
         return _run(config, workdir, preempt, eval_before)
 
 
-def _build_parts(config, task, mesh=None):
-    """(policy module, its config, trainable params {"policy"[, "value"]}, PolicyParts): a value model for GAE,
-    a frozen reference copy when a KL term is on, autoregressive or masked-diffusion parts by `model.attention`.
-    With `mesh`, the reference copy and the no-grad passes are sharded like the trained params."""
-    policy, mcfg = load_policy(config, task.tokenizer)
-    graphdef, policy_params = nnx.split(policy, nnx.Param)
-    params, value_graphdef, ref_params = {"policy": policy_params}, None, None
-    if config.advantage.estimator == "gae":
-        value_graphdef, params["value"] = nnx.split(ValueModel.from_policy(policy, rngs=nnx.Rngs(config.seed)),
-                                                    nnx.Param)
-    shardings = None if mesh is None else {k: sharding_lib.param_shardings(v, mesh) for k, v in params.items()}
-    if config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0:
-        ref_params = _reference_copy(config, policy_params, shardings)
-    if config.model.attention == "causal":
-        parts = ar_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef, ref_params=ref_params,
-                         mesh=mesh, shardings=shardings)
-    else:  # masked-diffusion policy: TraceRL rows and objective, same loop
-        parts = diffusion_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef)
-    return policy, mcfg, params, parts
-
-
 def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = _mesh(config)
     task = build_task(config)
-    policy, mcfg, params, parts = _build_parts(config, task, mesh)
+    policy, mcfg, params, parts = policy_lib.build_parts(config, task, mesh)
     console.startup_summary(config, task, params, mesh)
     o = config.optim
     state, tx, state_sh = _initial_state(config, mesh, params, config.train.num_steps * o.ppo_epochs * o.mini_batches)
@@ -323,7 +215,7 @@ def _run(config, workdir: str, preempt, eval_before: dict | None = None) -> dict
         evaluate, examples=task.heldout, tokenizer=task.tokenizer, scorer=task.scorer, sample_fn=parts.eval_gen,
         greedy_fn=parts.greedy_gen if config.eval.greedy else None, samples=config.eval.samples,
         batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len, count_fn=task.count_fn)
-    eval_fn = lambda params, key: evaluate_fn(compute_copy(config, params), key=key)  # noqa: E731 (sampler dtype)
+    eval_fn = lambda params, key: evaluate_fn(policy_lib.compute_copy(config, params), key=key)  # noqa: E731
     # Lines after the restored iteration are written again; with no evaluation restored, step 0 is too (-1: drop all).
     writer = MetricsWriter(workdir, truncate_after=meta["iteration"] if meta["eval_before"] is not None else -1)
     if meta["eval_before"] is None and not preempt.requested:
@@ -367,7 +259,7 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
     for it in range(meta["iteration"], config.train.num_steps):
         t0 = time.time()
         rows, metrics, _ = rollout_lib.collect_batch(
-            spec, compute_copy(config, state.params["policy"]), stream, jax.random.fold_in(base_key, it),
+            spec, policy_lib.compute_copy(config, state.params["policy"]), stream, jax.random.fold_in(base_key, it),
             train_groups=r.prompts_per_step, reward_hp=reward_hp, filter_hp=filter_hp,
             sampler_args=methods.sampler_args(config, meta["method_state"]))
         t1 = time.time()

@@ -11,6 +11,7 @@ import pytest
 
 from jaxrl_reason import algorithms
 from jaxrl_reason.core import advantages as adv
+from jaxrl_reason.core import hapo
 from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import hparams
 
@@ -145,7 +146,7 @@ def test_registry_matches_the_direct_calls():
       "reinforce_pp": adv.reinforce_pp_advantages(
           adv.outcome_to_token_rewards(r, m) - 0.1 * (logp_old - logp_ref) * m, m, 1.0),
       "gae": adv.gae_advantages(adv.outcome_to_token_rewards(r, m) - 0.1 * (logp_old - logp_ref) * m, values, m)[0],
-      "hapo": adv.hapo_token_group_advantages(r, m, 4, 1e-6, 5.0)[0],
+      "hapo": hapo.hapo_token_group_advantages(r, m, 4, 1e-6, 5.0)[0],
       "grpo_passk": adv.grpo_passk_advantages(r, 4)[:, None] * m,
       "gpg": adv.gpg_advantages(r, 4)[:, None] * m,
       "opo": adv.opo_advantages(r, m, 4)[:, None] * m,

@@ -24,6 +24,7 @@ from rl_testing import ROOT  # noqa: F401  (puts the repository root, and so `co
 from jaxrl_reason import algorithms
 from jaxrl_reason.core import advantages as adv_core
 from jaxrl_reason.core import filters as filters_core
+from jaxrl_reason.core import hapo as hapo_core
 from jaxrl_reason.core import kl as kl_core
 from jaxrl_reason.core import length as length_core
 from jaxrl_reason.core import policy_loss as pl_core
@@ -207,6 +208,7 @@ ESTIMATOR_CORE = {"grpo": "grpo_advantages", "dr_grpo": "dr_grpo_advantages", "r
                   "reinforce_pp": "reinforce_pp_advantages",
                   "reinforce_pp_baseline": "reinforce_pp_baseline_advantages", "gae": "gae_advantages",
                   "hapo": "hapo_token_group_advantages"}
+ESTIMATOR_MODULE = {"hapo": hapo_core}  # the estimators whose core function is not in core/advantages.py
 LOSS_CORE = {"ppo": "ppo_clip_loss", "gspo": "gspo_loss"}
 FILTER_CORE = {"zero_variance": "zero_variance_filter", "lspo": "lspo_length_filter",
                "accuracy_band": "accuracy_band_filter"}
@@ -229,7 +231,7 @@ def _rollout_arrays(seed=0):
 
 @pytest.mark.parametrize("estimator", sorted(ESTIMATOR_CORE))
 def test_each_estimator_name_calls_its_core_function(estimator, monkeypatch):
-    calls = {name: _spy(monkeypatch, adv_core, fn) for name, fn in ESTIMATOR_CORE.items()}
+    calls = {name: _spy(monkeypatch, ESTIMATOR_MODULE.get(name, adv_core), fn) for name, fn in ESTIMATOR_CORE.items()}
     x = _rollout_arrays()
     cfg = hparams.freeze(dict(estimator=estimator, group_size=G, eps=1e-6, gamma=1.0, lam=1.0,
                               kl_in_reward_coef=0.01, hapo=dict(fallback_abs=5.0)))
@@ -256,12 +258,12 @@ def test_method_config_reaches_the_named_core_functions(module, arg, monkeypatch
     """From each config: the estimator, the policy loss with its clip bounds, the KL kind, the aggregation, the
     filter and the reward shaping each reach their own core function with the configured values."""
     config, adv_hp, loss_hp, filter_hp, reward_hp = _config_parts(module, arg)
-    est = {name: _spy(monkeypatch, adv_core, fn) for name, fn in ESTIMATOR_CORE.items()}
+    est = {name: _spy(monkeypatch, ESTIMATOR_MODULE.get(name, adv_core), fn) for name, fn in ESTIMATOR_CORE.items()}
     loss = {name: _spy(monkeypatch, pl_core, fn) for name, fn in LOSS_CORE.items()}
     flt = {name: _spy(monkeypatch, filters_core, fn) for name, fn in FILTER_CORE.items()}
     kl = _spy(monkeypatch, kl_core, "kl_estimate")
-    clip_bounds = _spy(monkeypatch, pl_core, "hapo_adaptive_clip_bounds")
-    redistribute = _spy(monkeypatch, adv_core, "hapo_redistribute_advantages")
+    clip_bounds = _spy(monkeypatch, hapo_core, "hapo_adaptive_clip_bounds")
+    redistribute = _spy(monkeypatch, hapo_core, "hapo_redistribute_advantages")
     shaping = {name: _spy(monkeypatch, length_core, name)
                for name in ("dapo_overlong_penalty", "dler_truncation_reward", "da_dler_truncation_reward")}
     x = _rollout_arrays()

@@ -12,7 +12,6 @@ from rl_testing import loss_hp, tiny_config
 from jaxrl_reason import algorithms
 from jaxrl_reason.core import hapo as hapo_lib
 from jaxrl_reason.core import policy_loss as pl
-from jaxrl_reason.core.advantages import hapo_redistribute_advantages
 from jaxrl_reason.core import policy_loss_variants as pv
 from jaxrl_reason.methods import hapo as hapo_method
 from jaxrl_reason.train import build, hparams
@@ -107,8 +106,8 @@ def test_hapo_still_shapes_the_ppo_term():
                             logps_fn=logps_fn)
   m, A, lo = batch["response_mask_NxR"], batch["adv_NxR"], batch["logp_old_NxR"]
   h = hapo_lib.normalize_entropy(entropy, m, hapo_lib.entropy_stats(entropy, m, 0.8), False)
-  el, eh = pl.hapo_adaptive_clip_bounds(h, 0.2, 0.2, 1.0)
-  A2 = hapo_redistribute_advantages(A, h, jnp.exp(logp - lo), el, eh, 1.0)
+  el, eh = hapo_lib.hapo_adaptive_clip_bounds(h, 0.2, 0.2, 1.0)
+  A2 = hapo_lib.hapo_redistribute_advantages(A, h, jnp.exp(logp - lo), el, eh, 1.0)
   agg = dict(agg="token-mean", agg_const=None, num_tokens=m.sum(), num_seqs=4.0)
   np.testing.assert_allclose(shaped, pl.ppo_clip_loss(logp, lo, A2, m, el, eh, 10.0, **agg)[0], rtol=1e-6)
   assert "hapo_h_mean" in metrics and float(plain) != float(shaped)

@@ -69,25 +69,6 @@ def _check_eps(eps, name: str):
         raise ValueError(f"{name} must lie in [0, 1), got {eps}.")
 
 
-def hapo_adaptive_clip_bounds(h_NxT, eps_low, eps_high, alpha: float = 1.0):
-    """HAPO asymmetric adaptive clipping ranges (algorithms.md §4.5, HAPO Eq. 12-13, code `ada_clip`).
-
-    ε_L(i,t) = ε_L·(1 − α·h̃) if h̃ ≤ 0 else ε_L;   ε_R(i,t) = ε_R·(1 + α·h̃) if h̃ > 0 else ε_R.
-    With α = 1 and h̃ ∈ [−1, 1] the clip range spans [1 − 2ε_L, 1 + 2ε_R]. Stop-gradient (code: no_grad).
-
-    Args:
-      h_NxT: normalized entropy h̃ ∈ [−1, 1] (core/hapo.py). eps_low / eps_high: base ranges (scalars).
-    Returns:
-      (eps_low_NxT, eps_high_NxT).
-    """
-    _check_eps(eps_low, "eps_low")
-    _check_eps(eps_high, "eps_high")
-    h = jax.lax.stop_gradient(_float(h_NxT))
-    eps_low_NxT = jnp.where(h <= 0, eps_low * (1.0 - alpha * h), eps_low)
-    eps_high_NxT = jnp.where(h > 0, eps_high * (1.0 + alpha * h), eps_high)
-    return eps_low_NxT, eps_high_NxT
-
-
 def _ratio_metrics(log_ratio, ratio, mask):
     """ppo_kl = masked mean of logp_old − logp (clamped); ratio mean / max over valid tokens."""
     return {

@@ -6,8 +6,7 @@
   C  differential advantage redistribution: A * (1 + beta * h~) inside or outside a neutral ratio zone.
   D  asymmetric adaptive clipping: per-token clip ranges from h~.
 C and D act on the ppo loss inside each micro-batch (`policy_hook`), with entropy statistics of that micro-batch.
-The math is in `core/hapo.py` (statistics, normalization, temperature), `core/advantages.py` (B, C) and
-`core/policy_loss.py` (D).
+The math is in `core/hapo.py`.
 """
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ from ml_collections import config_dict
 
 from jaxrl_reason.core import advantages as adv_lib
 from jaxrl_reason.core import hapo as hapo_lib
-from jaxrl_reason.core import policy_loss as pl
 from jaxrl_reason.methods.hooks import Method
 
 
@@ -38,7 +36,7 @@ def section(config) -> config_dict.ConfigDict:
 @adv_lib.register_advantage("hapo")
 def token_group_advantage(reward_N, mask_NxT, hp, **arrays):
     """B: token-level group average, GRPO fallback for groups with an advantage of `hapo.fallback_abs` or more."""
-    adv, metrics = adv_lib.hapo_token_group_advantages(reward_N, mask_NxT, hp.group_size, hp.eps,
+    adv, metrics = hapo_lib.hapo_token_group_advantages(reward_N, mask_NxT, hp.group_size, hp.eps,
                                                        hp.hapo.fallback_abs)
     return adv, None, metrics
 
@@ -70,11 +68,11 @@ def shape_policy_inputs(logp, entropy, batch, hp):
     h = hapo_lib.normalize_entropy(entropy, mask, stats, h_cfg.sign_compat)
     eps_low, eps_high, overrides = hp.eps_low, hp.eps_high, {}
     if h_cfg.adaptive_clip:
-        eps_low, eps_high = pl.hapo_adaptive_clip_bounds(h, hp.eps_low, hp.eps_high, h_cfg.clip_alpha)
+        eps_low, eps_high = hapo_lib.hapo_adaptive_clip_bounds(h, hp.eps_low, hp.eps_high, h_cfg.clip_alpha)
         overrides = dict(eps_low=eps_low, eps_high=eps_high)
     if h_cfg.redistribute:
         ratio = jnp.exp(jnp.clip(logp - batch["logp_old_NxR"], -20.0, 20.0))
-        adv = adv_lib.hapo_redistribute_advantages(adv, h, ratio, eps_low, eps_high, h_cfg.adv_beta)
+        adv = hapo_lib.hapo_redistribute_advantages(adv, h, ratio, eps_low, eps_high, h_cfg.adv_beta)
     return adv, overrides, {"hapo_h_mean": jnp.sum(h * mask) / jnp.maximum(jnp.sum(mask), 1.0)}
 
 

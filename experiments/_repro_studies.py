@@ -27,7 +27,7 @@ if ROOT not in sys.path:
 from configs.base import shrink_for_smoke  # noqa: E402
 
 # Difficulty tiers of the arithmetic task (level = (n_terms - 3) * 3 + (digits - 1)): 1-digit terms are easy,
-# 3-digit terms hard (calibration.md: 78-94% vs 0-19% at 44% overall).
+# 3-digit terms hard.
 TIERS = {"easy": (0, 3, 6), "medium": (1, 4, 7), "hard": (2, 5, 8)}
 # Per-iteration metrics.jsonl keys kept in results/<study>.json (those a run logged).
 CURVE_KEYS = ("reward/accuracy", "response/length_mean", "response/truncated_frac", "policy/entropy", "train/loss",
@@ -52,15 +52,15 @@ class RunSpec(NamedTuple):
 _GRPO, _DAPO = RunSpec("grpo", "grpo"), RunSpec("dapo", "dapo")
 _HAPO_MINI_BATCHES = 4
 STUDIES = {
-    # algorithms.md §2.5: correctness-only controls, DLER, DA-DLER (merging is added by run_dler_extras).
+    # DLER study: correctness-only controls, DLER, DA-DLER (merging is added by run_dler_extras).
     "dler": (_GRPO, _DAPO, RunSpec("dler", "dler"), RunSpec("da_dler", "da_dler")),
-    # §3.5: each base with and without LSPO. configs/grpo.py:tiny drops GRPO's KL; so does its LSPO twin here.
+    # LSPO study: each base with and without LSPO. configs/grpo.py:tiny drops GRPO's KL; so does its LSPO twin here.
     "lspo": (_GRPO, _DAPO, RunSpec("gspo", "gspo"),
              RunSpec("lspo_grpo", "lspo", "grpo,tiny", (("loss.kl_coef", 0.0),)),
              RunSpec("lspo_dapo", "lspo", "dapo,tiny"), RunSpec("lspo_gspo", "lspo", "gspo,tiny")),
-    # §4.8: HAPO vs DAPO and each of the four components (§4.2-4.5) switched off alone. Every run (the DAPO
+    # HAPO study: HAPO vs DAPO and each of the four components switched off alone. Every run (the DAPO
     # control too) makes _HAPO_MINI_BATCHES optimizer updates per rollout batch: with one, every update is
-    # on-policy (ratio 1) and component D's adaptive clip bounds never bind (§4.5; the paper uses 16).
+    # on-policy (ratio 1) and component D's adaptive clip bounds never bind (the paper uses 16).
     "hapo": tuple(RunSpec(name, module, "tiny", overrides + (("optim.mini_batches", _HAPO_MINI_BATCHES),))
                   for name, module, overrides in (
                       ("dapo", "dapo", ()), ("hapo", "hapo", ()),
@@ -68,13 +68,13 @@ STUDIES = {
                       ("hapo_no_B_token_group_adv", "hapo", (("advantage.estimator", "grpo"),)),
                       ("hapo_no_C_redistribution", "hapo", (("hapo.redistribute", False),)),
                       ("hapo_no_D_adaptive_clip", "hapo", (("hapo.adaptive_clip", False),)))),
-    # §5.6: REPRO on PPO and on GRPO vs the same without.
+    # REPRO study: REPRO on PPO and on GRPO vs the same without.
     "repro": (RunSpec("ppo", "ppo"), RunSpec("repro_ppo", "repro", "ppo,tiny"), _GRPO,
               RunSpec("repro_grpo", "repro", "grpo,tiny")),
 }
-# §3.5 again, with room to fill every batch: the filtered runs (DAPO's zero-variance filter, LSPO's length filter)
-# may draw up to FILL_ROUNDS generation rounds instead of base.py's 4. From a high-accuracy start few groups pass
-# the filters, and with 4 rounds the LSPO runs trained on ~10 of 16 groups per update (their "groups per update").
+# The LSPO study again, with room to fill every batch: the filtered runs (DAPO's zero-variance filter, LSPO's length
+# filter) may draw up to FILL_ROUNDS generation rounds instead of base.py's 4. From a high-accuracy start few groups
+# pass the filters, and with 4 rounds the LSPO runs trained on ~10 of 16 groups per update (their "groups per update").
 # GRPO and GSPO do not filter: their runs are those of "lspo".
 FILL_ROUNDS = 12
 STUDIES["lspo_fill"] = tuple(

@@ -7,7 +7,7 @@
 full-size ~1M and ~30M update cases with one timed step each (after the compiling one), two RL iterations in (c).
 `--quick`: a smoke run at reduced batch sizes.
 
-Prints one markdown table per part (DESIGN.md §5), with the machine and its load average in the header:
+Prints one markdown table per part, with the machine and its load average in the header:
   (a) the measured matmul peak of this machine: best GFLOP/s of a jitted float32 `a @ b` over a few sizes;
   (b) the RL update step (`train/objectives.rl_loss` through `train/step.make_train_step`: forward, backward,
       AdamW) on random data for a ~1M and a ~30M parameter decoder: tokens/s and model FLOP utilization

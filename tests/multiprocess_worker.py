@@ -1,4 +1,4 @@
-"""One process of the multi-process training-equivalence test (`tests/test_multiprocess.py`; DESIGN.md §4).
+"""One process of the multi-process training-equivalence test (`tests/test_multiprocess.py`).
 
 Launched as a script, never imported by pytest. Every process builds the same tiny Transformer (same seed) and the
 same deterministic synthetic RL batches (numpy, seeded per step), places them on a global

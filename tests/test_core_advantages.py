@@ -1,5 +1,4 @@
-"""Golden tests for jaxrl_reason/core/advantages.py
-(algorithms.md §0.5, §1.2, §1.6, §1.7, §1.10, §2.2, §4.3, §4.4).
+"""Golden tests for jaxrl_reason/core/advantages.py and HAPO's advantages in core/hapo.py.
 
 Each estimator is checked against a hand-computed case and an independent numpy reference written with explicit
 Python loops over responses and tokens (float64), comparing float32 results to 1e-5.
@@ -213,7 +212,7 @@ def test_reinforce_pp_baseline_matches_reference():
   expect = ref_whiten(np.array([[a[i] * m[i, t] for t in range(6)] for i in range(8)]), m)
   out = jax.jit(adv.reinforce_pp_baseline_advantages, static_argnums=2)(r, m, 4)
   np.testing.assert_allclose(out, expect, **TOL)
-  # the all-equal group gets -mean/std of the batch (not 0), identical on all its tokens (§2.4)
+  # the all-equal group gets -mean/std of the batch (not 0), identical on all its tokens
   vals = np.asarray(out)[4:][m[4:] > 0]
   assert np.allclose(vals, vals[0]) and abs(vals[0]) > 1e-3
   # singleton groups: baseline 0, i.e. whitened raw rewards

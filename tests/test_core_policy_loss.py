@@ -1,4 +1,4 @@
-"""Golden tests for jaxrl_reason/core/policy_loss.py (algorithms.md §1.1, §1.2, §1.4, §1.9, §4.5).
+"""Golden tests for jaxrl_reason/core/policy_loss.py.
 
 Hand-computed cases, independent numpy references with explicit loops, and jax.grad against central finite
 differences in float64 (inside a `jax.enable_x64` context, so nothing leaks to other tests).
@@ -118,7 +118,7 @@ def test_ppo_clip_matches_reference():
 def test_ppo_clip_grad_matches_finite_differences():
   logp, logp_old, A, m = _random_batch(2, spread=0.3)
   with jax.enable_x64(True):
-    el_tok = np.random.default_rng(9).uniform(0.05, 0.3, size=logp.shape)  # per-token ranges (HAPO §4.5)
+    el_tok = np.random.default_rng(9).uniform(0.05, 0.3, size=logp.shape)  # per-token ranges (HAPO)
     for mode, c, el, eh in (("token-mean", 3.0, 0.2, 0.28), ("seq-mean-token-mean", None, el_tok, el_tok[::-1]),
                             ("seq-mean-token-sum-norm", 1.5, 0.2, 0.2)):
       f = jax.jit(lambda lp: pl.ppo_clip_loss(lp, logp_old, A, m, el, eh, c, agg=mode)[0])

@@ -90,7 +90,7 @@ def test_runs_are_shared_by_key_and_configs_get_the_study_budget(tmp_path):
     spec = dict((r.name, r) for r in studies.STUDIES["hapo"])["hapo_no_A_temperature"]
     c = studies.make_config(spec, 2, s)
     assert c.hapo.tau == 0.0 and c.hapo.redistribute and c.seed == 2
-    # §4.5: several updates per rollout batch, so HAPO's clip bounds can bind (the DAPO control too)
+    # several updates per rollout batch, so HAPO's clip bounds can bind (the DAPO control too)
     assert {studies.make_config(r, 0, s).optim.mini_batches for r in studies.STUDIES["hapo"]} == {4}
     assert (c.train.num_steps, c.train.time_budget_s, c.eval.num_problems, c.eval.samples) == (7, 0.0, 50, 3)
     assert os.path.isabs(c.model.sft_dir) and c.model.init == "sft"

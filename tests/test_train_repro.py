@@ -1,4 +1,4 @@
-"""REPRO in the training loop (train/repro.py, algorithms.md §5.5) against direct per-query forwards and an
+"""REPRO in the training loop (methods/repro.py) against direct per-query forwards and an
 explicit-loop reference of the whole process-advantage pipeline; padding, chunking and sharding invariance."""
 import functools
 import math
@@ -92,7 +92,8 @@ def direct_J(model, tok, context: str, answer: str, size: int = 64) -> float:
 
 
 def reference_advantage(model, tok, rows, eps=1e-6):
-    """Explicit loops over §5.2–§5.5 with after_last='zero', before_first='following', scope='batch'."""
+    """Explicit loops over the scores, process rewards and advantages with
+    after_last='zero', before_first='following', scope='batch'."""
     n_rows, R = rows["tokens"].shape
     per_row = {}
     for n in range(n_rows - 1):  # the last row has response mask 0

@@ -1,4 +1,4 @@
-"""Policy, value and entropy losses on log-probabilities (algorithms.md §1.1, §1.2, §1.4, §1.9, §4.5).
+"""Policy, value and entropy losses on log-probabilities.
 
 Losses take per-token log-probs `[N, T]` (never a model) and return `(loss, metrics)`; metrics are
 stop-gradient scalars. Log-probs are upcast to float32 (or wider) before any exp.
@@ -48,8 +48,8 @@ def _clip_hparams(hp):
     return dict(eps_low=hp.eps_low, eps_high=hp.eps_high)
 
 
-LOG_RATIO_CLAMP = 20.0   # verl's numerical guard on log π/π_old (§1.1)
-GSPO_LOG_RATIO_MAX = 10.0  # verl's clamp on log s_{i,t} (§1.9)
+LOG_RATIO_CLAMP = 20.0   # verl's numerical guard on log π/π_old
+GSPO_LOG_RATIO_MAX = 10.0  # verl's clamp on log s_{i,t}
 
 
 def _float(x):
@@ -82,8 +82,8 @@ def _ratio_metrics(log_ratio, ratio, mask):
 def ppo_clip_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_high=0.2,
                   dual_clip_c: Optional[float] = 3.0, agg: str = "token-mean", agg_const=None,
                   token_weights_NxT=None, **agg_kwargs):
-    """PPO clipped surrogate with asymmetric (clip-higher) ranges and dual clip (algorithms.md §1.1, verl
-    `compute_policy_loss_vanilla`; DAPO §1.8; HAPO adaptive ranges §4.5).
+    """PPO clipped surrogate with asymmetric (clip-higher) ranges and dual clip (verl
+    `compute_policy_loss_vanilla`; DAPO's clip-higher; HAPO's per-token adaptive ranges).
 
       log r = clamp(logp − logp_old, −20, 20);  L1 = −A·r;  L2 = −A·clip(r, 1−ε_low, 1+ε_high)
       Lc = max(L1, L2);  Lpg = where(A < 0, min(Lc, −A·c), Lc)   (dual clip only when `dual_clip_c` is set)
@@ -94,7 +94,7 @@ def ppo_clip_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_hi
       adv_NxT: advantages `[N, T]` (constant). eps_low, eps_high: scalars or `[N, T]` arrays.
       dual_clip_c: dual-clip constant c > 1 (verl default 3.0, DAPO/DLER/HAPO 10.0); None disables it.
       agg, agg_const, **agg_kwargs: see `aggregate`. token_weights_NxT: optional per-token multiplicative weights
-        (rollout/training mismatch correction, §1.1), treated as constants.
+        (rollout/training mismatch correction), treated as constants.
 
     Returns:
       (loss, metrics): pg_clipfrac (L2 > L1), pg_clipfrac_lower (A < 0 and Lc > −A·c), ppo_kl, ratio_mean,
@@ -130,7 +130,7 @@ def ppo_clip_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_hi
 @register_policy_loss("gspo", _clip_hparams)
 def gspo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=3e-4, eps_high=4e-4, agg=None, agg_const=None,
               **agg_kwargs):
-    """GSPO-token loss with the sequence-level ratio (algorithms.md §1.9, GSPO paper, verl
+    """GSPO-token loss with the sequence-level ratio (GSPO paper, verl
     `compute_policy_loss_gspo`).
 
       log s_i = Σ_t m·(logp − logp_old) / max(|o_i|, 1)
@@ -160,7 +160,7 @@ def gspo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=3e-4, eps_high=
 
 def value_loss(v_pred_NxT, v_old_NxT, returns_NxT, mask_NxT, clip: Optional[float] = 0.5,
                agg: str = "token-mean", agg_const=None, **agg_kwargs):
-    """Clipped value loss (algorithms.md §1.2, verl `compute_value_loss`).
+    """Clipped value loss (verl `compute_value_loss`).
 
       v_clip = clip(v_pred, V_old − c, V_old + c);  loss = 0.5·agg(max((v_pred−R)², (v_clip−R)²), m)
     `clip=None` disables clipping. Returns (loss, {"vf_clipfrac", "vpred_mean"}).
@@ -185,7 +185,7 @@ def value_loss(v_pred_NxT, v_old_NxT, returns_NxT, mask_NxT, clip: Optional[floa
 
 def entropy_bonus(entropy_NxT, mask_NxT, coef: float, agg: str = "token-mean", agg_const=None,
                   **agg_kwargs):
-    """Entropy bonus term to *add* to the loss: −coef·agg(H, m) (algorithms.md §1.4; verl default coef 0).
+    """Entropy bonus term to *add* to the loss: −coef·agg(H, m) (verl default coef 0).
 
     Returns (loss_term, {"entropy": agg(H, m)}).
     """

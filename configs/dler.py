@@ -1,5 +1,6 @@
 """DLER: truncation penalty at L_T = max_new_tokens, group-mean + batch-whitened advantage,
-clip-higher, dual clip 10, zero-variance filter on the pre-penalty score, k2 KL loss 5e-4.
+clip-higher, dual clip 10, zero-variance filter on the pre-penalty score, k2 KL loss 5e-4. The method and its
+`dler` section: jaxrl_reason/methods/dler.py; its math: jaxrl_reason/core/length.py.
 
 The tiny arg sets the truncation budget below the SFT policy's typical length with re-checks (64 tokens), so
 there is overthinking to remove.

@@ -121,7 +121,8 @@ def build(config, mcfg, devices):
         value_graphdef, params["value"] = nnx.split(value, nnx.Param)
     tokenizer = types.SimpleNamespace(eos_token_id=0, pad_token_id=0)  # the loss never reads token ids
     shardings = {k: sharding_lib.param_shardings(v, mesh) for k, v in params.items()}
-    parts = policy_lib.ar_parts(config, graphdef, tokenizer, value_graphdef=value_graphdef, mesh=mesh, shardings=shardings)
+    parts = policy_lib.ar_parts(config, graphdef, tokenizer, value_graphdef=value_graphdef, mesh=mesh,
+                                shardings=shardings)
     o = config.optim
     state, tx, state_sh = loop.abstract_state(config, mesh, params, config.train.num_steps * o.ppo_epochs *
                                               o.mini_batches)

@@ -1,8 +1,9 @@
 """The shared config schema of every RL experiment; method files override parts of it.
 
 Each method file (`configs/grpo.py`, `configs/dapo.py`, ...) calls `get_base_config(arg)` and then applies its
-recipe from `jaxrl_reason.algorithms.RECIPES` (the paper defaults), so every field a method can change is visible
-here, with its meaning. `arg` picks the scale:
+recipe from `jaxrl_reason.algorithms.RECIPES` (the paper defaults), so every shared field a method can change is
+visible here, with its meaning; a method with settings of its own (DLER, HAPO, LSPO, REPRO) adds its section
+(`config.hapo`, ...) from its module in `jaxrl_reason/methods/`. `arg` picks the scale:
 
   tiny   ~0.8M-parameter character-level model on the arithmetic task; runs on a 2-core CPU in minutes.
   small  ~30M-parameter model, same task; a GPU or a many-core CPU.
@@ -63,7 +64,7 @@ def _task(scale: str) -> config_dict.ConfigDict:
     t.name = "arithmetic" if scale != "full" else "jsonl"  # arithmetic | reasoning_gym | jsonl (files by path)
     t.train_levels = (0, 1, 2, 3, 4, 5, 6, 7, 8)
     t.eval_levels = (0, 1, 2, 3, 4, 5, 6, 7, 8)
-    t.recheck_prob = 0.9  # SFT traces with redundant re-checks (calibration.md lesson 1)
+    t.recheck_prob = 0.9  # SFT traces with redundant re-checks
     t.error_prob = 0.0
     t.reasoning_gym_task = "chain_sum"
     t.train_path = ""
@@ -106,8 +107,6 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.rollout.top_k = 0
     c.rollout.top_p = 1.0
     c.rollout.min_p = 0.0
-    c.rollout.hapo_tau = 0.0  # > 0: HAPO entropy-adaptive temperature (algorithms.md §4.2)
-    c.rollout.hapo_sign_compat = False
     c.rollout.lanes = 1  # > 1: decode the batch as independent lanes run concurrently (sampling/autoregressive.py)
     c.rollout.sample_batch_rows = 0  # > 0: sample a round in sub-batches of this many rows (whole groups)
     c.rollout.share_prefill = {"tiny": False, "small": False, "full": True}[scale]  # prefill each prompt once
@@ -121,18 +120,11 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
 
     c.reward = config_dict.ConfigDict()
     c.reward.kind = "binary"  # binary: {0, 1}; signed: {-1, +1} (DAPO verifier)
-    c.reward.overlong_buffer = 0  # > 0: DAPO soft overlong penalty over the last `buffer` tokens (§1.8)
+    # Shapings applied in order after the base `kind` (the keys of core.length.REWARD_SHAPINGS): "overlong" (DAPO
+    # soft overlong penalty over the last `overlong_buffer` tokens), "dler_truncation", "da_dler" (methods/dler.py)
+    c.reward.shaping = ()
+    c.reward.overlong_buffer = 0
     c.reward.overlong_factor = 1.0
-    c.reward.truncation_penalty = False  # DLER: truncated responses get reward * stop_penalty_coef (§2.2.1)
-    c.reward.stop_penalty_coef = 0.0  # 0.0 = paper; 0.1 = released code
-    c.reward.da_dler_thresholds = ()  # DA-DLER pass-rate thresholds (§2.2.6); empty = off
-    c.reward.da_dler_budgets = ()  # one more budget than thresholds, shortest for the easiest tier
-    c.reward.repro_alpha = 0.0  # > 0: REPRO process advantage weight (§5.2)
-    c.reward.repro_w = 0.5
-    c.reward.repro_k = 10
-    c.reward.repro_delimiter = " "  # segment delimiter ("\n\n" for math text, " " for the char-level task)
-    c.reward.repro_answer_prefix = "#### "  # template between the reasoning prefix and the gold answer
-    c.reward.repro_think_end = "####"  # where the thinking part ends ("</think>" for R1-style models)
     c.reward.verifier_workers = 0  # > 0: score in a process pool with a per-item time limit
     c.reward.verifier_timeout_s = 5.0
     # "": the task's verifier. Else weighted terms of rewards/registry.py, e.g. "0.9*math,0.1*format", or a user
@@ -140,11 +132,8 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.reward.fn = ""
 
     c.filter = config_dict.ConfigDict()
-    c.filter.kind = "none"  # none | zero_variance | lspo | accuracy_band
+    c.filter.kind = "none"  # none | zero_variance | lspo | accuracy_band (the keys of core.filters.GROUP_FILTERS)
     c.filter.max_rounds = 4  # generation rounds to fill the batch before training on what there is
-    c.filter.lspo_low = 0.30
-    c.filter.lspo_high = 0.60
-    c.filter.lspo_max = 0.90
     c.filter.band_low = 0.2
     c.filter.band_high = 0.8
 
@@ -155,7 +144,6 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.advantage.eps = 1e-6
     c.advantage.gamma = 1.0
     c.advantage.lam = 1.0
-    c.advantage.hapo_fallback_abs = 5.0
 
     c.loss = config_dict.ConfigDict()
     # ppo | gspo | cispo | sapo | gmpo | clip_cov | kl_cov | gpg | dppo_tv | dppo_kl
@@ -169,16 +157,10 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.loss.agg_const = 0.0  # seq-mean-token-sum-norm constant; 0: max_new_tokens
     c.loss.kl_coef = 0.0
     c.loss.kl_kind = "k3"
-    c.loss.kl_in_reward_coef = 0.0  # > 0: k1 KL folded into the token rewards (REINFORCE++, §1.10)
+    c.loss.kl_in_reward_coef = 0.0  # > 0: k1 KL folded into the token rewards (REINFORCE++)
     c.loss.entropy_coef = 0.0
     c.loss.value_coef = 0.5
     c.loss.value_clip = 0.5
-    c.loss.hapo_adaptive_clip = False
-    c.loss.hapo_clip_alpha = 1.0
-    c.loss.hapo_redistribute = False
-    c.loss.hapo_adv_beta = 1.0
-    c.loss.hapo_pivot = 0.8
-    c.loss.hapo_sign_compat = False
     c.loss.sapo_tau_pos = 1.0  # SAPO gate temperature for positive advantages
     c.loss.sapo_tau_neg = 1.05  # and for the others
     c.loss.clip_cov_ratio = 2e-4  # Clip-Cov: fraction of tokens whose gradient is cut
@@ -188,7 +170,7 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.loss.kl_cov_coef = 1.0
 
     c.optim = config_dict.ConfigDict()
-    c.optim.lr = {"tiny": 1e-4, "small": 3e-5, "full": 1e-6}[scale]  # calibration.md lesson 4
+    c.optim.lr = {"tiny": 1e-4, "small": 3e-5, "full": 1e-6}[scale]
     c.optim.value_lr = 1e-4 if scale != "full" else 1e-5
     c.optim.warmup_steps = 0
     c.optim.schedule = "constant"

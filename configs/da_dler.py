@@ -1,5 +1,6 @@
-"""DA-DLER (algorithms.md §2.2 item 6): DLER with a per-prompt truncation budget from the group pass rate
-(one threshold 0.5: easy prompts get half the budget). [INFERRED details are switches in core/length.py]
+"""DA-DLER: DLER with a per-prompt truncation budget from the group pass rate
+(one threshold 0.5: easy prompts get half the budget; `dler.thresholds`, `dler.budgets`). [INFERRED details are
+switches in core/length.py] The method: jaxrl_reason/methods/dler.py.
 
 Launch:
   python experiments/train.py --config=configs/da_dler.py:tiny --workdir=runs/da_dler_tiny

@@ -1,8 +1,9 @@
-"""DLER (algorithms.md §2): truncation penalty at L_T = max_new_tokens, group-mean + batch-whitened advantage,
-clip-higher, dual clip 10, zero-variance filter on the pre-penalty score, k2 KL loss 5e-4.
+"""DLER: truncation penalty at L_T = max_new_tokens, group-mean + batch-whitened advantage,
+clip-higher, dual clip 10, zero-variance filter on the pre-penalty score, k2 KL loss 5e-4. The method and its
+`dler` section: jaxrl_reason/methods/dler.py; its math: jaxrl_reason/core/length.py.
 
 The tiny arg sets the truncation budget below the SFT policy's typical length with re-checks (64 tokens), so
-there is overthinking to remove (algorithms.md §2.5 claim, calibration.md lessons 1-2).
+there is overthinking to remove.
 
 Launch:
   python experiments/train.py --config=configs/dler.py:tiny --workdir=runs/dler_tiny

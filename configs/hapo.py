@@ -1,5 +1,6 @@
-"""HAPO (algorithms.md §4): DAPO + entropy-adaptive temperature (tau 0.05), token-level group-average
-advantage, differential advantage redistribution and asymmetric adaptive clipping.
+"""HAPO: DAPO + entropy-adaptive temperature (tau 0.05), token-level group-average
+advantage, differential advantage redistribution and asymmetric adaptive clipping. The method and its `hapo`
+section (each piece a switch): jaxrl_reason/methods/hapo.py; its math: jaxrl_reason/core/hapo.py.
 
 Launch:
   python experiments/train.py --config=configs/hapo.py:tiny --workdir=runs/hapo_tiny

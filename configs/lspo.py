@@ -1,10 +1,10 @@
-"""LSPO (algorithms.md §3): length-aware dynamic sampling on top of GRPO, DAPO or GSPO.
+"""LSPO: length-aware dynamic sampling on top of GRPO, DAPO or GSPO.
 
 The arg is `<base>` or `<base>,<scale>`, e.g. `configs/lspo.py:dapo,tiny` (default `dapo,tiny`).
 Launch:
   python experiments/train.py --config=configs/lspo.py:dapo,tiny --workdir=runs/lspo_dapo_tiny
 Thresholds: (0.30, 0.60, 0.90) from the released script; the paper summary's (0.30, 0.65, 0.95) via
---config.filter.lspo_high=0.65 --config.filter.lspo_max=0.95.
+--config.lspo.high=0.65 --config.lspo.max=0.95. The method: jaxrl_reason/methods/lspo.py.
 """
 from jaxrl_reason.algorithms import apply_recipe
 

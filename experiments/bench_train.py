@@ -168,7 +168,9 @@ def bench_update(case: UpdateCase, steps: int = 3, seed: int = 0) -> dict:
     from flax import nnx
 
     from jaxrl_reason.models.transformer import Transformer
-    from jaxrl_reason.train.objectives import ObjectiveConfig, rl_loss
+    from configs.base import get_base_config
+    from jaxrl_reason.train.hparams import loss_hp
+    from jaxrl_reason.train.objectives import rl_loss
     from jaxrl_reason.train.optimizer import make_optimizer
     from jaxrl_reason.train.state import init_train_state
     from jaxrl_reason.train.step import make_train_step
@@ -179,7 +181,8 @@ def bench_update(case: UpdateCase, steps: int = 3, seed: int = 0) -> dict:
     params = jax.jit(lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)[1])()
     tx = make_optimizer(1e-5)
     state = init_train_state({"policy": params}, tx, seed)
-    loss_fn = functools.partial(rl_loss, cfg=ObjectiveConfig(), policy_graphdef=graphdef)
+    # the base config's loss: PPO clip 0.2, token-mean, no KL, no entropy bonus, no critic
+    loss_fn = functools.partial(rl_loss, hp=loss_hp(get_base_config("tiny")), policy_graphdef=graphdef)
     update = make_train_step(loss_fn, tx, num_micro_batches=case.micro_batches)
     batch = jax.device_put(synthetic_batch(case, seed, cfg.vocab_size))
     t0 = time.perf_counter()

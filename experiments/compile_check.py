@@ -102,6 +102,7 @@ def build(config, mcfg, devices):
     from jaxrl_reason.models.value import ValueModel
     from jaxrl_reason.train import batch as batch_lib
     from jaxrl_reason.train import loop
+    from jaxrl_reason.train import policy as policy_lib
     from jaxrl_reason.train.step import make_train_step
 
     if config.model.attention != "causal":
@@ -118,7 +119,8 @@ def build(config, mcfg, devices):
         value_graphdef, params["value"] = nnx.split(value, nnx.Param)
     tokenizer = types.SimpleNamespace(eos_token_id=0, pad_token_id=0)  # the loss never reads token ids
     shardings = {k: sharding_lib.param_shardings(v, mesh) for k, v in params.items()}
-    parts = loop.ar_parts(config, graphdef, tokenizer, value_graphdef=value_graphdef, mesh=mesh, shardings=shardings)
+    parts = policy_lib.ar_parts(config, graphdef, tokenizer, value_graphdef=value_graphdef, mesh=mesh,
+                                shardings=shardings)
     o = config.optim
     state, tx, state_sh = loop.abstract_state(config, mesh, params, config.train.num_steps * o.ppo_epochs *
                                               o.mini_batches)
@@ -128,8 +130,8 @@ def build(config, mcfg, devices):
     batch = loop.update_batch_spec(config, batch_sh)
     # The loop's old / reference pass: micro-batched over rows, sharded like the update step, in compute dtype.
     logps_fn = batch_lib.make_forward_fns(
-        graphdef, value_graphdef, spec=loop.logp_spec(config), micro_batch_rows=o.logp_micro_batch_rows,
-        **loop._forward_shardings(config, mesh, shardings))[0]
+        graphdef, value_graphdef, spec=policy_lib.logp_spec(config), micro_batch_rows=o.logp_micro_batch_rows,
+        **policy_lib.forward_shardings(config, mesh, shardings))[0]
     micro_rows = config.rollout.prompts_per_step * config.rollout.group_size  # the whole rollout batch
     fwd_batch = {k: jax.ShapeDtypeStruct((micro_rows,) + batch[k].shape[1:], batch[k].dtype)
                  for k in ("tokens_NxL", "valid_NxL", "response_mask_NxR")}

@@ -76,10 +76,8 @@ def evaluate_checkpoint(config, checkpoint: str, *, samples: int | None = None, 
     import jax
     from flax import nnx
 
-    from jaxrl_reason.sampling.autoregressive import make_generate_fn
-    from jaxrl_reason.sampling.processors import SamplingParams
     from jaxrl_reason.train import build
-    from jaxrl_reason.train import export as export_lib
+    from jaxrl_reason.train import policy as policy_lib
     from jaxrl_reason.train.evaluation import evaluate
 
     samples = config.eval.samples if samples is None else samples
@@ -98,10 +96,8 @@ def evaluate_checkpoint(config, checkpoint: str, *, samples: int | None = None, 
     graphdef, params = nnx.split(policy, nnx.Param)
     tok, ro = task.tokenizer, config.rollout
     # stop at every end id of the checkpoint's generation_config.json, as `generate` does
-    common = dict(max_prompt_len=ro.max_prompt_len, max_new_tokens=ro.max_new_tokens,
-                  eos_ids=export_lib.stop_ids(tok, checkpoint), pad_id=tok.pad_token_id)
-    sample_fn = make_generate_fn(graphdef, params=SamplingParams(temperature=config.eval.temperature), **common)
-    greedy_fn = make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common) if config.eval.greedy else None
+    sample_fn, greedy_fn = policy_lib.eval_samplers(config, graphdef, tok, source=checkpoint)
+    greedy_fn = greedy_fn if config.eval.greedy else None
     rows = max(1, min(config.eval.batch_size, len(task.heldout) * samples))
     return evaluate(params, task.heldout, tokenizer=tok, scorer=task.scorer, sample_fn=sample_fn, greedy_fn=greedy_fn,
                     samples=samples, batch_rows=rows, max_prompt_len=ro.max_prompt_len, key=jax.random.PRNGKey(seed),

@@ -1,41 +1,49 @@
 """Named recipes: which reward shaping, filter, advantage, loss, aggregation and KL each method uses.
 
-A method is a recipe, not a class (DESIGN.md §2): a flat dict of config overrides (dotted keys into the schema of
-`configs/base.py`) holding the paper defaults. A config file applies a recipe and may override any single part,
-so combining parts (LSPO on GSPO, REPRO on PPO) is a config edit. Sources: algorithms.md §1.11 (baselines), §2.3
-(DLER), §3.2 (LSPO), §4.7 (HAPO), §5.4 (REPRO).
+A method is a recipe, not a class: a flat dict of config overrides (dotted keys into the schema of `configs/base.py`)
+holding the paper defaults. A config file applies a recipe and may override any single part, so combining parts
+(LSPO on GSPO, REPRO on PPO) is a config edit. The baselines (GRPO, DAPO, GSPO, PPO, REINFORCE++, verl's loss
+family) are written here; the methods with a module of their own (`jaxrl_reason/methods/`: DLER, HAPO, LSPO, REPRO)
+bring their recipes, and `RECIPES` holds them all.
 
-Scale-dependent numbers (overlong buffer, DLER budget) are expressed as fractions of `rollout.max_new_tokens`
-where the paper ties them to the response budget, and resolved by `apply_recipe`.
+Scale-dependent numbers (the overlong buffer) are expressed as fractions of `rollout.max_new_tokens` where the paper
+ties them to the response budget, and resolved by `apply_recipe`.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from jaxrl_reason.methods import registry as methods
+from jaxrl_reason.core import filters as _filters
+from jaxrl_reason.core import kl as _kl
+from jaxrl_reason.core import length as _length
 from jaxrl_reason.core.advantages import ADVANTAGE_ESTIMATORS as _ESTIMATOR_REGISTRY
 from jaxrl_reason.core.aggregate import AGGREGATIONS as _AGGREGATION_REGISTRY
 from jaxrl_reason.core import policy_loss_variants  # noqa: F401  (registers the variants in POLICY_LOSSES)
 from jaxrl_reason.core.policy_loss import POLICY_LOSSES as _POLICY_LOSS_REGISTRY
 
-# The accepted names are the registries' keys: registering a new part makes its name valid here.
+# The accepted names are the registries' keys (the method modules register their parts when `methods` is imported):
+# registering a new part makes its name valid here.
 ADVANTAGE_ESTIMATORS = tuple(_ESTIMATOR_REGISTRY)
 LOSS_MODES = tuple(_POLICY_LOSS_REGISTRY)
 AGG_MODES = tuple(_AGGREGATION_REGISTRY)
-FILTERS = ("none", "zero_variance", "lspo", "accuracy_band")
-KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+")
+FILTERS = tuple(_filters.GROUP_FILTERS)
+REWARD_SHAPINGS = tuple(_length.REWARD_SHAPINGS)
+KL_KINDS = _kl.kl_kinds()
 
 _GRPO = {
     "advantage.estimator": "grpo",
     "loss.mode": "ppo",
     "loss.eps_low": 0.2,
     "loss.eps_high": 0.2,
-    "loss.agg": "seq-mean-token-mean",  # original GRPO objective (§1.6)
-    "loss.kl_coef": 0.001,  # verl use_kl_loss default coefficient, low_var_kl (§1.3)
+    "loss.agg": "seq-mean-token-mean",  # original GRPO objective
+    "loss.kl_coef": 0.001,  # verl use_kl_loss default coefficient, low_var_kl
     "loss.kl_kind": "k3",
 }
 _DAPO = {
     "advantage.estimator": "grpo",
-    "reward.kind": "signed",  # DAPO verifier: +1 / -1 (§1.8)
+    "reward.kind": "signed",  # DAPO verifier: +1 / -1
+    "reward.shaping": ("overlong",),  # soft overlong punishment
     "reward.overlong_buffer": 0.2,  # fraction of max_new_tokens: 4096 of 20480 in the recipe
     "reward.overlong_factor": 1.0,
     "filter.kind": "zero_variance",
@@ -51,9 +59,9 @@ _GSPO = {
     "loss.mode": "gspo",
     "loss.eps_low": 3e-4,
     "loss.eps_high": 4e-4,
-    "loss.agg": "seq-mean-token-mean",  # forced by GSPO (§1.9)
+    "loss.agg": "seq-mean-token-mean",  # forced by GSPO
     "loss.kl_coef": 0.0,
-    "optim.mini_batches": 4,  # GSPO only differs from GRPO off-policy (§1.9)
+    "optim.mini_batches": 4,  # GSPO only differs from GRPO off-policy
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -61,13 +69,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "dr_grpo": {
         **_GRPO,
         "advantage.estimator": "dr_grpo",
-        "loss.agg": "seq-mean-token-sum-norm",  # constant = max_new_tokens (§1.7)
+        "loss.agg": "seq-mean-token-sum-norm",  # constant = max_new_tokens
         "loss.kl_coef": 0.0,
     },
     "dapo": _DAPO,
     "gspo": _GSPO,
     "reinforce_pp": {
-        "advantage.estimator": "reinforce_pp",  # return-to-go with k1 KL in the reward, batch whitening (§1.10)
+        "advantage.estimator": "reinforce_pp",  # return-to-go with k1 KL in the reward, batch whitening
         "loss.kl_in_reward_coef": 0.001,
         "loss.kl_coef": 0.0,
         "loss.agg": "token-mean",
@@ -78,7 +86,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "loss.agg": "token-mean",
     },
     "ppo": {
-        "advantage.estimator": "gae",  # critic + GAE, batch whitening (§1.2)
+        "advantage.estimator": "gae",  # critic + GAE, batch whitening
         "loss.mode": "ppo",
         "loss.dual_clip_c": 3.0,
         "loss.agg": "token-mean",
@@ -86,30 +94,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         "advantage.gamma": 1.0,
         "advantage.lam": 1.0,
     },
-    "dler": {
-        "reward.kind": "binary",
-        "reward.truncation_penalty": True,  # truncation at L_T = max_new_tokens (§2.2.1)
-        "reward.stop_penalty_coef": 0.0,  # paper; the released code uses 0.1
-        "filter.kind": "zero_variance",  # on the pre-penalty score (§2.2.4)
-        "advantage.estimator": "reinforce_pp_baseline",  # group mean + batch whitening (§2.2.2)
-        "loss.mode": "ppo",
-        "loss.eps_low": 0.2,
-        "loss.eps_high": 0.28,
-        "loss.dual_clip_c": 10.0,
-        "loss.agg": "token-mean",
-        "loss.kl_coef": 5e-4,
-        "loss.kl_kind": "k2",  # paper Table 4 says mse; the launcher leaves low_var_kl (§2.3)
-    },
-    "lspo": {"filter.kind": "lspo"},  # applied on top of grpo / dapo / gspo by configs/lspo.py (§3)
-    "hapo": {
-        **_DAPO,
-        "advantage.estimator": "hapo",  # token-level group average (§4.3)
-        "rollout.hapo_tau": 0.05,  # released scripts; paper notes say 0.1 (§4.2)
-        "loss.hapo_adaptive_clip": True,  # §4.5
-        "loss.hapo_redistribute": True,  # §4.4
-        "loss.eps_high": 0.2,  # released scripts 0.2/0.2; paper notes 0.2/0.28 (§4.5)
-    },
-    "repro": {"reward.repro_alpha": 0.1},  # applied on top of ppo / grpo by configs/repro.py (§5.4)
     "tracerl": {  # masked-diffusion policies; rows, objective and value model in train/tracerl.py (diffusion.md §7)
         "filter.kind": "accuracy_band",
         "filter.band_low": 0.2,
@@ -117,7 +101,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "advantage.estimator": "grpo",
         "loss.kl_coef": 0.0,
         "loss.kl_in_reward_coef": 0.0,
-    },  # applied on top of ppo / grpo by configs/repro.py (§5.4)
+    },
 }
 _VERL_LOSS = {"advantage.estimator": "grpo", "loss.agg": "token-mean", "loss.kl_coef": 0.0}  # verl's examples
 RECIPES.update({
@@ -146,24 +130,34 @@ RECIPES.update({
     # GRPO with the un-normalized token-sum aggregation
     "grpo_token_sum": {**_GRPO, "loss.agg": "token-sum"},
 })
-RECIPES["da_dler"] = {
-    **RECIPES["dler"],
-    "reward.da_dler_thresholds": (0.5,),  # one threshold (§2.2.6)
-    "reward.da_dler_budgets": (1.0, 0.5),  # fractions of max_new_tokens: hard (c < 0.5), easy (c >= 0.5)
-}
+for _method in methods.METHODS.values():
+    for _name, _recipe in _method.recipes.items():
+        RECIPES[_name] = {**RECIPES.get(_method.based_on, {}), **_recipe}
 
 # Recipe keys whose values are fractions of rollout.max_new_tokens.
 _FRACTION_OF_BUDGET = ("reward.overlong_buffer",)
 
 
 def apply_recipe(config, name: str) -> None:
-    """Writes the recipe `name` into `config` in place (config files call this, then override)."""
+    """Writes the recipe `name` into `config` in place (config files call this, then override).
+
+    A key in a method's section (`"hapo.tau"`) first adds the section with its defaults. A method applied on top of
+    a base recipe (`stacks_on`: LSPO, REPRO) keeps the run's name.
+    """
     if name not in RECIPES:
         raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(sorted(RECIPES))}.")
     for dotted, value in RECIPES[name].items():
         if dotted in _FRACTION_OF_BUDGET:
             value = int(round(value * config.rollout.max_new_tokens))
         section, key = dotted.split(".")
+        if section not in config and section in methods.METHODS:
+            config[section] = methods.METHODS[section].section(config)
         getattr(config, section)[key] = value
-    if name not in ("lspo", "repro"):  # meta-recipes keep the base method's name
+    if not any(name in m.recipes and m.stacks_on for m in methods.METHODS.values()):
         config.algorithm = name
+
+
+def algorithm_names() -> set[str]:
+    """Every valid `config.algorithm`: the recipes and `<method>_<base>` for each method applied on a base."""
+    stacked = {f"{m.name}_{b}" for m in methods.METHODS.values() for b in m.stacks_on}
+    return set(RECIPES) | stacked

@@ -57,10 +57,10 @@ STUDIES = {
     "hapo": tuple(RunSpec(name, module, "tiny", overrides + (("optim.mini_batches", HAPO_MINI_BATCHES),))
                   for name, module, overrides in (
                       ("dapo", "dapo", ()), ("hapo", "hapo", ()),
-                      ("hapo_no_A_temperature", "hapo", (("rollout.hapo_tau", 0.0),)),
+                      ("hapo_no_A_temperature", "hapo", (("hapo.tau", 0.0),)),
                       ("hapo_no_B_token_group_adv", "hapo", (("advantage.estimator", "grpo"),)),
-                      ("hapo_no_C_redistribution", "hapo", (("loss.hapo_redistribute", False),)),
-                      ("hapo_no_D_adaptive_clip", "hapo", (("loss.hapo_adaptive_clip", False),)))),
+                      ("hapo_no_C_redistribution", "hapo", (("hapo.redistribute", False),)),
+                      ("hapo_no_D_adaptive_clip", "hapo", (("hapo.adaptive_clip", False),)))),
     # REPRO on PPO and on GRPO vs the same without.
     "repro": (RunSpec("ppo", "ppo"), RunSpec("repro_ppo", "repro", "ppo,tiny"), GRPO,
               RunSpec("repro_grpo", "repro", "grpo,tiny")),

@@ -174,7 +174,8 @@ def run(args) -> None:
     from jax.experimental import multihost_utils
 
     from jaxrl_reason.models import sharding as sharding_lib
-    from jaxrl_reason.train.objectives import ObjectiveConfig, rl_loss
+    from jaxrl_reason.train.objectives import rl_loss
+    from rl_testing import loss_hp
     from jaxrl_reason.train.optimizer import make_optimizer
     from jaxrl_reason.train.step import make_train_step
 
@@ -183,9 +184,8 @@ def run(args) -> None:
     tx = make_optimizer(3e-3, warmup_steps=1, total_steps=args.steps, weight_decay=0.01, grad_clip=1.0)
     state, state_sh, graphdef = build_state(jax, mesh, tx, args.unsharded)
     init = host_tree(jax, state.params["policy"], args.num_processes)  # before the state is donated
-    cfg = ObjectiveConfig(mode="ppo", eps_low=0.2, eps_high=0.28, agg="seq-mean-token-mean", kl_coef=0.05,
-                          entropy_coef=0.01)
-    loss_fn = functools.partial(rl_loss, cfg=cfg, policy_graphdef=graphdef)
+    hp = loss_hp(mode="ppo", eps_low=0.2, eps_high=0.28, agg="seq-mean-token-mean", kl_coef=0.05, entropy_coef=0.01)
+    loss_fn = functools.partial(rl_loss, hp=hp, policy_graphdef=graphdef)
     batch_sh = None if args.unsharded else sharding_lib.batch_sharding(mesh, 1)
     step_fn = make_train_step(loss_fn, tx, num_micro_batches=args.micro_batches, state_shardings=state_sh,
                               batch_shardings=batch_sh, donate=True)

@@ -38,3 +38,12 @@ def final_policy_params(workdir: str) -> list:
 
     _, policy, *_ = restore_policy(workdir)
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(policy, nnx.Param))]
+
+
+def loss_hp(**fields):
+    """The frozen loss section of the base config (what `rl_loss` gets as `hp`) with `fields` replaced; no critic
+    term, no fixed aggregation constant. A nested dict (`hapo=dict(...)`) replaces a method's section."""
+    from jaxrl_reason.train import hparams
+    from configs.base import get_base_config
+
+    return hparams.freeze({**hparams.loss_hp(get_base_config("tiny")).to_dict(), "agg_const": None, **fields})

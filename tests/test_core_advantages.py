@@ -1,4 +1,4 @@
-"""Golden tests for jaxrl_reason/core/advantages.py.
+"""Golden tests for jaxrl_reason/core/advantages.py and HAPO's advantages in core/hapo.py.
 
 Each estimator is checked against a hand-computed case and an independent numpy reference written with explicit
 Python loops over responses and tokens (float64), comparing float32 results to 1e-5.
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxrl_reason.core import advantages as adv
+from jaxrl_reason.core import hapo
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -262,7 +263,7 @@ def test_gae_matches_reference(gamma, lam):
 def test_hapo_token_group_hand_computed():
   # group of 2: R=[1, 0], lengths [1, 3] -> tokens {1, 0, 0, 0}: mu=.25, pop std=sqrt(3)/4
   m = np.array(_mask([1, 3], 3))
-  a, met = J(adv.hapo_token_group_advantages, group_size=2, eps=0.0)(np.array([1., 0.]), m)
+  a, met = J(hapo.hapo_token_group_advantages, group_size=2, eps=0.0)(np.array([1., 0.]), m)
   s = np.sqrt(3) / 4
   np.testing.assert_allclose(a, [[.75 / s, 0, 0], [-.25 / s] * 3], **TOL)
   assert float(met["hapo_fallback_frac"]) == 0.0
@@ -274,24 +275,24 @@ def test_hapo_token_group_fallback_and_edges():
   # one short correct answer among long wrong ones: |z| >= 5 -> GRPO advantages for that group
   m = _mask([1, 60, 60, 60], 60)
   r = np.array([1., 0., 0., 0.], np.float32)
-  a, met = J(adv.hapo_token_group_advantages, group_size=4)(r, m)
+  a, met = J(hapo.hapo_token_group_advantages, group_size=4)(r, m)
   np.testing.assert_allclose(np.asarray(a)[:, 0], ref_grpo(r, 4), **TOL)
   assert float(met["hapo_fallback_frac"]) == 1.0
   # all-equal, singleton and all-masked groups: zeros, finite
   m2 = _mask([3, 2, 0, 0], 3)
-  a, _ = J(adv.hapo_token_group_advantages, group_size=2)(np.array([.7, .7, 1., 0.]), m2)
+  a, _ = J(hapo.hapo_token_group_advantages, group_size=2)(np.array([.7, .7, 1., 0.]), m2)
   np.testing.assert_array_equal(a, np.zeros((4, 3)))
-  a, _ = J(adv.hapo_token_group_advantages, group_size=1)(np.array([.3, -1.]), _mask([2, 3], 3))
+  a, _ = J(hapo.hapo_token_group_advantages, group_size=1)(np.array([.3, -1.]), _mask([2, 3], 3))
   np.testing.assert_array_equal(a, np.zeros((2, 3)))
   # the released-code scope also checks padding, whose value (0 - mu)/std can be large
   m3 = _mask([4, 4, 4, 2], 4)
   r3 = np.array([1., 1., 1., .9], np.float32)
-  a_valid, met_v = J(adv.hapo_token_group_advantages, group_size=4, fallback_scope="valid")(r3, m3)
-  a_pad, met_p = J(adv.hapo_token_group_advantages, group_size=4, fallback_scope="padded")(r3, m3)
+  a_valid, met_v = J(hapo.hapo_token_group_advantages, group_size=4, fallback_scope="valid")(r3, m3)
+  a_pad, met_p = J(hapo.hapo_token_group_advantages, group_size=4, fallback_scope="padded")(r3, m3)
   assert float(met_v["hapo_fallback_frac"]) == 0.0 and float(met_p["hapo_fallback_frac"]) == 1.0
   np.testing.assert_allclose(a_pad, ref_hapo(r3, m3, 4, scope="padded"), **TOL)
   with pytest.raises(ValueError):
-    adv.hapo_token_group_advantages(r3, m3, 4, fallback_scope="all")
+    hapo.hapo_token_group_advantages(r3, m3, 4, fallback_scope="all")
 
 
 @pytest.mark.parametrize("scope", ["valid", "padded"])
@@ -299,7 +300,7 @@ def test_hapo_token_group_matches_reference(scope):
   rng = np.random.default_rng(5)
   r = rng.choice([-1.0, 1.0, 0.5], size=12).astype(np.float32)
   m = _mask(rng.integers(0, 9, size=12), 8)
-  f = jax.jit(functools.partial(adv.hapo_token_group_advantages, group_size=4, fallback_scope=scope))
+  f = jax.jit(functools.partial(hapo.hapo_token_group_advantages, group_size=4, fallback_scope=scope))
   a, _ = f(r, m)
   np.testing.assert_allclose(a, ref_hapo(r, m, 4, scope=scope), **TOL)
 
@@ -308,7 +309,7 @@ def test_hapo_redistribute_hand_and_reference():
   A = np.array([[2., 2., 2., 2.]])
   h = np.array([[.5, .5, -.5, -.5]])
   ratio = np.array([[1.0, 1.2, 1.0, 1.2]])  # neutral zone with eps .2/.2 is (0.9, 1.1)
-  out = J(adv.hapo_redistribute_advantages, beta=1.0)(A, h, ratio, 0.2, 0.2)
+  out = J(hapo.hapo_redistribute_advantages, beta=1.0)(A, h, ratio, 0.2, 0.2)
   # high entropy: inside -> A, outside -> A(1+h)=3; low entropy: inside -> A(1+h)=1, outside -> A
   np.testing.assert_allclose(out, [[2., 3., 1., 2.]], **TOL)
   rng = np.random.default_rng(6)
@@ -326,8 +327,8 @@ def test_hapo_redistribute_hand_and_reference():
         expect[i, t] = A[i, t] if inside else ent
       else:
         expect[i, t] = ent if inside else A[i, t]
-  f = jax.jit(adv.hapo_redistribute_advantages, static_argnums=5)
+  f = jax.jit(hapo.hapo_redistribute_advantages, static_argnums=5)
   np.testing.assert_allclose(f(A, h, ratio, el, eh, 0.7), expect, **TOL)
   # stop-gradient on everything (the ratio in particular)
-  g = jax.jit(jax.grad(lambda rt: jnp.sum(adv.hapo_redistribute_advantages(A, h, rt, el, eh))))(jnp.asarray(ratio))
+  g = jax.jit(jax.grad(lambda rt: jnp.sum(hapo.hapo_redistribute_advantages(A, h, rt, el, eh))))(jnp.asarray(ratio))
   np.testing.assert_array_equal(g, np.zeros_like(ratio))

@@ -11,7 +11,9 @@ import pytest
 
 from jaxrl_reason import algorithms
 from jaxrl_reason.core import advantages as adv
+from jaxrl_reason.core import hapo
 from jaxrl_reason.train import batch as batch_lib
+from jaxrl_reason.train import hparams
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -121,6 +123,12 @@ def test_added_estimators_hand_computed():
     adv.remax_advantages(r, r[:4], m)
 
 
+def _hp(estimator, kl_in_reward_coef=0.0):
+  """The advantage stage's frozen hp: the base config's advantage section, groups of 4, HAPO's fallback."""
+  return hparams.freeze(dict(estimator=estimator, group_size=4, eps=1e-6, gamma=1.0, lam=1.0,
+                             kl_in_reward_coef=kl_in_reward_coef, hapo=dict(fallback_abs=5.0)))
+
+
 def test_registry_matches_the_direct_calls():
   """`compute_advantages` (the stage) dispatches through the registry to the same numbers as direct calls."""
   r, m, _ = _rows(7)
@@ -138,7 +146,7 @@ def test_registry_matches_the_direct_calls():
       "reinforce_pp": adv.reinforce_pp_advantages(
           adv.outcome_to_token_rewards(r, m) - 0.1 * (logp_old - logp_ref) * m, m, 1.0),
       "gae": adv.gae_advantages(adv.outcome_to_token_rewards(r, m) - 0.1 * (logp_old - logp_ref) * m, values, m)[0],
-      "hapo": adv.hapo_token_group_advantages(r, m, 4, 1e-6, 5.0)[0],
+      "hapo": hapo.hapo_token_group_advantages(r, m, 4, 1e-6, 5.0)[0],
       "grpo_passk": adv.grpo_passk_advantages(r, 4)[:, None] * m,
       "gpg": adv.gpg_advantages(r, 4)[:, None] * m,
       "opo": adv.opo_advantages(r, m, 4)[:, None] * m,
@@ -146,12 +154,12 @@ def test_registry_matches_the_direct_calls():
   }
   assert set(direct) == set(adv.ADVANTAGE_ESTIMATORS)
   for name, expect in direct.items():
-    cfg = batch_lib.AdvantageConfig(name, 4, kl_in_reward_coef=0.1)
+    cfg = _hp(name, kl_in_reward_coef=0.1)
     got, returns, _ = batch_lib.compute_advantages(cfg, r, m, logp_old, logp_ref, values, greedy)
     np.testing.assert_allclose(got, expect, rtol=1e-6, atol=1e-7, err_msg=name)
     assert (returns is not None) == (name == "gae")
   with pytest.raises(ValueError, match="greedy_reward_N"):
-    batch_lib.compute_advantages(batch_lib.AdvantageConfig("remax", 4), r, m)
+    batch_lib.compute_advantages(_hp("remax"), r, m)
 
 
 def test_register_a_new_estimator():

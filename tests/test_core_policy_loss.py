@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrl_reason.core import hapo
 from jaxrl_reason.core import policy_loss as pl
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -117,7 +118,7 @@ def test_ppo_clip_matches_reference():
 def test_ppo_clip_grad_matches_finite_differences():
   logp, logp_old, A, m = _random_batch(2, spread=0.3)
   with jax.enable_x64(True):
-    el_tok = np.random.default_rng(9).uniform(0.05, 0.3, size=logp.shape)  # per-token ranges (HAPO adaptive clip)
+    el_tok = np.random.default_rng(9).uniform(0.05, 0.3, size=logp.shape)  # per-token ranges (HAPO)
     for mode, c, el, eh in (("token-mean", 3.0, 0.2, 0.28), ("seq-mean-token-mean", None, el_tok, el_tok[::-1]),
                             ("seq-mean-token-sum-norm", 1.5, 0.2, 0.2)):
       f = jax.jit(lambda lp: pl.ppo_clip_loss(lp, logp_old, A, m, el, eh, c, agg=mode)[0])
@@ -150,12 +151,12 @@ def test_ppo_clip_extremes_and_errors():
 
 def test_hapo_adaptive_clip_bounds():
   h = np.array([[-1., -.5, 0., .5, 1.]], np.float32)
-  lo, hi = J(pl.hapo_adaptive_clip_bounds, eps_low=0.2, eps_high=0.28, alpha=1.0)(h)
+  lo, hi = J(hapo.hapo_adaptive_clip_bounds, eps_low=0.2, eps_high=0.28, alpha=1.0)(h)
   np.testing.assert_allclose(lo, [[.4, .3, .2, .2, .2]], **TOL)
   np.testing.assert_allclose(hi, [[.28, .28, .28, .42, .56]], **TOL)
   rng = np.random.default_rng(3)
   h = rng.uniform(-1, 1, size=(3, 4)).astype(np.float32)
-  lo, hi = J(pl.hapo_adaptive_clip_bounds, eps_low=0.2, eps_high=0.2, alpha=0.5)(h)
+  lo, hi = J(hapo.hapo_adaptive_clip_bounds, eps_low=0.2, eps_high=0.2, alpha=0.5)(h)
   ref_lo = [[0.2 * (1 - 0.5 * x) if x <= 0 else 0.2 for x in row] for row in h]
   ref_hi = [[0.2 * (1 + 0.5 * x) if x > 0 else 0.2 for x in row] for row in h]
   np.testing.assert_allclose(lo, ref_lo, **TOL)

@@ -11,6 +11,7 @@ from rl_testing import digit_scorer, final_policy_params, tiny_config
 from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.train import build, loop
+from jaxrl_reason.train import policy as policy_lib
 from jaxrl_reason.train.metrics import read_metrics
 
 
@@ -46,7 +47,7 @@ def test_reference_copy_is_sharded_like_the_policy(compute_dtype):
     mesh = sharding_lib.make_mesh(1, 4, 2)
     shardings = {"policy": sharding_lib.param_shardings(params, mesh)}
     policy = jax.device_put(params, shardings["policy"])
-    ref = loop._reference_copy(tiny_config("grpo", model__compute_dtype=compute_dtype), policy, shardings)
+    ref = policy_lib.reference_copy(tiny_config("grpo", model__compute_dtype=compute_dtype), policy, shardings)
     want = [np.asarray(x, jnp.dtype(compute_dtype)) for x in jax.tree.leaves(params)]
     jax.tree.map(lambda x: x.delete(), policy)  # the reference owns its buffers (the update step donates the policy)
     sharded = 0

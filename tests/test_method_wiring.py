@@ -10,7 +10,6 @@ The spies wrap `jaxrl_reason.core.*` functions. A dispatcher that captured a fun
 registry entry, a `from ... import f`) is patched where it is looked up: `_spy` also replaces every reference to the
 original held in a `jaxrl_reason` module's globals or in a dict among them.
 """
-import dataclasses
 import importlib
 import inspect
 import sys
@@ -23,38 +22,39 @@ import pytest
 from jaxrl_reason import algorithms
 from jaxrl_reason.core import advantages as adv_core
 from jaxrl_reason.core import filters as filters_core
+from jaxrl_reason.core import hapo as hapo_core
 from jaxrl_reason.core import kl as kl_core
 from jaxrl_reason.core import length as length_core
 from jaxrl_reason.core import policy_loss as pl_core
+from jaxrl_reason.methods import registry as methods
 from jaxrl_reason.train import batch as batch_lib
-from jaxrl_reason.train import loop, rollout
-from jaxrl_reason.train.build import objective_config
+from jaxrl_reason.train import hparams, rollout
 from jaxrl_reason.train.objectives import rl_loss
 
 _GRPO_LOSS = {"loss.mode": "ppo", "loss.eps_low": 0.2, "loss.eps_high": 0.2, "loss.dual_clip_c": 0.0,
               "loss.agg": "seq-mean-token-mean", "loss.kl_coef": 0.001, "loss.kl_kind": "k3"}
-_NO_SHAPING = {"reward.kind": "binary", "overlong_frac": 0.0, "reward.truncation_penalty": False,
-               "reward.da_dler_thresholds": (), "reward.repro_alpha": 0.0}
+_NO_SHAPING = {"reward.kind": "binary", "overlong_frac": 0.0, "reward.shaping": (), "repro.alpha": 0.0}
 _DAPO = {"advantage.estimator": "grpo", "loss.mode": "ppo", "loss.eps_low": 0.2, "loss.eps_high": 0.28,
          "loss.dual_clip_c": 10.0, "loss.agg": "token-mean", "loss.kl_coef": 0.0, "loss.entropy_coef": 0.0,
          "filter.kind": "zero_variance", "reward.kind": "signed", "overlong_frac": 4096 / 20480,
-         "reward.overlong_factor": 1.0, "reward.truncation_penalty": False, "reward.da_dler_thresholds": ()}
+         "reward.overlong_factor": 1.0, "reward.shaping": ("overlong",)}
 _GSPO = {"advantage.estimator": "grpo", "loss.mode": "gspo", "loss.eps_low": 3e-4, "loss.eps_high": 4e-4,
          "loss.dual_clip_c": 0.0, "loss.agg": "seq-mean-token-mean", "loss.kl_coef": 0.0, "optim.mini_batches": 4}
 _DLER = {"advantage.estimator": "reinforce_pp_baseline", "loss.mode": "ppo", "loss.eps_low": 0.2,
          "loss.eps_high": 0.28, "loss.dual_clip_c": 10.0, "loss.agg": "token-mean", "loss.kl_coef": 5e-4,
          "loss.kl_kind": "k2", "loss.kl_in_reward_coef": 0.0, "loss.entropy_coef": 0.0,
-         "filter.kind": "zero_variance", "reward.kind": "binary", "reward.truncation_penalty": True,
-         "reward.stop_penalty_coef": 0.0, "overlong_frac": 0.0}
+         "filter.kind": "zero_variance", "reward.kind": "binary", "reward.shaping": ("dler_truncation",),
+         "dler.stop_penalty_coef": 0.0, "overlong_frac": 0.0}
 _PPO = {"advantage.estimator": "gae", "advantage.gamma": 1.0, "advantage.lam": 1.0, "loss.mode": "ppo",
         "loss.eps_low": 0.2, "loss.eps_high": 0.2, "loss.dual_clip_c": 3.0, "loss.agg": "token-mean",
         "loss.kl_coef": 0.0, "loss.entropy_coef": 0.0, "value_term": True, "filter.kind": "none"}
-_LSPO = {"filter.kind": "lspo", "filter.lspo_low": 0.30, "filter.lspo_high": 0.60, "filter.lspo_max": 0.90}
+_LSPO = {"filter.kind": "lspo", "lspo.low": 0.30, "lspo.high": 0.60, "lspo.max": 0.90}
 _TRACERL = {"filter.kind": "accuracy_band", "filter.band_low": 0.2, "filter.band_high": 0.8, "loss.kl_coef": 0.0,
             "loss.kl_in_reward_coef": 0.0, "tracerl.eps": 0.2, "tracerl.beta": 0.01, "tracerl.estimator": "trace"}
 
 # (config module, arg) -> resolved values. "overlong_frac": reward.overlong_buffer / rollout.max_new_tokens;
-# "agg_const": the seq-mean-token-sum-norm constant the loss uses; "value_term": critic loss on.
+# "agg_const": the seq-mean-token-sum-norm constant the loss uses; "value_term": critic loss on. A key in a method's
+# section (`repro.alpha`) resolves to 0 / off when the config does not carry the section.
 TABLE = {
     ("grpo", "full"): {"advantage.estimator": "grpo", **_GRPO_LOSS, "loss.entropy_coef": 0.0,
                        "filter.kind": "none", **_NO_SHAPING, "value_term": False},
@@ -69,16 +69,17 @@ TABLE = {
                                **_NO_SHAPING},
     ("ppo", "full"): {**_PPO, **_NO_SHAPING},
     ("dler", "full"): _DLER,
-    ("da_dler", "full"): {**_DLER, "reward.da_dler_thresholds": (0.5,), "reward.da_dler_budgets": (1.0, 0.5)},
+    ("da_dler", "full"): {**_DLER, "reward.shaping": ("da_dler",), "dler.thresholds": (0.5,),
+                          "dler.budgets": (1.0, 0.5)},
     # HAPO and LSPO keep DAPO's overlong fraction (4096 of 20480); their released scripts use 4096 of 10240 (HAPO)
     # and 512 of 2048 (LSPO) at their own response budgets
-    ("hapo", "full"): {**_DAPO, "advantage.estimator": "hapo", "loss.eps_high": 0.2, "rollout.hapo_tau": 0.05,
-                       "loss.hapo_adaptive_clip": True, "loss.hapo_redistribute": True, "loss.hapo_clip_alpha": 1.0,
-                       "loss.hapo_adv_beta": 1.0, "loss.hapo_pivot": 0.8},
+    ("hapo", "full"): {**_DAPO, "advantage.estimator": "hapo", "loss.eps_high": 0.2, "hapo.tau": 0.05,
+                       "hapo.adaptive_clip": True, "hapo.redistribute": True, "hapo.clip_alpha": 1.0,
+                       "hapo.adv_beta": 1.0, "hapo.pivot": 0.8},
     ("lspo", "dapo,full"): {**_DAPO, **_LSPO},
     ("lspo", "gspo,full"): {**_GSPO, **_LSPO},
-    ("repro", "ppo,full"): {**_PPO, "reward.repro_alpha": 0.1},
-    ("repro", "grpo,full"): {"advantage.estimator": "grpo", **_GRPO_LOSS, "reward.repro_alpha": 0.1},
+    ("repro", "ppo,full"): {**_PPO, "repro.alpha": 0.1},
+    ("repro", "grpo,full"): {"advantage.estimator": "grpo", **_GRPO_LOSS, "repro.alpha": 0.1},
     ("tracerl", "block,paper"): {**_TRACERL, "advantage.estimator": "grpo", "tracerl.shrink": 1},
     ("tracerl", "full,value,paper"): {**_TRACERL, "advantage.estimator": "gae", "tracerl.shrink": 8},
 }
@@ -124,10 +125,12 @@ def _resolved(config, key):
     if key == "overlong_frac":
         return config.reward.overlong_buffer / config.rollout.max_new_tokens
     if key == "agg_const":
-        return objective_config(config).agg_const
+        return hparams.loss_hp(config).agg_const
     if key == "value_term":
-        return objective_config(config).value_coef > 0
+        return hparams.loss_hp(config).value_coef > 0
     section, name = key.split(".")
+    if section in methods.METHODS and section not in config:
+        return 0.0
     return config[section][name]
 
 
@@ -141,8 +144,8 @@ def _check_table(config, want: dict, label: str):
 
 
 def test_the_table_covers_every_method():
-    methods = {m for m, _ in TABLE} | {m for m, _ in VERL_TABLE} | set(RECIPE_TABLE)
-    assert set(algorithms.RECIPES) <= methods | {"lspo", "repro", "tracerl"}
+    names = {m for m, _ in TABLE} | {m for m, _ in VERL_TABLE} | set(RECIPE_TABLE)
+    assert set(algorithms.RECIPES) <= names | {"lspo", "repro", "tracerl"}
     assert {m for m, _ in TABLE} >= {"lspo", "repro", "tracerl"}
 
 
@@ -203,6 +206,7 @@ ESTIMATOR_CORE = {"grpo": "grpo_advantages", "dr_grpo": "dr_grpo_advantages", "r
                   "reinforce_pp": "reinforce_pp_advantages",
                   "reinforce_pp_baseline": "reinforce_pp_baseline_advantages", "gae": "gae_advantages",
                   "hapo": "hapo_token_group_advantages"}
+ESTIMATOR_MODULE = {"hapo": hapo_core}  # the estimators whose core function is not in core/advantages.py
 LOSS_CORE = {"ppo": "ppo_clip_loss", "gspo": "gspo_loss"}
 FILTER_CORE = {"zero_variance": "zero_variance_filter", "lspo": "lspo_length_filter",
                "accuracy_band": "accuracy_band_filter"}
@@ -225,9 +229,10 @@ def _rollout_arrays(seed=0):
 
 @pytest.mark.parametrize("estimator", sorted(ESTIMATOR_CORE))
 def test_each_estimator_name_calls_its_core_function(estimator, monkeypatch):
-    calls = {name: _spy(monkeypatch, adv_core, fn) for name, fn in ESTIMATOR_CORE.items()}
+    calls = {name: _spy(monkeypatch, ESTIMATOR_MODULE.get(name, adv_core), fn) for name, fn in ESTIMATOR_CORE.items()}
     x = _rollout_arrays()
-    cfg = batch_lib.AdvantageConfig(estimator=estimator, group_size=G, kl_in_reward_coef=0.01)
+    cfg = hparams.freeze(dict(estimator=estimator, group_size=G, eps=1e-6, gamma=1.0, lam=1.0,
+                              kl_in_reward_coef=0.01, hapo=dict(fallback_abs=5.0)))
     with jax.disable_jit():  # a cached trace would not call the spies
         adv, _, _ = batch_lib.compute_advantages(cfg, jnp.asarray(x["score_N"]), jnp.asarray(x["mask_NxR"]),
                                                  x["logp_old_NxR"], x["logp_ref_NxR"], x["values_NxR"])
@@ -238,9 +243,9 @@ def test_each_estimator_name_calls_its_core_function(estimator, monkeypatch):
 
 def _config_parts(module, arg):
     config = _load(module, arg)
-    adv_cfg = dataclasses.replace(loop.advantage_config(config), group_size=G)  # the test's groups of G rows
-    return config, adv_cfg, objective_config(config), loop.filter_config(config), \
-        loop.reward_config(config)
+    config.rollout.group_size = G  # the test's groups of G rows
+    return config, hparams.advantage_hp(config), hparams.loss_hp(config), hparams.filter_hp(config), \
+        hparams.reward_hp(config)
 
 
 AR_METHODS = sorted(k for k in TABLE if k[0] != "tracerl")
@@ -250,38 +255,38 @@ AR_METHODS = sorted(k for k in TABLE if k[0] != "tracerl")
 def test_method_config_reaches_the_named_core_functions(module, arg, monkeypatch):
     """From each config: the estimator, the policy loss with its clip bounds, the KL kind, the aggregation, the
     filter and the reward shaping each reach their own core function with the configured values."""
-    config, adv_cfg, obj_cfg, filter_cfg, reward_cfg = _config_parts(module, arg)
-    est = {name: _spy(monkeypatch, adv_core, fn) for name, fn in ESTIMATOR_CORE.items()}
+    config, adv_hp, loss_hp, filter_hp, reward_hp = _config_parts(module, arg)
+    est = {name: _spy(monkeypatch, ESTIMATOR_MODULE.get(name, adv_core), fn) for name, fn in ESTIMATOR_CORE.items()}
     loss = {name: _spy(monkeypatch, pl_core, fn) for name, fn in LOSS_CORE.items()}
     flt = {name: _spy(monkeypatch, filters_core, fn) for name, fn in FILTER_CORE.items()}
     kl = _spy(monkeypatch, kl_core, "kl_estimate")
-    clip_bounds = _spy(monkeypatch, pl_core, "hapo_adaptive_clip_bounds")
-    redistribute = _spy(monkeypatch, adv_core, "hapo_redistribute_advantages")
+    clip_bounds = _spy(monkeypatch, hapo_core, "hapo_adaptive_clip_bounds")
+    redistribute = _spy(monkeypatch, hapo_core, "hapo_redistribute_advantages")
     shaping = {name: _spy(monkeypatch, length_core, name)
                for name in ("dapo_overlong_penalty", "dler_truncation_reward", "da_dler_truncation_reward")}
     x = _rollout_arrays()
     max_new = config.rollout.max_new_tokens
 
-    rollout.shape_rewards(x["score_N"], x["length_N"] * max_new // R, x["truncated_N"], G, reward_cfg, max_new)
+    rollout.shape_rewards(x["score_N"], x["length_N"] * max_new // R, x["truncated_N"], reward_hp)
     want_shaping = set()
     if config.reward.overlong_buffer > 0:
         want_shaping.add("dapo_overlong_penalty")
-    if config.reward.da_dler_thresholds:
+    if "da_dler" in config.reward.shaping:
         want_shaping.add("da_dler_truncation_reward")
-    elif config.reward.truncation_penalty:
+    elif "dler_truncation" in config.reward.shaping:
         want_shaping.add("dler_truncation_reward")
     assert {k for k, c in shaping.items() if c} == want_shaping
 
-    rollout.group_filter({"score_N": x["score_N"], "length_N": x["length_N"]}, G, filter_cfg)
+    rollout.group_filter({"score_N": x["score_N"], "length_N": x["length_N"]}, filter_hp)
     called = {k for k, c in flt.items() if c}
     want = set() if config.filter.kind == "none" else {config.filter.kind}
     assert want <= called and called - want <= {"zero_variance"}, called  # LSPO first drops std-0 groups
     if config.filter.kind == "lspo":
         np.testing.assert_allclose([flt["lspo"][0][k] for k in ("low", "high", "max")],
-                                   [config.filter.lspo_low, config.filter.lspo_high, config.filter.lspo_max])
+                                   [config.lspo.low, config.lspo.high, config.lspo.max])
 
     with jax.disable_jit():
-        adv, _, _ = batch_lib.compute_advantages(adv_cfg, jnp.asarray(x["score_N"]), jnp.asarray(x["mask_NxR"]),
+        adv, _, _ = batch_lib.compute_advantages(adv_hp, jnp.asarray(x["score_N"]), jnp.asarray(x["mask_NxR"]),
                                                  x["logp_old_NxR"], x["logp_ref_NxR"], x["values_NxR"])
     assert sorted(k for k, c in est.items() if c) == [config.advantage.estimator]
 
@@ -290,17 +295,19 @@ def test_method_config_reaches_the_named_core_functions(module, arg, monkeypatch
              "logp_ref_NxR": jnp.asarray(x["logp_ref_NxR"]), "adv_NxR": jnp.asarray(adv),
              "num_tokens_N": jnp.full((2 * G,), mask.sum()), "num_seqs_N": jnp.full((2 * G,), 2.0 * G)}
     params = {"policy": {"logp": jnp.asarray(x["logp_NxR"]), "ent": jnp.asarray(x["entropy_NxR"])}}
-    obj_cfg = obj_cfg if obj_cfg.value_coef == 0 else type(obj_cfg)(**{**obj_cfg.__dict__, "value_coef": 0.0})
-    rl_loss(params, batch, None, cfg=obj_cfg, policy_graphdef=None, logps_fn=lambda g, p, b: (p["logp"], p["ent"]))
+    loss_hp = hparams.freeze({**loss_hp.to_dict(), "value_coef": 0.0})
+    rl_loss(params, batch, None, hp=loss_hp, hooks=methods.policy_hooks(config), policy_graphdef=None,
+            logps_fn=lambda g, p, b: (p["logp"], p["ent"]))
     assert sorted(k for k, c in loss.items() if c) == [config.loss.mode]
     (pg_call,) = loss[config.loss.mode]
-    if config.loss.hapo_adaptive_clip:  # the configured bounds go in, per-token adaptive bounds come out
+    hapo = config.get("hapo", {"adaptive_clip": False, "redistribute": False})
+    if hapo["adaptive_clip"]:  # the configured bounds go in, per-token adaptive bounds come out
         (clip_call,) = clip_bounds
         assert (clip_call["eps_low"], clip_call["eps_high"]) == (config.loss.eps_low, config.loss.eps_high)
     else:
         assert not clip_bounds
         assert (pg_call["eps_low"], pg_call["eps_high"]) == (config.loss.eps_low, config.loss.eps_high)
-    assert bool(redistribute) == config.loss.hapo_redistribute
+    assert bool(redistribute) == hapo["redistribute"]
     if config.loss.mode == "ppo":
         assert pg_call["dual_clip_c"] == (config.loss.dual_clip_c or None)
         assert pg_call["agg"] == config.loss.agg

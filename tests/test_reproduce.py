@@ -77,7 +77,7 @@ def test_runs_are_shared_by_key_and_configs_get_the_study_budget(tmp_path):
     assert common.run_key(grpo, 0, on_start) == at_ckpt != common.run_key(grpo, 0, s)
     spec = dict((r.name, r) for r in runs.STUDIES["hapo"])["hapo_no_A_temperature"]
     c = common.make_config(spec, 2, s)
-    assert c.rollout.hapo_tau == 0.0 and c.loss.hapo_redistribute and c.seed == 2
+    assert c.hapo.tau == 0.0 and c.hapo.redistribute and c.seed == 2
     # several updates per rollout batch, so HAPO's clip bounds can bind (the DAPO control too)
     assert {common.make_config(r, 0, s).optim.mini_batches for r in runs.STUDIES["hapo"]} == {4}
     assert (c.train.num_steps, c.train.time_budget_s, c.eval.num_problems, c.eval.samples) == (7, 0.0, 50, 3)

@@ -13,10 +13,12 @@ import optax
 import pytest
 from flax import nnx
 
+from rl_testing import loss_hp
+
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.train import step as step_lib
-from jaxrl_reason.train.objectives import ObjectiveConfig, ar_logps, ar_values, rl_loss
+from jaxrl_reason.train.objectives import ar_logps, ar_values, rl_loss
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import SUMMED
 
@@ -57,8 +59,8 @@ def _batch():
 
 
 def _cfg(agg, mode="ppo", value_coef=0.5):
-    return ObjectiveConfig(mode=mode, eps_low=0.1, eps_high=0.15, dual_clip_c=3.0, agg=agg, agg_const=4.0,
-                           kl_coef=0.3, kl_kind="k3", entropy_coef=0.05, value_coef=value_coef, value_clip=0.2)
+    return loss_hp(mode=mode, eps_low=0.1, eps_high=0.15, dual_clip_c=3.0, agg=agg, agg_const=4.0, kl_coef=0.3,
+                   kl_kind="k3", entropy_coef=0.05, value_coef=value_coef, value_clip=0.2)
 
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -84,7 +86,7 @@ def _all_objectives(params, mb, rng, *, pg, vg):
     shared = lambda graphdef, p, b: (logp, entropy)  # noqa: E731
     total, metrics = 0.0, {}
     for i, (cfg, weight) in enumerate(OBJECTIVES):
-        loss, m = rl_loss(params, mb, rng, cfg=cfg, policy_graphdef=pg, value_graphdef=vg, logps_fn=shared)
+        loss, m = rl_loss(params, mb, rng, hp=cfg, policy_graphdef=pg, value_graphdef=vg, logps_fn=shared)
         total, metrics[f"{SUMMED}loss_{i}"] = total + weight * loss, loss
         metrics.update({f"{k}_{i}": v for k, v in m.items() if k.removeprefix(SUMMED) in TERMS})
     return total, metrics
@@ -167,8 +169,8 @@ def test_each_term_of_the_loss_by_hand():
                          "ent": jnp.asarray([[1.0, 2.0, 3.0, 9.0], [2.0, 9.0, 9.0, 9.0]])}}
     d = np.array([-0.5, 0.0, 0.5, -1.0])
     kl = float(np.mean(np.exp(d) - d - 1.0))
-    cfg = ObjectiveConfig(agg="token-mean", kl_coef=0.4, kl_kind="k3", entropy_coef=0.1)
-    loss, metrics = rl_loss(params, batch, None, cfg=cfg, policy_graphdef=None, logps_fn=_fake_logps)
+    cfg = loss_hp(agg="token-mean", kl_coef=0.4, kl_kind="k3", entropy_coef=0.1)
+    loss, metrics = rl_loss(params, batch, None, hp=cfg, policy_graphdef=None, logps_fn=_fake_logps)
     metrics = step_lib._reduce_metrics(metrics)  # as the step logs them
     np.testing.assert_allclose(metrics["pg_loss"], -0.25, rtol=1e-6)
     np.testing.assert_allclose(metrics["kl_loss"], kl, rtol=1e-6)
@@ -176,11 +178,11 @@ def test_each_term_of_the_loss_by_hand():
     np.testing.assert_allclose(loss, -0.25 + 0.4 * kl - 0.1 * 2.0, rtol=1e-6)
     # each coefficient switches its own term only
     for field, drop in (("kl_coef", 0.4 * kl), ("entropy_coef", -0.1 * 2.0)):
-        alone, _ = rl_loss(params, batch, None, cfg=ObjectiveConfig(**{**cfg.__dict__, field: 0.0}),
+        alone, _ = rl_loss(params, batch, None, hp=loss_hp(**{**cfg.to_dict(), field: 0.0}),
                            policy_graphdef=None, logps_fn=_fake_logps)
         np.testing.assert_allclose(alone, -0.25 + 0.4 * kl - 0.1 * 2.0 - drop, rtol=1e-6, err_msg=field)
     # signs: a higher entropy lowers the loss by coef / num_tokens per response token; padding has no effect
-    grads = jax.grad(lambda p: rl_loss(p, batch, None, cfg=cfg, policy_graphdef=None,
+    grads = jax.grad(lambda p: rl_loss(p, batch, None, hp=cfg, policy_graphdef=None,
                                        logps_fn=_fake_logps)[0])(params)["policy"]
     np.testing.assert_allclose(grads["ent"], -0.1 / 4 * np.asarray(batch["response_mask_NxR"]), atol=1e-7)
     # d/dlogp = -adv/4 (pg) + 0.4 * (1 - exp(ref - logp)) / 4 (k3), zero on padding

@@ -1,6 +1,5 @@
 """The added methods from config to loss: every new config validates, the objective translates its keys, and
 `rl_loss` reaches each registered policy loss (with the step's rng) through one code path."""
-import dataclasses
 import importlib
 
 import jax
@@ -8,15 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl_testing import tiny_config
+from rl_testing import loss_hp, tiny_config
 
 from jaxrl_reason import algorithms
 from jaxrl_reason.core import hapo as hapo_lib
 from jaxrl_reason.core import policy_loss as pl
-from jaxrl_reason.core.advantages import hapo_redistribute_advantages
 from jaxrl_reason.core import policy_loss_variants as pv
-from jaxrl_reason.train import build
-from jaxrl_reason.train.objectives import ObjectiveConfig, rl_loss
+from jaxrl_reason.methods import hapo as hapo_method
+from jaxrl_reason.train import build, hparams
+from jaxrl_reason.train.objectives import rl_loss
 
 NEW_CONFIGS = ("cispo", "sapo", "gmpo", "clip_cov", "kl_cov", "gpg", "dppo_tv", "dppo_kl", "grpo_passk", "opo",
                "grpo_token_sum")
@@ -27,7 +26,7 @@ def test_new_configs_validate_and_translate(name):
   config = tiny_config(name)
   assert config.algorithm == name and name in algorithms.RECIPES
   build.validate_config(config)
-  obj = build.objective_config(config)
+  obj = hparams.loss_hp(config)
   for key in ("mode", "eps_low", "eps_high", "sapo_tau_pos", "sapo_tau_neg", "clip_cov_ratio", "clip_cov_lb",
               "clip_cov_ub", "kl_cov_ratio", "kl_cov_coef"):
     assert getattr(obj, key) == config.loss[key], key
@@ -73,12 +72,12 @@ def test_rl_loss_dispatches_every_registered_loss_with_the_step_rng():
   batch, logp = _fake_batch()
   entropy = jnp.ones_like(logp)
   logps_fn = lambda graphdef, params, b: (params, entropy)
-  cfgs = {mode: ObjectiveConfig(mode=mode, clip_cov_ratio=0.3, clip_cov_lb=0.0, kl_cov_ratio=0.3)
+  cfgs = {mode: loss_hp(mode=mode, clip_cov_ratio=0.3, clip_cov_lb=0.0, kl_cov_ratio=0.3)
           for mode in pl.POLICY_LOSSES}
 
   @jax.jit
   def run(logp, rng):
-    return {mode: rl_loss({"policy": logp}, batch, rng, cfg=cfg, policy_graphdef=None, logps_fn=logps_fn)[0]
+    return {mode: rl_loss({"policy": logp}, batch, rng, hp=cfg, policy_graphdef=None, logps_fn=logps_fn)[0]
             for mode, cfg in cfgs.items()}
 
   key = jax.random.PRNGKey(3)
@@ -98,14 +97,17 @@ def test_hapo_still_shapes_the_ppo_term():
   batch, logp = _fake_batch(1)
   entropy = jnp.asarray(np.random.default_rng(2).gamma(2.0, 0.5, size=logp.shape), jnp.float32)
   logps_fn = lambda graphdef, params, b: (params, entropy)
-  base = ObjectiveConfig(mode="ppo", eps_high=0.2, dual_clip_c=10.0)
-  hapo = dataclasses.replace(base, hapo_adaptive_clip=True, hapo_redistribute=True)
-  plain, _ = rl_loss({"policy": logp}, batch, None, cfg=base, policy_graphdef=None, logps_fn=logps_fn)
-  shaped, metrics = rl_loss({"policy": logp}, batch, None, cfg=hapo, policy_graphdef=None, logps_fn=logps_fn)
+  config = tiny_config("hapo", loss__eps_high=0.2, loss__dual_clip_c=10.0)
+  hapo = loss_hp(mode="ppo", eps_high=0.2, dual_clip_c=10.0, hapo=config.hapo.to_dict())
+  hook = hapo_method.policy_hook(config)
+  assert config.hapo.adaptive_clip and config.hapo.redistribute and hook is not None
+  plain, _ = rl_loss({"policy": logp}, batch, None, hp=hapo, policy_graphdef=None, logps_fn=logps_fn)
+  shaped, metrics = rl_loss({"policy": logp}, batch, None, hp=hapo, hooks=(hook,), policy_graphdef=None,
+                            logps_fn=logps_fn)
   m, A, lo = batch["response_mask_NxR"], batch["adv_NxR"], batch["logp_old_NxR"]
   h = hapo_lib.normalize_entropy(entropy, m, hapo_lib.entropy_stats(entropy, m, 0.8), False)
-  el, eh = pl.hapo_adaptive_clip_bounds(h, 0.2, 0.2, 1.0)
-  A2 = hapo_redistribute_advantages(A, h, jnp.exp(logp - lo), el, eh, 1.0)
+  el, eh = hapo_lib.hapo_adaptive_clip_bounds(h, 0.2, 0.2, 1.0)
+  A2 = hapo_lib.hapo_redistribute_advantages(A, h, jnp.exp(logp - lo), el, eh, 1.0)
   agg = dict(agg="token-mean", agg_const=None, num_tokens=m.sum(), num_seqs=4.0)
   np.testing.assert_allclose(shaped, pl.ppo_clip_loss(logp, lo, A2, m, el, eh, 10.0, **agg)[0], rtol=1e-6)
   assert "hapo_h_mean" in metrics and float(plain) != float(shaped)

@@ -1,4 +1,4 @@
-"""REPRO in the training loop (train/repro.py) against direct per-query forwards and an
+"""REPRO in the training loop (methods/repro.py) against direct per-query forwards and an
 explicit-loop reference of the whole process-advantage pipeline; padding, chunking and sharding invariance."""
 import functools
 import math
@@ -12,7 +12,7 @@ from flax import nnx
 from jaxrl_reason.data.tokenizer import build_char_tokenizer, encode_batch_left_padded, encode_responses_right_padded
 from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
-from jaxrl_reason.train import repro
+from jaxrl_reason.methods import repro
 from jaxrl_reason.train.logprobs import LogpSpec
 
 PROMPTS = ["12+7+30:", "12+7+30:", "5+6+7:", "5+6+7:", "3+4+5:", "3+4+5:", "3+4+5:"]
@@ -88,8 +88,8 @@ def direct_J(model, tok, context: str, answer: str, size: int = 64) -> float:
 
 
 def reference_advantage(model, tok, rows, eps=1e-6):
-    """Explicit loops over the REPRO pipeline (scores, rewards, selection, advantages) with after_last='zero',
-    before_first='following', scope='batch'."""
+    """Explicit loops over the scores, process rewards and advantages with
+    after_last='zero', before_first='following', scope='batch'."""
     n_rows, R = rows["tokens"].shape
     per_row = {}
     for n in range(n_rows - 1):  # the last row has response mask 0
@@ -238,10 +238,10 @@ def test_config():
 
     for arg, estimator in (("ppo", "gae"), ("grpo,tiny", "grpo")):
         c = repro_config.get_config(arg)
-        assert c.reward.repro_alpha == pytest.approx(0.1) and c.advantage.estimator == estimator
-        assert c.algorithm == "repro" and c.scale == "tiny" and c.reward.repro_delimiter == " "
-        assert (c.reward.repro_answer_prefix, c.reward.repro_think_end) == ("#### ", "####")
-    full = repro_config.get_config("grpo,full").reward
-    assert (full.repro_delimiter, full.repro_think_end) == ("\n\n", "</think>")
+        assert c.repro.alpha == pytest.approx(0.1) and c.advantage.estimator == estimator
+        assert c.algorithm == "repro" and c.scale == "tiny" and c.repro.delimiter == " "
+        assert (c.repro.answer_prefix, c.repro.think_end) == ("#### ", "####")
+    full = repro_config.get_config("grpo,full").repro
+    assert (full.delimiter, full.think_end) == ("\n\n", "</think>")
     with pytest.raises(ValueError, match="REPRO runs on"):
         repro_config.get_config("dapo")

@@ -24,7 +24,6 @@ from .aggregate import masked_mean
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
 SINGLETON_MODES = ("verl", "trl")
-HAPO_FALLBACK_SCOPES = ("valid", "padded")
 
 
 def _float(x):
@@ -208,70 +207,6 @@ def gae_advantages(token_reward_NxT, values_NxT, mask_NxT, gamma: float = 1.0, l
     return adv, returns
 
 
-def hapo_token_group_advantages(reward_N, mask_NxT, group_size: int, eps: float = 1e-6,
-                                fallback_abs: float = 5.0, norm_by_std: bool = True,
-                                fallback_scope: str = "valid"):
-    """HAPO token-level group average advantage `[N, T]` (HAPO Eq. 9,
-    code `compute_hapo_outcome_advantage`).
-
-    a_{i,t} = R_i on every valid token; μ_g, σ_g = mean and *population* std over all valid tokens of the group
-    (length-weighted); A_{i,t} = (a_{i,t} − μ_g) / (σ_g + eps) (`norm_by_std=False`: no division).
-    Fallback: when any |A| ≥ `fallback_abs` in the group, the group uses the ordinary GRPO advantage
-    (`grpo_advantages`, singleton="verl"). All-equal or singleton groups give σ_g = 0 ⇒ A = 0.
-
-    Args:
-      fallback_scope: "valid" (default) checks |A| on valid tokens only; "padded" reproduces the released code,
-        which also checks the padding positions, whose value there is (0 − μ_g)/(σ_g + eps). [switch; CODE quirk]
-
-    Returns:
-      (adv_NxT, metrics) with metrics["hapo_fallback_frac"] = fraction of groups that fell back. Padding is 0
-      (the released code leaves (0 − μ_g)/σ_g there; every loss masks it anyway).
-    """
-    if fallback_scope not in HAPO_FALLBACK_SCOPES:
-        raise ValueError(f"fallback_scope must be one of {HAPO_FALLBACK_SCOPES}, got {fallback_scope!r}.")
-    r_BxG = _groups(reward_N, group_size)
-    mask = _check_mask(mask_NxT, r_BxG.size)
-    len_BxG = jnp.sum(mask, axis=1).reshape(r_BxG.shape)
-    ref_B1 = r_BxG[:, :1]
-    c_BxG = r_BxG - ref_B1                                   # shifted: exact zeros for ties
-    mu_B1 = masked_mean(c_BxG, len_BxG, axis=1)[:, None]     # length-weighted mean (weights = token counts)
-    dev_BxG = c_BxG - mu_B1
-    std_B1 = jnp.sqrt(masked_mean(jnp.square(dev_BxG), len_BxG, axis=1))[:, None]
-    scale_B1 = (std_B1 + eps) if norm_by_std else jnp.ones_like(std_B1)
-    normed_BxG = dev_BxG / scale_B1
-    valid_row_BxG = len_BxG > 0
-    big_B = jnp.any(valid_row_BxG & (jnp.abs(normed_BxG) >= fallback_abs), axis=1)
-    if fallback_scope == "padded":
-        pad_value_B = (-(mu_B1 + ref_B1) / scale_B1)[:, 0]    # original-units score 0 on padding
-        has_pad_B = jnp.any(len_BxG < mask.shape[1], axis=1)
-        big_B = big_B | (has_pad_B & (jnp.abs(pad_value_B) >= fallback_abs))
-    grpo_BxG = grpo_advantages(reward_N, group_size, eps=eps, norm_by_std=norm_by_std,
-                               singleton="verl").reshape(r_BxG.shape)
-    adv_N = jnp.where(big_B[:, None], grpo_BxG, normed_BxG).reshape(-1)
-    adv_NxT = jnp.where(mask > 0, adv_N[:, None] * mask, 0.0)
-    return adv_NxT, {"hapo_fallback_frac": jnp.mean(big_B.astype(jnp.float32))}
-
-
-def hapo_redistribute_advantages(adv_NxT, h_NxT, ratio_NxT, eps_low_NxT, eps_high_NxT, beta: float = 1.0):
-    """HAPO differential advantage redistribution `[N, T]` (HAPO Eq. 10-11, code
-    `ada_advantage`).
-
-    Neutral zone (γ_L, γ_U) = (1 − ε_L/2, 1 + ε_R/2) (strict, with the already-adapted clip ranges);
-    A_ent = A·(1 + β·h̃).  h̃ > 0: Â = A_ent outside the zone, A inside (amplify tokens already moving).
-    h̃ ≤ 0: Â = A_ent inside the zone, A outside (damp near-on-policy low-entropy tokens).
-
-    Args:
-      adv_NxT: advantages; h_NxT: normalized entropy h̃ ∈ [−1, 1] (from core/hapo.py);
-      ratio_NxT: live importance ratio π_θ/π_old; eps_low_NxT / eps_high_NxT: clip ranges (scalars or `[N, T]`).
-    Everything is under stop-gradient (the code runs it in `torch.no_grad`).
-    """
-    adv, h, ratio, eps_low, eps_high = jax.lax.stop_gradient(
-        (_float(adv_NxT), _float(h_NxT), _float(ratio_NxT), _float(eps_low_NxT), _float(eps_high_NxT)))
-    adv_ent = adv * (1.0 + beta * h)
-    inside = (ratio > 1.0 - eps_low / 2.0) & (ratio < 1.0 + eps_high / 2.0)
-    return jnp.where(h > 0, jnp.where(inside, adv, adv_ent), jnp.where(inside, adv_ent, adv))
-
-
 def grpo_passk_advantages(reward_N, group_size: int, eps: float = 1e-6, norm_by_std: bool = True):
     """GRPO pass@k outcome advantage `adv_N` (arXiv 2503.19595; verl `compute_grpo_passk_outcome_advantage`).
 
@@ -389,12 +324,6 @@ def _gae(reward_N, mask_NxT, hp, **arrays):
     token_reward = _token_rewards(reward_N, mask_NxT, hp, arrays)
     adv, returns = gae_advantages(token_reward, arrays["values_NxT"], mask_NxT, hp.gamma, hp.lam)
     return adv, returns, {}
-
-
-@register_advantage("hapo")
-def _hapo(reward_N, mask_NxT, hp, **arrays):
-    adv, metrics = hapo_token_group_advantages(reward_N, mask_NxT, hp.group_size, hp.eps, hp.hapo_fallback_abs)
-    return adv, None, metrics
 
 
 @register_advantage("grpo_passk")

@@ -1,4 +1,4 @@
-"""Group filters for dynamic sampling (host-side numpy): DAPO, DLER, LSPO, TraceRL.
+"""Group filters for dynamic sampling (host-side numpy): DAPO zero variance, DLER, LSPO, TraceRL accuracy band.
 
 These run on the host before the jitted update: they change the number of groups, so they use numpy, not jnp.
 Rows are flat ``N = B*G`` with groups contiguous (rows ``b*G .. b*G+G-1`` belong to prompt ``b``); every filter
@@ -7,13 +7,31 @@ returns ``keep_B`` (bool, one entry per group) and a small metrics dict of Pytho
 ``GroupAccumulator`` + ``accumulate_groups`` implement the DAPO refill loop: kept groups of successive
 generation rounds are appended until exactly ``train_groups`` groups are held; the surplus of the last round is
 dropped (verl discards it, it is not cached for the next step).
+
+Group filters register under a name in `GROUP_FILTERS` (`@register_filter`) with one signature,
+  `(arrays, hp) -> (keep_B, metrics)`,
+where `arrays` holds one round's per-response `score_N` and `length_N` and `hp` the frozen filter hyper-parameters
+(`group_size`, `band_low`, ...). The rollout stage calls `GROUP_FILTERS[filter.kind](...)` whatever the filter;
+filters that belong to one method (LSPO's length band) register in that method's module.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
+
+GROUP_FILTERS: dict[str, Callable] = {}
+
+
+def register_filter(name: str):
+    """Decorator: registers a group filter `(arrays, hp) -> (keep_B, metrics)` under `name` (a `filter.kind`)."""
+
+    def deco(fn):
+        GROUP_FILTERS[name] = fn
+        return fn
+
+    return deco
 
 # LSPO threshold presets (L_low, L_high, L_max). Which produced the paper's tables is unverified.
 LSPO_THRESHOLDS_CODE = (0.30, 0.60, 0.90)  # released v2 launcher script (default of `lspo_length_filter`)
@@ -157,6 +175,22 @@ def accuracy_band_filter(correct_N, group_size: int, low: float = 0.2, high: flo
         "below_fraction": _fraction(below_B.sum(), num_groups),
     }
     return keep_B, metrics
+
+
+@register_filter("none")
+def _keep_all(arrays, hp):
+    return np.ones(np.shape(arrays["score_N"])[0] // hp.group_size, bool), {}
+
+
+@register_filter("zero_variance")
+def _zero_variance(arrays, hp):
+    """DAPO dynamic sampling on the pre-penalty score (DLER filters on the same score)."""
+    return zero_variance_filter(arrays["score_N"], hp.group_size)
+
+
+@register_filter("accuracy_band")
+def _accuracy_band(arrays, hp):
+    return accuracy_band_filter(np.asarray(arrays["score_N"]) > 0, hp.group_size, hp.band_low, hp.band_high)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,23 +6,38 @@ With `d = logp - logp_ref` per token:
   k2 / mse         0.5 d²                                  gradient = reverse-KL gradient in expectation
   k3 / low_var_kl  exp(-d) + d - 1, inner -d clamped to [-20, 20], result clamped to [-10, 10]
   <kind>+          forward value of <kind>, gradient of k2 (straight-through: k2 - sg[k2] + sg[k_kind])
+
+Estimators register under their names in `KL_ESTIMATORS` (name -> forward value of `d`); `loss.kl_kind` is one of
+its keys, optionally with the `+` suffix.
 """
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
-KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+
+def _k1(d):
+    return d
 
 
-def _kl_forward(d, kind: str):
-    if kind in ("k1", "kl"):
-        return d
-    if kind == "abs":
-        return jnp.abs(d)
-    if kind in ("k2", "mse"):
-        return 0.5 * jnp.square(d)
-    # k3 / low_var_kl: log(pi_ref/pi) clamped, then the estimate clamped (verl numerical guards).
+def _k2(d):
+    return 0.5 * jnp.square(d)
+
+
+def _k3(d):
+    # log(pi_ref/pi) clamped, then the estimate clamped (verl numerical guards).
     neg_d = jnp.clip(-d, -20.0, 20.0)
     return jnp.clip(jnp.exp(neg_d) - neg_d - 1.0, -10.0, 10.0)
+
+
+KL_ESTIMATORS: dict[str, Callable] = {"k1": _k1, "kl": _k1, "abs": jnp.abs, "k2": _k2, "mse": _k2, "k3": _k3,
+                                      "low_var_kl": _k3}
+KL_KINDS = tuple(KL_ESTIMATORS)
+
+
+def kl_kinds() -> tuple[str, ...]:
+    """Every accepted `kind`: the registered names and each with the straight-through `+` suffix."""
+    return tuple(KL_ESTIMATORS) + tuple(f"{k}+" for k in KL_ESTIMATORS)
 
 
 def kl_estimate(logp_NxT, logp_ref_NxT, kind: str = "low_var_kl"):
@@ -38,12 +53,13 @@ def kl_estimate(logp_NxT, logp_ref_NxT, kind: str = "low_var_kl"):
     """
     straight_through = kind.endswith("+")
     base = kind[:-1] if straight_through else kind
-    if base not in KL_KINDS:
-        raise ValueError(f"Unknown KL estimator {kind!r}; expected one of {KL_KINDS}, optionally with a '+' suffix.")
+    if base not in KL_ESTIMATORS:
+        raise ValueError(f"Unknown KL estimator {kind!r}; expected one of {tuple(KL_ESTIMATORS)}, optionally with a "
+                         f"'+' suffix.")
     dtype = jnp.promote_types(jnp.result_type(logp_NxT), jnp.float32)
     d = jnp.asarray(logp_NxT, dtype) - jnp.asarray(logp_ref_NxT, dtype)
-    forward = _kl_forward(d, base)
-    if not straight_through or base in ("k2", "mse"):
+    forward = KL_ESTIMATORS[base](d)
+    if not straight_through or KL_ESTIMATORS[base] is _k2:
         return forward
     k2 = 0.5 * jnp.square(d)
     return k2 - jax.lax.stop_gradient(k2) + jax.lax.stop_gradient(forward)

@@ -1,11 +1,31 @@
 """Length-based reward shaping: DAPO overlong penalty, DLER truncation, DA-DLER difficulty-aware budgets.
 
 Per-response arrays are flat `[N]` with groups contiguous (`group_size = G`, static), as in advantages.py.
+
+Reward shapings register under a name in `REWARD_SHAPINGS` (`@register_shaping`) with one signature,
+  `(arrays, hp) -> (reward_N, metrics)`,
+where `arrays` holds the round's `score_N` (correctness), `length_N`, `truncated_N` and the running `reward_N`, and
+`hp` the frozen reward hyper-parameters (`group_size`, `max_new_tokens`, `overlong_buffer`, ...). The rollout stage
+starts from the base named by `reward.kind` (binary, signed) and applies the names of `reward.shaping` in order.
+Shapings that belong to one method (DLER's truncation) register in that method's module.
 """
 import numbers
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax.numpy as jnp
+import numpy as np
+
+REWARD_SHAPINGS: dict[str, Callable] = {}
+
+
+def register_shaping(name: str):
+    """Decorator: registers a reward shaping `(arrays, hp) -> (reward_N, metrics)` under `name`."""
+
+    def deco(fn):
+        REWARD_SHAPINGS[name] = fn
+        return fn
+
+    return deco
 
 
 def _float(x):
@@ -106,3 +126,23 @@ def da_dler_truncation_reward(score_N, length_N, truncated_N, group_size: int,
     if not virtual_uses_stop_penalty:
         reward = jnp.where(virtual & ~truncated, 0.0, reward)
     return reward, {"budget_N": budget_N, "truncated_N": eff_truncated}
+
+
+@register_shaping("binary")
+def _binary(arrays, hp):
+    """Base reward: the correctness score itself ({0, 1} for a verifier)."""
+    return np.asarray(arrays["score_N"], np.float32).copy(), {}
+
+
+@register_shaping("signed")
+def _signed(arrays, hp):
+    """Base reward of the DAPO verifier: {-1, +1} from a {0, 1} score."""
+    return 2.0 * np.asarray(arrays["score_N"], np.float32) - 1.0, {}
+
+
+@register_shaping("overlong")
+def _overlong(arrays, hp):
+    """DAPO soft overlong punishment added to the running reward (`hp.overlong_buffer` tokens before the budget)."""
+    penalty = np.asarray(dapo_overlong_penalty(arrays["length_N"], hp.max_new_tokens, int(hp.overlong_buffer),
+                                               hp.overlong_factor))
+    return arrays["reward_N"] + penalty, {"overlong_penalty": float(penalty.mean())}

@@ -69,25 +69,6 @@ def _check_eps(eps, name: str):
         raise ValueError(f"{name} must lie in [0, 1), got {eps}.")
 
 
-def hapo_adaptive_clip_bounds(h_NxT, eps_low, eps_high, alpha: float = 1.0):
-    """HAPO asymmetric adaptive clipping ranges (HAPO Eq. 12-13, code `ada_clip`).
-
-    ε_L(i,t) = ε_L·(1 − α·h̃) if h̃ ≤ 0 else ε_L;   ε_R(i,t) = ε_R·(1 + α·h̃) if h̃ > 0 else ε_R.
-    With α = 1 and h̃ ∈ [−1, 1] the clip range spans [1 − 2ε_L, 1 + 2ε_R]. Stop-gradient (code: no_grad).
-
-    Args:
-      h_NxT: normalized entropy h̃ ∈ [−1, 1] (core/hapo.py). eps_low / eps_high: base ranges (scalars).
-    Returns:
-      (eps_low_NxT, eps_high_NxT).
-    """
-    _check_eps(eps_low, "eps_low")
-    _check_eps(eps_high, "eps_high")
-    h = jax.lax.stop_gradient(_float(h_NxT))
-    eps_low_NxT = jnp.where(h <= 0, eps_low * (1.0 - alpha * h), eps_low)
-    eps_high_NxT = jnp.where(h > 0, eps_high * (1.0 + alpha * h), eps_high)
-    return eps_low_NxT, eps_high_NxT
-
-
 def _ratio_metrics(log_ratio, ratio, mask):
     """ppo_kl = masked mean of logp_old − logp (clamped); ratio mean / max over valid tokens."""
     return {
@@ -102,7 +83,7 @@ def ppo_clip_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_hi
                   dual_clip_c: Optional[float] = 3.0, agg: str = "token-mean", agg_const=None,
                   token_weights_NxT=None, **agg_kwargs):
     """PPO clipped surrogate with asymmetric (clip-higher) ranges and dual clip (verl
-    `compute_policy_loss_vanilla`; DAPO's clip-higher; HAPO's adaptive ranges).
+    `compute_policy_loss_vanilla`; DAPO's clip-higher; HAPO's per-token adaptive ranges).
 
       log r = clamp(logp − logp_old, −20, 20);  L1 = −A·r;  L2 = −A·clip(r, 1−ε_low, 1+ε_high)
       Lc = max(L1, L2);  Lpg = where(A < 0, min(Lc, −A·c), Lc)   (dual clip only when `dual_clip_c` is set)

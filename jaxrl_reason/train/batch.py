@@ -1,13 +1,13 @@
-"""From collected rollout rows to the fixed-shape update batch: log-probs, values, advantages (DESIGN.md §2).
+"""From collected rollout rows to the fixed-shape update batch: log-probs, values, advantages.
 
 `compute_advantages` calls the estimator registered under `advantage.estimator` in
-`core.advantages.ADVANTAGE_ESTIMATORS`. The forward passes for old / reference log-probs and critic values
-are jitted once per shape (`make_forward_fns`), micro-batched over rows and sharded like the update step.
-The resulting batch layout is the one documented in `train/objectives.py`.
+`core.advantages.ADVANTAGE_ESTIMATORS` with the frozen advantage section as `hp` (`train/hparams.py`). The forward
+passes for old / reference log-probs and critic values are jitted once per shape (`make_forward_fns`),
+micro-batched over rows and sharded like the update step. The resulting batch layout is the one documented in
+`train/objectives.py`.
 """
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
@@ -19,26 +19,15 @@ from jaxrl_reason.train.logprobs import LogpSpec, ar_logps, ar_values
 from jaxrl_reason.train.step import split_micro_batches
 
 
-@dataclasses.dataclass(frozen=True)
-class AdvantageConfig:
-    estimator: str = "grpo"
-    group_size: int = 8
-    eps: float = 1e-6
-    gamma: float = 1.0
-    lam: float = 1.0
-    hapo_fallback_abs: float = 5.0
-    kl_in_reward_coef: float = 0.0
-
-
-@partial(jax.jit, static_argnames=("cfg",))
-def compute_advantages(cfg: AdvantageConfig, reward_N, mask_NxR, logp_old_NxR=None, logp_ref_NxR=None,
-                       values_NxR=None, greedy_reward_N=None):
-    """Advantages `[N, R]`, returns for the critic (or None) and metrics: `ADVANTAGE_ESTIMATORS[cfg.estimator]`."""
-    if cfg.estimator not in adv_lib.ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {cfg.estimator!r}; use one of "
+@partial(jax.jit, static_argnames=("hp",))
+def compute_advantages(hp, reward_N, mask_NxR, logp_old_NxR=None, logp_ref_NxR=None, values_NxR=None,
+                       greedy_reward_N=None):
+    """Advantages `[N, R]`, returns for the critic (or None) and metrics: `ADVANTAGE_ESTIMATORS[hp.estimator]`."""
+    if hp.estimator not in adv_lib.ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {hp.estimator!r}; use one of "
                          f"{tuple(adv_lib.ADVANTAGE_ESTIMATORS)}.")
-    return adv_lib.ADVANTAGE_ESTIMATORS[cfg.estimator](
-        reward_N, mask_NxR.astype(jnp.float32), cfg, logp_old_NxT=logp_old_NxR, logp_ref_NxT=logp_ref_NxR,
+    return adv_lib.ADVANTAGE_ESTIMATORS[hp.estimator](
+        reward_N, mask_NxR.astype(jnp.float32), hp, logp_old_NxT=logp_old_NxR, logp_ref_NxT=logp_ref_NxR,
         values_NxT=values_NxR, greedy_reward_N=greedy_reward_N)
 
 
@@ -103,11 +92,11 @@ def model_inputs(rows: dict) -> dict:
     }
 
 
-def build_update_batch(rows: dict, adv_cfg: AdvantageConfig, *, policy_params, logps_fn, ref_params=None,
-                       value_params=None, values_fn=None, extra_adv_NxR=None) -> tuple[dict, dict]:
+def build_update_batch(rows: dict, adv_hp, *, policy_params, logps_fn, ref_params=None, value_params=None,
+                       values_fn=None, extra_adv_NxR=None) -> tuple[dict, dict]:
     """The full rollout batch (numpy) with logp_old, [logp_ref], [values_old, returns], adv.
 
-    `extra_adv_NxR` is added to the outcome advantage (REPRO's alpha-weighted process advantage, §5.2).
+    `extra_adv_NxR` is added to the outcome advantage (the methods' advantage terms, summed).
     """
     batch = model_inputs(rows)
     logp_old, entropy_old = logps_fn(policy_params, batch)
@@ -115,7 +104,7 @@ def build_update_batch(rows: dict, adv_cfg: AdvantageConfig, *, policy_params, l
     if ref_params is not None:
         batch["logp_ref_NxR"] = logps_fn(ref_params, batch)[0]
     values = values_fn(value_params, batch) if values_fn is not None else None
-    adv, returns, metrics = compute_advantages(adv_cfg, jnp.asarray(rows["reward_N"]), batch["response_mask_NxR"],
+    adv, returns, metrics = compute_advantages(adv_hp, jnp.asarray(rows["reward_N"]), batch["response_mask_NxR"],
                                                logp_old, batch.get("logp_ref_NxR"), values)
     if extra_adv_NxR is not None:
         adv = adv + extra_adv_NxR * batch["response_mask_NxR"]

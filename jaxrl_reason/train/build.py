@@ -1,7 +1,7 @@
-"""Config -> objects: validation (before anything compiles), the task, the policy, the objective's hparams.
+"""Config -> objects: validation (before anything compiles), the task, the policy.
 
-`validate_config` turns every impossible setting into one clear sentence at start-up (DESIGN.md §3), so no run
-dies after minutes of compilation because of a typo.
+`validate_config` turns every impossible setting into one clear sentence at start-up, so no run dies after minutes
+of compilation because of a typo. Every name it accepts is a key of a registry.
 """
 from __future__ import annotations
 
@@ -15,19 +15,22 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_reason import algorithms
+from jaxrl_reason.core import kl as kl_lib
 from jaxrl_reason.core.advantages import ADVANTAGE_ESTIMATORS
 from jaxrl_reason.core.aggregate import AGGREGATIONS
+from jaxrl_reason.core.filters import GROUP_FILTERS
+from jaxrl_reason.core.length import REWARD_SHAPINGS
 from jaxrl_reason.core.policy_loss import POLICY_LOSSES
 from jaxrl_reason.data import arithmetic
 from jaxrl_reason.data.example import Example
 from jaxrl_reason.data.sources import build_examples, scorer_for, validate_task
 from jaxrl_reason.data.tokenizer import build_char_tokenizer, load_tokenizer
+from jaxrl_reason.methods import registry as methods
 from jaxrl_reason.models.hf import load_hf
 from jaxrl_reason.models.sharding import resolve_mesh_shape
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.train import sampler_layout
 from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec
-from jaxrl_reason.train.objectives import ObjectiveConfig
 
 NUM_TRAIN_PROBLEMS = 20000
 
@@ -39,7 +42,7 @@ def _require(ok: bool, sentence: str) -> None:
 
 def validate_config(config) -> None:
     """Raises ValueError with one sentence for the first impossible setting in `config`."""
-    known = set(algorithms.RECIPES) | {f"lspo_{b}" for b in ("grpo", "dapo", "gspo")}
+    known = algorithms.algorithm_names()
     _require(config.algorithm in known, f"unknown algorithm {config.algorithm!r}; known: {', '.join(sorted(known))}.")
     a, l, r, f, o, ro = config.advantage, config.loss, config.reward, config.filter, config.optim, config.rollout
     # the registries themselves, not a copy: a part registered after import (a notebook cell) is valid too
@@ -47,16 +50,20 @@ def validate_config(config) -> None:
              f"unknown advantage estimator {a.estimator!r}; use one of {tuple(ADVANTAGE_ESTIMATORS)}.")
     _require(l.mode in POLICY_LOSSES, f"unknown loss mode {l.mode!r}; use one of {tuple(POLICY_LOSSES)}.")
     _require(l.agg in AGGREGATIONS, f"unknown loss aggregation {l.agg!r}; use one of {tuple(AGGREGATIONS)}.")
-    _require(l.mode == "ppo" or not (l.hapo_adaptive_clip or l.hapo_redistribute),
-             f"HAPO's adaptive clip and advantage redistribution act on the ppo loss, not loss.mode {l.mode!r}.")
     _require(a.estimator != "grpo_passk" or config.rollout.group_size >= 2,
              "advantage.estimator 'grpo_passk' needs rollout.group_size >= 2.")
     _require(a.estimator != "remax",
              "advantage.estimator 'remax' needs the reward of a greedy response per prompt (greedy_reward_N), "
              "which the RL loop does not sample; call core.advantages.remax_advantages where one is available.")
-    _require(l.kl_kind in algorithms.KL_KINDS, f"unknown KL estimator {l.kl_kind!r}; use one of {algorithms.KL_KINDS}.")
-    _require(f.kind in algorithms.FILTERS, f"unknown filter {f.kind!r}; use one of {algorithms.FILTERS}.")
+    _require(l.kl_kind in kl_lib.kl_kinds(), f"unknown KL estimator {l.kl_kind!r}; use one of {kl_lib.kl_kinds()}.")
+    _require(f.kind in GROUP_FILTERS, f"unknown filter {f.kind!r}; use one of {tuple(GROUP_FILTERS)}.")
     _require(r.kind in ("binary", "signed"), f"reward.kind must be 'binary' or 'signed', got {r.kind!r}.")
+    shapings = tuple(k for k in REWARD_SHAPINGS if k not in ("binary", "signed"))
+    for name in r.shaping:
+        _require(name in shapings, f"unknown reward shaping {name!r}; use one of {shapings}.")
+    _require(("overlong" in r.shaping) == (r.overlong_buffer > 0),
+             "reward.overlong_buffer > 0 and 'overlong' in reward.shaping go together (the buffer is its setting).")
+    _validate_method_parts(config, (a.estimator, f.kind) + tuple(r.shaping))
     _require(ro.group_size >= 1 and ro.prompts_per_step >= 1, "rollout.group_size and prompts_per_step must be >= 1.")
     _require(ro.max_prompt_len >= 1 and ro.max_new_tokens >= 1, "rollout lengths must be positive.")
     _require(ro.lanes >= 1 and ro.group_size % ro.lanes == 0,
@@ -72,23 +79,27 @@ def validate_config(config) -> None:
     rows = ro.prompts_per_step * ro.group_size // o.mini_batches
     _require(rows % o.micro_batches == 0,
              f"a mini-batch of {rows} rows does not split into {o.micro_batches} micro-batches.")
-    if r.da_dler_thresholds:
-        _require(len(r.da_dler_budgets) == len(r.da_dler_thresholds) + 1,
-                 "reward.da_dler_budgets needs exactly one more entry than reward.da_dler_thresholds.")
-        _require(all(0 < b <= 1 for b in r.da_dler_budgets),
-                 "reward.da_dler_budgets are fractions of rollout.max_new_tokens in (0, 1].")
     _require(0 <= r.overlong_buffer <= ro.max_new_tokens,
              f"reward.overlong_buffer ({r.overlong_buffer}) must be within [0, max_new_tokens].")
     _validate_mesh(config)
     sampler_layout.validate(ro, config.model.attention, jax.device_count())
     _validate_sources(config)
     _validate_precision(config, ro.prompts_per_step * ro.group_size)
+    methods.validate(config)
     if config.model.attention != "causal":
         validate_tracerl_config(config)
 
 
+def _validate_method_parts(config, names) -> None:
+    """A part registered by a method (DLER's shapings, LSPO's filter, HAPO's estimator) reads the method's section."""
+    for m in methods.METHODS.values():
+        for name in set(names) & set(m.parts):
+            _require(m.name in config, f"{name!r} is a part of {m.name}, whose settings live in the `{m.name}` "
+                                       f"section: apply its recipe (algorithms.apply_recipe(config, ...)) first.")
+
+
 def validate_tracerl_config(config) -> None:
-    """One clear sentence for the first impossible `config.tracerl` / diffusion setting (DESIGN.md §3)."""
+    """One clear sentence for the first impossible `config.tracerl` / diffusion setting."""
     from jaxrl_reason.core import tracerl as tr
     from jaxrl_reason.train.tracerl import ESTIMATORS, KINDS  # imports this module
 
@@ -208,18 +219,3 @@ def load_policy(config, tokenizer) -> tuple[Transformer, TransformerConfig]:
                             **layout)
     cfg.validate()
     return Transformer(cfg, rngs=nnx.Rngs(config.seed)), cfg
-
-
-def objective_config(config) -> ObjectiveConfig:
-    """The static loss hyper-parameters (algorithms.md §1, §4) from the experiment config."""
-    l = config.loss
-    const = l.agg_const or float(config.rollout.max_new_tokens)
-    return ObjectiveConfig(
-        mode=l.mode, eps_low=l.eps_low, eps_high=l.eps_high, dual_clip_c=l.dual_clip_c or None, agg=l.agg,
-        agg_const=const, kl_coef=l.kl_coef, kl_kind=l.kl_kind, entropy_coef=l.entropy_coef,
-        value_coef=l.value_coef if config.advantage.estimator == "gae" else 0.0, value_clip=l.value_clip or None,
-        hapo_adaptive_clip=l.hapo_adaptive_clip, hapo_clip_alpha=l.hapo_clip_alpha,
-        hapo_redistribute=l.hapo_redistribute, hapo_adv_beta=l.hapo_adv_beta, hapo_pivot=l.hapo_pivot,
-        hapo_sign_compat=l.hapo_sign_compat, sapo_tau_pos=l.sapo_tau_pos, sapo_tau_neg=l.sapo_tau_neg,
-        clip_cov_ratio=l.clip_cov_ratio, clip_cov_lb=l.clip_cov_lb, clip_cov_ub=l.clip_cov_ub,
-        kl_cov_ratio=l.kl_cov_ratio, kl_cov_coef=l.kl_cov_coef)

@@ -1,4 +1,4 @@
-"""`run(config, workdir)`: the RL loop of DESIGN.md §2, readable top to bottom.
+"""`run(config, workdir)`: the RL loop, readable top to bottom.
 
     validate config -> task, tokenizer, policy (+ reference, + critic) -> mesh, shardings, optimizer, state
     -> preflight: compile the update step for the real shapes, stop when it needs more memory than a device has
@@ -7,13 +7,14 @@
          advantages) -> ppo_epochs x mini-batches of the jitted update step -> log -> checkpoint
     -> evaluate -> export the policy as a Hugging Face checkpoint.
 
-What differs between policy kinds (autoregressive here; masked diffusion plugs in the same way) is bundled in
-`PolicyParts`: the samplers, the update-batch builder, the loss and the mini-batch split. The loop itself is
-shared.
+What differs between policy kinds (autoregressive, masked diffusion) is bundled in `PolicyParts`, built by
+`train/policy.py`: the samplers, the update-batch builder, the loss and the mini-batch split. What differs between
+methods reaches the loop through the method hooks (`methods/registry.py`): extra sampler arguments from a state
+carried between iterations. The loop itself is shared.
 
 Determinism and exact resume: the rollout key of iteration i is `fold_in(PRNGKey(seed), i)`, mini-batch order
-uses `np.random.default_rng([seed, i])`, and the prompt stream position, HAPO statistics and iteration count are
-stored in the checkpoint meta, so a resumed run repeats the uninterrupted one (tested).
+uses `np.random.default_rng([seed, i])`, and the prompt stream position, the methods' carried state and the
+iteration count are stored in the checkpoint meta, so a resumed run repeats the uninterrupted one (tested).
 """
 from __future__ import annotations
 
@@ -26,126 +27,24 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxrl_reason.core import hapo as hapo_lib
+from jaxrl_reason.methods import registry as methods
 from jaxrl_reason.models import sharding as sharding_lib
-from jaxrl_reason.models.value import ValueModel
-from jaxrl_reason.sampling.autoregressive import make_generate_fn
-from jaxrl_reason.sampling.compaction import make_compacting_generate_fn
-from jaxrl_reason.sampling.processors import SamplingParams
-from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import console
 from jaxrl_reason.train import export as export_lib
+from jaxrl_reason.train import hparams
+from jaxrl_reason.train import policy as policy_lib
 from jaxrl_reason.train import preflight as preflight_lib
-from jaxrl_reason.train import repro as repro_lib
 from jaxrl_reason.train import rollout as rollout_lib
 from jaxrl_reason.train import workdir as workdir_lib
-from jaxrl_reason.train.build import build_task, load_policy, objective_config, validate_config
+from jaxrl_reason.train.build import build_task, validate_config
 from jaxrl_reason.train.checkpoint import Checkpointer, install_preemption_handler
 from jaxrl_reason.train.evaluation import evaluate
-from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec, ar_logps, ar_values, cast_floating
 from jaxrl_reason.train.metrics import MetricsWriter, ProgressBar
-from jaxrl_reason.train.objectives import rl_loss
 from jaxrl_reason.train.optimizer import make_optimizer
 from jaxrl_reason.train.parts import PolicyParts
 from jaxrl_reason.train.sampler_layout import sampler_copy
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step
-from jaxrl_reason.train.tracerl import diffusion_parts
-
-
-REPRO_QUERY_CHUNK = 64  # answer queries per call of REPRO's scorer
-
-
-def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=None, mesh=None,
-             shardings=None) -> PolicyParts:
-    """Autoregressive policy: KV-cache sampler, token log-probs, the composed RL objective.
-
-    `mesh` and `shardings` (the params' training shardings, {"policy"[, "value"]}) give the no-grad log-prob
-    passes explicit in/out shardings.
-    """
-    r = config.rollout
-    common = dict(max_prompt_len=r.max_prompt_len, max_new_tokens=r.max_new_tokens,
-                  eos_ids=export_lib.stop_ids(tokenizer, _source_dir(config)), pad_id=tokenizer.pad_token_id)
-    train = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
-                           hapo_tau=r.hapo_tau, hapo_sign_compat=r.hapo_sign_compat)
-    spec, fwd_sh = logp_spec(config), _forward_shardings(config, mesh, shardings)
-    logps_fn, values_fn = batch_lib.make_forward_fns(graphdef, value_graphdef, spec=spec,
-                                                     micro_batch_rows=config.optim.logp_micro_batch_rows, **fwd_sh)
-    adv_cfg = advantage_config(config)
-
-    rw = config.reward
-    repro_fn = None
-    if rw.repro_alpha > 0:  # REPRO process advantage added to the outcome advantage (algorithms.md §5)
-        repro_fn = repro_lib.make_repro_advantage_fn(
-            graphdef, tokenizer, alpha=rw.repro_alpha, k=rw.repro_k, w=rw.repro_w, delimiter=rw.repro_delimiter,
-            answer_prefix=rw.repro_answer_prefix, think_end=rw.repro_think_end, spec=spec,
-            **_repro_shardings(mesh, fwd_sh))
-
-    def build_batch(rows, params):
-        extra, repro_metrics = repro_fn(rows, params["policy"]) if repro_fn else (None, {})
-        batch, metrics, entropy = batch_lib.build_update_batch(
-            rows, adv_cfg, policy_params=params["policy"], logps_fn=logps_fn, ref_params=ref_params,
-            value_params=params.get("value"), values_fn=values_fn, extra_adv_NxR=extra)
-        return batch, {**metrics, **repro_metrics}, entropy
-
-    def split(batch, rng):
-        return batch_lib.mini_batches(batch, config.optim.mini_batches, rng, r.group_size)
-
-    return PolicyParts(
-        train_gen=(make_compacting_generate_fn if r.compact_rows else make_generate_fn)(
-            graphdef, params=train, lanes=r.lanes, group_size=r.group_size, share_prefill=r.share_prefill, **common),
-        eval_gen=make_generate_fn(graphdef, params=SamplingParams(temperature=config.eval.temperature), **common),
-        greedy_gen=make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common),
-        build_batch=build_batch,
-        loss_fn=functools.partial(rl_loss, cfg=objective_config(config), policy_graphdef=graphdef,
-                                  value_graphdef=value_graphdef, logps_fn=functools.partial(ar_logps, spec=spec),
-                                  values_fn=functools.partial(ar_values, spec=spec)),
-        split=split)
-
-
-def _source_dir(config) -> str:
-    """The checkpoint directory the policy starts from ("" for a random init): its generation_config.json names the
-    end-of-turn ids a chat model stops at besides the tokenizer's EOS."""
-    init = config.model.init
-    return init[3:] if init.startswith("hf:") else (config.model.sft_dir if init == "sft" else "")
-
-
-def logp_spec(config) -> LogpSpec:
-    """Chunk sizes and compute dtype of every log-prob pass (`train/logprobs.py`)."""
-    m = config.model
-    return LogpSpec(m.logits_chunk, m.vocab_chunk, m.compute_dtype).validate()
-
-
-def compute_copy(config, params):
-    """The params in `model.compute_dtype` for the sampler and evaluation (the same arrays when it is the
-    storage dtype)."""
-    return cast_floating(params, COMPUTE_DTYPES[config.model.compute_dtype])
-
-
-def _forward_shardings(config, mesh, shardings) -> dict:
-    """In/out shardings of the no-grad passes: rows over ('data', 'fsdp') when they split evenly, else
-    replicated; params as in training."""
-    if mesh is None or shardings is None:
-        return {}
-    rows = config.rollout.prompts_per_step * config.rollout.group_size
-    split = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
-    rows_sh = sharding_lib.batch_sharding(mesh, 1) if split else jax.sharding.NamedSharding(mesh, jax.P())
-    return dict(policy_shardings=shardings["policy"], value_shardings=shardings.get("value"), rows_sharding=rows_sh)
-
-
-def _repro_shardings(mesh, fwd_sh: dict) -> dict:
-    """REPRO's answer queries over ('data', 'fsdp') when its query chunk (64) splits over them."""
-    if not fwd_sh or REPRO_QUERY_CHUNK % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        return {}
-    return dict(query_sharding=sharding_lib.batch_sharding(mesh, 1), param_shardings=fwd_sh["policy_shardings"],
-                chunk_size=REPRO_QUERY_CHUNK)
-
-
-def _reference_copy(config, policy_params, shardings):
-    """The frozen KL reference: a compute-dtype copy of the initial policy, sharded like the policy."""
-    # Its own buffers (x.copy()), never the policy's: the update step donates the policy params.
-    copy = jax.tree.map(lambda x: x.copy(), policy_params)
-    return compute_copy(config, copy if shardings is None else jax.device_put(copy, shardings["policy"]))
 
 
 def _mesh(config):
@@ -275,13 +174,6 @@ def _update(config, update, state, mini_batches: list[dict], it: int, skips: int
     return state, {f"train/{k}": float(v) for k, v in step_metrics.items()}, skips
 
 
-def _entropy_stats(config, entropy, mask):
-    """HAPO statistics of this step's entropies for the next rollout (JSON-safe, None when not finite)."""
-    stats = hapo_lib.entropy_stats(entropy, mask, config.loss.hapo_pivot)
-    stats = {k: float(v) for k, v in stats.items()}
-    return stats if all(np.isfinite(list(stats.values()))) else None
-
-
 def _fmt(m: dict) -> str:
     keys = [k for k in ("pass@1", "greedy_acc", "maj@4", "length_mean", "recheck_per_response") if k in m]
     return "  ".join(f"{k}={m[k]:.3f}" for k in keys)
@@ -299,32 +191,11 @@ def run(config, workdir: str) -> dict:
         return _run(config, workdir, preempt)
 
 
-def _build_parts(config, task, mesh=None):
-    """(policy module, its config, trainable params {"policy"[, "value"]}, PolicyParts): a value model for GAE,
-    a frozen reference copy when a KL term is on, autoregressive or masked-diffusion parts by `model.attention`.
-    With `mesh`, the reference copy and the no-grad passes are sharded like the trained params."""
-    policy, mcfg = load_policy(config, task.tokenizer)
-    graphdef, policy_params = nnx.split(policy, nnx.Param)
-    params, value_graphdef, ref_params = {"policy": policy_params}, None, None
-    if config.advantage.estimator == "gae":
-        value_graphdef, params["value"] = nnx.split(ValueModel.from_policy(policy, rngs=nnx.Rngs(config.seed)),
-                                                    nnx.Param)
-    shardings = None if mesh is None else {k: sharding_lib.param_shardings(v, mesh) for k, v in params.items()}
-    if config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0:
-        ref_params = _reference_copy(config, policy_params, shardings)
-    if config.model.attention == "causal":
-        parts = ar_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef, ref_params=ref_params,
-                         mesh=mesh, shardings=shardings)
-    else:  # masked-diffusion policy: TraceRL rows and objective, same loop (diffusion.md §7)
-        parts = diffusion_parts(config, graphdef, task.tokenizer, value_graphdef=value_graphdef)
-    return policy, mcfg, params, parts
-
-
 def _run(config, workdir: str, preempt) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = _mesh(config)
     task = build_task(config)
-    policy, mcfg, params, parts = _build_parts(config, task, mesh)
+    policy, mcfg, params, parts = policy_lib.build_parts(config, task, mesh)
     console.startup_summary(config, task, params, mesh)
     o = config.optim
     state, tx, state_sh = _initial_state(config, mesh, params, config.train.num_steps * o.ppo_epochs * o.mini_batches)
@@ -333,16 +204,17 @@ def _run(config, workdir: str, preempt) -> dict:
                            batch_shardings=batch_sh)
     update = _preflight(config, mesh, step, state, batch_sh, preflight_lib.device_capacity(mesh.devices.flat[0]))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
-    meta = {"iteration": 0, "stream_position": 0, "hapo_stats": None, "eval_before": None}
+    meta = {"iteration": 0, "stream_position": 0, "method_state": {}, "eval_before": None}
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                                 state, state_sh))
+        meta = methods.upgrade_meta(meta)
         print(f"resumed from {ckpt.directory} at iteration {meta['iteration']}", flush=True)
     evaluate_fn = functools.partial(
         evaluate, examples=task.heldout, tokenizer=task.tokenizer, scorer=task.scorer, sample_fn=parts.eval_gen,
         greedy_fn=parts.greedy_gen if config.eval.greedy else None, samples=config.eval.samples,
         batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len, count_fn=task.count_fn)
-    eval_fn = lambda params, key: evaluate_fn(compute_copy(config, params), key=key)  # noqa: E731 (sampler dtype)
+    eval_fn = lambda params, key: evaluate_fn(policy_lib.compute_copy(config, params), key=key)  # noqa: E731
     # Lines after the restored iteration are written again; with no evaluation restored, step 0 is too (-1: drop all).
     writer = MetricsWriter(workdir, truncate_after=meta["iteration"] if meta["eval_before"] is not None else -1)
     if meta["eval_before"] is None and not preempt.requested:
@@ -373,7 +245,7 @@ def _run(config, workdir: str, preempt) -> dict:
 
 def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer, preempt, eval_fn):
     """The RL iterations from `meta["iteration"]` to `config.train.num_steps` (or the time budget)."""
-    reward_cfg, filter_cfg = reward_config(config), filter_config(config)
+    reward_hp, filter_hp = hparams.reward_hp(config), hparams.filter_hp(config)
     r = config.rollout
     spec = rollout_lib.RolloutSpec(parts.train_gen, task.tokenizer, task.scorer, r.prompts_per_step, r.group_size,
                                    r.max_prompt_len, r.max_new_tokens, r.sample_batch_rows)
@@ -382,15 +254,13 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
     base_key, start, skips, last = jax.random.PRNGKey(config.seed), time.time(), 0, {}
     for it in range(meta["iteration"], config.train.num_steps):
         t0 = time.time()
-        stats = meta["hapo_stats"] if r.hapo_tau > 0 else None
-        hapo_stats = None if stats is None else {k: np.float32(v) for k, v in stats.items()}
-        rows, metrics, _ = rollout_lib.collect_batch(spec, sampler_copy(config, state.params["policy"]), stream,
-                                                     jax.random.fold_in(base_key, it), train_groups=r.prompts_per_step,
-                                                     reward_cfg=reward_cfg, filter_cfg=filter_cfg,
-                                                     hapo_stats=hapo_stats)
+        rows, metrics, _ = rollout_lib.collect_batch(
+            spec, sampler_copy(config, state.params["policy"]), stream, jax.random.fold_in(base_key, it),
+            train_groups=r.prompts_per_step, reward_hp=reward_hp, filter_hp=filter_hp,
+            sampler_args=methods.sampler_args(config, meta["method_state"]))
         t1 = time.time()
         batch, batch_metrics, entropy = parts.build_batch(rows, state.params)
-        meta["hapo_stats"] = _entropy_stats(config, entropy, batch["response_mask_NxR"])
+        meta["method_state"] = methods.next_state(config, entropy, batch["response_mask_NxR"])
         t2 = time.time()
         mbs = parts.split(batch, np.random.default_rng([config.seed, it]))
         state, step_metrics, skips = _update(config, update, state, mbs, it, skips)
@@ -429,22 +299,3 @@ def _periodic_eval(config, eval_fn, state, iteration: int, writer) -> None:
     m = eval_fn(state.params["policy"], key=jax.random.fold_in(jax.random.PRNGKey(config.seed + 3), iteration))
     writer.write(iteration, {f"eval/{k}": v for k, v in m.items()})
     print(f"held-out at iteration {iteration}: " + _fmt(m), flush=True)
-
-
-def reward_config(config) -> rollout_lib.RewardConfig:
-    r = config.reward
-    budgets = tuple(int(round(b * config.rollout.max_new_tokens)) for b in r.da_dler_budgets)
-    return rollout_lib.RewardConfig(r.kind, int(r.overlong_buffer), r.overlong_factor, r.truncation_penalty,
-                                    r.stop_penalty_coef, tuple(r.da_dler_thresholds), budgets)
-
-
-def filter_config(config) -> rollout_lib.FilterConfig:
-    f = config.filter
-    return rollout_lib.FilterConfig(f.kind, f.max_rounds, f.lspo_low, f.lspo_high, f.lspo_max, f.band_low,
-                                    f.band_high)
-
-
-def advantage_config(config) -> batch_lib.AdvantageConfig:
-    a = config.advantage
-    return batch_lib.AdvantageConfig(a.estimator, config.rollout.group_size, a.eps, a.gamma, a.lam,
-                                     a.hapo_fallback_abs, config.loss.kl_in_reward_coef)

@@ -12,7 +12,7 @@ import numpy as np
 class PolicyParts(NamedTuple):
     """The samplers, the update-batch builder, the loss and the mini-batch split of one policy kind."""
 
-    train_gen: Callable  # (params, prompt_tokens, prompt_mask, key[, hapo_stats]) -> Rollout
+    train_gen: Callable  # (params, prompt_tokens, prompt_mask, key, *sampler_args) -> Rollout
     eval_gen: Callable
     greedy_gen: Callable | None
     build_batch: Callable[[dict, dict], tuple[dict, dict, Any]]  # (rows, params) -> (batch, metrics, entropy)

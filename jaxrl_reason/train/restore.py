@@ -11,6 +11,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from jaxrl_reason.train import build, loop
+from jaxrl_reason.train import policy as policy_lib
 from jaxrl_reason.train.checkpoint import Checkpointer
 
 
@@ -28,7 +29,7 @@ def restore_policy(workdir: str, step: int | None = None):
     config = load_run_config(workdir)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1  # any device count restores
     tok = build.tokenizer_for(config)
-    policy, mcfg, params, _ = loop._build_parts(config, types.SimpleNamespace(tokenizer=tok))
+    policy, mcfg, params, _ = policy_lib.build_parts(config, types.SimpleNamespace(tokenizer=tok))
     # the checkpoint's TrainState layout, from shapes alone: no optimizer state is allocated only to be overwritten
     target, _, _ = loop.abstract_state(config, loop._mesh(config), params, 1)
     with Checkpointer(os.path.join(workdir, "checkpoints")) as ckpt:

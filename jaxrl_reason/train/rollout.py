@@ -1,11 +1,11 @@
 """Host loop of one RL step's data: sample -> reward -> shaping -> filter -> refill -> fixed-shape rows.
 
-DESIGN.md §2. Everything here is host-side numpy around two jitted calls (the sampler and the reward shaping's
+Everything here is host-side numpy around two jitted calls (the sampler and the reward shaping's
 jnp pieces). Dynamic sampling changes the number of groups, so it happens here, before the jitted update: kept
 groups of successive generation rounds are accumulated (`core.filters.accumulate_groups`) until the batch is
 full or `max_rounds` rounds were drawn; then a short batch is padded with zero-weight rows (response mask 0, so
-they add nothing to any loss or count) and the shortfall is logged (algorithms.md §0.5 "filter leaves 0 kept
-groups": train on the partial batch, log it).
+they add nothing to any loss or count) and the shortfall is logged: a filter that leaves too few groups trains on
+the partial batch rather than stopping the run.
 """
 from __future__ import annotations
 
@@ -19,30 +19,6 @@ from jaxrl_reason.core import filters as filters_lib
 from jaxrl_reason.core import length as length_lib
 from jaxrl_reason.data.example import Example
 from jaxrl_reason.data.tokenizer import decode_until_eos, encode_batch_left_padded
-
-
-@dataclasses.dataclass(frozen=True)
-class RewardConfig:
-    """Reward shaping (algorithms.md §1.8 DAPO, §2.2 DLER / DA-DLER). Budgets are in tokens."""
-
-    kind: str = "binary"  # binary {0,1} | signed {-1,+1}
-    overlong_buffer: int = 0
-    overlong_factor: float = 1.0
-    truncation_penalty: bool = False
-    stop_penalty_coef: float = 0.0
-    da_dler_thresholds: tuple[float, ...] = ()
-    da_dler_budgets: tuple[int, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class FilterConfig:
-    kind: str = "none"  # none | zero_variance | lspo | accuracy_band
-    max_rounds: int = 4
-    lspo_low: float = 0.30
-    lspo_high: float = 0.60
-    lspo_max: float = 0.90
-    band_low: float = 0.2
-    band_high: float = 0.8
 
 
 class PromptStream:
@@ -70,49 +46,28 @@ class PromptStream:
         return out
 
 
-def shape_rewards(score_N, length_N, truncated_N, group_size: int, cfg: RewardConfig, max_new_tokens: int):
-    """Correctness score -> training reward (numpy in, numpy out) and the shaping metrics."""
-    score = np.asarray(score_N, np.float32)
-    truncated = np.asarray(truncated_N, bool)
+def shape_rewards(score_N, length_N, truncated_N, hp):
+    """Correctness score -> training reward (numpy in, numpy out) and the shaping metrics: the base
+    `REWARD_SHAPINGS[hp.kind]`, then each name of `hp.shaping` in order on the running reward."""
+    arrays = {"score_N": np.asarray(score_N, np.float32), "length_N": np.asarray(length_N),
+              "truncated_N": np.asarray(truncated_N, bool)}
     metrics = {}
-    reward = 2.0 * score - 1.0 if cfg.kind == "signed" else score.copy()
-    if cfg.da_dler_thresholds:
-        reward, info = length_lib.da_dler_truncation_reward(
-            score, length_N, truncated, group_size, cfg.da_dler_thresholds, cfg.da_dler_budgets,
-            cfg.stop_penalty_coef)
-        reward = np.asarray(reward)
-        metrics["da_dler_virtual_trunc"] = float(np.mean(np.asarray(info["truncated_N"]) & ~truncated))
-    elif cfg.truncation_penalty:
-        reward = np.asarray(length_lib.dler_truncation_reward(reward, truncated, cfg.stop_penalty_coef))
-    if cfg.overlong_buffer > 0:
-        penalty = np.asarray(length_lib.dapo_overlong_penalty(length_N, max_new_tokens, cfg.overlong_buffer,
-                                                              cfg.overlong_factor))
-        reward = reward + penalty
-        metrics["overlong_penalty"] = float(penalty.mean())
-    return reward.astype(np.float32), metrics
+    for name in (hp.kind,) + tuple(hp.shaping):
+        arrays["reward_N"], shaping_metrics = length_lib.REWARD_SHAPINGS[name](arrays, hp)
+        metrics.update(shaping_metrics)
+    return np.asarray(arrays["reward_N"], np.float32), metrics
 
 
-def group_filter(rows: dict, group_size: int, cfg: FilterConfig) -> tuple[np.ndarray, dict]:
-    """keep_B for one generation round (algorithms.md §1.8, §3.3; diffusion.md §7.1)."""
-    score = rows["score_N"]
-    n_groups = score.shape[0] // group_size
-    if cfg.kind == "none":
-        return np.ones(n_groups, bool), {}
-    if cfg.kind == "accuracy_band":
-        return filters_lib.accuracy_band_filter(score > 0, group_size, cfg.band_low, cfg.band_high)
-    keep, metrics = filters_lib.zero_variance_filter(score, group_size)
-    if cfg.kind == "lspo":
-        keep, lspo_metrics = filters_lib.lspo_length_filter(rows["length_N"], group_size, cfg.lspo_low,
-                                                            cfg.lspo_high, cfg.lspo_max, candidates_B=keep)
-        metrics = {**metrics, **{f"lspo_{k}": v for k, v in lspo_metrics.items()}}
-    return keep, metrics
+def group_filter(rows: dict, hp) -> tuple[np.ndarray, dict]:
+    """keep_B for one generation round: `GROUP_FILTERS[hp.kind]`."""
+    return filters_lib.GROUP_FILTERS[hp.kind](rows, hp)
 
 
 @dataclasses.dataclass
 class RolloutSpec:
     """What one round of sampling needs (host objects and the jitted sampler)."""
 
-    generate_fn: Callable  # (params, prompt_tokens_BxP, prompt_mask_BxP, key[, hapo_stats]) -> Rollout
+    generate_fn: Callable  # (params, prompt_tokens_BxP, prompt_mask_BxP, key, *sampler_args) -> Rollout
     tokenizer: object
     scorer: Callable[[list[str], list[str]], np.ndarray]  # (texts, answers) -> score_N
     prompts_per_round: int
@@ -128,10 +83,9 @@ class RolloutSpec:
                              f"({self.group_size}) that divides the {rows} rows of a round.")
 
 
-def _sample_in_batches(spec: RolloutSpec, params, ids, mask, key, hapo_stats):
+def _sample_in_batches(spec: RolloutSpec, params, ids, mask, key, extra: tuple):
     """The sampler on the round's rows: one call (`sample_batch_rows` 0), or equal sub-batches of whole groups,
     sub-batch k with key `fold_in(key, k)` (all dispatched before the first is read back)."""
-    extra = (hapo_stats,) if hapo_stats is not None else ()
     if not spec.sample_batch_rows:
         return jax.device_get(spec.generate_fn(params, ids, mask, key, *extra))
     step = spec.sample_batch_rows
@@ -140,13 +94,16 @@ def _sample_in_batches(spec: RolloutSpec, params, ids, mask, key, hapo_stats):
     return jax.tree.map(lambda *x: np.concatenate(x, axis=0), *jax.device_get(outs))
 
 
-def sample_round(spec: RolloutSpec, params, examples: list[Example], key, hapo_stats=None) -> dict:
-    """Samples `group_size` responses per example and scores them; returns numpy rows (groups contiguous)."""
+def sample_round(spec: RolloutSpec, params, examples: list[Example], key, sampler_args: tuple = ()) -> dict:
+    """Samples `group_size` responses per example and scores them; returns numpy rows (groups contiguous).
+
+    `sampler_args`: extra positional arguments of the sampler (a method's carried state, e.g. entropy statistics).
+    """
     g = spec.group_size
     prompts = [ex.prompt for ex in examples for _ in range(g)]
     answers = [ex.answer for ex in examples for _ in range(g)]
     ids, mask = encode_batch_left_padded(spec.tokenizer, prompts, spec.max_prompt_len)
-    ro = _sample_in_batches(spec, params, ids, mask, key, hapo_stats)
+    ro = _sample_in_batches(spec, params, ids, mask, key, tuple(sampler_args))
     texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
     golds = [ex for ex in examples for _ in range(g)] if getattr(spec.scorer, "accepts_examples", False) else answers
     score = np.asarray(spec.scorer(texts, golds), np.float32)
@@ -181,23 +138,24 @@ def pad_groups(rows: dict, num_rows: int) -> dict:
     return out
 
 
-def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train_groups: int,
-                  reward_cfg: RewardConfig, filter_cfg: FilterConfig, hapo_stats=None):
-    """Rounds of sampling until `train_groups` groups pass the filter (or `max_rounds`), then a fixed batch.
+def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train_groups: int, reward_hp, filter_hp,
+                  sampler_args: tuple = ()):
+    """Rounds of sampling until `train_groups` groups pass the filter (or `filter_hp.max_rounds`), then a fixed
+    batch. `reward_hp` / `filter_hp`: the frozen reward and filter sections (`train/hparams.py`).
 
     Returns:
       (rows: dict of numpy arrays with exactly train_groups * group_size rows, metrics, texts of the batch rows).
     """
     acc = filters_lib.empty_accumulator(spec.group_size, train_groups)
     metrics, all_scores, all_lengths, all_truncated, texts_kept, all_rewards = {}, [], [], [], [], []
-    for r in range(max(filter_cfg.max_rounds, 1)):
+    for r in range(max(filter_hp.max_rounds, 1)):
         key, sub = jax.random.split(key)
-        rows, texts = sample_round(spec, params, stream.take(spec.prompts_per_round), sub, hapo_stats)
+        rows, texts = sample_round(spec, params, stream.take(spec.prompts_per_round), sub, sampler_args)
         rows["reward_N"], shape_metrics = shape_rewards(rows["score_N"], rows["length_N"], rows["truncated_N"],
-                                                        spec.group_size, reward_cfg, spec.max_new_tokens)
+                                                        reward_hp)
         all_scores.append(rows["score_N"]), all_lengths.append(rows["length_N"])
         all_truncated.append(rows["truncated_N"]), all_rewards.append(rows["reward_N"])
-        keep_B, filter_metrics = group_filter(rows, spec.group_size, filter_cfg)
+        keep_B, filter_metrics = group_filter(rows, filter_hp)
         rows_kept = np.repeat(keep_B, spec.group_size)
         room = (train_groups - acc.num_groups) * spec.group_size
         texts_kept += [t for t, k in zip(texts, rows_kept) if k][:room]

@@ -1,16 +1,16 @@
-"""REPRO in the training loop: score the answer after each selected reasoning prefix, turn it into a process
-advantage on the response tokens (algorithms.md §5.5; all the math lives in `core/repro.py`).
+"""REPRO: score the answer after each selected reasoning prefix, turn it into a process advantage on the response
+tokens, add `repro.alpha` times it to the outcome advantage (on top of PPO or GRPO; the math is in `core/repro.py`).
 
     rows (rollout) --host: thinking part, segment boundaries, first-token entropies, top-k selection-->
     answer queries `prompt + response[:boundary] + answer_prefix + gold answer` (+ one per prompt with no
     reasoning, J_b), deduplicated --fixed-size chunks through the jitted scorer (current policy, no grad)-->
     J~ per selected boundary --jitted core.repro pipeline--> process_adv_NxR
 
-The loop adds `alpha * process_adv_NxR` to the outcome advantage (`build_update_batch(..., extra_adv_NxR=...)`).
+The method's `extra_advantage` hook hands `alpha * process_adv_NxR` to the update batch builder.
 
 Query layout (static shapes, so the scorer compiles once per run): left-padded to `L = P + R + |prefix| + A`,
 the gold answer right-aligned in the last `A = max_answer_tokens` slots, the answer prefix just before it.
-Every [INFERRED]/[NOTES] choice of §5.2–§5.5 is a keyword argument passed through to `core/repro.py`.
+Every [INFERRED]/[NOTES] choice of the method is a keyword argument passed through to `core/repro.py`.
 """
 from __future__ import annotations
 
@@ -21,15 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from ml_collections import config_dict
 
 from jaxrl_reason.core import repro as repro_lib
+from jaxrl_reason.methods.hooks import Method
+from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.attention import causal, positions_from_mask
 from jaxrl_reason.train.logprobs import LogpSpec, cast_floating, chunked_token_logps
 
 
 def make_answer_scorer(graphdef: nnx.GraphDef, query_sharding: jax.sharding.Sharding | None = None,
                        spec: LogpSpec = LogpSpec(), param_shardings=None) -> Callable:
-    """Jitted surrogate `J~` (algorithms.md §5.2) of a fixed-shape batch of answer queries, no gradient.
+    """Jitted surrogate `J~` of a fixed-shape batch of answer queries, no gradient.
 
     Returns `scorer(params, tokens_KxL, valid_KxL, answer_mask_KxA) -> J_K` (float32 numpy-convertible): the
     mean float32 log-likelihood of the answer tokens, which occupy (right-aligned) the last A slots of each
@@ -75,7 +78,7 @@ def token_ids(tokenizer, text: str) -> tuple[int, ...]:
 
 def encode_answer_queries(contexts: Sequence[np.ndarray], answers: Sequence[np.ndarray], prefix_ids: Sequence[int],
                           query_len: int, max_answer_tokens: int):
-    """Host: left-padded queries `context + prefix + answer` (§5.5 "build the J~ query").
+    """Host: left-padded queries `context + prefix + answer`.
 
     Args:
       contexts: Q int arrays (prompt tokens + response prefix). answers: Q int arrays (gold answer tokens).
@@ -126,7 +129,7 @@ _select_jit = jax.jit(repro_lib.select_segments_by_entropy, static_argnames="k")
 
 
 def select_boundaries(rows: dict, *, delimiter_ids, think_end_ids, k: int) -> dict:
-    """Host + core: segment layout of the thinking parts and the top-k segments by first-token entropy (§5.3).
+    """Host + core: segment layout of the thinking parts and the top-k segments by first-token entropy.
 
     Response length = `response_mask.sum()` (zero-weight padding rows get no segment). Boundaries come from the
     thinking part only; tokens after it form the conclusion. Returns numpy `seg_of_token_NxT`, `seg_end_NxM`,
@@ -172,7 +175,7 @@ def advantage_from_surrogates(J_Nxk, J_b_N, sel_idx_Nxk, valid_Nxk, seg_of_token
                               stability_ema: float | None = None, single_point_value: float = 1.0,
                               norm_scope: str = "batch", norm_eps: float = 1e-6, before_first: str = "following",
                               after_last: str = "zero", min_segments: int = 2):
-    """J~ at the selected boundaries -> process advantage `[N, R]` (algorithms.md §5.2 / §5.5, core/repro.py).
+    """J~ at the selected boundaries -> process advantage `[N, R]` (core/repro.py).
 
     S = composite(1 - tanh(J / J_b), prefix Kendall-τ(J)); r = diff(S); r' = z-score over the batch; return-to-go
     over the selected segments broadcast onto their tokens. Returns (adv_NxR float32, S_Nxk, r_norm_Nxk).
@@ -192,7 +195,7 @@ def process_advantage_for_rows(rows: dict, answers_text: Sequence[str], tokenize
                                delimiter_ids, answer_prefix: str, k: int, w: float, w_on: str = "stability",
                                think_end_ids: Sequence[int] | None = None, max_answer_tokens: int = 32,
                                chunk_size: int = 64, min_segments: int = 2, **switches):
-    """REPRO process advantage of a rollout batch (algorithms.md §5.5 pseudo-code), alpha NOT applied.
+    """REPRO process advantage of a rollout batch, alpha NOT applied.
 
     Args:
       rows: rollout rows (`train/rollout.py`): prompt_tokens [N, P], prompt_mask, tokens [N, R], response_mask,
@@ -200,14 +203,14 @@ def process_advantage_for_rows(rows: dict, answers_text: Sequence[str], tokenize
       answers_text: N gold answers. tokenizer: encodes them and `answer_prefix`.
       scorer_fn: from `make_answer_scorer`; params: the CURRENT policy params (rollout time, no grad).
       delimiter_ids: segment delimiter as token ids (int, contiguous sequence, or frozenset of alternatives), e.g.
-        `token_ids(tok, " ")` for the arithmetic task, "\\n\\n" for math text (§5.3).
+        `token_ids(tok, " ")` for the arithmetic task, "\\n\\n" for math text.
       answer_prefix: text between the reasoning prefix and the gold answer in every query ("#### ").
-      k: segments scored per response (§5.4). w, w_on: composite weight and which score it weights (§5.2 [NOTES]).
+      k: segments scored per response. w, w_on: composite weight and which score it weights.
       think_end_ids: tokens that end the thinking part ("####", "</think>"); None = the whole response.
       max_answer_tokens: A, the answer window of the queries. chunk_size: queries per scorer call.
-      min_segments: responses with fewer selected segments get 0 (§5.5).
+      min_segments: responses with fewer selected segments get 0.
       **switches: passed to `advantage_from_surrogates` (magnitude_form, stability_ema, single_point_value,
-        norm_scope, norm_eps, before_first, after_last: the [INFERRED] choices of §5.2–§5.3).
+        norm_scope, norm_eps, before_first, after_last: the [INFERRED] choices of the scores and segments).
     Returns:
       (process_adv_NxR float32 numpy, metrics dict of floats).
     """
@@ -248,7 +251,7 @@ def process_advantage_for_rows(rows: dict, answers_text: Sequence[str], tokenize
 def make_repro_advantage_fn(graphdef: nnx.GraphDef, tokenizer, *, alpha: float, k: int, w: float, delimiter: str,
                             answer_prefix: str, think_end: str = "", query_sharding=None,
                             spec: LogpSpec = LogpSpec(), param_shardings=None, **kwargs) -> Callable:
-    """The loop's hook: `fn(rows, policy_params) -> (alpha * process_adv_NxR, metrics)` (algorithms.md §5.2).
+    """The loop's hook: `fn(rows, policy_params) -> (alpha * process_adv_NxR, metrics)`.
 
     `rows` must carry the gold answers as `rows["answer"]` ([N] strings). `delimiter` / `think_end` are text,
     tokenized once here (`think_end=""`: the whole response is thinking). `spec`, `query_sharding`,
@@ -270,3 +273,41 @@ def make_repro_advantage_fn(graphdef: nnx.GraphDef, tokenizer, *, alpha: float, 
         return alpha * adv, metrics
 
     return fn
+
+
+# ------------------------------------------------------------------------------- the method: section, recipe, hook
+
+QUERY_CHUNK = 64  # answer queries per call of the scorer
+
+
+def section(config) -> config_dict.ConfigDict:
+    s = config_dict.ConfigDict()
+    s.alpha = 0.0  # weight of the process advantage added to the outcome advantage; 0 = off
+    s.w = 0.5  # composite weight of the magnitude and stability scores
+    s.k = 10  # segments scored per response
+    s.delimiter = " "  # segment delimiter ("\n\n" for math text, " " for the char-level task)
+    s.answer_prefix = "#### "  # template between the reasoning prefix and the gold answer
+    s.think_end = "####"  # where the thinking part ends ("</think>" for R1-style models)
+    return s
+
+
+def _query_shardings(mesh, forward_shardings: dict) -> dict:
+    """Answer queries over ('data', 'fsdp') when the query chunk splits over them."""
+    if not forward_shardings or QUERY_CHUNK % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return {}
+    return dict(query_sharding=sharding_lib.batch_sharding(mesh, 1),
+                param_shardings=forward_shardings["policy_shardings"], chunk_size=QUERY_CHUNK)
+
+
+def extra_advantage(config, graphdef, tokenizer, *, spec, mesh=None, forward_shardings=None):
+    """`alpha * process_adv_NxR` and its metrics for each rollout batch (None with alpha 0)."""
+    s = config.repro
+    if s.alpha <= 0:
+        return None
+    return make_repro_advantage_fn(graphdef, tokenizer, alpha=s.alpha, k=s.k, w=s.w, delimiter=s.delimiter,
+                                   answer_prefix=s.answer_prefix, think_end=s.think_end, spec=spec,
+                                   **_query_shardings(mesh, forward_shardings or {}))
+
+
+METHOD = Method(name="repro", recipes={"repro": {"repro.alpha": 0.1}}, section=section, stacks_on=("ppo", "grpo"),
+                extra_advantage=extra_advantage)

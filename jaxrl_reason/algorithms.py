@@ -16,6 +16,7 @@ from jaxrl_reason.core.advantages import ADVANTAGE_ESTIMATORS as _ESTIMATOR_REGI
 from jaxrl_reason.core.aggregate import AGGREGATIONS as _AGGREGATION_REGISTRY
 from jaxrl_reason.core import policy_loss_variants  # noqa: F401  (registers the variants in POLICY_LOSSES)
 from jaxrl_reason.core.policy_loss import POLICY_LOSSES as _POLICY_LOSS_REGISTRY
+from jaxrl_reason.methods.tracerl import RECIPE as _TRACERL
 
 # The accepted names are the registries' keys: registering a new part makes its name valid here.
 ADVANTAGE_ESTIMATORS = tuple(_ESTIMATOR_REGISTRY)
@@ -110,14 +111,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "loss.eps_high": 0.2,  # released scripts 0.2/0.2; paper notes 0.2/0.28 (§4.5)
     },
     "repro": {"reward.repro_alpha": 0.1},  # applied on top of ppo / grpo by configs/repro.py (§5.4)
-    "tracerl": {  # masked-diffusion policies; rows, objective and value model in train/tracerl.py (diffusion.md §7)
-        "filter.kind": "accuracy_band",
-        "filter.band_low": 0.2,
-        "filter.band_high": 0.8,
-        "advantage.estimator": "grpo",
-        "loss.kl_coef": 0.0,
-        "loss.kl_in_reward_coef": 0.0,
-    },  # applied on top of ppo / grpo by configs/repro.py (§5.4)
+    "tracerl": _TRACERL,  # masked-diffusion policies: the method, its section and its parts in methods/tracerl.py
 }
 _VERL_LOSS = {"advantage.estimator": "grpo", "loss.agg": "token-mean", "loss.kl_coef": 0.0}  # verl's examples
 RECIPES.update({

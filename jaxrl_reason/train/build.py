@@ -22,6 +22,7 @@ from jaxrl_reason.data import arithmetic
 from jaxrl_reason.data.example import Example
 from jaxrl_reason.data.sources import build_examples, scorer_for, validate_task
 from jaxrl_reason.data.tokenizer import build_char_tokenizer, load_tokenizer
+from jaxrl_reason.methods import tracerl as tracerl_method
 from jaxrl_reason.models.hf import load_hf
 from jaxrl_reason.models.sharding import resolve_mesh_shape
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
@@ -29,6 +30,8 @@ from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec
 from jaxrl_reason.train.objectives import ObjectiveConfig
 
 NUM_TRAIN_PROBLEMS = 20000
+# Start-up checks of methods that have a config section of their own, by `config.algorithm`.
+METHOD_CHECKS = {"tracerl": tracerl_method.validate_config}
 
 
 def _require(ok: bool, sentence: str) -> None:
@@ -44,6 +47,10 @@ def validate_config(config) -> None:
     # the registries themselves, not a copy: a part registered after import (a notebook cell) is valid too
     _require(a.estimator in ADVANTAGE_ESTIMATORS,
              f"unknown advantage estimator {a.estimator!r}; use one of {tuple(ADVANTAGE_ESTIMATORS)}.")
+    _require(a.std_ddof in (0, 1), f"advantage.std_ddof must be 0 (population std) or 1 (Bessel), got {a.std_ddof!r}.")
+    # the autoregressive update batch builds its advantage hyper-parameters without this field (Bessel's std)
+    _require(a.std_ddof == 1 or config.model.attention != "causal",
+             "advantage.std_ddof 0 is read by the masked-diffusion (TraceRL) path only; autoregressive policies use 1.")
     _require(l.mode in POLICY_LOSSES, f"unknown loss mode {l.mode!r}; use one of {tuple(POLICY_LOSSES)}.")
     _require(l.agg in AGGREGATIONS, f"unknown loss aggregation {l.agg!r}; use one of {tuple(AGGREGATIONS)}.")
     _require(l.mode == "ppo" or not (l.hapo_adaptive_clip or l.hapo_redistribute),
@@ -81,41 +88,12 @@ def validate_config(config) -> None:
     _validate_mesh(config)
     _validate_sources(config)
     _validate_precision(config, ro.prompts_per_step * ro.group_size)
-    if config.model.attention != "causal":
-        validate_tracerl_config(config)
-
-
-def validate_tracerl_config(config) -> None:
-    """One clear sentence for the first impossible `config.tracerl` / diffusion setting (DESIGN.md §3)."""
-    from jaxrl_reason.core import tracerl as tr
-    from jaxrl_reason.train.tracerl import ESTIMATORS, KINDS  # imports this module
-
-    m, r = config.model, config.rollout
-    _require(m.attention in KINDS, f"TraceRL needs model.attention 'block' or 'bidirectional', got {m.attention!r}.")
-    _require("tracerl" in config,
-             f"a {m.attention}-attention policy needs the `tracerl` section of configs/tracerl.py.")
-    t = config.tracerl
-    _require(t.estimator in ESTIMATORS, f"unknown tracerl.estimator {t.estimator!r}; use one of {ESTIMATORS}.")
-    _require(config.advantage.estimator in ("grpo", "gae"),
-             "TraceRL uses advantage.estimator 'grpo' (group z-score) or 'gae' (with the diffusion value model).")
-    _require(not (t.estimator == "onestep" and config.advantage.estimator == "gae"),
-             "the one-step estimator has no value-model variant; use advantage.estimator 'grpo'.")
-    _require(config.loss.kl_coef == 0 and config.loss.kl_in_reward_coef == 0,
-             "TraceRL's KL is tracerl.beta against the old policy; set loss.kl_coef and kl_in_reward_coef to 0.")
-    _require(isinstance(t.shrink, int) and t.shrink >= 1, f"tracerl.shrink must be an int >= 1, got {t.shrink!r}.")
-    _require(t.remasking in ("static", "dynamic"), f"tracerl.remasking must be static|dynamic, got {t.remasking!r}.")
-    _require(0.0 < t.threshold <= 1.0, f"tracerl.threshold must be in (0, 1], got {t.threshold}.")
-    _require(t.norm in ("auto",) + tr.NORMS, f"tracerl.norm must be 'auto' or one of {tr.NORMS}, got {t.norm!r}.")
-    if m.attention == "block":
-        b = m.block_size
-        _require(r.max_prompt_len % b == 0 and r.max_new_tokens % b == 0,
-                 f"rollout.max_prompt_len and max_new_tokens must be multiples of model.block_size ({b}).")
-        _require(b % t.steps_per_block == 0, f"tracerl.steps_per_block ({t.steps_per_block}) must divide {b}.")
-    else:
-        _require(r.max_new_tokens % t.llada_block_len == 0,
-                 f"rollout.max_new_tokens must be a multiple of tracerl.llada_block_len ({t.llada_block_len}).")
-        _require(t.llada_steps % (r.max_new_tokens // t.llada_block_len) == 0,
-                 f"tracerl.llada_steps ({t.llada_steps}) must be a multiple of the number of LLaDA blocks.")
+    _require(config.model.attention == "causal" or config.algorithm == "tracerl",
+             f"a {config.model.attention}-attention (masked-diffusion) policy trains with algorithm 'tracerl', "
+             f"not {config.algorithm!r}.")
+    check = METHOD_CHECKS.get(config.algorithm)
+    if check is not None:
+        check(config)
 
 
 def _validate_precision(config, rollout_rows: int) -> None:

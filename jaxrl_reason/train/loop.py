@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from jaxrl_reason.core import hapo as hapo_lib
+from jaxrl_reason.methods.tracerl import diffusion_parts
 from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.sampling.autoregressive import make_generate_fn
@@ -49,7 +50,6 @@ from jaxrl_reason.train.optimizer import make_optimizer
 from jaxrl_reason.train.parts import PolicyParts
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step
-from jaxrl_reason.train.tracerl import diffusion_parts
 
 
 REPRO_QUERY_CHUNK = 64  # answer queries per call of REPRO's scorer

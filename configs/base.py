@@ -142,6 +142,7 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     # (the keys of jaxrl_reason.core.advantages.ADVANTAGE_ESTIMATORS)
     c.advantage.estimator = "grpo"
     c.advantage.eps = 1e-6
+    c.advantage.std_ddof = 1  # group std of grpo: 1 = Bessel (verl, TRL), 0 = population (TraceRL)
     c.advantage.gamma = 1.0
     c.advantage.lam = 1.0
 

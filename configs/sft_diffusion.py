@@ -19,7 +19,8 @@ from __future__ import annotations
 from ml_collections import config_dict
 
 from configs import sft as sft_config
-from configs.tracerl import KINDS, sampler_config
+from configs.tracerl import KINDS
+from jaxrl_reason.methods.tracerl import config_section
 
 
 def get_config(arg: str = "block,tiny") -> config_dict.ConfigDict:
@@ -48,5 +49,5 @@ def get_config(arg: str = "block,tiny") -> config_dict.ConfigDict:
     # Fresh problems, as configs/sft.py: a pool of steps x batch, no second epoch. An 8000-problem pool seen ~6
     # times gave the AR policy a memorizing start that RL could only lower (configs/sft.py).
     c.sft.num_problems = c.sft.steps * c.sft.batch_size
-    c.tracerl = sampler_config(kind, c.rollout.max_new_tokens)
+    c.tracerl = config_section(kind, c.rollout.max_new_tokens)
     return c

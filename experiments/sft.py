@@ -108,7 +108,8 @@ def _diffusion_sft(c, tok, model, prompts, traces):
     """Masked-diffusion SFT (configs/sft_diffusion.py); returns the model and its diffusion samplers."""
     from flax import nnx
 
-    from jaxrl_reason.train import diffusion_sft, tracerl
+    from jaxrl_reason.methods import tracerl
+    from jaxrl_reason.train import diffusion_sft
 
     model, _ = diffusion_sft.diffusion_sft_from_config(c, tok, model, prompts, traces)
     _, sample_fn, greedy_fn = tracerl.make_samplers(c, nnx.graphdef(model), tok)

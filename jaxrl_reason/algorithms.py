@@ -94,14 +94,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         "advantage.gamma": 1.0,
         "advantage.lam": 1.0,
     },
-    "tracerl": {  # masked-diffusion policies; rows, objective and value model in train/tracerl.py (diffusion.md §7)
-        "filter.kind": "accuracy_band",
-        "filter.band_low": 0.2,
-        "filter.band_high": 0.8,
-        "advantage.estimator": "grpo",
-        "loss.kl_coef": 0.0,
-        "loss.kl_in_reward_coef": 0.0,
-    },
 }
 _VERL_LOSS = {"advantage.estimator": "grpo", "loss.agg": "token-mean", "loss.kl_coef": 0.0}  # verl's examples
 RECIPES.update({

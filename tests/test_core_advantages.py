@@ -4,6 +4,7 @@ Each estimator is checked against a hand-computed case and an independent numpy 
 Python loops over responses and tokens (float64), comparing float32 results to 1e-5.
 """
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,27 @@ def test_grpo_matches_reference():
   outs = jax.jit(lambda r: [adv.grpo_advantages(r, G, norm_by_std=n) for G, n in configs])(r)
   for (G, norm), out in zip(configs, outs):
     np.testing.assert_allclose(out, ref_grpo(r, G, norm=norm), **TOL)
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_grpo_std_ddof_matches_numpy_std(ddof):
+  """std_ddof picks the group std: numpy's np.std(ddof=...) is the reference, binary and continuous rewards."""
+  rng = np.random.default_rng(3)
+  for G, r in [(4, rng.normal(size=12)), (8, rng.integers(0, 2, size=24).astype(float)), (3, rng.normal(size=9))]:
+    grp = r.reshape(-1, G)
+    want = ((grp - grp.mean(1, keepdims=True)) / (np.std(grp, axis=1, ddof=ddof, keepdims=True) + 1e-6)).reshape(-1)
+    got = J(adv.grpo_advantages, group_size=G, std_ddof=ddof)(r.astype(np.float32))
+    np.testing.assert_allclose(got, want, **TOL)
+    # the registry entry reads the switch from its hyper-parameters
+    hp = types.SimpleNamespace(group_size=G, eps=1e-6, std_ddof=ddof)
+    mask = np.ones((len(r), 2), np.float32)
+    got_NxT, _, _ = adv.ADVANTAGE_ESTIMATORS["grpo"](r.astype(np.float32), mask, hp)
+    np.testing.assert_allclose(got_NxT, np.stack([want, want], 1), **TOL)
+  # a group of one: the population std is 0 and the formula gives 0; Bessel's std keeps the singleton switch
+  r = np.array([0.3, -2.0])
+  np.testing.assert_array_equal(J(adv.grpo_advantages, group_size=1, std_ddof=0)(r), [0.0, 0.0])
+  with pytest.raises(ValueError, match="std_ddof"):
+    adv.grpo_advantages(np.zeros(4), 2, std_ddof=2)
 
 
 def test_rloo_matches_reference():

@@ -14,7 +14,7 @@ shrink = jax.jit(tr.shrink_step_map, static_argnums=2)
 rows = jax.jit(tr.trace_rows, static_argnums=(3, 4))
 policy = jax.jit(tr.tracerl_policy_loss, static_argnames=("norm",))
 gae = jax.jit(tr.step_level_gae, static_argnames=("max_steps",))
-value_loss = jax.jit(tr.tracerl_value_loss, static_argnames=("norm",))
+value_loss = jax.jit(tr.tracerl_value_loss, static_argnames=("norm", "clip"))
 policy_grad = jax.jit(jax.grad(lambda new, old, tgt, adv, beta, norm: tr.tracerl_policy_loss(
     new, old, tgt, adv, beta=beta, norm=norm)[0]), static_argnames="norm")
 
@@ -170,7 +170,7 @@ def test_pack_rows():
 
 
 # ----------------------------------------------------------------------------- policy loss
-def policy_loss_ref(new, old, target, adv, eps, beta, norm):
+def policy_loss_ref(new, old, target, adv, eps_low, eps_high, beta, norm):
   rows = []
   for i in range(new.shape[0]):
     tgt = np.nonzero(target[i])[0]
@@ -181,7 +181,7 @@ def policy_loss_ref(new, old, target, adv, eps, beta, norm):
       d = float(np.clip(new[i, j] - old[i, j], -10, 10))
       a = adv[i] if adv.ndim == 1 else adv[i, j]
       r = np.exp(d)
-      surr += min(r * a, np.clip(r, 1 - eps, 1 + eps) * a)
+      surr += min(r * a, np.clip(r, 1 - eps_low, 1 + eps_high) * a)
       kl += np.exp(-d) - 1 + d
     if norm == "response_len":
       rows.append(-surr / new.shape[1] + beta * kl / new.shape[1])
@@ -206,7 +206,10 @@ def test_policy_loss_matches_loop_reference(norm, per_token):
   new, old, target, rng = _policy_inputs()
   adv = rng.normal(size=new.shape if per_token else new.shape[:1]).astype(np.float32)
   loss, metrics = policy(new, old, target, adv, norm=norm)
-  np.testing.assert_allclose(loss, policy_loss_ref(new, old, target, adv, 0.2, 0.01, norm), rtol=1e-5)
+  np.testing.assert_allclose(loss, policy_loss_ref(new, old, target, adv, 0.2, 0.2, 0.01, norm), rtol=1e-5)
+  asym = policy(new, old, target, adv, eps_low=0.1, eps_high=0.28, norm=norm)[0]  # clip-higher bounds
+  np.testing.assert_allclose(asym, policy_loss_ref(new, old, target, adv, 0.1, 0.28, 0.01, norm), rtol=1e-5)
+  assert abs(float(asym) - float(loss)) > 1e-4  # the bounds are active in these inputs
   assert int(metrics["num_rows"]) == 4
   # -inf at non-targets (the official logp_old init) changes nothing and gives finite, zero gradients there
   old_inf = np.where(target, old, -np.inf).astype(np.float32)
@@ -223,10 +226,10 @@ def test_policy_loss_hand_case_and_global_rows():
   target = np.zeros((5, 6), bool)
   target[0, 0] = True
   adv = np.ones(5, np.float32)
-  loss, m = policy(new, old, target, adv, eps=0.2, beta=0.1)
+  loss, m = policy(new, old, target, adv, eps_low=0.2, eps_high=0.2, beta=0.1)
   np.testing.assert_allclose(loss, -1.2 / 6 + 0.1 * (np.exp(-0.5) - 0.5) / 6, rtol=1e-6)
   assert float(m["clip_frac"]) == 1.0 and int(m["num_rows"]) == 1
-  loss_t = policy(new, old, target, adv, eps=0.2, beta=0.1, norm="targets")[0]
+  loss_t = policy(new, old, target, adv, eps_low=0.2, eps_high=0.2, beta=0.1, norm="targets")[0]
   np.testing.assert_allclose(loss_t, -1.2 + 0.1 * (np.exp(-0.5) - 0.5), rtol=1e-6)
   # global row count: loss over a micro-batch = Σ rows / num_rows
   np.testing.assert_allclose(policy(new, old, target, adv, num_rows=4)[0], policy(new, old, target, adv)[0] / 4,
@@ -336,20 +339,25 @@ def test_outcome_reward_and_merge_row_values():
 
 
 @pytest.mark.parametrize("norm", ["response_len", "targets"])
-def test_value_loss_matches_loop(norm):
+@pytest.mark.parametrize("clip", [0.2, None])
+def test_value_loss_matches_loop(norm, clip):
   rng = np.random.default_rng(8)
   v, v_old, ret = (rng.normal(size=(4, 6)).astype(np.float32) for _ in range(3))
   target = rng.random((4, 6)) < 0.5
   target[2] = False
-  loss, m = value_loss(v, v_old, ret, target, norm=norm)
+  loss, m = value_loss(v, v_old, ret, target, clip=clip, norm=norm)
   rows = []
   for i in range(4):
     if not target[i].any():
       continue
     tot = 0.0
     for j in np.nonzero(target[i])[0]:
-      vc = v_old[i, j] + np.clip(v[i, j] - v_old[i, j], -0.2, 0.2)
+      if clip is None:  # no clipped term: the plain squared error
+        tot += 0.5 * (v[i, j] - ret[i, j]) ** 2
+        continue
+      vc = v_old[i, j] + np.clip(v[i, j] - v_old[i, j], -clip, clip)
       tot += 0.5 * max((v[i, j] - ret[i, j]) ** 2, (vc - ret[i, j]) ** 2)
     rows.append(tot / (6 if norm == "response_len" else target[i].sum()))
   np.testing.assert_allclose(loss, np.mean(rows), rtol=1e-5)
   assert 0.0 <= float(m["vf_clip_frac"]) <= 1.0
+  assert (float(m["vf_clip_frac"]) > 0) == (clip is not None)

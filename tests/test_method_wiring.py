@@ -50,7 +50,8 @@ _PPO = {"advantage.estimator": "gae", "advantage.gamma": 1.0, "advantage.lam": 1
         "loss.kl_coef": 0.0, "loss.entropy_coef": 0.0, "value_term": True, "filter.kind": "none"}
 _LSPO = {"filter.kind": "lspo", "lspo.low": 0.30, "lspo.high": 0.60, "lspo.max": 0.90}
 _TRACERL = {"filter.kind": "accuracy_band", "filter.band_low": 0.2, "filter.band_high": 0.8, "loss.kl_coef": 0.0,
-            "loss.kl_in_reward_coef": 0.0, "tracerl.eps": 0.2, "tracerl.beta": 0.01, "tracerl.estimator": "trace"}
+            "loss.kl_in_reward_coef": 0.0, "loss.eps_low": 0.2, "loss.eps_high": 0.2, "advantage.std_ddof": 0,
+            "loss.value_clip": 0.2, "tracerl.beta": 0.01, "tracerl.estimator": "trace"}
 
 # (config module, arg) -> resolved values. "overlong_frac": reward.overlong_buffer / rollout.max_new_tokens;
 # "agg_const": the seq-mean-token-sum-norm constant the loss uses; "value_term": critic loss on. A key in a method's

@@ -1,9 +1,12 @@
-"""Tests for train/tracerl.py on tiny random models over the char tokenizer.
+"""Tests for train/diffusion_policy.py and methods/tracerl.py on tiny random models over the char tokenizer.
 
 References written here: the per-step naive block-causal forward of the sampler's trajectory (numpy mask), the
-two-stream attention table by brute force, the population z-score by hand, and the d1 input fed straight to the model.
+TraceRL two-stream attention table by brute force, the population z-score by hand and by numpy, and the d1 input
+fed straight to the model.
 """
 import functools
+import importlib.util
+import os
 import tempfile
 import types
 
@@ -14,15 +17,18 @@ import optax
 import pytest
 from flax import nnx
 
+from rl_testing import ROOT
+
 from jaxrl_reason.core import diffusion as diff_lib
 from jaxrl_reason.data.tokenizer import build_char_tokenizer
+from jaxrl_reason.methods import tracerl as M
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.sampling.diffusion import make_block_generate_fn, make_llada_generate_fn
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.sampling.types import STEP_MAP_PAD
 from jaxrl_reason.train import build
-from jaxrl_reason.train import tracerl as T
+from jaxrl_reason.train import diffusion_policy as T
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import make_train_step, split_micro_batches
 
@@ -105,7 +111,7 @@ def _logp_fn_of_kind(kind):
 
 
 def _block_causal(valid, p):
-    """Numpy reference of the sampler's naive mask (response-aligned blocks, diagonal forced)."""
+    """Numpy reference of the sampler's naive block-causal mask (response-aligned blocks, diagonal forced)."""
     idx = np.arange(valid.shape[0])
     blk = np.floor_divide(idx - p, BS)
     return (valid[None, :] & (blk[None, :] <= blk[:, None])) | np.eye(len(idx), dtype=bool)
@@ -181,12 +187,20 @@ def test_rows_targets_and_padding_from_a_rollout_with_eos():
     assert [mb["num_rows_W"][0] for mb in mbs] == [mb["target_WxR"].any(-1).sum() for mb in mbs]
 
 
-def test_group_zscore_population_std_and_errors():
-    np.testing.assert_allclose(T.group_zscore([3.0, 1.0, 2.0, 2.0], 4, eps=0.0),
+def test_group_advantage_population_std_and_errors():
+    np.testing.assert_allclose(T.group_advantage([3.0, 1.0, 2.0, 2.0], 4, eps=0.0),
                                np.array([1.0, -1.0, 0.0, 0.0]) / np.sqrt(0.5), rtol=1e-6)
-    assert np.all(T.group_zscore([0.3] * 3, 3) == 0.0)
+    assert np.all(T.group_advantage([0.3] * 3, 3) == 0.0)
+    # float64 on the host: within one float32 ulp of numpy's float64 z-score, for either std
+    r = np.random.default_rng(0).random(48).astype(np.float32)
+    for ddof in (0, 1):
+        g = r.astype(np.float64).reshape(-1, 8)
+        want = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=ddof, keepdims=True) + 1e-6)).reshape(-1)
+        got = T.group_advantage(r, 8, std_ddof=ddof)
+        assert got.dtype == np.float32
+        np.testing.assert_array_max_ulp(got, want.astype(np.float32), maxulp=1)
     with pytest.raises(ValueError, match="multiple of 4"):
-        T.group_zscore([1.0, 0.0, 1.0], 4)
+        T.group_advantage([1.0, 0.0, 1.0], 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -206,7 +220,7 @@ def _value_setup():
 
 
 def _tracerl_mask_np(p, r, key_valid):
-    """Brute force of the two-stream attention table."""
+    """Brute force of the two-stream table: prompt, clean copy and noisy copy, each block by block."""
     length = p + 2 * r
     allow = np.zeros((length, length), bool)
     for q in range(length):
@@ -221,7 +235,7 @@ def _tracerl_mask_np(p, r, key_valid):
 def test_value_model_advantage_is_reward_minus_value_at_gamma_lambda_one():
     _, vg, params, spec, rows, batch, metrics = _value_setup()
     real, tgt, s = batch["row_valid_W"], batch["target_WxR"], batch["seq_index_W"]
-    z = T.group_zscore(REWARD, G)
+    z = T.group_advantage(REWARD, G)
     v = batch["values_old_WxR"]
     assert np.abs(v[tgt]).max() > 1e-3  # the head is non-zero, so the identity is not trivially 0 = 0
     np.testing.assert_allclose(batch["adv_WxR"][tgt], (z[s][:, None] - v)[tgt], atol=1e-5)
@@ -316,18 +330,18 @@ def test_configs_give_specs_and_bad_settings_fail_with_one_sentence():
                                ("full", "full", 10, "targets"), ("full,value", "full", 10, "targets"),
                                ("block,onestep", "block", 1, "response_len")]:
         c = cfg_lib.get_config(arg)
-        build.validate_tracerl_config(c)
-        spec = T.trace_spec(c, tok.mask_token_id)
+        M.validate_config(c)
+        spec = M.trace_spec(c, tok.mask_token_id)
         assert (spec.kind, spec.num_rows, spec.norm) == (kind, k, norm)
         assert (c.advantage.estimator == "gae") == ("value" in arg)
     c = cfg_lib.get_config("block")
     c.tracerl.steps_per_block = 3
     with pytest.raises(ValueError, match="must divide 4"):
-        build.validate_tracerl_config(c)
+        M.validate_config(c)
     c = cfg_lib.get_config("block,onestep")
     c.advantage.estimator = "gae"
     with pytest.raises(ValueError, match="no value-model variant"):
-        build.validate_tracerl_config(c)
+        M.validate_config(c)
     with pytest.raises(ValueError, match="must start with one of"):
         cfg_lib.get_config("causal")
     low, default = cfg_lib.get_config("block,value,lr=1e-5"), cfg_lib.get_config("block,value")
@@ -343,9 +357,63 @@ def test_configs_give_specs_and_bad_settings_fail_with_one_sentence():
     c = grpo.get_config("tiny")
     c.model.attention = "block"
     with pytest.raises(ValueError, match="needs the `tracerl` section"):
-        build.validate_tracerl_config(c)
+        M.validate_config(c)
     with pytest.raises(ValueError, match="no 'step_map'"):
         T.pack_batch({k: v for k, v in _block_rollout().items() if k != "step_map"}, _spec())
+
+
+def test_config_applies_the_recipe_and_the_spec_reads_the_shared_fields():
+    from configs import grpo
+    from configs import tracerl as cfg_lib
+
+    mask_id = _tok().mask_token_id
+    study = importlib.util.spec_from_file_location("repro_tracerl_cfg", os.path.join(ROOT, "experiments",
+                                                                                    "_repro_tracerl.py"))
+    study_mod = importlib.util.module_from_spec(study)
+    study.loader.exec_module(study_mod)
+    configs = {arg: cfg_lib.get_config(arg) for arg in ("block", "full,value", "block,onestep,paper", "full,paper",
+                                                        "block,value,small")}
+    configs.update({run: study_mod.rl_config(run, seed=0, rl_steps=2, eval_problems=8, eval_samples=2, sft_dir="x",
+                                             smoke=smoke) for run in study_mod.RUNS for smoke in (False, True)})
+    # the official rl_trado.yaml / rl_llada.yaml values every TraceRL run trains with
+    official = dict(eps_low=0.2, eps_high=0.2, beta=0.01, adv_eps=1e-6, std_ddof=0, gamma=1.0, lam=1.0,
+                    value_clip=0.2, value_coef=1.0)
+    for name, c in configs.items():
+        assert c.algorithm == "tracerl"
+        value = c.advantage.estimator == "gae"
+        for dotted, want in M.RECIPE.items():
+            section, key = dotted.split(".")
+            assert c[section][key] == ("gae" if dotted == "advantage.estimator" and value else want), (name, dotted)
+        spec = M.trace_spec(c, mask_id)
+        assert {k: getattr(spec, k) for k in official} == official, name
+    c = cfg_lib.get_config("block,value")
+    c.loss.eps_low, c.loss.eps_high, c.advantage.eps, c.advantage.std_ddof = 0.1, 0.28, 1e-4, 1
+    c.advantage.gamma, c.advantage.lam, c.loss.value_coef, c.tracerl.beta = 0.9, 0.8, 0.5, 0.03
+    spec = M.trace_spec(c, mask_id)
+    assert (spec.eps_low, spec.eps_high, spec.adv_eps, spec.std_ddof, spec.gamma, spec.lam, spec.value_clip,
+            spec.value_coef, spec.beta) == (0.1, 0.28, 1e-4, 1, 0.9, 0.8, 0.2, 0.5, 0.03)
+    c.loss.value_clip = 0.0
+    assert M.trace_spec(c, mask_id).value_clip is None  # 0: unclipped, as for the autoregressive critic
+    for dotted, value, sentence in [("loss.kl_coef", 0.01, "tracerl.beta"), ("loss.mode", "gspo", "PPO clip"),
+                                    ("loss.dual_clip_c", 3.0, "no dual clip"), ("loss.value_clip", -1.0, ">= 0")]:
+        bad = cfg_lib.get_config("block")
+        section, key = dotted.split(".")
+        bad[section][key] = value
+        with pytest.raises(ValueError, match=sentence):
+            M.validate_config(bad)
+    # build.validate_config runs the method's own check, and only TraceRL trains a masked-diffusion policy
+    bad = cfg_lib.get_config("block")
+    bad.tracerl.threshold = 0.0
+    with pytest.raises(ValueError, match="tracerl.threshold"):
+        build.validate_config(bad)
+    c = grpo.get_config("tiny")
+    c.model.attention = "block"
+    with pytest.raises(ValueError, match="trains with algorithm 'tracerl'"):
+        build.validate_config(c)
+    c = grpo.get_config("tiny")
+    c.advantage.std_ddof = 0
+    with pytest.raises(ValueError, match="masked-diffusion"):
+        build.validate_config(c)
 
 
 def test_diffusion_parts_run_rl_updates_end_to_end():
@@ -361,7 +429,7 @@ def test_diffusion_parts_run_rl_updates_end_to_end():
     g, params = nnx.split(model, nnx.Param)
     vg, vparams = nnx.split(ValueModel.from_policy(model, rngs=nnx.Rngs(1)), nnx.Param)
     ids = types.SimpleNamespace(mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id, eos_token_id=NO_EOS)
-    parts = T.diffusion_parts(c, g, ids, value_graphdef=vg)
+    parts = M.diffusion_parts(c, g, ids, value_graphdef=vg)
     assert parts.greedy_gen is not None and parts.eval_gen is not None
     rows = {**_rows(parts.train_gen(params, *_prompts(), jax.random.PRNGKey(9))), "reward_N": REWARD[::-1].copy()}
     init = {"policy": params, "value": vparams}

@@ -55,30 +55,36 @@ def _group_centred(r_BxG):
 
 
 def grpo_advantages(reward_N, group_size: int, eps: float = 1e-6, norm_by_std: bool = True,
-                    singleton: str = "verl"):
-    """GRPO group-normalized outcome advantage `adv_N` (verl `compute_grpo_outcome_advantage`).
+                    singleton: str = "verl", std_ddof: int = 1):
+    """GRPO group-normalized outcome advantage `adv_N` (DeepSeekMath; verl `compute_grpo_outcome_advantage`).
 
-    A_i = (R_i - mean_g) / (std_g + eps) with the unbiased (Bessel) group std; `norm_by_std=False` gives
-    Dr.GRPO's A_i = R_i - mean_g. All-equal groups give exactly 0.
+    A_i = (R_i - mean_g) / (std_g + eps) with std_g = sqrt(Σ_g (R - mean_g)^2 / (G - std_ddof)): the unbiased
+    (Bessel) std for `std_ddof=1` (verl, torch.std), the population std for `std_ddof=0` (TraceRL's reward
+    normalisation, numpy's default). `norm_by_std=False` gives Dr.GRPO's A_i = R_i - mean_g. All-equal
+    groups give exactly 0.
 
     Args:
       reward_N: outcome reward per response `[N]`.
       group_size: G (static); N must be a multiple of it.
       eps: added to the std (verl 1e-6, TRL 1e-4).
       norm_by_std: divide by the group std (verl `norm_adv_by_std_in_grpo`).
-      singleton: behaviour when G == 1: "verl" = mean 0, std 1 (raw reward / (1 + eps) passes through);
-        "trl" = advantage 0. [switch; the two sources differ]
+      singleton: behaviour when G == 1, where Bessel's std is undefined: "verl" = mean 0, std 1 (raw
+        reward / (1 + eps) passes through); "trl" = advantage 0. [switch; the two sources differ] With
+        `std_ddof=0` the population std of one reward is 0 and the formula itself gives 0, so the switch is unused.
+      std_ddof: 1 (Bessel) or 0 (population std).
     """
     if singleton not in SINGLETON_MODES:
         raise ValueError(f"singleton must be one of {SINGLETON_MODES}, got {singleton!r}.")
+    if std_ddof not in (0, 1):
+        raise ValueError(f"std_ddof must be 0 (population std) or 1 (Bessel), got {std_ddof!r}.")
     r_BxG = _groups(reward_N, group_size)
-    if group_size == 1:
+    if group_size == 1 and (std_ddof == 1 or not norm_by_std):
         if singleton == "trl":
             return jnp.zeros_like(r_BxG[:, 0])
         return r_BxG[:, 0] / (1.0 + eps) if norm_by_std else r_BxG[:, 0]
     a_BxG = _group_centred(r_BxG)
     if norm_by_std:
-        std_B = jnp.sqrt(jnp.sum(jnp.square(a_BxG), axis=1, keepdims=True) / (group_size - 1))
+        std_B = jnp.sqrt(jnp.sum(jnp.square(a_BxG), axis=1, keepdims=True) / (group_size - std_ddof))
         a_BxG = a_BxG / (std_B + eps)
     return a_BxG.reshape(-1)
 
@@ -287,7 +293,9 @@ def _per_token(adv_N, mask_NxT):
 
 @register_advantage("grpo")
 def _grpo(reward_N, mask_NxT, hp, **arrays):
-    return _per_token(grpo_advantages(reward_N, hp.group_size, eps=hp.eps), mask_NxT)
+    # hyper-parameter sets without a `std_ddof` field get Bessel's std, the GRPO papers' choice
+    adv_N = grpo_advantages(reward_N, hp.group_size, eps=hp.eps, std_ddof=getattr(hp, "std_ddof", 1))
+    return _per_token(adv_N, mask_NxT)
 
 
 @register_advantage("dr_grpo")

@@ -1,8 +1,10 @@
 """TraceRL for masked-diffusion LMs: trace grouping, replay rows, policy / value losses, step-level GAE.
 
-diffusion.md §6.5 (trajectory log-prob), §7.2 (rows), §7.3 (policy loss), §7.4 (value model), §10 (static
-shapes). Reference code: Gen-Verse/dLLM-RL `train/rl_trado.py` (`collapse_k_unique`, `one_round_vectorized`,
-`forward_process`), `train/rl_llada.py`, `train/train_trado_value.py`.
+TraceRL scores each response token in the state the sampler decoded it from (the prompt plus the tokens committed
+at earlier steps, the rest masked), one replayed row per group of decoding steps. Reference code: Gen-Verse/dLLM-RL
+`train/rl_trado.py` (`collapse_k_unique`, `one_round_vectorized`, `forward_process`), `train/rl_llada.py`,
+`train/train_trado_value.py`. Every shape is static (bounded row counts, zero-weight padding rows), so the jitted
+programs compile once.
 
 Conventions. `N` responses, `R` padded response length, `K` rows (replayed denoising states) per response.
 `step_map_NxR[n, j]` is the decoding step at which response token `j` was unmasked (only the order matters;
@@ -54,7 +56,7 @@ def _dense_rank(x, valid):
 
 
 def trace_groups(step_map_NxR, valid_NxR, block_size, shrink: int = 1):
-    """Training group id of every response token (diffusion.md §6.5 shrinkage, §7.2 vectorised design).
+    """Training group id of every response token (the shrinkage `s`, vectorised over responses).
 
     Dense rank of the step ids within each training block `[iB, (i+1)B)` (block models; `block_size=None`:
     over the whole response, full-attention models), then `// shrink`: every `shrink` consecutive distinct steps
@@ -77,7 +79,7 @@ def trace_groups(step_map_NxR, valid_NxR, block_size, shrink: int = 1):
 def shrink_step_map(step_map_NxR, valid_NxR, block_size, shrink: int = 1):
     """Vectorised `collapse_k_unique` per training block: every token gets the LAST step id of its group.
 
-    diffusion.md §6.5. This is the step map the official value pipeline ranks for step-level GAE (§7.4).
+    This is the step map the official value pipeline ranks for step-level GAE.
     Invalid tokens -> `BIG`. Returns int32 `[N, R]`.
     """
     _check_block(block_size, shrink)
@@ -94,7 +96,7 @@ def shrink_step_map(step_map_NxR, valid_NxR, block_size, shrink: int = 1):
 
 
 def num_rows_bound(block_size, shrink: int, max_steps=None) -> int:
-    """Static bound `K` on the TraceRL rows per response (diffusion.md §10).
+    """Static bound `K` on the TraceRL rows per response (the jitted programs need a fixed row count).
 
     Block models: a block holds at most `block_size` distinct steps (and at most `max_steps` when given), so
     `K = ceil(min(B, max_steps) / s)`. Full attention (`block_size=None`): `K = ceil(max_steps / s)`, where
@@ -112,7 +114,7 @@ def num_rows_bound(block_size, shrink: int, max_steps=None) -> int:
 
 
 def trace_rows(response_NxR, group_NxR, valid_NxR, mask_token_id: int, num_rows: int):
-    """Trajectory-replay rows (diffusion.md §7.2): row `k` is the denoising state of the `k`-th group.
+    """Trajectory-replay rows: row `k` is the denoising state of the `k`-th group.
 
     Row `k` masks every token with `group >= k` (later groups and invalid tokens) and targets the tokens with
     `group == k`; with per-block groups this is round `k` of dLLM-RL's `one_round_vectorized` (every block at its
@@ -134,7 +136,7 @@ def trace_rows(response_NxR, group_NxR, valid_NxR, mask_token_id: int, num_rows:
 
 
 def pack_rows(noisy_NxKxR, target_NxKxR, row_valid_NxK, micro_batch_size: int, num_micro_batches=None):
-    """Host-side (numpy) packing: drop empty rows, pad to fixed-shape micro-batches (diffusion.md §7.2, §10).
+    """Host-side (numpy) packing: drop empty rows, pad to fixed-shape micro-batches (one compiled shape).
 
     Rows are kept in (response, row) order. Padding rows repeat the first kept row with no target and
     `row_valid = False`, so every loss here gives them zero weight. `num_micro_batches` fixes the count (the rows
@@ -174,12 +176,12 @@ def _row_mean(loss_rows, has_target, num_rows):
     return total / jnp.maximum(denom, 1.0)
 
 
-def tracerl_policy_loss(logp_new_RxT, logp_old_RxT, target_RxT, adv, eps: float = 0.2, beta: float = 0.01,
-                        norm: str = "response_len", clip_logratio: float = 10.0, num_rows=None):
-    """TraceRL clipped objective with a k3 KL to the old policy (diffusion.md §7.3).
+def tracerl_policy_loss(logp_new_RxT, logp_old_RxT, target_RxT, adv, eps_low: float = 0.2, eps_high: float = 0.2,
+                        beta: float = 0.01, norm: str = "response_len", clip_logratio: float = 10.0, num_rows=None):
+    """TraceRL clipped objective with a k3 KL to the old policy (dLLM-RL `forward_process`).
 
     Per row with targets T: `d = clamp(logp_new - logp_old, ±clip_logratio)` on T, `r = exp(d)`,
-    `surr = Σ_T min(r A, clip(r, 1-eps, 1+eps) A)`, `kl = Σ_T (exp(-d) - 1 + d)`, and
+    `surr = Σ_T min(r A, clip(r, 1-eps_low, 1+eps_high) A)`, `kl = Σ_T (exp(-d) - 1 + d)`, and
       norm="response_len" (block models, `rl_trado.py`):    loss_row = -surr / T + beta * kl / T   (T = padded len)
       norm="targets"      (full attention, `rl_llada.py`):  loss_row = -surr / |T| + beta * kl
     Loss = mean over rows that have targets (or Σ / num_rows for micro-batch accumulation).
@@ -200,7 +202,7 @@ def tracerl_policy_loss(logp_new_RxT, logp_old_RxT, target_RxT, adv, eps: float 
     adv = adv[:, None] if adv.ndim == 1 else adv
     d = jnp.clip(jnp.where(target, new - old, 0.0), -clip_logratio, clip_logratio)
     ratio = jnp.exp(d)
-    unclipped, clipped = ratio * adv, jnp.clip(ratio, 1.0 - eps, 1.0 + eps) * adv
+    unclipped, clipped = ratio * adv, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
     surr = jnp.where(target, jnp.minimum(unclipped, clipped), 0.0)
     kl = jnp.where(target, jnp.exp(-d) - 1.0 + d, 0.0)
     n_tgt = jnp.sum(target.astype(jnp.float32), axis=-1)
@@ -224,7 +226,7 @@ def tracerl_policy_loss(logp_new_RxT, logp_old_RxT, target_RxT, adv, eps: float 
 def merge_row_values(x_NxKxR, target_NxKxR):
     """Token-level values `[N, R]` from per-row outputs: token j's value is read in the row where it is a target.
 
-    diffusion.md §7.4 (`V_j = V(s_step(j), pos_j)`; dLLM-RL "aggregate fragments"). Every valid token is a target
+    `V_j = V(s_step(j), pos_j)` (dLLM-RL "aggregate fragments"). Every valid token is a target
     in exactly one row, so this is a masked sum over rows; tokens that are never a target get 0.
     """
     target = jnp.asarray(target_NxKxR, bool)
@@ -232,7 +234,7 @@ def merge_row_values(x_NxKxR, target_NxKxR):
 
 
 def outcome_reward_on_last_step(reward_N, step_rank_NxR, valid_NxR):
-    """Token rewards `[N, R]`: the outcome reward on every token of the LAST decoding step, 0 elsewhere (§7.4).
+    """Token rewards `[N, R]`: the outcome reward on every token of the LAST decoding step, 0 elsewhere.
 
     `step_rank_NxR` may be the shrunk step ids or their rank (only the order matters); invalid tokens get 0.
     """
@@ -245,7 +247,7 @@ def outcome_reward_on_last_step(reward_N, step_rank_NxR, valid_NxR):
 
 def step_level_gae(token_reward_NxR, values_NxR, step_rank_NxR, valid_NxR, gamma: float = 1.0,
                    lam: float = 1.0, max_steps=None):
-    """Step-level GAE of the TraceRL diffusion value model (diffusion.md §7.4, `train_trado_value.py`).
+    """Step-level GAE of the TraceRL diffusion value model (dLLM-RL `train_trado_value.py`).
 
     Step means `r*_t`, `V*_t` over the tokens of global step rank `t` (segment_sum, `max_steps` segments),
     backwards `R*_t = r*_t + γ R*_{t+1}`, `A*_t = r*_t - V*_t + γ V*_{t+1} + γλ A*_{t+1}` (reverse lax.scan, zero
@@ -290,21 +292,22 @@ def step_level_gae(token_reward_NxR, values_NxR, step_rank_NxR, valid_NxR, gamma
     return adv, returns
 
 
-def tracerl_value_loss(values_RxT, values_old_RxT, returns_RxT, target_RxT, clip: float = 0.2,
+def tracerl_value_loss(values_RxT, values_old_RxT, returns_RxT, target_RxT, clip: float | None = 0.2,
                        norm: str = "response_len", num_rows=None):
-    """PPO-clipped value loss of the TraceRL value model (diffusion.md §7.4, `train_trado_value.py`).
+    """PPO-clipped value loss of the TraceRL value model (dLLM-RL `train_trado_value.py`).
 
     `0.5 max((V - R)^2, (V_old + clip(V - V_old, ±clip) - R)^2)` summed over the row's targets, divided by the
     padded length T (`norm="response_len"`, official) or by `|T|` (`"targets"`), mean over rows with targets
-    (or Σ / num_rows). Returns (loss, metrics) with `vf_clip_frac` (target tokens where the clipped term wins).
+    (or Σ / num_rows); `clip=None` drops the clipped term (plain `0.5 (V - R)^2`). Returns (loss, metrics) with
+    `vf_clip_frac` (target tokens where the clipped term wins).
     """
     if norm not in NORMS:
         raise ValueError(f"Unknown TraceRL norm {norm!r}; expected one of {NORMS}.")
     target = jnp.asarray(target_RxT, bool)
     v, v_old = jnp.asarray(values_RxT, jnp.float32), jnp.asarray(values_old_RxT, jnp.float32)
     ret = jnp.asarray(returns_RxT, jnp.float32)
-    v_clip = v_old + jnp.clip(v - v_old, -clip, clip)
-    l_unclipped, l_clipped = (v - ret) ** 2, (v_clip - ret) ** 2
+    l_unclipped = (v - ret) ** 2
+    l_clipped = l_unclipped if clip is None else (v_old + jnp.clip(v - v_old, -clip, clip) - ret) ** 2
     per_tok = jnp.where(target, 0.5 * jnp.maximum(l_unclipped, l_clipped), 0.0)
     n_tgt = jnp.sum(target.astype(jnp.float32), axis=-1)
     denom = float(target.shape[-1]) if norm == "response_len" else jnp.maximum(n_tgt, 1.0)

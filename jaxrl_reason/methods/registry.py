@@ -6,16 +6,18 @@ One module per method family holds its recipes, its config section and its hooks
                bounds and advantage redistribution inside the loss
     lspo.py    LSPO: the length-percentile group filter, on top of GRPO / DAPO / GSPO
     repro.py   REPRO: the process advantage from answer-likelihood progress, on top of PPO / GRPO
+    tracerl.py TraceRL: masked-diffusion policies (its PolicyParts: trajectory rows, block / full-attention loss)
 
 A method is active in a run when its section is in the config (its recipes add it). The functions below are what
 the loop and its stages call; they go over the active methods in `METHODS` order and never test a name.
 """
 from __future__ import annotations
 
-from jaxrl_reason.methods import dler, hapo, lspo, repro
+from jaxrl_reason.methods import dler, hapo, lspo, repro, tracerl
 from jaxrl_reason.methods.hooks import Method
 
-METHODS: dict[str, Method] = {m.name: m for m in (dler.METHOD, hapo.METHOD, lspo.METHOD, repro.METHOD)}
+METHODS: dict[str, Method] = {m.name: m for m in (dler.METHOD, hapo.METHOD, lspo.METHOD, repro.METHOD,
+                                                  tracerl.METHOD)}
 
 
 def active(config) -> list[Method]:

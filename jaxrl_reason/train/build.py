@@ -48,6 +48,7 @@ def validate_config(config) -> None:
     # the registries themselves, not a copy: a part registered after import (a notebook cell) is valid too
     _require(a.estimator in ADVANTAGE_ESTIMATORS,
              f"unknown advantage estimator {a.estimator!r}; use one of {tuple(ADVANTAGE_ESTIMATORS)}.")
+    _require(a.std_ddof in (0, 1), f"advantage.std_ddof must be 0 (population std) or 1 (Bessel), got {a.std_ddof!r}.")
     _require(l.mode in POLICY_LOSSES, f"unknown loss mode {l.mode!r}; use one of {tuple(POLICY_LOSSES)}.")
     _require(l.agg in AGGREGATIONS, f"unknown loss aggregation {l.agg!r}; use one of {tuple(AGGREGATIONS)}.")
     _require(a.estimator != "grpo_passk" or config.rollout.group_size >= 2,
@@ -85,9 +86,10 @@ def validate_config(config) -> None:
     sampler_layout.validate(ro, config.model.attention, jax.device_count())
     _validate_sources(config)
     _validate_precision(config, ro.prompts_per_step * ro.group_size)
+    _require(config.model.attention == "causal" or config.algorithm == "tracerl",
+             f"a {config.model.attention}-attention (masked-diffusion) policy trains with algorithm 'tracerl', "
+             f"not {config.algorithm!r}.")
     methods.validate(config)
-    if config.model.attention != "causal":
-        validate_tracerl_config(config)
 
 
 def _validate_method_parts(config, names) -> None:
@@ -97,38 +99,6 @@ def _validate_method_parts(config, names) -> None:
             _require(m.name in config, f"{name!r} is a part of {m.name}, whose settings live in the `{m.name}` "
                                        f"section: apply its recipe (algorithms.apply_recipe(config, ...)) first.")
 
-
-def validate_tracerl_config(config) -> None:
-    """One clear sentence for the first impossible `config.tracerl` / diffusion setting."""
-    from jaxrl_reason.core import tracerl as tr
-    from jaxrl_reason.train.tracerl import ESTIMATORS, KINDS  # imports this module
-
-    m, r = config.model, config.rollout
-    _require(m.attention in KINDS, f"TraceRL needs model.attention 'block' or 'bidirectional', got {m.attention!r}.")
-    _require("tracerl" in config,
-             f"a {m.attention}-attention policy needs the `tracerl` section of configs/tracerl.py.")
-    t = config.tracerl
-    _require(t.estimator in ESTIMATORS, f"unknown tracerl.estimator {t.estimator!r}; use one of {ESTIMATORS}.")
-    _require(config.advantage.estimator in ("grpo", "gae"),
-             "TraceRL uses advantage.estimator 'grpo' (group z-score) or 'gae' (with the diffusion value model).")
-    _require(not (t.estimator == "onestep" and config.advantage.estimator == "gae"),
-             "the one-step estimator has no value-model variant; use advantage.estimator 'grpo'.")
-    _require(config.loss.kl_coef == 0 and config.loss.kl_in_reward_coef == 0,
-             "TraceRL's KL is tracerl.beta against the old policy; set loss.kl_coef and kl_in_reward_coef to 0.")
-    _require(isinstance(t.shrink, int) and t.shrink >= 1, f"tracerl.shrink must be an int >= 1, got {t.shrink!r}.")
-    _require(t.remasking in ("static", "dynamic"), f"tracerl.remasking must be static|dynamic, got {t.remasking!r}.")
-    _require(0.0 < t.threshold <= 1.0, f"tracerl.threshold must be in (0, 1], got {t.threshold}.")
-    _require(t.norm in ("auto",) + tr.NORMS, f"tracerl.norm must be 'auto' or one of {tr.NORMS}, got {t.norm!r}.")
-    if m.attention == "block":
-        b = m.block_size
-        _require(r.max_prompt_len % b == 0 and r.max_new_tokens % b == 0,
-                 f"rollout.max_prompt_len and max_new_tokens must be multiples of model.block_size ({b}).")
-        _require(b % t.steps_per_block == 0, f"tracerl.steps_per_block ({t.steps_per_block}) must divide {b}.")
-    else:
-        _require(r.max_new_tokens % t.llada_block_len == 0,
-                 f"rollout.max_new_tokens must be a multiple of tracerl.llada_block_len ({t.llada_block_len}).")
-        _require(t.llada_steps % (r.max_new_tokens // t.llada_block_len) == 0,
-                 f"tracerl.llada_steps ({t.llada_steps}) must be a multiple of the number of LLaDA blocks.")
 
 
 def _validate_precision(config, rollout_rows: int) -> None:

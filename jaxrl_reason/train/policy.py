@@ -25,7 +25,7 @@ from jaxrl_reason.train.build import load_policy
 from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec, ar_logps, ar_values, cast_floating
 from jaxrl_reason.train.objectives import rl_loss
 from jaxrl_reason.train.parts import PolicyParts
-from jaxrl_reason.train.tracerl import diffusion_parts
+from jaxrl_reason.methods.tracerl import diffusion_parts
 
 
 def source_dir(config) -> str:

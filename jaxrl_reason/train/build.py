@@ -25,6 +25,7 @@ from jaxrl_reason.data.tokenizer import build_char_tokenizer, load_tokenizer
 from jaxrl_reason.models.hf import load_hf
 from jaxrl_reason.models.sharding import resolve_mesh_shape
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
+from jaxrl_reason.train import mismatch
 from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec
 from jaxrl_reason.train.objectives import ObjectiveConfig
 
@@ -46,6 +47,7 @@ def validate_config(config) -> None:
              f"unknown advantage estimator {a.estimator!r}; use one of {tuple(ADVANTAGE_ESTIMATORS)}.")
     _require(l.mode in POLICY_LOSSES, f"unknown loss mode {l.mode!r}; use one of {tuple(POLICY_LOSSES)}.")
     _require(l.agg in AGGREGATIONS, f"unknown loss aggregation {l.agg!r}; use one of {tuple(AGGREGATIONS)}.")
+    mismatch.validate(config)  # rollout.is_correction / is_cap / exact_logprobs
     _require(l.mode == "ppo" or not (l.hapo_adaptive_clip or l.hapo_redistribute),
              f"HAPO's adaptive clip and advantage redistribution act on the ppo loss, not loss.mode {l.mode!r}.")
     _require(a.estimator != "grpo_passk" or config.rollout.group_size >= 2,

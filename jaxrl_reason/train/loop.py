@@ -35,6 +35,7 @@ from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import console
 from jaxrl_reason.train import export as export_lib
+from jaxrl_reason.train import mismatch as mismatch_lib
 from jaxrl_reason.train import preflight as preflight_lib
 from jaxrl_reason.train import repro as repro_lib
 from jaxrl_reason.train import rollout as rollout_lib
@@ -42,6 +43,7 @@ from jaxrl_reason.train import workdir as workdir_lib
 from jaxrl_reason.train.build import build_task, load_policy, objective_config, validate_config
 from jaxrl_reason.train.checkpoint import Checkpointer, install_preemption_handler
 from jaxrl_reason.train.evaluation import evaluate
+from jaxrl_reason.train.exact_sampler import make_exact_generate_fn
 from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec, ar_logps, ar_values, cast_floating
 from jaxrl_reason.train.metrics import MetricsWriter, ProgressBar
 from jaxrl_reason.train.objectives import rl_loss
@@ -70,7 +72,7 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
     spec, fwd_sh = logp_spec(config), _forward_shardings(config, mesh, shardings)
     logps_fn, values_fn = batch_lib.make_forward_fns(graphdef, value_graphdef, spec=spec,
                                                      micro_batch_rows=config.optim.logp_micro_batch_rows, **fwd_sh)
-    adv_cfg = advantage_config(config)
+    adv_cfg, mismatch_cfg = advantage_config(config), mismatch_lib.mismatch_config(config)
 
     rw = config.reward
     repro_fn = None
@@ -84,14 +86,15 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
         extra, repro_metrics = repro_fn(rows, params["policy"]) if repro_fn else (None, {})
         batch, metrics, entropy = batch_lib.build_update_batch(
             rows, adv_cfg, policy_params=params["policy"], logps_fn=logps_fn, ref_params=ref_params,
-            value_params=params.get("value"), values_fn=values_fn, extra_adv_NxR=extra)
+            value_params=params.get("value"), values_fn=values_fn, extra_adv_NxR=extra, mismatch_cfg=mismatch_cfg)
         return batch, {**metrics, **repro_metrics}, entropy
 
     def split(batch, rng):
         return batch_lib.mini_batches(batch, config.optim.mini_batches, rng, r.group_size)
 
     return PolicyParts(
-        train_gen=(make_compacting_generate_fn if r.compact_rows else make_generate_fn)(
+        train_gen=make_exact_generate_fn(graphdef, spec=spec, params=train, **common) if r.get("exact_logprobs") else
+        (make_compacting_generate_fn if r.compact_rows else make_generate_fn)(
             graphdef, params=train, lanes=r.lanes, group_size=r.group_size, share_prefill=r.share_prefill, **common),
         eval_gen=make_generate_fn(graphdef, params=SamplingParams(temperature=config.eval.temperature), **common),
         greedy_gen=make_generate_fn(graphdef, params=SamplingParams(greedy=True), **common),
@@ -222,6 +225,8 @@ def update_batch_spec(config, sharding) -> dict | None:
         f32 += ("logp_ref_NxR",)
     if config.advantage.estimator == "gae":
         f32 += ("returns_NxR", "values_old_NxR")
+    if r.get("is_correction", "none") != "none":
+        f32 += ("is_weight_NxR",)
     spec = {k: ((n, resp), np.float32) for k in f32}
     spec.update(tokens_NxL=((n, seq), np.int32), valid_NxL=((n, seq), np.bool_), num_tokens_N=((n,), np.float32),
                 num_seqs_N=((n,), np.float32))

@@ -16,7 +16,8 @@ step in `train/step.py` can accumulate them. HAPO's entropy normalization is per
 
 Batch layout (rows N = prompts x group size, prompt left-padded to P, response right-padded to R, L = P + R):
   tokens_NxL int32, valid_NxL bool, response_mask_NxR f32, logp_old_NxR, adv_NxR,
-  optional logp_ref_NxR (KL), values_old_NxR and returns_NxR (critic), num_tokens_N, num_seqs_N (broadcast).
+  optional logp_ref_NxR (KL), values_old_NxR and returns_NxR (critic), is_weight_NxR (rollout importance weights,
+  train/mismatch.py), num_tokens_N, num_seqs_N (broadcast).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from jaxrl_reason.core import policy_loss as pl
 from jaxrl_reason.core import policy_loss_variants  # noqa: F401  (registers CISPO, SAPO, GMPO, ... in POLICY_LOSSES)
 from jaxrl_reason.core.advantages import hapo_redistribute_advantages
 from jaxrl_reason.core.aggregate import aggregate
+from jaxrl_reason.train import mismatch
 from jaxrl_reason.train.logprobs import ar_logps, ar_values, causal_forward_inputs, token_logps  # noqa: F401
 from jaxrl_reason.train.step import SUMMED
 
@@ -93,6 +95,7 @@ def policy_term(cfg: ObjectiveConfig, logp, entropy, batch: dict, rng=None) -> t
             ratio = jnp.exp(jnp.clip(logp - logp_old, -20.0, 20.0))
             adv = hapo_redistribute_advantages(adv, h, ratio, eps_low, eps_high, cfg.hapo_adv_beta)
         metrics["hapo_h_mean"] = jnp.sum(h * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    overrides.update(mismatch.loss_overrides(batch))  # rollout importance weights, when the batch has them
     loss, pg_metrics = pl.POLICY_LOSSES[cfg.mode](logp, logp_old, adv, mask, cfg, _agg_kwargs(cfg, batch), rng=rng,
                                                   **overrides)
     return loss, {**pg_metrics, **metrics}

@@ -1,6 +1,8 @@
 """The sampler / trainer log-prob contract: the exact sampler (train/exact_sampler.py) agrees with the trainer's old
 log-prob pass bit for bit, the KV-cache sampler only to float rounding; mismatch metrics and importance weights
 reach the update batch and the PPO loss (train/mismatch.py); config errors are one sentence."""
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -36,10 +38,22 @@ def setup():
     return graphdef, params, tokens, mask
 
 
+@functools.lru_cache(maxsize=None)
+def _exact(graphdef, spec, sampling):
+    return make_exact_generate_fn(graphdef, spec=spec, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS, pad_id=0,
+                                  params=sampling)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(graphdef, spec, micro_batch_rows):
+    return batch_lib.make_forward_fns(graphdef, spec=spec, micro_batch_rows=micro_batch_rows)[0]
+
+
 def _trainer_logps(graphdef, params, ro, spec, micro_batch_rows=0):
+    """The old log-prob pass of the RL loop (train/batch.py) on a rollout's rows."""
     rows = {"prompt_tokens": np.asarray(ro.prompt_tokens_BxP), "prompt_mask": np.asarray(ro.prompt_mask_BxP),
             "tokens": np.asarray(ro.tokens_BxR), "response_mask": np.asarray(ro.response_mask_BxR)}
-    logps, _ = batch_lib.make_forward_fns(graphdef, spec=spec, micro_batch_rows=micro_batch_rows)
+    logps = _forward(graphdef, spec, micro_batch_rows)
     return tuple(np.asarray(x) for x in logps(params, batch_lib.model_inputs(rows)))
 
 
@@ -47,8 +61,7 @@ def _trainer_logps(graphdef, params, ro, spec, micro_batch_rows=0):
 def test_exact_sampler_matches_trainer_bit_for_bit(setup, spec):
     graphdef, params, tokens, mask = setup
     key = jax.random.PRNGKey(1)
-    exact = make_exact_generate_fn(graphdef, spec=spec, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS, pad_id=0,
-                                   params=SAMPLED)(params, tokens, mask, key)
+    exact = _exact(graphdef, spec, SAMPLED)(params, tokens, mask, key)
     m = np.asarray(exact.response_mask_BxR)
     assert m.sum() > 3 * B and not m.all()  # some rows stopped early, all sampled several tokens
     logp, entropy = _trainer_logps(graphdef, params, exact, spec)
@@ -68,8 +81,7 @@ def test_exact_greedy_equals_cached_greedy(setup):
     graphdef, params, tokens, mask = setup
     greedy = SamplingParams(greedy=True)
     key = jax.random.PRNGKey(0)
-    exact = make_exact_generate_fn(graphdef, spec=LogpSpec(), max_prompt_len=P, max_new_tokens=R, eos_ids=EOS,
-                                   pad_id=0, params=greedy)(params, tokens, mask, key)
+    exact = _exact(graphdef, LogpSpec(), greedy)(params, tokens, mask, key)
     cached = ar.generate(nnx.merge(graphdef, params), tokens, mask, key, max_new_tokens=R, eos_ids=EOS, pad_id=0,
                          params=greedy)
     np.testing.assert_array_equal(np.asarray(exact.tokens_BxR), np.asarray(cached.tokens_BxR))
@@ -82,8 +94,7 @@ def test_exact_needs_equal_row_counts_on_cpu(setup):
     exact mode requires the sampler and the old log-prob pass to run the same number of rows."""
     graphdef, params, tokens, mask = setup
     spec = LogpSpec()
-    exact = make_exact_generate_fn(graphdef, spec=spec, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS, pad_id=0,
-                                   params=SAMPLED)(params, tokens, mask, jax.random.PRNGKey(1))
+    exact = _exact(graphdef, spec, SAMPLED)(params, tokens, mask, jax.random.PRNGKey(1))
     m = np.asarray(exact.response_mask_BxR)
     logp4, _ = _trainer_logps(graphdef, params, exact, spec, micro_batch_rows=4)
     assert 0.0 < np.abs(logp4 - np.asarray(exact.logp_raw_BxR))[m].max() < 1e-4

@@ -28,8 +28,8 @@ from jaxrl_reason.core import importance
 from jaxrl_reason.core.policy_loss import POLICY_LOSSES
 
 
-METRIC_NAMES = {"kl_k1": "rollout/mismatch_kl", "kl_k3": "rollout/mismatch_k3_kl", "max_abs": "rollout/mismatch_max_abs",
-                "max_ratio": "rollout/max_ratio", "min_ratio": "rollout/min_ratio",
+METRIC_NAMES = {"kl_k1": "rollout/mismatch_kl", "kl_k3": "rollout/mismatch_k3_kl",
+                "max_abs": "rollout/mismatch_max_abs", "max_ratio": "rollout/max_ratio", "min_ratio": "rollout/min_ratio",
                 "seq_max_ratio": "rollout/seq_max_ratio", "frac_over_cap": "rollout/frac_over_cap",
                 "seq_frac_over_cap": "rollout/seq_frac_over_cap"}
 

@@ -10,7 +10,6 @@ from flax import nnx
 
 from rl_testing import digit_scorer, tiny_config
 
-from jaxrl_reason.core import policy_loss as pl
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.sampling import autoregressive as ar
 from jaxrl_reason.sampling.processors import SamplingParams
@@ -133,13 +132,31 @@ def test_policy_term_multiplies_per_token_loss_by_the_weights():
     # on-policy (ratio 1) the PPO per-token loss is -A: the weighted token-mean is sum(-A w m) / sum(m)
     assert float(plain) == pytest.approx(float((-adv * mask).sum() / mask.sum()), rel=1e-5)
     assert float(weighted) == pytest.approx(float((-adv * w * mask).sum() / mask.sum()), rel=1e-5)
-    assert "token_weights_NxT" in pl.ppo_clip_loss.__code__.co_varnames
+
+
+@pytest.mark.parametrize("mode", ["ppo", "gspo", "cispo", "sapo", "clip_cov", "kl_cov", "gpg"])
+def test_every_weighted_loss_is_linear_in_the_weights(mode):
+    """Weights multiply the per-token loss before aggregation: all ones changes nothing, all twos doubles it."""
+    assert mode in mismatch.weighted_losses()
+    rng = np.random.default_rng(2)
+    n, r = 4, 6
+    logp_old = -rng.uniform(0.5, 2.0, (n, r)).astype(np.float32)
+    logp = logp_old + np.float32(0.05) * rng.normal(size=(n, r)).astype(np.float32)
+    mask = (rng.uniform(size=(n, r)) > 0.2).astype(np.float32)
+    batch = {"response_mask_NxR": mask, "adv_NxR": rng.normal(size=(n, r)).astype(np.float32),
+             "logp_old_NxR": logp_old, "num_tokens_N": np.full((n,), mask.sum(), np.float32),
+             "num_seqs_N": np.full((n,), n, np.float32)}
+    cfg, key = ObjectiveConfig(mode=mode, clip_cov_ratio=0.2, kl_cov_ratio=0.2), jax.random.PRNGKey(0)
+    plain = float(policy_term(cfg, logp, None, batch, key)[0])
+    ones = float(policy_term(cfg, logp, None, {**batch, "is_weight_NxR": np.ones_like(mask)}, key)[0])
+    twos = float(policy_term(cfg, logp, None, {**batch, "is_weight_NxR": 2 * np.ones_like(mask)}, key)[0])
+    assert plain != 0.0 and ones == pytest.approx(plain, rel=1e-6) and twos == pytest.approx(2 * plain, rel=1e-5)
 
 
 @pytest.mark.parametrize("overrides,sentence", [
     (dict(rollout__is_correction="tis"), "unknown importance correction"),
     (dict(rollout__is_correction="seq_tis", rollout__is_cap=0.0), "positive number"),
-    (dict(rollout__is_correction="token_tis", loss__mode="gspo"), "per-token weights"),
+    (dict(rollout__is_correction="token_tis", loss__mode="gmpo"), "per-token weights"),
     (dict(rollout__exact_logprobs=True, rollout__compact_rows=True), "compact_rows False"),
     (dict(rollout__exact_logprobs=True, optim__logp_micro_batch_rows=8), "same number of rows"),
 ])

@@ -10,8 +10,8 @@ processors. `build_update_batch` then
   - logs `rollout/mismatch_*` metrics (`core.importance.mismatch_metrics`) when `rollout.log_mismatch`, an
     importance correction or the exact mode is on;
   - with `rollout.is_correction` != "none" adds the detached weights `is_weight_NxR` (token / sequence, truncated
-    or masked, cap `rollout.is_cap`) to the batch; the PPO loss multiplies its per-token loss by them before
-    aggregation (verl's rollout correction).
+    or masked, cap `rollout.is_cap`) to the batch; the policy loss multiplies its per-token loss by them before
+    aggregation (verl's rollout correction), for every loss that takes per-token weights (`weighted_losses`).
 
 `rollout.exact_logprobs` samples with `train/exact_sampler.py`, whose raw log-probs equal the trainer's bit for
 bit when both passes run the same number of rows (checked here at start-up).
@@ -61,10 +61,9 @@ def validate(config) -> None:
     r, m = config.rollout, mismatch_config(config)
     importance.check_kind(m.correction, m.cap)
     if m.correction != "none":
-        loss = POLICY_LOSSES[config.loss.mode].loss_fn
-        if "token_weights_NxT" not in inspect.signature(loss).parameters:
-            raise ValueError(f"rollout.is_correction needs a loss that takes per-token weights (ppo), not "
-                             f"loss.mode {config.loss.mode!r}.")
+        if config.loss.mode not in weighted_losses():
+            raise ValueError(f"rollout.is_correction needs a loss that takes per-token weights "
+                             f"({', '.join(weighted_losses())}), not loss.mode {config.loss.mode!r}.")
         if config.model.attention != "causal":
             raise ValueError("rollout.is_correction is for autoregressive (causal) policies.")
     if not r.get("exact_logprobs", False):
@@ -79,6 +78,12 @@ def validate(config) -> None:
         raise ValueError(f"rollout.exact_logprobs needs the sampler and the old log-prob pass to run the same "
                          f"number of rows (XLA's results depend on it): rollout.sample_batch_rows gives "
                          f"{sample_rows}, optim.logp_micro_batch_rows {logp_rows}.")
+
+
+def weighted_losses() -> tuple[str, ...]:
+    """The registered policy losses that multiply their per-token loss by `token_weights_NxT`."""
+    return tuple(name for name, entry in POLICY_LOSSES.items()
+                 if "token_weights_NxT" in inspect.signature(entry.loss_fn).parameters)
 
 
 def batch_terms(rows: dict, logp_old_NxR, mask_NxR, cfg: MismatchConfig | None) -> tuple[dict, dict]:

@@ -117,6 +117,12 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     # trainer's device to device in the compute dtype before each rollout (train/sampler_layout.py).
     c.rollout.layout = "train"
     c.rollout.decode_tensor = 1
+    # sampler / trainer log-prob contract (train/mismatch.py); every default leaves the run's numbers unchanged
+    c.rollout.log_mismatch = False  # True: log rollout/mismatch_* (old log-probs vs the sampler's raw ones)
+    c.rollout.is_correction = "none"  # none | token_tis | seq_tis | token_mis | seq_mis: rollout importance weights
+    c.rollout.is_cap = 2.0  # upper threshold of those weights (TIS truncates at it, MIS drops what exceeds it)
+    c.rollout.is_mis_lower = -1.0  # MIS lower threshold: < 0 is 1 / is_cap (verl's default), 0 keeps all low weights
+    c.rollout.exact_logprobs = False  # True: sample with the trainer's forward pass (train/exact_sampler.py), no cache
 
     c.reward = config_dict.ConfigDict()
     c.reward.kind = "binary"  # binary: {0, 1}; signed: {-1, +1} (DAPO verifier)

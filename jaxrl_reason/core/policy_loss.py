@@ -64,6 +64,14 @@ def _loss_inputs(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT):
             jnp.asarray(mask_NxT, jnp.float32))
 
 
+def weighted(per_token_NxT, token_weights_NxT=None):
+    """The per-token loss times constant per-token weights (the rollout importance correction of
+    `core/importance.py`, applied before aggregation as verl does), or unchanged when there are none."""
+    if token_weights_NxT is None:
+        return per_token_NxT
+    return per_token_NxT * jax.lax.stop_gradient(_float(token_weights_NxT))
+
+
 def _check_eps(eps, name: str):
     if isinstance(eps, (int, float)) and not 0.0 <= eps < 1.0:
         raise ValueError(f"{name} must lie in [0, 1), got {eps}.")
@@ -119,9 +127,7 @@ def ppo_clip_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_hi
         l3 = -adv * dual_clip_c
         lpg = jnp.where(adv < 0, jnp.minimum(lc, l3), lc)
         clipfrac_lower = masked_mean(((lc > l3) & (adv < 0)).astype(jnp.float32), mask)
-    if token_weights_NxT is not None:
-        lpg = lpg * jax.lax.stop_gradient(_float(token_weights_NxT))
-    loss = aggregate(lpg, mask, agg, agg_const, **agg_kwargs)
+    loss = aggregate(weighted(lpg, token_weights_NxT), mask, agg, agg_const, **agg_kwargs)
     metrics = {"pg_clipfrac": masked_mean((l2 > l1).astype(jnp.float32), mask),
                "pg_clipfrac_lower": clipfrac_lower, **_ratio_metrics(log_ratio, ratio, mask)}
     return loss, jax.lax.stop_gradient(metrics)
@@ -129,7 +135,7 @@ def ppo_clip_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_hi
 
 @register_policy_loss("gspo", _clip_hparams)
 def gspo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=3e-4, eps_high=4e-4, agg=None, agg_const=None,
-              **agg_kwargs):
+              token_weights_NxT=None, **agg_kwargs):
     """GSPO-token loss with the sequence-level ratio (GSPO paper, verl
     `compute_policy_loss_gspo`).
 
@@ -138,6 +144,7 @@ def gspo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=3e-4, eps_high=
       L = max(−A·s, −A·clip(s, 1−ε_low, 1+ε_high)),  aggregated with seq-mean-token-mean (forced).
     No dual clip. With per-row constant advantages the gradient equals that of the sequence-level objective.
     `agg` and `agg_const` are accepted and ignored: GSPO fixes its aggregation (verl does the same).
+    `token_weights_NxT`: optional constant per-token weights on the per-token loss (rollout importance correction).
 
     Returns:
       (loss, metrics): pg_clipfrac, pg_clipfrac_lower (always 0), ppo_kl, ratio_mean / ratio_max (of s).
@@ -152,7 +159,7 @@ def gspo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=3e-4, eps_high=
     s = jnp.exp(jnp.minimum(log_s, GSPO_LOG_RATIO_MAX))
     l1 = -adv * s
     l2 = -adv * jnp.clip(s, 1.0 - eps_low, 1.0 + eps_high)
-    loss = aggregate(jnp.maximum(l1, l2), mask, "seq-mean-token-mean", **agg_kwargs)
+    loss = aggregate(weighted(jnp.maximum(l1, l2), token_weights_NxT), mask, "seq-mean-token-mean", **agg_kwargs)
     metrics = {"pg_clipfrac": masked_mean((l2 > l1).astype(jnp.float32), mask),
                "pg_clipfrac_lower": jnp.zeros((), jnp.float32), **_ratio_metrics(log_ratio, s, mask)}
     return loss, jax.lax.stop_gradient(metrics)

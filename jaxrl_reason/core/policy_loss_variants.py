@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .aggregate import aggregate, check_agg_mode, masked_mean
-from .policy_loss import LOG_RATIO_CLAMP, _clip_hparams, _loss_inputs, _ratio_metrics, register_policy_loss
+from .policy_loss import LOG_RATIO_CLAMP, _clip_hparams, _loss_inputs, _ratio_metrics, register_policy_loss, weighted
 
 DPPO_TRUNCATION_DEFAULT = 20.0  # verl's clip_ratio_c fallback for DPPO's truncated importance weight
 
@@ -31,7 +31,7 @@ def _check_positive(x, name):
 
 @register_policy_loss("cispo", _clip_hparams)
 def cispo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=10.0, eps_high=0.2, agg="token-mean",
-               agg_const=None, **agg_kwargs):
+               agg_const=None, token_weights_NxT=None, **agg_kwargs):
     """CISPO (MiniMax-M1, arXiv 2506.13585; verl `compute_policy_loss_cispo`): clip the importance weight, not
     the update, and keep every token's gradient.
 
@@ -43,7 +43,7 @@ def cispo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=10.0, eps_high
     logp, _, adv, mask, log_ratio, ratio = _inputs(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, agg)
     clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     per_token = -jax.lax.stop_gradient(clipped) * adv * logp
-    loss = aggregate(per_token, mask, agg, agg_const, **agg_kwargs)
+    loss = aggregate(weighted(per_token, token_weights_NxT), mask, agg, agg_const, **agg_kwargs)
     metrics = {"pg_clipfrac": masked_mean((ratio != clipped).astype(jnp.float32), mask),
                **_ratio_metrics(log_ratio, ratio, mask)}
     return loss, jax.lax.stop_gradient(metrics)
@@ -51,7 +51,7 @@ def cispo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=10.0, eps_high
 
 @register_policy_loss("sapo", lambda hp: dict(tau_pos=hp.sapo_tau_pos, tau_neg=hp.sapo_tau_neg))
 def sapo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, tau_pos=1.0, tau_neg=1.05, agg=None, agg_const=None,
-              **agg_kwargs):
+              token_weights_NxT=None, **agg_kwargs):
     """SAPO soft-gated policy optimization (arXiv 2511.20347; verl `compute_policy_loss_sapo`).
 
       τ = τ_pos if A > 0 else τ_neg;  f(r) = σ(τ·(r − 1)) · 4/τ;  L = −f(r)·A,  seq-mean-token-mean (forced:
@@ -63,7 +63,7 @@ def sapo_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, tau_pos=1.0, tau_neg=1.
     _, _, adv, mask, log_ratio, ratio = _inputs(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, "seq-mean-token-mean")
     tau = jnp.where(adv > 0, tau_pos, tau_neg)
     gate = jax.nn.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
-    loss = aggregate(-gate * adv, mask, "seq-mean-token-mean", **agg_kwargs)
+    loss = aggregate(weighted(-gate * adv, token_weights_NxT), mask, "seq-mean-token-mean", **agg_kwargs)
     return loss, jax.lax.stop_gradient(_ratio_metrics(log_ratio, ratio, mask))
 
 
@@ -120,7 +120,7 @@ def _rank_NxT(score_NxT):
                                                   ratio=hp.clip_cov_ratio, cov_lb=hp.clip_cov_lb,
                                                   cov_ub=hp.clip_cov_ub))
 def clip_cov_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_high=0.2, ratio=2e-4, cov_lb=1.0,
-                  cov_ub=5.0, rng=None, agg="token-mean", agg_const=None, **agg_kwargs):
+                  cov_ub=5.0, rng=None, agg="token-mean", agg_const=None, token_weights_NxT=None, **agg_kwargs):
     """Clip-Cov (The Entropy Mechanism of RL for Reasoning LMs, arXiv 2505.22617; verl
     `compute_policy_loss_clip_cov`): PPO clip, plus the gradient of a few high-covariance tokens cut.
 
@@ -144,14 +144,14 @@ def clip_cov_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, eps_low=0.2, eps_hi
     u = jax.random.uniform(rng, mask.shape)
     cut = eligible & (_rank_NxT(jnp.where(eligible, u, -1.0)) < num_cut)
     per_token = jnp.maximum(l1, l2) * jnp.where(cut, 0.0, 1.0)
-    loss = aggregate(per_token, mask, agg, agg_const, **agg_kwargs)
+    loss = aggregate(weighted(per_token, token_weights_NxT), mask, agg, agg_const, **agg_kwargs)
     metrics = {"pg_clipfrac": masked_mean(cut.astype(jnp.float32), mask), **_ratio_metrics(log_ratio, r, mask)}
     return loss, jax.lax.stop_gradient(metrics)
 
 
 @register_policy_loss("kl_cov", lambda hp: dict(ratio=hp.kl_cov_ratio, kl_coef=hp.kl_cov_coef))
 def kl_cov_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, ratio=2e-4, kl_coef=1.0, agg="token-mean",
-                agg_const=None, **agg_kwargs):
+                agg_const=None, token_weights_NxT=None, **agg_kwargs):
     """KL-Cov (arXiv 2505.22617; verl `compute_policy_loss_kl_cov`): unclipped policy gradient, plus a |log r|
     penalty on the highest-covariance tokens.
 
@@ -166,18 +166,19 @@ def kl_cov_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, ratio=2e-4, kl_coef=1
     num_top = jnp.maximum(jnp.floor(ratio * jnp.sum(mask)), 1.0)
     top = (mask > 0) & (_rank_NxT(jnp.where(mask > 0, cov, -jnp.inf)) < num_top)
     per_token = -adv * r + jnp.where(top, kl_coef * jnp.abs(log_ratio), 0.0)
-    loss = aggregate(per_token, mask, agg, agg_const, **agg_kwargs)
+    loss = aggregate(weighted(per_token, token_weights_NxT), mask, agg, agg_const, **agg_kwargs)
     metrics = {"kl_cov_frac": masked_mean(top.astype(jnp.float32), mask),
                "ppo_kl_abs": masked_mean(jnp.abs(log_ratio), mask), **_ratio_metrics(log_ratio, r, mask)}
     return loss, jax.lax.stop_gradient(metrics)
 
 
 @register_policy_loss("gpg", lambda hp: {})
-def gpg_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, agg="token-mean", agg_const=None, **agg_kwargs):
+def gpg_loss(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, agg="token-mean", agg_const=None, token_weights_NxT=None,
+             **agg_kwargs):
     """GPG group policy gradient (arXiv 2504.02546; verl `compute_policy_loss_gpg`): L = −A·logp, no ratio and
     no clip (one update per batch keeps it on-policy). Metrics: ppo_kl, ratio_mean, ratio_max (diagnostic)."""
     logp, _, adv, mask, log_ratio, r = _inputs(logp_NxT, logp_old_NxT, adv_NxT, mask_NxT, agg)
-    loss = aggregate(-adv * logp, mask, agg, agg_const, **agg_kwargs)
+    loss = aggregate(weighted(-adv * logp, token_weights_NxT), mask, agg, agg_const, **agg_kwargs)
     return loss, jax.lax.stop_gradient(_ratio_metrics(log_ratio, r, mask))
 
 

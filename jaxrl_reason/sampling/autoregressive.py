@@ -199,8 +199,9 @@ def _write(buf_BxR, t, col_B):
     return jax.lax.dynamic_update_slice(buf_BxR, col_B[:, None].astype(buf_BxR.dtype), (0, t))
 
 
-def _record(bufs, t, s: TokenSample, alive_B, pad_id):
-    """Writes step t of every output buffer; stopped rows get pad / 0 / STEP_MAP_PAD."""
+def record_step(bufs, t, s: TokenSample, alive_B, pad_id):
+    """Writes step t of every output buffer; stopped rows get pad / 0 / STEP_MAP_PAD (also used by the exact
+    sampler of train/exact_sampler.py)."""
     tok, logp, logp_raw, ent, conf, step = bufs
     zero = jnp.zeros_like(s.logp)
     return (_write(tok, t, jnp.where(alive_B, s.token, pad_id)),
@@ -298,7 +299,7 @@ def decode_segment(model, head, carry, end, prompt_mask_BxP, key, hapo_stats, *,
             one = lambda k, x: sample_logits(k, x[None], sampling, hapo_stats)  # noqa: E731
             s = jax.tree.map(lambda x: x[:, 0], jax.vmap(one)(keys_B, logits_BxV))
         alive_B = ~done_B
-        bufs = _record(bufs, t, s, alive_B, pad_id)
+        bufs = record_step(bufs, t, s, alive_B, pad_id)
         done_B = done_B | jnp.isin(s.token, eos_E)
         slot = p + t
         h_Bx1xD, cache = model.hidden(jnp.where(alive_B, s.token, pad_id)[:, None], (prompt_len_B + t)[:, None],

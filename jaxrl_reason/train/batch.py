@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_reason.core import advantages as adv_lib
+from jaxrl_reason.train import mismatch
 from jaxrl_reason.train.logprobs import LogpSpec, ar_logps, ar_values
 from jaxrl_reason.train.step import split_micro_batches
 
@@ -93,14 +94,17 @@ def model_inputs(rows: dict) -> dict:
 
 
 def build_update_batch(rows: dict, adv_hp, *, policy_params, logps_fn, ref_params=None, value_params=None,
-                       values_fn=None, extra_adv_NxR=None) -> tuple[dict, dict]:
-    """The full rollout batch (numpy) with logp_old, [logp_ref], [values_old, returns], adv.
+                       values_fn=None, extra_adv_NxR=None, mismatch_cfg=None) -> tuple[dict, dict]:
+    """The full rollout batch (numpy) with logp_old, [logp_ref], [values_old, returns], adv[, is_weight].
 
     `extra_adv_NxR` is added to the outcome advantage (the methods' advantage terms, summed).
+    `mismatch_cfg` (`train/mismatch.py`): sampler / trainer mismatch metrics and importance weights.
     """
     batch = model_inputs(rows)
     logp_old, entropy_old = logps_fn(policy_params, batch)
     batch["logp_old_NxR"] = logp_old
+    extra, mismatch_metrics = mismatch.batch_terms(rows, logp_old, batch["response_mask_NxR"], mismatch_cfg)
+    batch.update(extra)
     if ref_params is not None:
         batch["logp_ref_NxR"] = logps_fn(ref_params, batch)[0]
     values = values_fn(value_params, batch) if values_fn is not None else None
@@ -112,7 +116,7 @@ def build_update_batch(rows: dict, adv_hp, *, policy_params, logps_fn, ref_param
     if returns is not None:
         batch["returns_NxR"], batch["values_old_NxR"] = returns, values
     mask = batch["response_mask_NxR"]
-    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics = {**{k: float(v) for k, v in metrics.items()}, **mismatch_metrics}
     metrics["adv/mean"] = float(jnp.sum(adv * mask) / max(float(mask.sum()), 1.0))
     metrics["adv/abs_max"] = float(jnp.max(jnp.abs(adv)))
     metrics["policy/entropy"] = float(jnp.sum(entropy_old * mask) / max(float(mask.sum()), 1.0))

@@ -74,7 +74,8 @@ def token_logps(logits_NxRxV: jax.Array, targets_NxR: jax.Array) -> tuple[jax.Ar
     return logp, entropy
 
 
-def _head(h_CxD, w_DxK):
+def lm_head_logits(h_CxD, w_DxK):
+    """float32 logits `h @ w` (float32 accumulation whatever the compute dtype)."""
     return jnp.dot(h_CxD, w_DxK, preferred_element_type=jnp.float32)
 
 
@@ -102,7 +103,7 @@ def _streamed_logps(h_CxD, w_DxV, targets_C, vocab_chunk: int):
 
     @jax.checkpoint
     def step(carry, w_DxK, offset):
-        return _stream_update(carry, _head(h_CxD, w_DxK), offset, targets_C)
+        return _stream_update(carry, lm_head_logits(h_CxD, w_DxK), offset, targets_C)
 
     def body(carry, i):
         offset = i * vocab_chunk
@@ -116,10 +117,12 @@ def _streamed_logps(h_CxD, w_DxV, targets_C, vocab_chunk: int):
     return (zt - m) - log_s, log_s - a / s
 
 
-def _chunk_logps(w_DxV, h_CxD, targets_C, vocab_chunk: int):
+def chunk_logps(w_DxV, h_CxD, targets_C, vocab_chunk: int):
+    """(logp of each target, entropy) of one token chunk: what `chunked_token_logps` computes per chunk (the exact
+    sampler calls it too, so that both score a token with the same function)."""
     if vocab_chunk and vocab_chunk < w_DxV.shape[1]:
         return _streamed_logps(h_CxD, w_DxV, targets_C, vocab_chunk)
-    return token_logps(_head(h_CxD, w_DxV), targets_C)
+    return token_logps(lm_head_logits(h_CxD, w_DxV), targets_C)
 
 
 def chunked_token_logps(h_NxRxD: jax.Array, w_DxV: jax.Array, targets_NxR: jax.Array, *, token_chunk: int = 1024,
@@ -129,6 +132,19 @@ def chunked_token_logps(h_NxRxD: jax.Array, w_DxV: jax.Array, targets_NxR: jax.A
     The hidden states and head are used in their own dtype (the matmul accumulates in float32). The token axis is
     padded up to a multiple of `token_chunk` with zero states, whose results are dropped.
     """
+    n, r, _ = h_NxRxD.shape
+    chunk_fn = jax.checkpoint(lambda w, h, t: chunk_logps(w, h, t, vocab_chunk), prevent_cse=False)
+
+    def body(_, xs):
+        return None, chunk_fn(w_DxV, *xs)
+
+    _, (logp, entropy) = jax.lax.scan(body, None, token_chunks(h_NxRxD, targets_NxR, token_chunk))
+    return logp.reshape(-1)[:n * r].reshape(n, r), entropy.reshape(-1)[:n * r].reshape(n, r)
+
+
+def token_chunks(h_NxRxD: jax.Array, targets_NxR: jax.Array, token_chunk: int) -> tuple[jax.Array, jax.Array]:
+    """The N*R hidden states and targets flattened row by row, padded with zero states up to a multiple of the
+    chunk and cut into chunks: (`[K, C, D]`, int32 `[K, C]`), C = min(token_chunk, N*R) (all of them when <= 0)."""
     n, r, d = h_NxRxD.shape
     total = n * r
     chunk = total if token_chunk <= 0 else min(token_chunk, total)
@@ -139,13 +155,7 @@ def chunked_token_logps(h_NxRxD: jax.Array, w_DxV: jax.Array, targets_NxR: jax.A
     if pad:
         h_TxD = jnp.concatenate([h_TxD, jnp.zeros((pad, d), h_TxD.dtype)])
         t_T = jnp.concatenate([t_T, jnp.zeros((pad,), jnp.int32)])
-    chunk_fn = jax.checkpoint(lambda w, h, t: _chunk_logps(w, h, t, vocab_chunk), prevent_cse=False)
-
-    def body(_, xs):
-        return None, chunk_fn(w_DxV, *xs)
-
-    _, (logp, entropy) = jax.lax.scan(body, None, (h_TxD.reshape(num, chunk, d), t_T.reshape(num, chunk)))
-    return logp.reshape(-1)[:total].reshape(n, r), entropy.reshape(-1)[:total].reshape(n, r)
+    return h_TxD.reshape(num, chunk, d), t_T.reshape(num, chunk)
 
 
 def causal_forward_inputs(batch: dict) -> tuple[jax.Array, jax.Array, AttentionMask]:

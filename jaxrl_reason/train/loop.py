@@ -122,6 +122,8 @@ def update_batch_spec(config, sharding) -> dict | None:
         f32 += ("logp_ref_NxR",)
     if config.advantage.estimator == "gae":
         f32 += ("returns_NxR", "values_old_NxR")
+    if r.get("is_correction", "none") != "none":
+        f32 += ("is_weight_NxR",)
     spec = {k: ((n, resp), np.float32) for k in f32}
     spec.update(tokens_NxL=((n, seq), np.int32), valid_NxL=((n, seq), np.bool_), num_tokens_N=((n,), np.float32),
                 num_seqs_N=((n,), np.float32))

@@ -17,7 +17,8 @@ in `train/step.py` can accumulate them.
 
 Batch layout (rows N = prompts x group size, prompt left-padded to P, response right-padded to R, L = P + R):
   tokens_NxL int32, valid_NxL bool, response_mask_NxR f32, logp_old_NxR, adv_NxR,
-  optional logp_ref_NxR (KL), values_old_NxR and returns_NxR (critic), num_tokens_N, num_seqs_N (broadcast).
+  optional logp_ref_NxR (KL), values_old_NxR and returns_NxR (critic), is_weight_NxR (rollout importance weights,
+  train/mismatch.py), num_tokens_N, num_seqs_N (broadcast).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from jaxrl_reason.core import kl as kl_lib
 from jaxrl_reason.core import policy_loss as pl
 from jaxrl_reason.core import policy_loss_variants  # noqa: F401  (registers CISPO, SAPO, GMPO, ... in POLICY_LOSSES)
 from jaxrl_reason.core.aggregate import aggregate
+from jaxrl_reason.train import mismatch
 from jaxrl_reason.train.logprobs import ar_logps, ar_values, causal_forward_inputs, token_logps  # noqa: F401
 from jaxrl_reason.train.step import SUMMED
 
@@ -50,6 +52,7 @@ def policy_term(hp, logp, entropy, batch: dict, rng=None, hooks: tuple = ()) -> 
         adv, more, hook_metrics = hook(logp, entropy, {**batch, "adv_NxR": adv}, hp)
         overrides.update(more)
         metrics.update(hook_metrics)
+    overrides.update(mismatch.loss_overrides(batch))  # rollout importance weights, when the batch has them
     loss, pg_metrics = pl.POLICY_LOSSES[hp.mode](logp, batch["logp_old_NxR"], adv, mask, hp, _agg_kwargs(hp, batch),
                                                  rng=rng, **overrides)
     return loss, {**pg_metrics, **metrics}

@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 
 from jaxrl_reason.methods import registry as methods
+from jaxrl_reason.methods.tracerl import diffusion_parts
 from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.sampling.autoregressive import make_generate_fn
@@ -21,11 +22,12 @@ from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import export as export_lib
 from jaxrl_reason.train import hparams
+from jaxrl_reason.train import mismatch as mismatch_lib
 from jaxrl_reason.train.build import load_policy
+from jaxrl_reason.train.exact_sampler import make_exact_generate_fn
 from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec, ar_logps, ar_values, cast_floating
 from jaxrl_reason.train.objectives import rl_loss
 from jaxrl_reason.train.parts import PolicyParts
-from jaxrl_reason.methods.tracerl import diffusion_parts
 
 
 def source_dir(config) -> str:
@@ -81,13 +83,16 @@ def eval_samplers(config, graphdef, tokenizer, source: str | None = None):
 
 def train_sampler(config, graphdef, tokenizer):
     """The rollout sampler: `rollout.*` sampling settings plus the active methods' fields (HAPO's adaptive
-    temperature), lanes, shared prefill and row compaction as configured."""
+    temperature), lanes, shared prefill and row compaction as configured, or the exact sampler."""
     r = config.rollout
     params = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                             **methods.sampling_fields(config))
+    lengths = _sampler_lengths(config, tokenizer, source_dir(config))
+    if r.get("exact_logprobs", False):  # the trainer's own forward pass at every step: sampler and trainer log-probs agree exactly
+        return make_exact_generate_fn(graphdef, spec=logp_spec(config), params=params, **lengths)
     make = make_compacting_generate_fn if r.compact_rows else make_generate_fn
     return make(graphdef, params=params, lanes=r.lanes, group_size=r.group_size, share_prefill=r.share_prefill,
-                **_sampler_lengths(config, tokenizer, source_dir(config)))
+                **lengths)
 
 
 def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=None, mesh=None,
@@ -100,7 +105,7 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
     spec, fwd_sh = logp_spec(config), forward_shardings(config, mesh, shardings)
     logps_fn, values_fn = batch_lib.make_forward_fns(graphdef, value_graphdef, spec=spec,
                                                      micro_batch_rows=config.optim.logp_micro_batch_rows, **fwd_sh)
-    adv_hp = hparams.advantage_hp(config)
+    adv_hp, mismatch_cfg = hparams.advantage_hp(config), mismatch_lib.mismatch_config(config)
     extra_fns = methods.extra_advantages(config, graphdef, tokenizer, spec=spec, mesh=mesh, forward_shardings=fwd_sh)
 
     def build_batch(rows, params):
@@ -110,7 +115,7 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
             extra, extra_metrics = (adv if extra is None else extra + adv), {**extra_metrics, **more}
         batch, metrics, entropy = batch_lib.build_update_batch(
             rows, adv_hp, policy_params=params["policy"], logps_fn=logps_fn, ref_params=ref_params,
-            value_params=params.get("value"), values_fn=values_fn, extra_adv_NxR=extra)
+            value_params=params.get("value"), values_fn=values_fn, extra_adv_NxR=extra, mismatch_cfg=mismatch_cfg)
         return batch, {**metrics, **extra_metrics}, entropy
 
     def split(batch, rng):

@@ -113,6 +113,7 @@ def sample_round(spec: RolloutSpec, params, examples: list[Example], key, sample
         "tokens": np.asarray(ro.tokens_BxR, np.int32),
         "response_mask": np.asarray(ro.response_mask_BxR, bool),
         "logp_sampler": np.asarray(ro.logp_BxR, np.float32),
+        "logp_sampler_raw": np.asarray(ro.logp_raw_BxR, np.float32),  # temperature 1: what the trainer recomputes
         "entropy": np.asarray(ro.entropy_BxR, np.float32),
         "length_N": np.asarray(ro.length_B, np.int32),
         "truncated_N": np.asarray(ro.truncated_B, bool),

@@ -1,0 +1,110 @@
+"""The sampler / trainer log-prob contract in the RL loop: mismatch metrics, importance correction, exact mode.
+
+The sampler returns, per response token, the log-prob under the distribution it sampled from (after temperature,
+top-k / top-p / min-p, HAPO's temperature) and the raw policy log-prob (temperature 1, no truncation); the rollout
+rows carry the raw one as `logp_sampler_raw`. The trainer recomputes the old log-probs with its own forward pass,
+also at temperature 1 with no truncation, so the raw sampler log-prob is the comparable one: their difference is
+the numerical mismatch of the two implementations (kernels, dtype, cache, reduction shapes), not the sampling
+processors. `build_update_batch` then
+
+  - logs `rollout/mismatch_*` metrics (`core.importance.mismatch_metrics`) when `rollout.log_mismatch`, an
+    importance correction or the exact mode is on;
+  - with `rollout.is_correction` != "none" adds the detached weights `is_weight_NxR` (token / sequence, truncated
+    or masked, cap `rollout.is_cap`) to the batch; the policy loss multiplies its per-token loss by them before
+    aggregation (verl's rollout correction), for every loss that takes per-token weights (`weighted_losses`).
+
+`rollout.exact_logprobs` samples with `train/exact_sampler.py`, whose raw log-probs equal the trainer's bit for
+bit when both passes run the same number of rows (checked here at start-up).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_reason.core import importance
+from jaxrl_reason.core.policy_loss import POLICY_LOSSES
+
+
+METRIC_NAMES = {"kl_k1": "rollout/mismatch_kl", "kl_k3": "rollout/mismatch_k3_kl",
+                "max_abs": "rollout/mismatch_max_abs", "max_ratio": "rollout/max_ratio", "min_ratio": "rollout/min_ratio",
+                "seq_max_ratio": "rollout/seq_max_ratio", "frac_over_cap": "rollout/frac_over_cap",
+                "seq_frac_over_cap": "rollout/seq_frac_over_cap"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MismatchConfig:
+    """correction: a `core.importance.KINDS` name. cap: upper weight threshold. mis_lower: MIS lower threshold
+    (< 0: 1 / cap, verl's default; 0: none). log: log the mismatch metrics even without a correction."""
+    correction: str = "none"
+    cap: float = 2.0
+    mis_lower: float = -1.0
+    log: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.log or self.correction != "none"
+
+
+def mismatch_config(config) -> MismatchConfig:
+    """The `rollout` section's fields (absent fields: off)."""
+    r = config.rollout
+    return MismatchConfig(correction=r.get("is_correction", "none"), cap=r.get("is_cap", 2.0),
+                          mis_lower=r.get("is_mis_lower", -1.0),
+                          log=bool(r.get("log_mismatch", False) or r.get("exact_logprobs", False)))
+
+
+def validate(config) -> None:
+    """One ValueError sentence for an impossible correction or exact-mode setting."""
+    r, m = config.rollout, mismatch_config(config)
+    importance.check_kind(m.correction, m.cap)
+    if m.correction != "none":
+        if config.loss.mode not in weighted_losses():
+            raise ValueError(f"rollout.is_correction needs a loss that takes per-token weights "
+                             f"({', '.join(weighted_losses())}), not loss.mode {config.loss.mode!r}.")
+        if config.model.attention != "causal":
+            raise ValueError("rollout.is_correction is for autoregressive (causal) policies.")
+    if not r.get("exact_logprobs", False):
+        return
+    rows = r.prompts_per_step * r.group_size
+    sample_rows = r.sample_batch_rows or rows
+    logp_rows = config.optim.logp_micro_batch_rows or rows
+    if config.model.attention != "causal" or r.compact_rows or r.lanes != 1:
+        raise ValueError("rollout.exact_logprobs samples with the trainer's forward pass: it needs a causal policy, "
+                         "rollout.compact_rows False and rollout.lanes 1.")
+    if sample_rows != logp_rows:
+        raise ValueError(f"rollout.exact_logprobs needs the sampler and the old log-prob pass to run the same "
+                         f"number of rows (XLA's results depend on it): rollout.sample_batch_rows gives "
+                         f"{sample_rows}, optim.logp_micro_batch_rows {logp_rows}.")
+
+
+def weighted_losses() -> tuple[str, ...]:
+    """The registered policy losses that multiply their per-token loss by `token_weights_NxT`."""
+    return tuple(name for name, entry in POLICY_LOSSES.items()
+                 if "token_weights_NxT" in inspect.signature(entry.loss_fn).parameters)
+
+
+def batch_terms(rows: dict, logp_old_NxR, mask_NxR, cfg: MismatchConfig | None) -> tuple[dict, dict]:
+    """(extra batch entries, metrics) of the old log-probs against the sampler's raw ones; ({}, {}) when off."""
+    if cfg is None or not cfg.active or "logp_sampler_raw" not in rows:
+        return {}, {}
+    sampler = jnp.asarray(rows["logp_sampler_raw"], jnp.float32)
+    cap = cfg.cap if cfg.correction != "none" else None
+    metrics = {METRIC_NAMES[k]: float(v)
+               for k, v in importance.mismatch_metrics(logp_old_NxR, sampler, mask_NxR, cap).items()}
+    if cfg.correction == "none":
+        return {}, metrics
+    lower = None if cfg.mis_lower < 0 else cfg.mis_lower
+    w = importance.importance_weights(cfg.correction, logp_old_NxR, sampler, mask_NxR, cfg.cap, lower)
+    mask = np.asarray(mask_NxR, np.float32)
+    n = max(float(mask.sum()), 1.0)
+    metrics["rollout/is_weight_mean"] = float(jnp.sum(w * mask) / n)
+    metrics["rollout/is_zeroed_frac"] = float(jnp.sum((w == 0) * mask) / n)
+    return {"is_weight_NxR": w}, metrics
+
+
+def loss_overrides(batch: dict) -> dict:
+    """The per-token weights the policy loss multiplies its per-token loss by, when the batch carries them."""
+    return {"token_weights_NxT": batch["is_weight_NxR"]} if "is_weight_NxR" in batch else {}

@@ -265,7 +265,7 @@ def check_rollout(b, config, mcfg, capacity, mem):
              else cr.start_index(cands, row_bytes, 0.8 * budget))  # 20% beside the cache: logits, activations
     print(f"\n## rollout: {total} rows ({r.prompts_per_step} prompts x {r.group_size}) of {r.max_prompt_len} + "
           f"{r.max_new_tokens} tokens, share_prefill={r.share_prefill}, rows over {shards} data x fsdp shards; "
-          f"KV cache {row_bytes * total / 2**20 / shards:.1f} MiB per device for every row at once; sub-batch "
+          f"KV cache {row_bytes * total / ct.GIB:.2f} GiB per device for every row at once; sub-batch "
           f"candidates {cands[:8]}{' ...' if len(cands) > 8 else ''}")
     needs = {}
 
@@ -292,6 +292,7 @@ def main(argv):
     import numpy as np
 
     from jaxrl_reason.train import preflight
+    from jaxrl_reason.train.logprobs import COMPUTE_DTYPES
 
     config, target = _CONFIG.value, ct.parse_target(_TARGET.value)
     name, hf = ct.model_hf_config(_MODEL.value)
@@ -310,8 +311,10 @@ def main(argv):
           f"micro-batch(es); log-prob pass: {b.micro_rows} rows in passes of {o.logp_micro_batch_rows or b.micro_rows}"
           f"; capacity {capacity / ct.GIB:.2f} GiB per device")
     policy = preflight.per_device_bytes(b.state.params["policy"])
+    kl = config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0
+    compute = np.dtype(COMPUTE_DTYPES[config.model.compute_dtype]).itemsize / np.dtype(mcfg.param_dtype).itemsize
     mem = types.SimpleNamespace(state=preflight.per_device_bytes(b.state), policy=policy,
-                                ref=policy if config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0 else 0)
+                                ref=policy * compute if kl else 0)  # the KL reference is a compute-dtype copy
     needs = []
     if _WHAT.value in ("update", "all"):
         step_needs, hbm = check_update(b, config, mcfg, len(devices), mem)

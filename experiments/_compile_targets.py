@@ -276,7 +276,11 @@ def _counted_loop(while_line: str, caller: list[str], comps: dict) -> int | None
     ops = _operands(root, "compare")
     if len(ops) != 2 or not direction:
         return None
-    index = lambda name, defs: (re.search(r"get-tuple-element\(.*index=(\d+)", defs.get(name, "")) or [None, None])[1]  # noqa: E731
+
+    def index(name, defs):  # the tuple element a get-tuple-element reads, or None
+        m = re.search(r"get-tuple-element\(.*index=(\d+)", defs.get(name, ""))
+        return m.group(1) if m else None
+
     k, bound, flip = index(ops[0], cdefs), _const(ops[1], cdefs), False
     if k is None:
         k, bound, flip = index(ops[1], cdefs), _const(ops[0], cdefs), True
@@ -286,8 +290,7 @@ def _counted_loop(while_line: str, caller: list[str], comps: dict) -> int | None
     root = next((ln for ln in comps[body.group(1)] if ln.lstrip().startswith("ROOT") and " tuple(" in ln), "")
     elems = _operands(root, "tuple")
     nxt = elems[int(k)] if int(k) < len(elems) else ""
-    add = [o for o in _operands(bdefs.get(nxt, ""), "add")]
-    step = next((_const(o, bdefs) for o in add if _const(o, bdefs) is not None), None)
+    step = next((c for o in _operands(bdefs.get(nxt, ""), "add") if (c := _const(o, bdefs)) is not None), None)
     init_tuple = _operands(while_line, "while")
     tdefs = _defs(caller)
     inits = _operands(tdefs.get(init_tuple[0], ""), "tuple") if init_tuple else []

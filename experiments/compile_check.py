@@ -278,7 +278,8 @@ def check_rollout(b, config, mcfg, capacity, mem):
         return needs[n] is not None and needs[n] <= capacity
 
     seen, best = cr.search(compile_rows, cands, start, _TRIES.value)
-    print(f"\nrollout sub-batches compiled: {', '.join(f'{n} rows ' + ('fits' if ok else 'does not fit') for n, ok in seen.items())}")
+    tried = ", ".join(f"{n} rows {'fits' if ok else 'does not fit'}" for n, ok in seen.items())
+    print(f"\nrollout sub-batches compiled: {tried}")
     if best is None:
         print(f"rollout: none of the compiled sub-batches fits; try below {min(seen)} rows")
         return max((v for v in needs.values() if v is not None), default=None)

@@ -275,7 +275,8 @@ def test_rollout_candidates_and_search():
 
 
 # Two layers, 4 kv heads of 16, 8 prompts x 4 samples of 16 + 64 tokens (one decode segment) on 8 devices.
-ROLLOUT = ["--model=Qwen2.5-0.5B", "--layers=2", "--config.model.hidden_size=64", "--config.model.intermediate_size=128",
+ROLLOUT = ["--model=Qwen2.5-0.5B", "--layers=2", "--config.model.hidden_size=64",
+           "--config.model.intermediate_size=128",
            "--config.model.num_heads=4", "--config.model.num_kv_heads=4", "--config.model.vocab_size=512",
            "--config.rollout.prompts_per_step=8", "--config.rollout.group_size=4", "--config.rollout.max_prompt_len=16",
            "--config.rollout.max_new_tokens=64", "--top=4", "--what=rollout", "--rollout_tries=1"]

@@ -59,6 +59,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import _compile_rollout as cr  # noqa: E402
 import _compile_targets as ct  # noqa: E402
+import _hlo_flops as hf  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo.py:full", "Method config (with overrides).")
 _MODEL = flags.DEFINE_string("model", "Qwen2.5-1.5B", f"Shape name ({', '.join(ct.SHAPES)}) or HF config.json.")
@@ -174,9 +175,9 @@ def _flop(x: float) -> str:
 def print_flops(text, compiled, model_flops, n_devices):
     """The compiled matmul FLOPs (all devices, per pass) against the model FLOPs (weights, attention)."""
     weights, attention = model_flops
-    phases = {k: v * n_devices for k, v in ct.dot_flops_by_phase(text).items()}
+    phases = {k: v * n_devices for k, v in hf.dot_flops_by_phase(text).items()}
     hlo, model = sum(phases.values()), weights + attention
-    kernels = ct.custom_kernel_names(text)
+    kernels = hf.custom_kernel_names(text)
     cost = (compiled.cost_analysis() or {}).get("flops", 0.0) * n_devices
     print(f"  model FLOPs {_flop(model)} = weight matmuls {_flop(weights)} + causal attention {_flop(attention)}")
     split = " + ".join(f"{k} {_flop(phases[k])}" for k in ("forward", "backward", "recompute") if k in phases)

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 sys.path.insert(0, ROOT)
 import _compile_rollout as cr  # noqa: E402
 import _compile_targets as ct  # noqa: E402
+import _hlo_flops as hf  # noqa: E402
 
 LAST_LINE = re.compile(r"^fits=(yes|no) peak_gib=(\d+\.\d+) capacity_gib=(\d+\.\d+)$")
 # A 1-layer model with the 0.5B shape's architecture (Qwen2: qkv bias, tied embeddings) and tiny sizes.
@@ -96,7 +97,7 @@ def test_dot_flops_count_loop_bodies_by_trip_count():
     compiled = jax.jit(jax.grad(f)).lower(jax.ShapeDtypeStruct((4, 64, 64), jnp.float32),
                                           jax.ShapeDtypeStruct((32, 64), jnp.float32)).compile()
     # forward, and two matmuls per layer in the backward pass: 3 x layers x 2 x rows x d x d
-    assert ct.dot_flops(compiled.as_text()) == 3 * 4 * 2 * 32 * 64 * 64
+    assert hf.dot_flops(compiled.as_text()) == 3 * 4 * 2 * 32 * 64 * 64
     assert ct.largest_buffers(compiled.as_text(), 1)[0] == (4 * 64 * 64 * 4, "f32[4,64,64]", "argument")
 
 
@@ -123,7 +124,7 @@ MM = 2 * 8 * 16 * 16  # one [8, 16] x [16, 16] matmul
      [(2,), (8, 16), (16, 32)], 2 * (2 * 8 * 16 * 32)),  # the costlier branch
 ])
 def test_dot_flops_of_small_programs(name, fn, shapes, flops):
-    assert ct.dot_flops(_hlo(fn, *shapes)) == flops, name
+    assert hf.dot_flops(_hlo(fn, *shapes)) == flops, name
 
 
 def test_dot_flops_of_a_remat_gradient_by_pass():
@@ -133,12 +134,12 @@ def test_dot_flops_of_a_remat_gradient_by_pass():
     fwd = 2 * 8 * 16 * 32 + 2 * 8 * 32 * 24
     bwd = 2 * 8 * 32 * 24 * 2 + 2 * 8 * 16 * 32  # d(w2), d(h); d(w1) (no d(x): x is not differentiated)
     grad = jax.grad(jax.checkpoint(loss), argnums=(0, 1))  # XLA drops the unused primal forward
-    assert ct.dot_flops_by_phase(_hlo(grad, (16, 32), (32, 24), (8, 16))) == {"recompute": fwd, "backward": bwd}
+    assert hf.dot_flops_by_phase(_hlo(grad, (16, 32), (32, 24), (8, 16))) == {"recompute": fwd, "backward": bwd}
 
     def scanned(w, x):  # remat'd layers in a scan: the backward loop recomputes each layer's forward
         return jax.lax.scan(jax.checkpoint(lambda c, wi: (jnp.tanh(c @ wi), None)), x, w)[0].sum()
 
-    phases = ct.dot_flops_by_phase(_hlo(jax.value_and_grad(scanned), (4, 16, 16), (8, 16)))
+    phases = hf.dot_flops_by_phase(_hlo(jax.value_and_grad(scanned), (4, 16, 16), (8, 16)))
     assert phases == {"forward": 4 * MM, "recompute": 4 * MM, "backward": 2 * 4 * MM}
 
 
@@ -188,14 +189,14 @@ ENTRY %main (a: bf16[64,2,8], b: bf16[2,8,32], x: bf16[64,16,1,1], w: bf16[4,7,8
 def test_dot_flops_of_tpu_style_hlo():
     loop = 8 * 2 * (64 * 32) * (2 * 8)  # 8 trips x 2 x outputs x (window 2 x 8 features)
     transposed = 2 * (64 * 4 * 7 * 8) * 16  # one window tap lands on the 1x1 input: 16 features summed
-    assert ct.dot_flops_by_phase(TPU_HLO) == {"forward": loop, "backward": transposed}
+    assert hf.dot_flops_by_phase(TPU_HLO) == {"forward": loop, "backward": transposed}
 
 
 def test_custom_kernels_are_named():
     line = ('  %splash_mqa_fwd.2.clone = (f32[4,512,128]{2,1,0}, bf16[4,7,4096,128]{3,2,1,0}) custom-call(%a, %b), '
             'custom_call_target="tpu_custom_call", backend_config={}')
     other = '  %custom-call.3 = bf16[8]{0} custom-call(%a), custom_call_target="AllocateBuffer"'
-    assert ct.custom_kernel_names("\n".join([line, other, line])) == ["splash_mqa_fwd", "splash_mqa_fwd"]
+    assert hf.custom_kernel_names("\n".join([line, other, line])) == ["splash_mqa_fwd", "splash_mqa_fwd"]
 
 
 def test_model_flops_by_hand():

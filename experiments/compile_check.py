@@ -17,10 +17,13 @@ config.model.{num_layers, hidden_size, ...} overrides it (e.g. --config.model.nu
 every other config.model key that names a TransformerConfig field (param_dtype, ...) is passed through.
 
 Per program it prints, per device: arguments, outputs, temporaries, what stays resident beside it (the rest of the
-train state, the reference params), the total against the chip's memory, the matmul FLOPs of the compiled HLO
-(loop bodies counted by their trip count) against the model FLOPs (6 x params x tokens for the update, 2 x params x
-tokens for the forward), compile time and the largest buffers. When XLA:TPU refuses with RESOURCE_EXHAUSTED, the
-temporaries it asked for are read from its message. The last line is
+train state, the compute-dtype KL reference), the total against the chip's memory, the model FLOPs (weight matmuls:
+layers on every token, LM head on response tokens; causal attention) and the matmul FLOPs of the compiled HLO (loop
+bodies counted by their trip counts, split into forward / backward / recompute; custom-call kernels such as splash
+attention are opaque and named), compile time and the largest buffers. When XLA:TPU refuses with RESOURCE_EXHAUSTED,
+the temporaries it asked for are read from its message. `--what=rollout` (or `all`) compiles the loop's sampler
+for sub-batches of the round's rows instead (or as well), beside its KV-cache estimate, and prints the largest that
+fits as `rollout.sample_batch_rows=<n>`. The last line is
   fits=yes|no peak_gib=<per device> capacity_gib=<per device>
 and the exit status is 0 whenever the check ran to its verdict (also when it does not fit).
 """

@@ -126,6 +126,25 @@ def count_params(cfg) -> int:
     return cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + cfg.num_layers * layer + d
 
 
+def model_flops(cfg, rows: int, prompt_len: int, response_len: int, *, backward: bool, value: bool = False):
+    """(weight matmul FLOPs, attention FLOPs) of one pass over `rows` sequences of prompt_len + response_len tokens.
+
+    Weights: 2 x (matmul params of the layers: q, k, v, o, gate, up, down) x (all tokens) + 2 x (LM-head params) x
+    (response tokens: the chunked log-prob path multiplies only the positions that predict a response token); the
+    embedding is a gather and counts nothing. Attention: 4 x heads x head_dim x seq^2 per layer and row for the
+    scores and the context, halved by the causal mask (MaxText's and Megatron's convention). With `backward` the
+    forward and the backward count (x 3: the backward multiplies twice per forward matmul, remat excluded). With
+    `value`, GAE's critic (the same layers and a hidden -> 1 head on every token) counts too.
+    """
+    d, hd, seq = cfg.hidden_size, cfg.head_dim_, prompt_len + response_len
+    layer = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * d * cfg.intermediate_size
+    passes, bodies = (3 if backward else 1), (2 if value else 1)
+    weights = 2 * passes * rows * (bodies * cfg.num_layers * layer * seq + cfg.vocab_size * d * response_len
+                                   + (d * seq if value else 0))
+    attention = 2 * passes * rows * bodies * cfg.num_layers * cfg.num_heads * hd * seq**2
+    return float(weights), float(attention)
+
+
 # Architecture fields where config.model's 0 means "take the model's value".
 _ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
 _FROM_HF = _ARCH + ("head_dim", "rope_theta", "rms_norm_eps", "qkv_bias", "qk_norm", "tie_embeddings",
@@ -188,82 +207,6 @@ def largest_buffers(hlo_text: str, k: int = 8) -> list[tuple[int, str, str]]:
             if key not in seen or rank < seen[key][0]:  # one row per shape, under its most telling name
                 seen[key] = (rank, nbytes, label)
     return sorted(((nbytes, key, label) for key, (_, nbytes, label) in seen.items()), reverse=True)[:k]
-
-
-def _contracted(line: str, op: str, comp: str, shapes: dict) -> float:
-    """Elements each output element of a dot (or of a matmul that XLA:TPU writes as a 1x1 convolution) sums over."""
-    lhs_shape = shapes.get((comp, re.search(op + r"\(%([\w.\-]+)", line).group(1)), [])
-    if op == "dot":
-        contract = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line)
-        dims = _dims(contract.group(1)) if contract else []
-    else:  # dim_labels=<lhs>_<rhs>-><out>: the lhs feature dimension 'f' is contracted
-        labels = re.search(r"dim_labels=([0-9a-z]+)_", line)
-        dims = [labels.group(1).index("f")] if labels and "f" in labels.group(1) else []
-    if not lhs_shape or any(d >= len(lhs_shape) for d in dims):
-        return 1.0
-    return float(np.prod([lhs_shape[d] for d in dims]))
-
-
-def _trip_count(while_line: str, comps: dict) -> int:
-    """A while loop's trip count: XLA's `known_trip_count`, else the bound its condition compares against (XLA:TPU
-    writes no backend config for it: the largest integer constant of the condition computation)."""
-    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
-    if known:
-        return int(known.group(1))
-    cond = re.search(r"condition=%([\w.\-]+)", while_line)
-    consts = [int(c) for ln in comps.get(cond.group(1) if cond else "", [])
-              for c in re.findall(r"s32\[\]\S* constant\((\d+)\)", ln)]
-    return max(consts, default=1)
-
-
-def dot_flops(hlo_text: str) -> float:
-    """Matmul FLOPs of compiled HLO text, counting each while loop's body `known_trip_count` times.
-
-    XLA's own cost analysis counts a loop body once, which undercounts micro-batch and layer scans. Every
-    `dot` (and every `convolution`, XLA:TPU's form of a matmul) contributes 2 x (output elements) x (contracted
-    elements of its left operand).
-    """
-    comps, shapes, body, calls = {}, {}, [], {}
-    name = None
-    for line in hlo_text.splitlines():
-        m = _COMP.match(line)
-        if m:
-            name, body = m.group(1), []
-            comps[name], calls[name] = body, []
-            for p, dt, dims in re.findall(r"([\w.\-]+): " + _SHAPE, m.group(2)):
-                shapes[(name, p)] = _dims(dims)
-            if line.startswith("ENTRY"):
-                comps["__entry__"] = name
-            continue
-        if name is None:
-            continue
-        im = _INSTR.match(line)
-        if im:
-            shapes[(name, im.group(1))] = _dims(im.group(3))
-        body.append(line)
-    flops = {}
-    for cname, lines in comps.items():
-        if cname == "__entry__":
-            continue
-        total = 0.0
-        for line in lines:
-            im = _INSTR.match(line)
-            if im and im.group(4) in ("dot", "convolution"):
-                total += 2.0 * float(np.prod(_dims(im.group(3)))) * _contracted(line, im.group(4), cname, shapes)
-            body_of = re.search(r"body=%([\w.\-]+)", line)
-            for callee in re.findall(r"(?:calls|body|to_apply|condition)=%([\w.\-]+)", line):
-                n = _trip_count(line, comps) if body_of and callee == body_of.group(1) else 1
-                calls[cname].append((callee, n))
-            for group in re.findall(r"(?:branch_computations|called_computations)=\{([^}]*)\}", line):
-                calls[cname] += [(c.strip().lstrip("%"), 1) for c in group.split(",")]
-        flops[cname] = total
-
-    def walk(c, depth=0):
-        if depth > 64 or c not in flops:
-            return 0.0
-        return flops[c] + sum(n * walk(callee, depth + 1) for callee, n in calls[c])
-
-    return walk(comps.get("__entry__", ""))
 
 
 def parse_oom(message: str) -> dict:

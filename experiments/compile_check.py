@@ -17,10 +17,13 @@ config.model.{num_layers, hidden_size, ...} overrides it (e.g. --config.model.nu
 every other config.model key that names a TransformerConfig field (param_dtype, ...) is passed through.
 
 Per program it prints, per device: arguments, outputs, temporaries, what stays resident beside it (the rest of the
-train state, the reference params), the total against the chip's memory, the matmul FLOPs of the compiled HLO
-(loop bodies counted by their trip count) against the model FLOPs (6 x params x tokens for the update, 2 x params x
-tokens for the forward), compile time and the largest buffers. When XLA:TPU refuses with RESOURCE_EXHAUSTED, the
-temporaries it asked for are read from its message. The last line is
+train state, the compute-dtype KL reference), the total against the chip's memory, the model FLOPs (weight matmuls:
+layers on every token, LM head on response tokens; causal attention) and the matmul FLOPs of the compiled HLO (loop
+bodies counted by their trip counts, split into forward / backward / recompute; custom-call kernels such as splash
+attention are opaque and named), compile time and the largest buffers. When XLA:TPU refuses with RESOURCE_EXHAUSTED,
+the temporaries it asked for are read from its message. `--what=rollout` (or `all`) compiles the loop's sampler
+for sub-batches of the round's rows instead (or as well), beside its KV-cache estimate, and prints the largest that
+fits as `rollout.sample_batch_rows=<n>`. The last line is
   fits=yes|no peak_gib=<per device> capacity_gib=<per device>
 and the exit status is 0 whenever the check ran to its verdict (also when it does not fit).
 """
@@ -55,13 +58,19 @@ import types  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import _compile_rollout as cr  # noqa: E402
 from experiments import _compile_targets as ct  # noqa: E402
+from experiments import _hlo_flops as hf  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grpo.py:full", "Method config (with overrides).")
 _MODEL = flags.DEFINE_string("model", "Qwen2.5-1.5B", f"Shape name ({', '.join(ct.SHAPES)}) or HF config.json.")
 _TARGET = flags.DEFINE_string("target", "cpu:8", "tpu:<slice or topology> or cpu:<N>.")
 _LAYERS = flags.DEFINE_integer("layers", 0, "Decoder layers (0: the model's); a quick check at reduced depth.")
 _TOP = flags.DEFINE_integer("top", 6, "How many of the largest buffers to list per program.")
+_WHAT = flags.DEFINE_enum("what", "update", ["update", "rollout", "all"],
+                          "update: the update step and the log-prob pass; rollout: the sampler on one sub-batch.")
+_TRIES = flags.DEFINE_integer("rollout_tries", 3, "At most this many rollout sub-batch sizes to compile.")
+_DUMP = flags.DEFINE_string("dump_hlo", "", "Directory to write each compiled program's HLO text into.")
 
 def target_devices(target: ct.Target):
     import jax
@@ -136,7 +145,8 @@ def build(config, mcfg, devices):
     fwd_batch = {k: jax.ShapeDtypeStruct((micro_rows,) + batch[k].shape[1:], batch[k].dtype)
                  for k in ("tokens_NxL", "valid_NxL", "response_mask_NxR")}
     return types.SimpleNamespace(mesh=mesh, step=step, state=state, batch=batch, logps_fn=logps_fn,
-                                 fwd_batch=fwd_batch, micro_rows=micro_rows, loop=loop)
+                                 fwd_batch=fwd_batch, micro_rows=micro_rows, loop=loop, parts=parts,
+                                 shardings=shardings)
 
 
 def compile_program(name, fn, mesh):
@@ -155,6 +165,30 @@ def compile_program(name, fn, mesh):
         refusal["message"] = next((ln for ln in str(e).splitlines() if "RESOURCE_EXHAUSTED" in ln), str(e))[:300]
         print(f"{name}: XLA refused: {refusal['message']}", flush=True)
         return None, time.perf_counter() - t0, refusal
+
+
+def _flop(x: float) -> str:
+    """FLOPs with a unit that keeps a few significant digits (tiny test models print MFLOP, not 0.00 TFLOP)."""
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def print_flops(text, compiled, model_flops, n_devices):
+    """The compiled matmul FLOPs (all devices, per pass) against the model FLOPs (weights, attention)."""
+    weights, attention = model_flops
+    phases = {k: v * n_devices for k, v in hf.dot_flops_by_phase(text).items()}
+    hlo, model = sum(phases.values()), weights + attention
+    kernels = hf.custom_kernel_names(text)
+    cost = (compiled.cost_analysis() or {}).get("flops", 0.0) * n_devices
+    print(f"  model FLOPs {_flop(model)} = weight matmuls {_flop(weights)} + causal attention {_flop(attention)}")
+    split = " + ".join(f"{k} {_flop(phases[k])}" for k in ("forward", "backward", "recompute") if k in phases)
+    print(f"  compiled matmul FLOPs {_flop(hlo)} (all devices; {split or 'none'}) = {hlo / model:.2f} x the model "
+          f"FLOPs, {hlo / weights:.2f} x its weight matmuls; XLA cost analysis (loop bodies once) {_flop(cost)}")
+    if kernels:
+        print(f"  not counted: {len(kernels)} custom-call kernel(s) ({', '.join(sorted(set(kernels)))}), whose FLOPs "
+              "the HLO does not state: where the attention runs in them (splash on TPU), compare the weight figure")
 
 
 def report_program(name, compiled, seconds, refusal, *, args, resident, model_flops, n_devices, top):
@@ -178,13 +212,83 @@ def report_program(name, compiled, seconds, refusal, *, args, resident, model_fl
           f"temporaries {gib(mem.temp)} GiB | code {gib(mem.code)} GiB | resident beside it {gib(resident)} GiB | "
           f"total {gib(need)} GiB per device")
     text = compiled.as_text()
-    hlo = ct.dot_flops(text) * n_devices
-    cost = (compiled.cost_analysis() or {}).get("flops", 0.0) * n_devices
-    print(f"  matmul FLOPs of the compiled HLO {hlo / 1e12:.2f} TFLOP (all devices) = {hlo / model_flops:.2f} x the "
-          f"model FLOPs {model_flops / 1e12:.2f} TFLOP; XLA cost analysis (loop bodies once) {cost / 1e12:.2f} TFLOP")
+    if _DUMP.value:
+        os.makedirs(_DUMP.value, exist_ok=True)
+        with open(os.path.join(_DUMP.value, re.sub(r"\W+", "_", name).strip("_") + ".hlo.txt"), "w") as f:
+            f.write(text)
+    print_flops(text, compiled, model_flops, n_devices)
     for nbytes, shape, op in ct.largest_buffers(text, top):
         print(f"  {nbytes / ct.GIB:8.3f} GiB  {shape}  {op}")
     return need
+
+
+def check_update(b, config, mcfg, n_devices, mem):
+    """Compiles and reports the update step and the log-prob pass; returns (needs, XLA's stated HBM or None)."""
+    from jaxrl_reason.train import preflight
+
+    r = config.rollout
+    rows = b.batch["tokens_NxL"].shape[0]
+    gae = config.advantage.estimator == "gae"
+    step_c, step_s, step_r = compile_program(
+        "update step", lambda: b.loop.compile_update(b.step, b.state, b.batch, b.mesh), b.mesh)
+    needs = [report_program("update step", step_c, step_s, step_r, args=mem.state
+                            + preflight.per_device_bytes(b.batch), resident=mem.ref,
+                            model_flops=ct.model_flops(mcfg, rows, r.max_prompt_len, r.max_new_tokens,
+                                                       backward=True, value=gae), n_devices=n_devices,
+                            top=_TOP.value)]
+    fwd_c, fwd_s, fwd_r = compile_program(
+        "log-prob pass", lambda: b.logps_fn.lower(b.state.params["policy"], b.fwd_batch).compile(), b.mesh)
+    needs.append(report_program("log-prob pass (old / reference)", fwd_c, fwd_s, fwd_r, args=mem.policy,
+                                resident=mem.state - mem.policy + mem.ref,
+                                model_flops=ct.model_flops(mcfg, b.micro_rows, r.max_prompt_len,
+                                                           r.max_new_tokens, backward=False), n_devices=n_devices,
+                                top=_TOP.value))
+    return needs, (step_r or {}).get("hbm_bytes")
+
+
+def check_rollout(b, config, mcfg, capacity, mem):
+    """Compiles the loop's sampler for sub-batches of rows (the configured one, else from the KV-cache estimate)
+    and prints the largest that fits as `rollout.sample_batch_rows=<n>`; returns that sub-batch's need."""
+    import jax.numpy as jnp
+
+    from jaxrl_reason.train.logprobs import COMPUTE_DTYPES
+
+    r = config.rollout
+    total, seq = r.prompts_per_step * r.group_size, r.max_prompt_len + r.max_new_tokens
+    shards = b.mesh.shape["data"] * b.mesh.shape["fsdp"]
+    dtype = jnp.dtype(COMPUTE_DTYPES[config.model.compute_dtype])
+    copy = dtype != jnp.dtype(mcfg.param_dtype)  # the loop samples with a compute-dtype copy of the policy
+    sampler_params = mem.policy * dtype.itemsize / jnp.dtype(mcfg.param_dtype).itemsize
+    resident = mem.state + mem.ref if copy else mem.state - mem.policy + mem.ref
+    cands = cr.candidates(total, r.group_size, shards)
+    if r.sample_batch_rows and r.sample_batch_rows not in cands:
+        cands = sorted(set(cands) | {r.sample_batch_rows}, reverse=True)
+    row_bytes = cr.kv_cache_bytes(mcfg, 1, seq, shards, dtype.itemsize)
+    budget = capacity - resident - sampler_params
+    start = (cands.index(r.sample_batch_rows) if r.sample_batch_rows
+             else cr.start_index(cands, row_bytes, 0.8 * budget))  # 20% beside the cache: logits, activations
+    print(f"\n## rollout: {total} rows ({r.prompts_per_step} prompts x {r.group_size}) of {r.max_prompt_len} + "
+          f"{r.max_new_tokens} tokens, share_prefill={r.share_prefill}, rows over {shards} data x fsdp shards; "
+          f"KV cache {row_bytes * total / ct.GIB:.2f} GiB per device for every row at once; sub-batch "
+          f"candidates {cands[:8]}{' ...' if len(cands) > 8 else ''}")
+    needs = {}
+
+    def compile_rows(n):
+        c, secs, refusal = compile_program(f"rollout {n} rows", lambda: cr.lower_rollout(
+            b.parts, b.state.params["policy"], b.shardings["policy"], n, r.max_prompt_len, dtype).compile(), b.mesh)
+        needs[n] = cr.report(f"rollout sub-batch of {n} rows", c, secs, refusal, args=sampler_params,
+                             resident=resident, kv_bytes=cr.kv_cache_bytes(mcfg, n, seq, shards, dtype.itemsize),
+                             top=_TOP.value)
+        return needs[n] is not None and needs[n] <= capacity
+
+    seen, best = cr.search(compile_rows, cands, start, _TRIES.value)
+    tried = ", ".join(f"{n} rows {'fits' if ok else 'does not fit'}" for n, ok in seen.items())
+    print(f"\nrollout sub-batches compiled: {tried}")
+    if best is None:
+        print(f"rollout: none of the compiled sub-batches fits; try below {min(seen)} rows")
+        return max((v for v in needs.values() if v is not None), default=None)
+    print(f"rollout.sample_batch_rows={best}")
+    return needs[best]
 
 
 def main(argv):
@@ -193,6 +297,7 @@ def main(argv):
     import numpy as np
 
     from jaxrl_reason.train import preflight
+    from jaxrl_reason.train.logprobs import COMPUTE_DTYPES
 
     config, target = _CONFIG.value, ct.parse_target(_TARGET.value)
     name, hf = ct.model_hf_config(_MODEL.value)
@@ -208,24 +313,20 @@ def main(argv):
           f"{_TARGET.value} = {len(devices)} x {devices[0].device_kind}, mesh {dict(b.mesh.shape)}, jax "
           f"{jax.__version__}")
     print(f"   update: {rows} rows x {seq} tokens ({r.max_prompt_len} + {r.max_new_tokens}) in {o.micro_batches} "
-          f"micro-batch(es); log-prob pass: {b.micro_rows} rows in passes of {o.logp_micro_batch_rows or b.micro_rows}; capacity {capacity / ct.GIB:.2f} GiB per device")
-
-    state_bytes = preflight.per_device_bytes(b.state)
-    policy_bytes = preflight.per_device_bytes(b.state.params["policy"])
-    ref_bytes = policy_bytes if config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0 else 0
-    step_c, step_s, step_r = compile_program(
-        "update step", lambda: b.loop.compile_update(b.step, b.state, b.batch, b.mesh), b.mesh)
-    needs = [report_program("update step", step_c, step_s, step_r, args=state_bytes
-                            + preflight.per_device_bytes(b.batch), resident=ref_bytes,
-                            model_flops=6.0 * n_params * rows * seq, n_devices=len(devices), top=_TOP.value)]
-    fwd_c, fwd_s, fwd_r = compile_program(
-        "log-prob pass", lambda: b.logps_fn.lower(b.state.params["policy"], b.fwd_batch).compile(), b.mesh)
-    needs.append(report_program("log-prob pass (old / reference)", fwd_c, fwd_s, fwd_r, args=policy_bytes,
-                                resident=state_bytes - policy_bytes + ref_bytes,
-                                model_flops=2.0 * n_params * b.micro_rows * seq, n_devices=len(devices),
-                                top=_TOP.value))
-    if step_r and step_r.get("hbm_bytes"):
-        capacity = step_r["hbm_bytes"]  # what XLA itself says the chip offers
+          f"micro-batch(es); log-prob pass: {b.micro_rows} rows in passes of {o.logp_micro_batch_rows or b.micro_rows}"
+          f"; capacity {capacity / ct.GIB:.2f} GiB per device")
+    policy = preflight.per_device_bytes(b.state.params["policy"])
+    kl = config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0
+    compute = np.dtype(COMPUTE_DTYPES[config.model.compute_dtype]).itemsize / np.dtype(mcfg.param_dtype).itemsize
+    mem = types.SimpleNamespace(state=preflight.per_device_bytes(b.state), policy=policy,
+                                ref=policy * compute if kl else 0)  # the KL reference is a compute-dtype copy
+    needs = []
+    if _WHAT.value in ("update", "all"):
+        step_needs, hbm = check_update(b, config, mcfg, len(devices), mem)
+        needs += step_needs
+        capacity = hbm or capacity  # what XLA itself says the chip offers
+    if _WHAT.value in ("rollout", "all"):
+        needs.append(check_rollout(b, config, mcfg, capacity, mem))
     known = [n for n in needs if n is not None]
     peak = max(known) if known else float("nan")
     fits = bool(known) and len(known) == len(needs) and peak <= capacity

@@ -7,11 +7,14 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from experiments import _compile_rollout as cr
 from experiments import _compile_targets as ct
+from experiments import _hlo_flops as hf
 from jaxrl_reason.models.hf import config_from_hf
 from jaxrl_reason.models.transformer import Transformer
 
@@ -92,8 +95,120 @@ def test_dot_flops_count_loop_bodies_by_trip_count():
     compiled = jax.jit(jax.grad(f)).lower(jax.ShapeDtypeStruct((4, 64, 64), jnp.float32),
                                           jax.ShapeDtypeStruct((32, 64), jnp.float32)).compile()
     # forward, and two matmuls per layer in the backward pass: 3 x layers x 2 x rows x d x d
-    assert ct.dot_flops(compiled.as_text()) == 3 * 4 * 2 * 32 * 64 * 64
+    assert hf.dot_flops(compiled.as_text()) == 3 * 4 * 2 * 32 * 64 * 64
     assert ct.largest_buffers(compiled.as_text(), 1)[0] == (4 * 64 * 64 * 4, "f32[4,64,64]", "argument")
+
+
+def _hlo(f, *shapes):
+    return jax.jit(f).lower(*[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]).compile().as_text()
+
+
+def _layers(c, w_LxDxD):
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), c, w_LxDxD)[0]
+
+
+MM = 2 * 8 * 16 * 16  # one [8, 16] x [16, 16] matmul
+
+
+@pytest.mark.parametrize("name,fn,shapes,flops", [
+    ("matmul", lambda a, b: a @ b, [(8, 16), (16, 32)], 2 * 8 * 16 * 32),
+    ("batched", lambda a, b: jnp.einsum("bij,bjk->bik", a, b), [(3, 8, 16), (3, 16, 32)], 3 * 2 * 8 * 16 * 32),
+    ("scan of 7", lambda w, x: _layers(x, w), [(7, 16, 16), (8, 16)], 7 * MM),
+    ("scan 3 of scan 5", lambda w, x: jax.lax.scan(lambda c, wo: (_layers(c, wo), None), x, w)[0],
+     [(3, 5, 16, 16), (8, 16)], 15 * MM),
+    ("fori_loop of 6", lambda w, x: jax.lax.fori_loop(0, 6, lambda i, c: jnp.tanh(c @ w), x), [(16, 16), (8, 16)],
+     6 * MM),
+    ("conditional", lambda p, a, b: jax.lax.cond(p.sum() > 0, lambda: (a @ b) @ b.T, lambda: a @ b[:, :16]),
+     [(2,), (8, 16), (16, 32)], 2 * (2 * 8 * 16 * 32)),  # the costlier branch
+])
+def test_dot_flops_of_small_programs(name, fn, shapes, flops):
+    assert hf.dot_flops(_hlo(fn, *shapes)) == flops, name
+
+
+def test_dot_flops_of_a_remat_gradient_by_pass():
+    def loss(w1, w2, x):
+        return jnp.tanh(jnp.tanh(x @ w1) @ w2).sum()
+
+    fwd = 2 * 8 * 16 * 32 + 2 * 8 * 32 * 24
+    bwd = 2 * 8 * 32 * 24 * 2 + 2 * 8 * 16 * 32  # d(w2), d(h); d(w1) (no d(x): x is not differentiated)
+    grad = jax.grad(jax.checkpoint(loss), argnums=(0, 1))  # XLA drops the unused primal forward
+    assert hf.dot_flops_by_phase(_hlo(grad, (16, 32), (32, 24), (8, 16))) == {"recompute": fwd, "backward": bwd}
+
+    def scanned(w, x):  # remat'd layers in a scan: the backward loop recomputes each layer's forward
+        return jax.lax.scan(jax.checkpoint(lambda c, wi: (jnp.tanh(c @ wi), None)), x, w)[0].sum()
+
+    phases = hf.dot_flops_by_phase(_hlo(jax.value_and_grad(scanned), (4, 16, 16), (8, 16)))
+    assert phases == {"forward": 4 * MM, "recompute": 4 * MM, "backward": 2 * 4 * MM}
+
+
+# XLA:TPU's form (hand-written after its compiled text): no known_trip_count, a collective-matmul loop whose
+# counter steps by 2 up to 16 (8 trips) around a matmul written as a convolution with a window of 2 over the
+# contracted axis, and a transposed matmul written as a padded 4x7 window over 1x1 spatial dimensions.
+TPU_HLO = """HloModule tpu_style
+
+%fused_conv (param_0: bf16[64,2,8], param_1: bf16[2,8,32]) -> bf16[64,32,1] {
+  %param_0 = bf16[64,2,8]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %param_1 = bf16[2,8,32]{2,1,0:T(8,128)(2,1)} parameter(1)
+  ROOT %convolution.1 = bf16[64,32,1]{1,0,2:T(8,128)(2,1)} convolution(%param_0, %param_1), window={size=2}, dim_labels=b0f_0io->bf0, metadata={op_name="jit(step)/while/body/dot_general"}
+}
+
+%body (p: (u32[], bf16[64,2,8], bf16[2,8,32])) -> (u32[], bf16[64,2,8], bf16[2,8,32]) {
+  %p = (u32[]{:T(128)}, bf16[64,2,8]{2,1,0}, bf16[2,8,32]{2,1,0}) parameter(0)
+  %constant.2 = u32[]{:T(128)} constant(2)
+  %gte.0 = u32[]{:T(128)} get-tuple-element(%p), index=0
+  %gte.1 = bf16[64,2,8]{2,1,0} get-tuple-element(%p), index=1
+  %gte.2 = bf16[2,8,32]{2,1,0} get-tuple-element(%p), index=2
+  %fusion.1 = bf16[64,32,1]{1,0,2} fusion(%gte.1, %gte.2), kind=kOutput, calls=%fused_conv
+  %add.1 = u32[]{:T(128)} add(%gte.0, %constant.2)
+  ROOT %tuple.1 = (u32[]{:T(128)}, bf16[64,2,8]{2,1,0}, bf16[2,8,32]{2,1,0}) tuple(%add.1, %gte.1, /*index=2*/%gte.2)
+}
+
+%cond (p.1: (u32[], bf16[64,2,8], bf16[2,8,32])) -> pred[] {
+  %constant.16 = u32[]{:T(128)} constant(16)
+  %p.1 = (u32[]{:T(128)}, bf16[64,2,8]{2,1,0}, bf16[2,8,32]{2,1,0}) parameter(0)
+  %gte.3 = u32[]{:T(128)} get-tuple-element(%p.1), index=0
+  ROOT %lt.1 = pred[]{:T(512)} compare(%gte.3, %constant.16), direction=LT
+}
+
+ENTRY %main (a: bf16[64,2,8], b: bf16[2,8,32], x: bf16[64,16,1,1], w: bf16[4,7,8,16]) -> bf16[64,4,7,8] {
+  %a = bf16[64,2,8]{2,1,0} parameter(0)
+  %b = bf16[2,8,32]{2,1,0} parameter(1)
+  %x = bf16[64,16,1,1]{3,2,1,0} parameter(2)
+  %w = bf16[4,7,8,16]{3,2,1,0} parameter(3)
+  %constant.0 = u32[]{:T(128)} constant(0)
+  %copy.0 = u32[]{:T(128)} copy(%constant.0)
+  %tuple.0 = (u32[]{:T(128)}, bf16[64,2,8]{2,1,0}, bf16[2,8,32]{2,1,0}) tuple(%copy.0, %a, %b)
+  %while.1 = (u32[]{:T(128)}, bf16[64,2,8]{2,1,0}, bf16[2,8,32]{2,1,0}) while(%tuple.0), condition=%cond, body=%body
+  ROOT %convolution.2 = bf16[64,4,7,8]{3,0,2,1} convolution(%x, %w), window={size=4x7 pad=3_3x6_6 rhs_reversal=1x1}, dim_labels=bf01_01oi->b01f, metadata={op_name="jit(step)/transpose(jvp())/dot_general"}
+}
+"""
+
+
+def test_dot_flops_of_tpu_style_hlo():
+    loop = 8 * 2 * (64 * 32) * (2 * 8)  # 8 trips x 2 x outputs x (window 2 x 8 features)
+    transposed = 2 * (64 * 4 * 7 * 8) * 16  # one window tap lands on the 1x1 input: 16 features summed
+    assert hf.dot_flops_by_phase(TPU_HLO) == {"forward": loop, "backward": transposed}
+
+
+def test_custom_kernels_are_named():
+    line = ('  %splash_mqa_fwd.2.clone = (f32[4,512,128]{2,1,0}, bf16[4,7,4096,128]{3,2,1,0}) custom-call(%a, %b), '
+            'custom_call_target="tpu_custom_call", backend_config={}')
+    other = '  %custom-call.3 = bf16[8]{0} custom-call(%a), custom_call_target="AllocateBuffer"'
+    assert hf.custom_kernel_names("\n".join([line, other, line])) == ["splash_mqa_fwd", "splash_mqa_fwd"]
+
+
+def test_model_flops_by_hand():
+    cfg = config_from_hf({**ct.SHAPES["Qwen2.5-7B"], "hidden_size": 64, "intermediate_size": 96, "vocab_size": 100,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    hd = 16  # 64 / 4 heads
+    layer = 2 * 64 * (4 * hd) + 2 * 64 * (2 * hd) + 3 * 64 * 96  # q, o; k, v; gate, up, down
+    rows, p, r = 3, 5, 7
+    weights, attention = ct.model_flops(cfg, rows, p, r, backward=False)
+    assert weights == 2 * rows * (2 * layer * (p + r) + 100 * 64 * r)  # the embedding gather counts nothing
+    assert attention == 2 * rows * 2 * 4 * hd * (p + r) ** 2  # 4 x heads x hd x seq^2 / 2 per layer
+    assert ct.model_flops(cfg, rows, p, r, backward=True) == (3 * weights, 3 * attention)
+    w_value, a_value = ct.model_flops(cfg, rows, p, r, backward=False, value=True)
+    assert (w_value - weights, a_value) == (2 * rows * (2 * layer * (p + r) + 64 * (p + r)), 2 * attention)
 
 
 def test_parse_oom():
@@ -103,10 +218,10 @@ def test_parse_oom():
     assert ct.parse_oom("something else") == {}
 
 
-def _run(target):
+def _run(target, args=TINY):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "compile_check.py"),
-                           "--config=configs/grpo.py:full", f"--target={target}", *TINY], cwd=ROOT, env=env,
+                           "--config=configs/grpo.py:full", f"--target={target}", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -117,6 +232,15 @@ def test_script_on_simulated_cpu_devices():
     assert LAST_LINE.match(lines[-1]) and lines[-1].startswith("fits=yes")
     assert "2 x cpu" in out.stdout and "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}" in out.stdout  # full: FSDP over all devices
     assert "### update step" in out.stdout and "### log-prob pass" in out.stdout
+    model = [tuple(map(float, m)) for m in re.findall(
+        r"model FLOPs ([\d.]+) MFLOP = weight matmuls ([\d.]+) MFLOP \+ causal attention ([\d.]+) MFLOP", out.stdout)]
+    hlo = [tuple(map(float, m)) for m in re.findall(r"compiled matmul FLOPs ([\d.]+) MFLOP \(all devices; forward "
+                                                    r"([\d.]+) MFLOP", out.stdout)]
+    assert len(model) == len(hlo) == 2, out.stdout
+    (_, w_upd, a_upd), (_, w_fwd, a_fwd) = model
+    # The log-prob pass is one forward; XLA:CPU's einsum attention computes the whole square (twice the causal count).
+    assert hlo[1][0] == pytest.approx(w_fwd + 2 * a_fwd, rel=1e-3)
+    assert hlo[0][1] == pytest.approx((w_upd + 2 * a_upd) / 3, rel=1e-3)  # the update's forward, same count
 
 
 def test_script_on_a_tpu_topology():
@@ -129,3 +253,48 @@ def test_script_on_a_tpu_topology():
     last = LAST_LINE.match(out.stdout.strip().splitlines()[-1])
     assert last and last.group(1) == "yes" and last.group(3) == "16.00"
     assert "4 x TPU v5 lite" in out.stdout
+
+
+def test_rollout_candidates_and_search():
+    assert cr.candidates(24, 4, 2) == [24, 12, 8, 4]  # multiples of the group (and of the row shards) dividing 24
+    assert cr.candidates(8192, 16, 32)[:3] == [8192, 4096, 2048] and cr.candidates(8192, 16, 32)[-1] == 32
+    assert cr.candidates(48, 6, 4) == [48, 24, 12]  # multiples of lcm(6, 4) = 12
+    cands = [256, 128, 64, 32]
+    assert cr.start_index(cands, 1.0, 100.0) == 2 and cr.start_index(cands, 1.0, 10.0) == 3
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= 100
+
+    assert cr.search(fits, cands, 0, 3) == ({256: False, 128: False, 64: True}, 64)
+    tried.clear()
+    assert cr.search(fits, cands, 3, 3) == ({32: True, 64: True, 128: False}, 64) and tried == [32, 64, 128]
+    assert cr.search(fits, cands, 0, 1) == ({256: False}, None)
+
+
+# Two layers, 4 kv heads of 16, 8 prompts x 4 samples of 16 + 64 tokens (one decode segment) on 8 devices.
+ROLLOUT = ["--model=Qwen2.5-0.5B", "--layers=2", "--config.model.hidden_size=64",
+           "--config.model.intermediate_size=128",
+           "--config.model.num_heads=4", "--config.model.num_kv_heads=4", "--config.model.vocab_size=512",
+           "--config.rollout.prompts_per_step=8", "--config.rollout.group_size=4", "--config.rollout.max_prompt_len=16",
+           "--config.rollout.max_new_tokens=64", "--top=4", "--what=rollout", "--rollout_tries=1"]
+
+
+def test_rollout_compile_on_cpu_devices():
+    out = _run("cpu:8", ROLLOUT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert LAST_LINE.match(lines[-1]) and lines[-1].startswith("fits=yes")
+    assert "rollout.sample_batch_rows=32" in lines and "sub-batch candidates [32, 16, 8]" in out.stdout
+    cfg = config_from_hf({**ct.SHAPES["Qwen2.5-0.5B"], "num_hidden_layers": 2, "hidden_size": 64,
+                          "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+                          "vocab_size": 512})
+    kv = cr.kv_cache_bytes(cfg, 32, 80, 8)  # bf16 K and V of 4 rows per device
+    assert kv == 2 * 2 * 4 * 4 * 16 * 80 * 2
+    # XLA:CPU stores the bf16 cache as float32: the K and the V buffers are each as large as the bf16 estimate.
+    cache = [ln for ln in lines if re.search(r"GiB  f32\[", ln) and np.prod(
+        [int(d) for d in re.search(r"f32\[([0-9,]+)\]", ln).group(1).split(",")]) * 4 == kv]
+    assert len(cache) >= 2, out.stdout
+    ratio = float(re.search(r"\((\d+\.\d+) x the KV cache estimate\)", out.stdout).group(1))
+    assert 2.0 <= ratio <= 8.0  # float32 storage (2x), the cache carried through the loop, logits, activations

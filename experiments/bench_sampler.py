@@ -327,7 +327,7 @@ def group_main(args):
 
 def reshard_main(args):
     from jaxrl_reason.models import sharding as sharding_lib
-    module = _sibling("_bench_reshard")
+    from experiments import _bench_reshard as module
     for name in args.reshard_models:
         module.parse_shape(name)  # a bad shape fails before any model is built
     mesh = sharding_lib.make_mesh(*sharding_lib.resolve_mesh_shape(*args.train_mesh, jax.device_count()))
@@ -338,15 +338,6 @@ def reshard_main(args):
           f"{os.getloadavg()[0]:.1f} at start, jax {jax.__version__}, best of {args.repeats or 5})\n")
     rows = module.reshard_rows(args.reshard_models, mesh, tensors, args.repeats or 5)
     print(_table(rows, list(rows[0])), flush=True)
-
-
-def _sibling(name):
-    """experiments/<name>.py imported as a module (the experiments folder is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 if __name__ == "__main__":

@@ -51,3 +51,32 @@ def test_checkpoint_meta_of_older_runs_is_upgraded():
                    "eval_before": {"pass@1": 0.5}}
     assert registry.upgrade_meta({**old, "hapo_stats": None})["method_state"] == {}
     assert registry.upgrade_meta(new) == new
+
+
+def test_a_method_added_as_the_readme_shows(monkeypatch):
+    """The README's "adding a method" example: a reward shaping with its own section, registered at run time,
+    reaches the rollout's shaping through the recipe and the stage's hp."""
+    from ml_collections import config_dict
+
+    from jaxrl_reason.core import length as length_lib
+    from jaxrl_reason.methods.hooks import Method
+    from jaxrl_reason.train import hparams, rollout
+
+    def brevity(arrays, hp):
+        short = (arrays["score_N"] > 0) & (arrays["length_N"] < hp.max_new_tokens // 2)
+        return arrays["reward_N"] + hp.brevity.bonus * short, {"brevity_frac": float(short.mean())}
+
+    monkeypatch.setitem(length_lib.REWARD_SHAPINGS, "brevity", brevity)
+    method = Method(name="brevity", based_on="grpo", section=lambda c: config_dict.ConfigDict({"bonus": 0.1}),
+                    parts=("brevity",), recipes={"brevity": {"reward.shaping": ("brevity",), "brevity.bonus": 0.1}})
+    monkeypatch.setitem(registry.METHODS, "brevity", method)
+    monkeypatch.setitem(algorithms.RECIPES, "brevity", {**algorithms.RECIPES["grpo"], **method.recipes["brevity"]})
+    config = tiny_config("grpo")
+    algorithms.apply_recipe(config, "brevity")
+    build.validate_config(config)
+    assert config.algorithm == "brevity" and [m.name for m in registry.active(config)] == ["brevity"]
+    half = config.rollout.max_new_tokens // 2
+    reward, metrics = rollout.shape_rewards(np.array([1, 1, 0, 0]), np.array([half - 1, half, 3, half + 5]),
+                                            np.zeros(4, bool), hparams.reward_hp(config))
+    np.testing.assert_allclose(reward, [1.1, 1.0, 0.0, 0.0], rtol=1e-6)
+    assert metrics["brevity_frac"] == 0.25

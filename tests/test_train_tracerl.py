@@ -5,8 +5,6 @@ TraceRL two-stream attention table by brute force, the population z-score by han
 fed straight to the model.
 """
 import functools
-import importlib.util
-import os
 import tempfile
 import types
 
@@ -17,7 +15,6 @@ import optax
 import pytest
 from flax import nnx
 
-from rl_testing import ROOT
 
 from jaxrl_reason.core import diffusion as diff_lib
 from jaxrl_reason.data.tokenizer import build_char_tokenizer
@@ -367,14 +364,12 @@ def test_config_applies_the_recipe_and_the_spec_reads_the_shared_fields():
     from configs import tracerl as cfg_lib
 
     mask_id = _tok().mask_token_id
-    study = importlib.util.spec_from_file_location("repro_tracerl_cfg", os.path.join(ROOT, "experiments",
-                                                                                    "_repro_tracerl.py"))
-    study_mod = importlib.util.module_from_spec(study)
-    study.loader.exec_module(study_mod)
+    from study import tracerl as study_mod
+
     configs = {arg: cfg_lib.get_config(arg) for arg in ("block", "full,value", "block,onestep,paper", "full,paper",
                                                         "block,value,small")}
     configs.update({run: study_mod.rl_config(run, seed=0, rl_steps=2, eval_problems=8, eval_samples=2, sft_dir="x",
-                                             smoke=smoke) for run in study_mod.RUNS for smoke in (False, True)})
+                                             smoke=smoke) for run in study_mod.TRACERL_RUNS for smoke in (False, True)})
     # the official rl_trado.yaml / rl_llada.yaml values every TraceRL run trains with
     official = dict(eps_low=0.2, eps_high=0.2, beta=0.01, adv_eps=1e-6, std_ddof=0, gamma=1.0, lam=1.0,
                     value_clip=0.2, value_coef=1.0)
@@ -410,10 +405,18 @@ def test_config_applies_the_recipe_and_the_spec_reads_the_shared_fields():
     c.model.attention = "block"
     with pytest.raises(ValueError, match="trains with algorithm 'tracerl'"):
         build.validate_config(c)
+    # the autoregressive update batch reads the same switch: population std with std_ddof 0
+    from jaxrl_reason.train import batch as batch_lib
+    from jaxrl_reason.train import hparams
+
     c = grpo.get_config("tiny")
     c.advantage.std_ddof = 0
-    with pytest.raises(ValueError, match="masked-diffusion"):
-        build.validate_config(c)
+    build.validate_config(c)
+    reward_N = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0] * c.rollout.prompts_per_step, np.float32)
+    adv_NxR, _, _ = batch_lib.compute_advantages(hparams.advantage_hp(c), reward_N, np.ones((len(reward_N), 2)))
+    g_BxG = reward_N.reshape(-1, c.rollout.group_size).astype(np.float64)
+    want_BxG = (g_BxG - g_BxG.mean(1, keepdims=True)) / (g_BxG.std(1, ddof=0, keepdims=True) + c.advantage.eps)
+    np.testing.assert_allclose(np.asarray(adv_NxR)[:, 0], want_BxG.reshape(-1), rtol=1e-5)
 
 
 def test_diffusion_parts_run_rl_updates_end_to_end():

@@ -91,9 +91,9 @@ def validate_config(config) -> None:
              "the one-step estimator has no value-model variant; use advantage.estimator 'grpo'.")
     _require(l.mode == "ppo", f"TraceRL's objective is the PPO clip on replayed rows; set loss.mode 'ppo', not "
                               f"{l.mode!r}.")
-    _require(l.dual_clip_c == 0 and l.entropy_coef == 0 and not (l.hapo_adaptive_clip or l.hapo_redistribute),
+    _require(l.dual_clip_c == 0 and l.entropy_coef == 0 and "hapo" not in config,
              "TraceRL's loss has no dual clip, entropy bonus or HAPO terms; set loss.dual_clip_c and "
-             "loss.entropy_coef to 0 and the hapo switches off.")
+             "loss.entropy_coef to 0 and leave out the hapo section.")
     _require(l.kl_coef == 0 and l.kl_in_reward_coef == 0,
              "TraceRL's KL is tracerl.beta against the old policy; set loss.kl_coef and kl_in_reward_coef to 0.")
     _require(l.value_clip >= 0, f"loss.value_clip must be >= 0 (0: unclipped), got {l.value_clip}.")

@@ -27,7 +27,7 @@ from jaxrl_reason.sampling.types import STEP_MAP_PAD
 from jaxrl_reason.train import build
 from jaxrl_reason.train import diffusion_policy as T
 from jaxrl_reason.train.state import init_train_state
-from jaxrl_reason.train.step import make_train_step, split_micro_batches
+from jaxrl_reason.train.step import SUMMED, make_train_step, split_micro_batches
 
 P, R, BS, N, G = 8, 12, 4, 8, 4
 REWARD = np.array([1, 0, 0, 1, 1, 1, 1, 1], np.float32)
@@ -270,9 +270,15 @@ def test_micro_batched_losses_sum_to_the_mini_batch_loss():
         full, metrics = loss(prm, mb)
         np.testing.assert_allclose(sum(parts), float(full), rtol=1e-5, atol=1e-7)
         assert abs(float(full)) > 1e-6 and sum(abs(x) > 0 for x in parts) >= 2
+        # the logged shares (pg_loss, kl, vf_loss, num_rows) of the micro-batches sum to the mini-batch's, as the
+        # step reports them; the others (ratios, fractions) are averaged
+        shares = [loss(prm, jax.tree.map(lambda x, m=m: x[m], micro))[1] for m in range(4)]
+        for key in ("pg_loss", "kl", "vf_loss", "num_rows"):
+            np.testing.assert_allclose(sum(float(s[SUMMED + key]) for s in shares), float(metrics[SUMMED + key]),
+                                       rtol=1e-5, atol=1e-7, err_msg=key)
     # at the old parameters (as in the first update of an RL step): ratio 1, nothing clipped, KL 0
     _, m = loss(params, mb)
-    np.testing.assert_allclose([m["ratio_mean"], m["clip_frac"], m["kl"]], [1.0, 0.0, 0.0], atol=1e-5)
+    np.testing.assert_allclose([m["ratio_mean"], m["clip_frac"], m[SUMMED + "kl"]], [1.0, 0.0, 0.0], atol=1e-5)
 
 
 def test_full_attention_rows_replay_the_llada_sampler():

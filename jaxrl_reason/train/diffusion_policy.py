@@ -52,9 +52,12 @@ from jaxrl_reason.core import diffusion as diff_lib
 from jaxrl_reason.core import tracerl as tr
 from jaxrl_reason.models import attention
 from jaxrl_reason.train.logprobs import LogpSpec, cast_floating, chunked_token_logps
+from jaxrl_reason.train.step import SUMMED
 
 ESTIMATORS = ("trace", "onestep")
 FWD_KEYS = ("prompt_in_WxP", "prompt_mask_WxP", "clean_WxR", "noisy_WxR")
+# Metrics normalized by the mini-batch's row count: each micro-batch reports its share, the step sums the shares.
+_SHARES = ("pg_loss", "kl", "vf_loss", "num_rows")
 LOSS_KEYS = FWD_KEYS + ("target_WxR", "adv_WxR", "logp_old_WxR", "values_old_WxR", "returns_WxR")
 
 
@@ -325,4 +328,4 @@ def tracerl_loss(params: dict, batch: dict, rng, *, spec: TraceSpec, graphdef, v
                                                   batch["target_WxR"], spec.value_clip, spec.value_norm, num_rows)
         loss = loss + spec.value_coef * v_loss
         metrics.update(v_metrics)
-    return loss, metrics
+    return loss, {(SUMMED + k if k in _SHARES else k): v for k, v in metrics.items()}

@@ -1,4 +1,4 @@
-"""DAPO (algorithms.md §1.8): clip-higher 0.2/0.28, dual clip 10, token-mean, zero-variance dynamic sampling,
+"""DAPO: clip-higher 0.2/0.28, dual clip 10, token-mean, zero-variance dynamic sampling,
 signed reward with the soft overlong penalty, no KL.
 
 Launch:

@@ -1,4 +1,4 @@
-"""Dr.GRPO (algorithms.md §1.7): group-mean advantage without std, constant-denominator token sum.
+"""Dr.GRPO: group-mean advantage without std, constant-denominator token sum.
 
 Launch:
   python experiments/train.py --config=configs/dr_grpo.py:tiny --workdir=runs/dr_grpo_tiny

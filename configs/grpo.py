@@ -1,4 +1,4 @@
-"""GRPO (DeepSeekMath; algorithms.md §1.6): group z-scored outcome advantage, PPO clip, seq-mean-token-mean.
+"""GRPO (DeepSeekMath): group z-scored outcome advantage, PPO clip, seq-mean-token-mean.
 
 Launch:
   python experiments/train.py --config=configs/grpo.py:tiny --workdir=runs/grpo_tiny
@@ -7,8 +7,8 @@ Launch:
 
 The `tiny` arg is the README's main job: the shipped supervised warm start (0.8M parameters, arithmetic task,
 ~63% greedy held-out accuracy, still improving under SFT), 60 iterations of 16 prompts x 8 samples, lr 1e-4,
-clip 0.2, no KL (calibration.md's working setting); ~7 s per iteration on a 2-core CPU. Measured results and the
-continued-SFT control: README, "Main-job results".
+clip 0.2, no KL (at this size lr 3e-4 collapses the policy); ~7 s per iteration on a 2-core CPU. Measured results
+and the continued-SFT control: README, "Main-job results".
 """
 from jaxrl_reason.algorithms import apply_recipe
 

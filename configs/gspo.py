@@ -1,4 +1,4 @@
-"""GSPO (algorithms.md §1.9): sequence-level length-normalized ratio, clip 3e-4/4e-4, 4 mini-batches.
+"""GSPO: sequence-level length-normalized ratio, clip 3e-4/4e-4, 4 mini-batches.
 
 Launch:
   python experiments/train.py --config=configs/gspo.py:tiny --workdir=runs/gspo_tiny

@@ -1,4 +1,4 @@
-"""PPO with GAE and a critic (algorithms.md §1.2): value model initialized from the policy, zero-init head.
+"""PPO with GAE and a critic: value model initialized from the policy, zero-init head.
 
 Launch:
   python experiments/train.py --config=configs/ppo.py:tiny --workdir=runs/ppo_tiny

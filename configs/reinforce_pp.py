@@ -1,4 +1,4 @@
-"""REINFORCE++ (algorithms.md §1.10): k1 KL in the token reward, return-to-go, batch whitening, PPO clip.
+"""REINFORCE++: k1 KL in the token reward, return-to-go, batch whitening, PPO clip.
 
 Launch:
   python experiments/train.py --config=configs/reinforce_pp.py:tiny --workdir=runs/reinforce_pp_tiny

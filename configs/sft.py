@@ -8,15 +8,16 @@ problems via another seed):
   python experiments/sft.py --config=configs/sft.py:tiny --config.model.init=sft --config.seed=1 \
       --config.sft.time_budget_s=<RL seconds> --out=runs/sft_control
 
-The recipe is calibration.md's prototype: fresh problems (a shuffled pool of `num_problems`, of which
+The recipe: fresh problems (a shuffled pool of `num_problems`, of which
 `steps * batch_size` are used: no second epoch; small 1-digit levels still
 repeat problems by chance), AdamW at a constant lr after warm-up, no weight decay.
 It stops mid-way (1200 steps: ~63% greedy held-out accuracy, still rising) because RL from such a point improves
-(README). Session 2's warm start (8000 problems seen ~6 times, cosine decay to lr 0, weight decay 0.01) reached
-33% greedy and every RL method LOWERED its accuracy: a memorizing, annealed starting point.
+(README). A warm start on 8000 problems seen ~6 times, with cosine decay to lr 0 and weight decay 0.01, reaches
+33% greedy, and every RL method LOWERS its accuracy: a memorizing, annealed starting point.
 
-The plateaued start of issue 6 (`checkpoints/arith_tiny_sft_plateau`, its build.log beside it; ~85 min on a 2-core
-CPU) continues the shipped one on fresh problems until validation greedy accuracy stops rising:
+The plateaued start (`checkpoints/arith_tiny_sft_plateau`, its build.log beside it; ~85 min on a 2-core CPU), from
+which an RL gain cannot be matched by more SFT, continues the shipped one on fresh problems until validation greedy
+accuracy stops rising:
   python experiments/sft.py --config=configs/sft.py:plateau --out=checkpoints/arith_tiny_sft_plateau
 It stopped at 4500 steps (validation 72% at 500 steps, 87% at 1500, then 85-93% at constant lr; best 92.6% at 3500,
 no 1-point gain in the next 1000 steps): held-out greedy 90.6%, pass@1 85.5% (the shipped start: 63.0% / 45.9%).
@@ -55,7 +56,7 @@ def get_config(arg: str = "tiny") -> config_dict.ConfigDict:
 
 
 def _plateau(c: config_dict.ConfigDict) -> None:
-    """The plateaued warm start (`checkpoints/arith_tiny_sft_plateau`, issue 6): the shipped start trained on
+    """The plateaued warm start (`checkpoints/arith_tiny_sft_plateau`): the shipped start trained on
     until validation greedy accuracy stops rising, on fresh problems (another seed's pool, one pass)."""
     c.model.init, c.model.sft_dir = "sft", "checkpoints/arith_tiny_sft"
     c.seed = 2

@@ -1,8 +1,8 @@
-"""Masked-diffusion supervised warm start (diffusion.md §3.1, §3.3) of the policies that configs/tracerl.py trains.
+"""Masked-diffusion supervised warm start of the policies that configs/tracerl.py trains.
 
 Arg: `<kind>[,<scale>]`, kind `block` (block diffusion, block 4: dLLM-RL's TraDo SFT, i.e. the TraceRL two-stream
-layout, a per-sequence mask ratio ~ U(0.1, 0.9), no 1/t, loss / R; §3.3) or `full` (full attention, LLaDA
-1/t-weighted masked CE with per-sequence answer-length normalisation; §3.1); scale `tiny` (default) | `small`.
+layout, a per-sequence mask ratio ~ U(0.1, 0.9), no 1/t, loss / R) or `full` (full attention, LLaDA
+1/t-weighted masked CE with per-sequence answer-length normalisation); scale `tiny` (default) | `small`.
 SDAR's loss instead: `--config.diffusion.loss_mode=token_mean --config.diffusion.eps=1e-3
 --config.diffusion.t_min=0 --config.diffusion.t_max=1 --config.diffusion.force_one=True` (BD3-LM: also
 `layout=bd3 per_block_t=True`); the 1/t weight makes it much noisier at this size.

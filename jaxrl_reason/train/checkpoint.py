@@ -1,7 +1,7 @@
 """Checkpoints that never lose work: orbax CheckpointManager over a `TrainState` plus JSON meta.
 
-DESIGN.md §1 (`train/checkpoint.py`: params, optimizer, step, rng, data-iterator position) and stack.md §5 (orbax
-0.12.8 v0 API; restore targets need concrete NamedShardings, not AbstractMesh ones).
+Saved: params, optimizer state, step, rng and the data-iterator position. orbax 0.12.8's v0 API (its v1 API is
+still experimental); restore targets need concrete NamedShardings: orbax cannot restore into AbstractMesh ones.
 
 A checkpoint step holds two items: `state`, the TrainState leaves stored as a nested dict keyed by their pytree
 path (`params/kernel`, `opt_state/0/mu/kernel`; the `.value` of nnx Variables is dropped, so params stored as an
@@ -88,7 +88,7 @@ def _name(path: tuple[str, ...]) -> str:
 def abstract_like(state: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
     """ShapeDtypeStruct pytree of `state` with concrete shardings, usable as an orbax restore target.
 
-    stack.md §5 trap: a target built by `nnx.eval_shape` under `jax.set_mesh` carries NamedShardings on an
+    A target built by `nnx.eval_shape` under `jax.set_mesh` carries NamedShardings on an
     AbstractMesh, and orbax cannot restore into those. With `mesh`, every leaf gets `NamedSharding(mesh, spec)` where
     spec is the leaf's own PartitionSpec (replicated `P()` for leaves without a NamedSharding). Without `mesh`, each
     leaf keeps its concrete sharding, a leaf with no sharding goes to the first local device, and a leaf on an
@@ -227,7 +227,7 @@ def _layout_plan(stored: dict, paths: list, abstract: list):
 
 # --------------------------------------------------------------------------------------------- the checkpointer
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` (v0 API, stack.md §5) for a TrainState plus JSON meta.
+    """Thin wrapper over `ocp.CheckpointManager` (v0 API) for a TrainState plus JSON meta.
 
     Args:
         directory: root directory (local path or any epath URL); created on the first save, not before.

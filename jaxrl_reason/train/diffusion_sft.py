@@ -1,22 +1,22 @@
 """Supervised warm start of masked-diffusion policies: full attention (LLaDA) and block diffusion (BD3-LM / SDAR).
 
-diffusion.md §3.1 (full-attention SFT: 1/t-weighted masked CE on the response, prompt never masked, per-sequence
-normalisation by the answer length), §3.3 (block diffusion: two-stream input, per-block or per-sequence t),
-§5.4 / §5.5 (layouts). The same jitted update step as RL and AR SFT (`train/step.py`), a different loss; the loop
-is `train/sft.sft_loop`, shared with AR SFT.
+Full-attention SFT: 1/t-weighted masked CE on the response, prompt never masked, per-sequence normalisation by
+the answer length. Block diffusion: two-stream input, per-block or per-sequence t. The same jitted update step as
+RL and AR SFT (`train/step.py`), a different loss; the loop is `train/sft.sft_loop`, shared with AR SFT.
 
 Layouts (`DiffusionSFTSpec.layout`):
   full     [prompt; x_t] with bidirectional attention (LLaDA), logits of the response slots.
-  bd3      [prompt; x_t ; prompt; x_0] with `bd3_two_stream_mask` over n = P + R (BD3-LM / SDAR, §5.4); blocks are
+  bd3      [prompt; x_t ; prompt; x_0] with `bd3_two_stream_mask` over n = P + R (BD3-LM / SDAR); blocks are
            counted from slot 0, which is response-aligned because P is a multiple of the block size.
-  tracerl  [prompt; x_0 ; x_t] with `tracerl_mask` (dLLM-RL `sft_trado.py`, §5.5): the layout TraceRL trains on.
+  tracerl  [prompt; x_0 ; x_t] with `tracerl_mask` (dLLM-RL `sft_trado.py`): the layout TraceRL trains on.
 Loss modes: `core.diffusion.masked_diffusion_loss` modes `sft` (LLaDA, per-sequence / answer length),
 `token_mean` (SDAR, batch token mean), `semi_ar` and `masked_mean` (dLLM-RL, no 1/t; use t_min=0.1, t_max=0.9,
 eps=0). Denominators are the global counts of the mini-batch (`num_seqs_N`, `num_tokens_N`), so micro-batch
 losses sum to the mini-batch loss.
 
-`pad_to_eos` [design, LLaDA §3.1]: response padding is replaced by EOS and trained like the answer, so a
-full-attention model learns to fill the slots after its answer (our samplers decode every response slot).
+`pad_to_eos` (LLaDA's SFT also trains the EOS padding): response padding is replaced by EOS and trained like the
+answer, so a full-attention model learns to fill the slots after its answer (our samplers decode every response
+slot).
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def sft_inputs(spec: DiffusionSFTSpec, batch: dict, xt_NxR):
 
 
 def sft_loss_given_noise(params, batch: dict, xt_NxR, masked_NxR, p, *, graphdef, spec: DiffusionSFTSpec):
-    """Masked-diffusion SFT loss for a given forward-process draw (diffusion.md §3.1, §3.3). Returns a scalar."""
+    """Masked-diffusion SFT loss for a given forward-process draw. Returns a scalar."""
     model = nnx.merge(graphdef, params)
     tokens, pos, mask, (lo, hi) = sft_inputs(spec, batch, xt_NxR)
     h, _ = model.hidden(tokens, pos, mask)

@@ -50,7 +50,7 @@ def evaluate(
     key,
     count_fn: Callable[[str], int] | None = None,
 ) -> dict:
-    """Accuracy metrics on `examples` (algorithms.md eval protocols: mean pass@1 over k samples).
+    """Accuracy metrics on `examples` (mean pass@1 over k samples, the number the method papers report).
 
     Returns a flat dict: pass@1 (mean over the k samples), pass@k, maj@k (majority vote over the final answers),
     greedy accuracy (if `greedy_fn`), mean response length and truncation rate of the samples, the mean of

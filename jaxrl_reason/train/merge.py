@@ -1,4 +1,4 @@
-"""DLER update-selective weight merging (algorithms.md §2.2 item 7, arXiv 2510.15110).
+"""DLER update-selective weight merging (arXiv 2510.15110).
 
     Δ = θ_tuned − θ_base ;  mask = top-`top_frac` of |Δ| ;  θ_merge = θ_base + scale · (mask ⊙ Δ)
 
@@ -124,7 +124,7 @@ def selection_mask(base_params, tuned_params, top_frac: float = 0.25, granularit
 def update_selective_merge(base_params, tuned_params, top_frac: float = 0.25, scale: float = 0.7,
                            granularity: str = "tensor", include: Optional[Callable[[str], bool]] = None,
                            excluded: str = "base"):
-    """θ = base + scale · (mask ⊙ (tuned − base)) on any pytree of arrays (algorithms.md §2.2.7).
+    """θ = base + scale · (mask ⊙ (tuned − base)) on any pytree of arrays.
 
     Arithmetic in float32, result cast to each base leaf's dtype. `include(path)` gets 'a/b/0/c' paths;
     leaves it rejects (and non-float leaves) become `excluded` = "base" or "tuned". DLER: top_frac 0.25, scale 0.7.

@@ -1,4 +1,4 @@
-"""Metric logging: (sum, count) reduction, JSONL + TensorBoard writers, a progress bar (DESIGN.md §1 train/metrics.py).
+"""Metric logging: (sum, count) reduction, JSONL + TensorBoard writers, a progress bar.
 
 `reduce_metrics` / `MeanAccumulator` turn per-micro-batch metrics into means over the whole step with explicit
 (sum, count) bookkeeping, so a token-level metric weighted by token counts and a sequence-level one weighted by

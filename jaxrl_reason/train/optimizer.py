@@ -1,7 +1,7 @@
 """Optax chains used by RL and SFT: global-norm clipping, AdamW, a warm-up + constant/cosine schedule.
 
-The defaults of the method recipes (algorithms.md §1.11, §2.3, §4.7: AdamW, grad clip 1.0, 10 warm-up steps,
-weight decay 0.01–0.1) are set in `configs/`; this module only assembles them.
+The defaults of the method recipes (AdamW, grad clip 1.0, 10 warm-up steps, weight decay 0.01–0.1, as the
+papers publish them) are set in `configs/`; this module only assembles them.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training state: one pytree that the jitted update step consumes and returns (DESIGN.md §1, §2).
+"""The training state: one pytree that the jitted update step consumes and returns.
 
 Everything that must survive a preemption lives here and nowhere else, so a checkpoint of a `TrainState` plus the
 host-side data position is a complete snapshot of a run. Frozen things (the reference policy for KL) are not part
@@ -31,7 +31,11 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """Builds the initial state; call it under `jax.set_mesh(mesh)` when params are sharded (stack.md §3)."""
+    """Builds the initial state; call it under `jax.set_mesh(mesh)` when params are sharded.
+
+    Outside a mesh, `tx.init` puts optax's scalar `count` on one device and the sharded update step then fails
+    with "incompatible devices".
+    """
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

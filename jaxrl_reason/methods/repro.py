@@ -253,10 +253,10 @@ def make_repro_advantage_fn(graphdef: nnx.GraphDef, tokenizer, *, alpha: float, 
                             spec: LogpSpec = LogpSpec(), param_shardings=None, **kwargs) -> Callable:
     """The loop's hook: `fn(rows, policy_params) -> (alpha * process_adv_NxR, metrics)`.
 
-    `rows` (`train.contracts.Rows`) carry the gold answers as `answer_N` ([N] strings). `delimiter` / `think_end` are text,
-    tokenized once here (`think_end=""`: the whole response is thinking). `spec`, `query_sharding`,
-    `param_shardings`: as in `make_answer_scorer`. `**kwargs` go to
-    `process_advantage_for_rows` (w_on, max_answer_tokens, chunk_size, the [INFERRED] switches).
+    `rows` (`train.contracts.Rows`) carry the gold answers as `answer_N` ([N] strings). `delimiter` /
+    `think_end` are text, tokenized once here (`think_end=""`: the whole response is thinking). `spec`,
+    `query_sharding`, `param_shardings`: as in `make_answer_scorer`. `**kwargs` go to `process_advantage_for_rows`
+    (w_on, max_answer_tokens, chunk_size, the [INFERRED] switches).
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0 to use REPRO, got {alpha}.")

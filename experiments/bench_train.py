@@ -145,20 +145,22 @@ def shape_config(shape: str, dtype: str):
     return dataclasses.replace(cfg, **changes)
 
 
-def synthetic_batch(case: UpdateCase, seed: int = 0, vocab: int | None = None) -> dict:
-    """A full-length RL mini-batch in the layout of `train/objectives.py` (every token valid, random values)."""
+def synthetic_batch(case: UpdateCase, seed: int = 0, vocab: int | None = None):
+    """A full-length RL mini-batch (`train.contracts.UpdateBatch`; every token valid, random values)."""
+    from jaxrl_reason.train.contracts import UpdateBatch
+
     rng = np.random.default_rng(seed)
     n, r, seq = case.rows, case.response_len, case.prompt_len + case.response_len
     vocab = vocab or case.vocab
-    return {
-        "tokens_NxL": rng.integers(0, vocab, (n, seq)).astype(np.int32),
-        "valid_NxL": np.ones((n, seq), bool),
-        "response_mask_NxR": np.ones((n, r), np.float32),
-        "logp_old_NxR": (-np.log(vocab) + 0.1 * rng.normal(size=(n, r))).astype(np.float32),
-        "adv_NxR": rng.normal(size=(n, r)).astype(np.float32),
-        "num_tokens_N": np.full((n,), n * r, np.float32),
-        "num_seqs_N": np.full((n,), n, np.float32),
-    }
+    return UpdateBatch(
+        tokens_NxL=rng.integers(0, vocab, (n, seq)).astype(np.int32),
+        valid_NxL=np.ones((n, seq), bool),
+        response_mask_NxR=np.ones((n, r), np.float32),
+        logp_old_NxR=(-np.log(vocab) + 0.1 * rng.normal(size=(n, r))).astype(np.float32),
+        adv_NxR=rng.normal(size=(n, r)).astype(np.float32),
+        num_tokens_N=np.full((n,), n * r, np.float32),
+        num_seqs_N=np.full((n,), n, np.float32),
+    )
 
 
 def bench_update(case: UpdateCase, steps: int = 3, seed: int = 0) -> dict:

@@ -142,8 +142,8 @@ def build(config, mcfg, devices):
         graphdef, value_graphdef, spec=policy_lib.logp_spec(config), micro_batch_rows=o.logp_micro_batch_rows,
         **policy_lib.forward_shardings(config, mesh, shardings))[0]
     micro_rows = config.rollout.prompts_per_step * config.rollout.group_size  # the whole rollout batch
-    fwd_batch = {k: jax.ShapeDtypeStruct((micro_rows,) + batch[k].shape[1:], batch[k].dtype)
-                 for k in ("tokens_NxL", "valid_NxL", "response_mask_NxR")}
+    fwd_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((micro_rows,) + x.shape[1:], x.dtype),
+                             batch.model_inputs())
     return types.SimpleNamespace(mesh=mesh, step=step, state=state, batch=batch, logps_fn=logps_fn,
                                  fwd_batch=fwd_batch, micro_rows=micro_rows, loop=loop, parts=parts,
                                  shardings=shardings)
@@ -227,7 +227,7 @@ def check_update(b, config, mcfg, n_devices, mem):
     from jaxrl_reason.train import preflight
 
     r = config.rollout
-    rows = b.batch["tokens_NxL"].shape[0]
+    rows = b.batch.tokens_NxL.shape[0]
     gae = config.advantage.estimator == "gae"
     step_c, step_s, step_r = compile_program(
         "update step", lambda: b.loop.compile_update(b.step, b.state, b.batch, b.mesh), b.mesh)
@@ -307,7 +307,7 @@ def main(argv):
     r, o = config.rollout, config.optim
     seq = r.max_prompt_len + r.max_new_tokens
     n_params = ct.count_params(mcfg)
-    rows = b.batch["tokens_NxL"].shape[0]
+    rows = b.batch.tokens_NxL.shape[0]
     capacity = capacity_bytes(target, devices)
     print(f"## compile check: {name} ({n_params / 1e9:.3f}B params, {mcfg.num_layers} layers, {mcfg.param_dtype}) on "
           f"{_TARGET.value} = {len(devices)} x {devices[0].device_kind}, mesh {dict(b.mesh.shape)}, jax "

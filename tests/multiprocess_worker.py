@@ -99,6 +99,8 @@ def synthetic_batch(step: int, rows: int = 16, prompt_len: int = 4, resp_len: in
     """
     import numpy as np
 
+    from jaxrl_reason.train.contracts import UpdateBatch
+
     rng = np.random.default_rng([1234, step])
     n_prompt = rng.integers(1, prompt_len + 1, rows)
     n_resp = rng.integers(1, resp_len + 1, rows)
@@ -108,32 +110,32 @@ def synthetic_batch(step: int, rows: int = 16, prompt_len: int = 4, resp_len: in
     tokens = np.where(valid, rng.integers(1, vocab, (rows, prompt_len + resp_len)), 0).astype(np.int32)
     base = -np.log(vocab)
     adv = np.repeat(rng.normal(size=(rows, 1)), resp_len, axis=1) * resp_mask
-    return {
-        "tokens_NxL": tokens,
-        "valid_NxL": valid,
-        "response_mask_NxR": resp_mask.astype(np.float32),
-        "logp_old_NxR": (base + 0.3 * rng.normal(size=(rows, resp_len))).astype(np.float32),
-        "logp_ref_NxR": (base + 0.3 * rng.normal(size=(rows, resp_len))).astype(np.float32),
-        "adv_NxR": adv.astype(np.float32),
-        "num_tokens_N": np.full((rows,), max(resp_mask.sum(), 1), np.float32),
-        "num_seqs_N": np.full((rows,), rows, np.float32),
-    }
+    return UpdateBatch(
+        tokens_NxL=tokens,
+        valid_NxL=valid,
+        response_mask_NxR=resp_mask.astype(np.float32),
+        logp_old_NxR=(base + 0.3 * rng.normal(size=(rows, resp_len))).astype(np.float32),
+        logp_ref_NxR=(base + 0.3 * rng.normal(size=(rows, resp_len))).astype(np.float32),
+        adv_NxR=adv.astype(np.float32),
+        num_tokens_N=np.full((rows,), max(resp_mask.sum(), 1), np.float32),
+        num_seqs_N=np.full((rows,), rows, np.float32),
+    )
 
 
-def global_batch(jax, batch: dict, sharding) -> dict:
+def global_batch(jax, batch, sharding):
     """Host batch -> global arrays: each process hands over only the rows its devices hold.
 
     `make_array_from_process_local_data` is what a real multi-host loader does (every host loads its slice of the
     prompts); the local slice is read off the sharding, so this works for any mesh layout whose per-process rows
     are contiguous (rows over ('data', 'fsdp') with the data axis across processes).
     """
-    out = {}
-    for k, x in batch.items():
+    def place(x):
         sh = jax.sharding.NamedSharding(sharding.mesh, jax.P(sharding.spec[0], *([None] * (x.ndim - 1))))
         rows = [idx[0] for idx in sh.addressable_devices_indices_map(x.shape).values()]
         local = x[min(r.start or 0 for r in rows):max(x.shape[0] if r.stop is None else r.stop for r in rows)]
-        out[k] = jax.make_array_from_process_local_data(sh, local, x.shape)
-    return out
+        return jax.make_array_from_process_local_data(sh, local, x.shape)
+
+    return jax.tree.map(place, batch)
 
 
 def build_state(jax, mesh, tx, unsharded: bool):
@@ -192,7 +194,7 @@ def run(args) -> None:
     metrics = []
     for s in range(args.steps):
         host = synthetic_batch(s)
-        batch = {k: jax.numpy.asarray(v) for k, v in host.items()} if args.unsharded else \
+        batch = jax.tree.map(jax.numpy.asarray, host) if args.unsharded else \
             global_batch(jax, host, batch_sh)
         state, m = step_fn(state, batch)
         metrics.append({k: float(np.asarray(v.addressable_data(0))) for k, v in m.items()})

@@ -199,7 +199,7 @@ def test_bench_update_and_iteration_split():
     bt = _load("bench_train")
     case = bt.UpdateCase("t", hidden=16, layers=1, heads=2, mlp=32, rows=4, prompt_len=3, response_len=5)
     batch = bt.synthetic_batch(case)
-    assert batch["tokens_NxL"].shape == (4, 8) and batch["adv_NxR"].shape == (4, 5)
+    assert batch.tokens_NxL.shape == (4, 8) and batch.adv_NxR.shape == (4, 5)
     r = bt.bench_update(case, steps=1)
     assert r["step_s"] > 0 and np.isfinite(r["loss"]) and r["tokens"] == 32
     assert r["params"] == r["matmul_params"] + 32 * 16 + 3 * 16  # + embedding + two block norms + final norm

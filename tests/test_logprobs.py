@@ -12,6 +12,7 @@ from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import logprobs as lp
+from jaxrl_reason.train.contracts import UpdateBatch
 from jaxrl_reason.train.optimizer import make_optimizer
 
 
@@ -92,15 +93,15 @@ def model_and_batch():
     resp_mask = np.ones((n, r), bool)
     resp_mask[1, 3:] = False
     resp_mask[5] = False  # an empty (padding) row
-    batch = {"tokens_NxL": rng.integers(0, CFG.vocab_size, (n, p + r)).astype(np.int32),
-             "valid_NxL": np.concatenate([prompt_mask, resp_mask], 1),
-             "response_mask_NxR": resp_mask.astype(np.float32)}
+    batch = UpdateBatch(tokens_NxL=rng.integers(0, CFG.vocab_size, (n, p + r)).astype(np.int32),
+                        valid_NxL=np.concatenate([prompt_mask, resp_mask], 1),
+                        response_mask_NxR=resp_mask.astype(np.float32))
     return model, batch
 
 
 def _plain_ar_logps(model, batch):
     tokens, pos, mask = lp.causal_forward_inputs(batch)
-    r = batch["response_mask_NxR"].shape[1]
+    r = batch.response_mask_NxR.shape[1]
     logits, _ = model(tokens, pos, mask)
     return lp.token_logps(logits[:, -r - 1:-1], tokens[:, -r:])
 
@@ -122,7 +123,7 @@ def test_bf16_compute_keeps_float32_gradients(model_and_batch):
     spec = lp.LogpSpec(logits_chunk=16, compute_dtype="bfloat16")
     def loss(p, spec):
         logp, _ = lp.ar_logps(graphdef, p, batch, spec)
-        return jnp.sum(logp * batch["response_mask_NxR"]), logp
+        return jnp.sum(logp * batch.response_mask_NxR), logp
 
     (_, logp16), grads = jax.jit(jax.value_and_grad(lambda p: loss(p, spec), has_aux=True))(params)
     assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}

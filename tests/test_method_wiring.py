@@ -28,6 +28,7 @@ from jaxrl_reason.core import length as length_core
 from jaxrl_reason.core import policy_loss as pl_core
 from jaxrl_reason.methods import registry as methods
 from jaxrl_reason.train import batch as batch_lib
+from jaxrl_reason.train.contracts import Rows, UpdateBatch
 from jaxrl_reason.train import hparams, rollout
 from jaxrl_reason.train.objectives import rl_loss
 
@@ -278,7 +279,7 @@ def test_method_config_reaches_the_named_core_functions(module, arg, monkeypatch
         want_shaping.add("dler_truncation_reward")
     assert {k for k, c in shaping.items() if c} == want_shaping
 
-    rollout.group_filter({"score_N": x["score_N"], "length_N": x["length_N"]}, filter_hp)
+    rollout.group_filter(Rows(*(None,) * 12).replace(score_N=x["score_N"], length_N=x["length_N"]), filter_hp)
     called = {k for k, c in flt.items() if c}
     want = set() if config.filter.kind == "none" else {config.filter.kind}
     assert want <= called and called - want <= {"zero_variance"}, called  # LSPO first drops std-0 groups
@@ -292,9 +293,10 @@ def test_method_config_reaches_the_named_core_functions(module, arg, monkeypatch
     assert sorted(k for k, c in est.items() if c) == [config.advantage.estimator]
 
     mask = x["mask_NxR"]
-    batch = {"response_mask_NxR": jnp.asarray(mask), "logp_old_NxR": jnp.asarray(x["logp_old_NxR"]),
-             "logp_ref_NxR": jnp.asarray(x["logp_ref_NxR"]), "adv_NxR": jnp.asarray(adv),
-             "num_tokens_N": jnp.full((2 * G,), mask.sum()), "num_seqs_N": jnp.full((2 * G,), 2.0 * G)}
+    batch = UpdateBatch(tokens_NxL=None, valid_NxL=None, response_mask_NxR=jnp.asarray(mask),
+                        logp_old_NxR=jnp.asarray(x["logp_old_NxR"]), logp_ref_NxR=jnp.asarray(x["logp_ref_NxR"]),
+                        adv_NxR=jnp.asarray(adv), num_tokens_N=jnp.full((2 * G,), mask.sum()),
+                        num_seqs_N=jnp.full((2 * G,), 2.0 * G))
     params = {"policy": {"logp": jnp.asarray(x["logp_NxR"]), "ent": jnp.asarray(x["entropy_NxR"])}}
     loss_hp = hparams.freeze({**loss_hp.to_dict(), "value_coef": 0.0})
     rl_loss(params, batch, None, hp=loss_hp, hooks=methods.policy_hooks(config), policy_graphdef=None,

@@ -16,6 +16,7 @@ from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import build, loop
 from jaxrl_reason.train import mismatch
+from jaxrl_reason.train.contracts import Rows, UpdateBatch
 from jaxrl_reason.train.exact_sampler import make_exact_generate_fn
 from jaxrl_reason.train.logprobs import LogpSpec
 from jaxrl_reason.train.metrics import read_metrics
@@ -50,10 +51,19 @@ def _forward(graphdef, spec, micro_batch_rows):
 
 def _trainer_logps(graphdef, params, ro, spec, micro_batch_rows=0):
     """The old log-prob pass of the RL loop (train/batch.py) on a rollout's rows."""
-    rows = {"prompt_tokens": np.asarray(ro.prompt_tokens_BxP), "prompt_mask": np.asarray(ro.prompt_mask_BxP),
-            "tokens": np.asarray(ro.tokens_BxR), "response_mask": np.asarray(ro.response_mask_BxR)}
     logps = _forward(graphdef, spec, micro_batch_rows)
-    return tuple(np.asarray(x) for x in logps(params, batch_lib.model_inputs(rows)))
+    return tuple(np.asarray(x) for x in logps(params, batch_lib.model_inputs(_rows(ro))))
+
+
+def _rows(ro):
+    """Rollout rows of a sampler's output (no scores: these tests read tokens and log-probs only)."""
+    n = np.shape(ro.tokens_BxR)[0]
+    return Rows(prompt_tokens_NxP=np.asarray(ro.prompt_tokens_BxP), prompt_mask_NxP=np.asarray(ro.prompt_mask_BxP),
+                tokens_NxR=np.asarray(ro.tokens_BxR), response_mask_NxR=np.asarray(ro.response_mask_BxR),
+                logp_sampler_NxR=np.asarray(ro.logp_BxR), logp_sampler_raw_NxR=np.asarray(ro.logp_raw_BxR),
+                entropy_NxR=np.asarray(ro.entropy_BxR), length_N=np.asarray(ro.length_B),
+                truncated_N=np.asarray(ro.truncated_B), score_N=np.zeros(n, np.float32),
+                example_index_N=np.arange(n), answer_N=np.full(n, ""))
 
 
 @pytest.mark.parametrize("spec", [LogpSpec(), LogpSpec(logits_chunk=40, vocab_chunk=24)])
@@ -105,15 +115,15 @@ def test_batch_terms_metrics_and_weights():
     mask[3, 2:] = 0
     sampler = -rng.uniform(0.5, 2.0, (4, 5)).astype(np.float32)
     old = sampler + np.float32(0.1) * rng.normal(size=(4, 5)).astype(np.float32)
-    rows = {"logp_sampler_raw": sampler}
-    assert mismatch.batch_terms(rows, old, mask, mismatch.MismatchConfig()) == ({}, {})
+    rows = Rows(*(np.zeros((4, 1)),) * 12).replace(logp_sampler_raw_NxR=sampler)
+    assert mismatch.batch_terms(rows, old, mask, mismatch.MismatchConfig()) == (None, {})
     extra, metrics = mismatch.batch_terms(rows, old, mask, mismatch.MismatchConfig(log=True))
-    assert extra == {} and metrics["rollout/mismatch_kl"] == pytest.approx(float(((sampler - old) * mask).sum()
+    assert extra is None and metrics["rollout/mismatch_kl"] == pytest.approx(float(((sampler - old) * mask).sum()
                                                                                   / mask.sum()), rel=1e-5)
     assert metrics["rollout/max_ratio"] == pytest.approx(float(np.exp(old - sampler)[mask > 0].max()), rel=1e-5)
     extra, metrics = mismatch.batch_terms(rows, old, mask, mismatch.MismatchConfig("token_tis", cap=1.05))
     want = np.minimum(np.exp(old - sampler), 1.05) * mask
-    np.testing.assert_allclose(np.asarray(extra["is_weight_NxR"]), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(extra), want, rtol=1e-5)
     assert metrics["rollout/frac_over_cap"] == pytest.approx(float((np.exp(old - sampler) > 1.05)[mask > 0].mean()))
 
 
@@ -124,11 +134,11 @@ def test_policy_term_multiplies_per_token_loss_by_the_weights():
     mask = (rng.uniform(size=(n, r)) > 0.2).astype(np.float32)
     adv = rng.normal(size=(n, r)).astype(np.float32)
     w = rng.uniform(0.0, 2.0, (n, r)).astype(np.float32)
-    batch = {"response_mask_NxR": mask, "adv_NxR": adv, "logp_old_NxR": logp,
-             "num_tokens_N": np.full((n,), mask.sum(), np.float32), "num_seqs_N": np.full((n,), n, np.float32)}
+    batch = UpdateBatch(tokens_NxL=None, valid_NxL=None, response_mask_NxR=mask, adv_NxR=adv, logp_old_NxR=logp,
+                        num_tokens_N=np.full((n,), mask.sum(), np.float32), num_seqs_N=np.full((n,), n, np.float32))
     cfg = loss_hp(mode="ppo")
     plain, _ = policy_term(cfg, logp, None, batch)
-    weighted, _ = policy_term(cfg, logp, None, {**batch, "is_weight_NxR": w})
+    weighted, _ = policy_term(cfg, logp, None, batch.replace(is_weight_NxR=w))
     # on-policy (ratio 1) the PPO per-token loss is -A: the weighted token-mean is sum(-A w m) / sum(m)
     assert float(plain) == pytest.approx(float((-adv * mask).sum() / mask.sum()), rel=1e-5)
     assert float(weighted) == pytest.approx(float((-adv * w * mask).sum() / mask.sum()), rel=1e-5)
@@ -143,13 +153,13 @@ def test_every_weighted_loss_is_linear_in_the_weights(mode):
     logp_old = -rng.uniform(0.5, 2.0, (n, r)).astype(np.float32)
     logp = logp_old + np.float32(0.05) * rng.normal(size=(n, r)).astype(np.float32)
     mask = (rng.uniform(size=(n, r)) > 0.2).astype(np.float32)
-    batch = {"response_mask_NxR": mask, "adv_NxR": rng.normal(size=(n, r)).astype(np.float32),
-             "logp_old_NxR": logp_old, "num_tokens_N": np.full((n,), mask.sum(), np.float32),
-             "num_seqs_N": np.full((n,), n, np.float32)}
+    batch = UpdateBatch(tokens_NxL=None, valid_NxL=None, response_mask_NxR=mask,
+                        adv_NxR=rng.normal(size=(n, r)).astype(np.float32), logp_old_NxR=logp_old,
+                        num_tokens_N=np.full((n,), mask.sum(), np.float32), num_seqs_N=np.full((n,), n, np.float32))
     cfg, key = loss_hp(mode=mode, clip_cov_ratio=0.2, kl_cov_ratio=0.2), jax.random.PRNGKey(0)
     plain = float(policy_term(cfg, logp, None, batch, key)[0])
-    ones = float(policy_term(cfg, logp, None, {**batch, "is_weight_NxR": np.ones_like(mask)}, key)[0])
-    twos = float(policy_term(cfg, logp, None, {**batch, "is_weight_NxR": 2 * np.ones_like(mask)}, key)[0])
+    ones = float(policy_term(cfg, logp, None, batch.replace(is_weight_NxR=np.ones_like(mask)), key)[0])
+    twos = float(policy_term(cfg, logp, None, batch.replace(is_weight_NxR=2 * np.ones_like(mask)), key)[0])
     assert plain != 0.0 and ones == pytest.approx(plain, rel=1e-6) and twos == pytest.approx(2 * plain, rel=1e-5)
 
 

@@ -18,6 +18,7 @@ from rl_testing import loss_hp
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.models.value import ValueModel
 from jaxrl_reason.train import step as step_lib
+from jaxrl_reason.train.contracts import UpdateBatch
 from jaxrl_reason.train.objectives import ar_logps, ar_values, rl_loss
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import SUMMED
@@ -55,7 +56,7 @@ def _batch():
         "num_tokens_N": np.full((N,), mask.sum(), np.float32),
         "num_seqs_N": np.full((N,), (mask.sum(-1) > 0).sum(), np.float32),
     }
-    return {k: jnp.asarray(v) for k, v in batch.items()}
+    return UpdateBatch(**{k: jnp.asarray(v) for k, v in batch.items()})
 
 
 def _cfg(agg, mode="ppo", value_coef=0.5):
@@ -73,9 +74,9 @@ TERMS = ("pg_loss", "kl_loss", "entropy", "vf_loss")
 
 def _numpy_value_loss(vg, value_params, batch):
     """0.5 token-mean of max((v - R)^2, (clip(v, v_old -+ 0.2) - R)^2) over the response tokens."""
-    mask = np.asarray(batch["response_mask_NxR"])
+    mask = np.asarray(batch.response_mask_NxR)
     v = np.asarray(ar_values(vg, value_params, batch))
-    v_old, ret = np.asarray(batch["values_old_NxR"]), np.asarray(batch["returns_NxR"])
+    v_old, ret = np.asarray(batch.values_old_NxR), np.asarray(batch.returns_NxR)
     per_tok = np.maximum((v - ret) ** 2, (np.clip(v, v_old - 0.2, v_old + 0.2) - ret) ** 2)
     return 0.5 * np.sum(per_tok * mask) / mask.sum()
 
@@ -143,14 +144,15 @@ def test_micro_batches_draw_distinct_keys():
 
 def _hand_batch():
     mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0]], np.float32)
-    return {
-        "response_mask_NxR": jnp.asarray(mask),
-        "logp_old_NxR": jnp.full((2, 4), -1.0),
-        "logp_ref_NxR": jnp.asarray([[-1.5, -1.0, -0.5, 0.0], [-2.0, 0.0, 0.0, 0.0]]),
-        "adv_NxR": jnp.asarray([[1.0, 1.0, 1.0, 0.0], [-2.0, 0.0, 0.0, 0.0]]),
-        "num_tokens_N": jnp.full((2,), 4.0),
-        "num_seqs_N": jnp.full((2,), 2.0),
-    }
+    return UpdateBatch(  # no tokens: the losses here take stand-in log-probs
+        tokens_NxL=None, valid_NxL=None,
+        response_mask_NxR=jnp.asarray(mask),
+        logp_old_NxR=jnp.full((2, 4), -1.0),
+        logp_ref_NxR=jnp.asarray([[-1.5, -1.0, -0.5, 0.0], [-2.0, 0.0, 0.0, 0.0]]),
+        adv_NxR=jnp.asarray([[1.0, 1.0, 1.0, 0.0], [-2.0, 0.0, 0.0, 0.0]]),
+        num_tokens_N=jnp.full((2,), 4.0),
+        num_seqs_N=jnp.full((2,), 2.0),
+    )
 
 
 def _fake_logps(graphdef, params, batch):
@@ -184,9 +186,9 @@ def test_each_term_of_the_loss_by_hand():
     # signs: a higher entropy lowers the loss by coef / num_tokens per response token; padding has no effect
     grads = jax.grad(lambda p: rl_loss(p, batch, None, hp=cfg, policy_graphdef=None,
                                        logps_fn=_fake_logps)[0])(params)["policy"]
-    np.testing.assert_allclose(grads["ent"], -0.1 / 4 * np.asarray(batch["response_mask_NxR"]), atol=1e-7)
+    np.testing.assert_allclose(grads["ent"], -0.1 / 4 * np.asarray(batch.response_mask_NxR), atol=1e-7)
     # d/dlogp = -adv/4 (pg) + 0.4 * (1 - exp(ref - logp)) / 4 (k3), zero on padding
-    mask = np.asarray(batch["response_mask_NxR"])
-    ref_minus_logp = np.asarray(batch["logp_ref_NxR"]) + 1.0
-    want = (-np.asarray(batch["adv_NxR"]) + 0.4 * (1.0 - np.exp(ref_minus_logp))) / 4 * mask
+    mask = np.asarray(batch.response_mask_NxR)
+    ref_minus_logp = np.asarray(batch.logp_ref_NxR) + 1.0
+    want = (-np.asarray(batch.adv_NxR) + 0.4 * (1.0 - np.exp(ref_minus_logp))) / 4 * mask
     np.testing.assert_allclose(grads["logp"], want, atol=1e-6)

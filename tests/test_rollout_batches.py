@@ -38,14 +38,37 @@ def test_sub_batches_are_sampler_calls_on_slices_with_folded_keys(setup):
     key = jax.random.key(3)
     ids, mask = encode_batch_left_padded(tok, [ex.prompt for ex in examples for _ in range(G)], P)
     one, _ = rollout_lib.sample_round(_spec(tok, fn, 0), state, examples, key)
-    np.testing.assert_array_equal(one["tokens"], np.asarray(fn(state, ids, mask, key).tokens_BxR))
+    np.testing.assert_array_equal(one.tokens_NxR, np.asarray(fn(state, ids, mask, key).tokens_BxR))
     rows, _ = rollout_lib.sample_round(_spec(tok, fn, 2 * G), state, examples, key)
     want = [fn(state, ids[i:i + 2 * G], mask[i:i + 2 * G], jax.random.fold_in(key, k)) for k, i in enumerate((0, 4))]
-    np.testing.assert_array_equal(rows["tokens"], np.concatenate([np.asarray(w.tokens_BxR) for w in want]))
-    np.testing.assert_array_equal(rows["logp_sampler"], np.concatenate([np.asarray(w.logp_BxR) for w in want]))
-    np.testing.assert_array_equal(rows["length_N"], np.concatenate([np.asarray(w.length_B) for w in want]))
-    np.testing.assert_array_equal(rows["example_index"], np.repeat(np.arange(PROMPTS), G))
-    assert not np.array_equal(rows["tokens"], one["tokens"])  # sub-batches draw their own noise
+    np.testing.assert_array_equal(rows.tokens_NxR, np.concatenate([np.asarray(w.tokens_BxR) for w in want]))
+    np.testing.assert_array_equal(rows.logp_sampler_NxR, np.concatenate([np.asarray(w.logp_BxR) for w in want]))
+    np.testing.assert_array_equal(rows.length_N, np.concatenate([np.asarray(w.length_B) for w in want]))
+    np.testing.assert_array_equal(rows.example_index_N, np.repeat(np.arange(PROMPTS), G))
+    assert not np.array_equal(rows.tokens_NxR, one.tokens_NxR)  # sub-batches draw their own noise
+
+
+def test_rows_accumulate_by_group_and_pad_with_zero_weight_rows(setup):
+    """Typed rows through the core accumulator (a pytree: every field, the answers too, keeps its groups) and the
+    padding of a short batch (copies of the first rows with response mask 0)."""
+    from jaxrl_reason.core import filters as filters_lib
+
+    tok, fn, state, examples = setup
+    rows, _ = rollout_lib.sample_round(_spec(tok, fn, 0), state, examples, jax.random.key(5))
+    rows = rows.replace(reward_N=np.arange(PROMPTS * G, dtype=np.float32))
+    acc = filters_lib.empty_accumulator(G, train_groups=3)
+    acc, full = filters_lib.accumulate_groups(acc, rows, [False, True, False, True])
+    assert not full and acc.num_groups == 2
+    kept = np.r_[G:2 * G, 3 * G:4 * G]  # groups 1 and 3
+    for name in ("tokens_NxR", "prompt_tokens_NxP", "step_map_NxR", "reward_N", "answer_N", "example_index_N"):
+        np.testing.assert_array_equal(getattr(acc.arrays, name), getattr(rows, name)[kept], err_msg=name)
+    with pytest.raises(ValueError, match="differ in structure"):
+        filters_lib.accumulate_groups(acc, rows.replace(reward_N=None), [True] * PROMPTS)
+    padded = rollout_lib.pad_groups(acc.arrays, 3 * G)
+    assert padded.num_rows == 3 * G and not padded.response_mask_NxR[2 * G:].any()
+    np.testing.assert_array_equal(padded.response_mask_NxR[:2 * G], rows.response_mask_NxR[kept])
+    np.testing.assert_array_equal(padded.tokens_NxR[2 * G:], rows.tokens_NxR[kept][:G])
+    np.testing.assert_array_equal(padded.answer_N[2 * G:], rows.answer_N[kept][:G])
 
 
 @pytest.mark.parametrize("rows", [3, 6, -2])

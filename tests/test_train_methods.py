@@ -15,6 +15,7 @@ from jaxrl_reason.core import policy_loss as pl
 from jaxrl_reason.core import policy_loss_variants as pv
 from jaxrl_reason.methods import hapo as hapo_method
 from jaxrl_reason.train import build, hparams
+from jaxrl_reason.train.contracts import UpdateBatch
 from jaxrl_reason.train.objectives import rl_loss
 
 NEW_CONFIGS = ("cispo", "sapo", "gmpo", "clip_cov", "kl_cov", "gpg", "dppo_tv", "dppo_kl", "grpo_passk", "opo",
@@ -61,8 +62,8 @@ def _fake_batch(seed=0, N=4, R=6):
   mask = (np.arange(R)[None, :] < rng.integers(2, R + 1, size=N)[:, None]).astype(np.float32)
   logp_old = np.log(rng.uniform(0.05, 0.95, size=(N, R))).astype(np.float32)
   adv = np.repeat(rng.choice([-2.0, 2.0], size=(N, 1)), R, 1).astype(np.float32)
-  batch = {"response_mask_NxR": mask, "logp_old_NxR": logp_old, "adv_NxR": adv,
-           "num_tokens_N": np.full(N, mask.sum(), np.float32), "num_seqs_N": np.full(N, N, np.float32)}
+  batch = UpdateBatch(tokens_NxL=None, valid_NxL=None, response_mask_NxR=mask, logp_old_NxR=logp_old, adv_NxR=adv,
+                      num_tokens_N=np.full(N, mask.sum(), np.float32), num_seqs_N=np.full(N, N, np.float32))
   logp = np.minimum(logp_old + 0.3 * rng.standard_normal((N, R)), -1e-3).astype(np.float32)
   return batch, logp
 
@@ -82,7 +83,7 @@ def test_rl_loss_dispatches_every_registered_loss_with_the_step_rng():
 
   key = jax.random.PRNGKey(3)
   out = run(logp, key)
-  m, A, lo = batch["response_mask_NxR"], batch["adv_NxR"], batch["logp_old_NxR"]
+  m, A, lo = batch.response_mask_NxR, batch.adv_NxR, batch.logp_old_NxR
   agg = dict(agg="token-mean", agg_const=None, num_tokens=m.sum(), num_seqs=4.0)
   for mode, cfg in cfgs.items():
     expect = pl.POLICY_LOSSES[mode](logp, lo, A, m, cfg, agg, rng=key)[0]
@@ -104,7 +105,7 @@ def test_hapo_still_shapes_the_ppo_term():
   plain, _ = rl_loss({"policy": logp}, batch, None, hp=hapo, policy_graphdef=None, logps_fn=logps_fn)
   shaped, metrics = rl_loss({"policy": logp}, batch, None, hp=hapo, hooks=(hook,), policy_graphdef=None,
                             logps_fn=logps_fn)
-  m, A, lo = batch["response_mask_NxR"], batch["adv_NxR"], batch["logp_old_NxR"]
+  m, A, lo = batch.response_mask_NxR, batch.adv_NxR, batch.logp_old_NxR
   h = hapo_lib.normalize_entropy(entropy, m, hapo_lib.entropy_stats(entropy, m, 0.8), False)
   el, eh = hapo_lib.hapo_adaptive_clip_bounds(h, 0.2, 0.2, 1.0)
   A2 = hapo_lib.hapo_redistribute_advantages(A, h, jnp.exp(logp - lo), el, eh, 1.0)

@@ -14,6 +14,7 @@ from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.methods import repro
 from jaxrl_reason.train.logprobs import LogpSpec
+from jaxrl_reason.train.contracts import Rows
 
 PROMPTS = ["12+7+30:", "12+7+30:", "5+6+7:", "5+6+7:", "3+4+5:", "3+4+5:", "3+4+5:"]
 ANSWERS = ["49", "49", "18", "18", "12", "12", "12"]
@@ -55,8 +56,11 @@ def make_rows(tok, prompt_len=10, resp_len=40, seed=0):
     r, rm = encode_responses_right_padded(tok, RESPONSES, resp_len)
     rm[-1] = False
     ent = np.random.default_rng(seed).uniform(0.1, 3.0, (len(PROMPTS), resp_len)).astype(np.float32)
-    return {"prompt_tokens": p, "prompt_mask": pm, "tokens": r, "response_mask": rm, "entropy": ent,
-            "length_N": rm.sum(1).astype(np.int32)}
+    n, zeros = len(PROMPTS), np.zeros(ent.shape, np.float32)
+    return Rows(prompt_tokens_NxP=p, prompt_mask_NxP=pm, tokens_NxR=r, response_mask_NxR=rm, logp_sampler_NxR=zeros,
+                logp_sampler_raw_NxR=zeros, entropy_NxR=ent, length_N=rm.sum(1).astype(np.int32),
+                truncated_N=np.zeros(n, bool), score_N=np.zeros(n, np.float32), example_index_N=np.arange(n),
+                answer_N=None)
 
 
 def run(tok, scorer, params, rows, **kw):
@@ -90,14 +94,14 @@ def direct_J(model, tok, context: str, answer: str, size: int = 64) -> float:
 def reference_advantage(model, tok, rows, eps=1e-6):
     """Explicit loops over the scores, process rewards and advantages with
     after_last='zero', before_first='following', scope='batch'."""
-    n_rows, R = rows["tokens"].shape
+    n_rows, R = rows.tokens_NxR.shape
     per_row = {}
     for n in range(n_rows - 1):  # the last row has response mask 0
         text = RESPONSES[n]
         think = text.split(THINK_END)[0] if THINK_END in text else text
         bounds = [i + 1 for i, c in enumerate(think) if c == " "]
         starts = [0] + bounds[:-1]
-        order = sorted(range(len(bounds)), key=lambda j: (-rows["entropy"][n, starts[j]], j))[:K]
+        order = sorted(range(len(bounds)), key=lambda j: (-rows.entropy_NxR[n, starts[j]], j))[:K]
         sel = sorted(order)
         if len(sel) < 2:
             continue
@@ -116,7 +120,7 @@ def reference_advantage(model, tok, rows, eps=1e-6):
     for n, (bounds, sel, r, _, _) in per_row.items():
         rn = (np.asarray(r) - mean) / (std + eps)
         rtg = np.cumsum(rn[::-1])[::-1]
-        for t in range(int(rows["response_mask"][n].sum())):
+        for t in range(int(rows.response_mask_NxR[n].sum())):
             seg = sum(b <= t for b in bounds)
             following = [i for i, j in enumerate(sel) if j >= seg]
             adv[n, t] = rtg[following[0]] if following else 0.0
@@ -152,7 +156,7 @@ def test_process_advantage_matches_reference(setup, base):
     np.testing.assert_allclose(adv, ref, atol=1e-5)
     for n in (3, 4, 6):
         assert not adv[n].any()
-    assert not adv[~rows["response_mask"]].any()
+    assert not adv[~rows.response_mask_NxR].any()
     # hand-checked structure of row 0: segments "12+7=19 " | "19+30=49 " | conclusion "#### 49<eos>"
     assert len(set(adv[0, :8])) == 1 and len(set(adv[0, 8:17])) == 1 and not adv[0, 17:].any()
     assert metrics["repro/scored_frac"] == pytest.approx(4 / 7)
@@ -173,7 +177,7 @@ def test_chunking_and_padding_do_not_change_results(setup, base):
     assert scorer._cache_size() == 1  # one compilation for the whole run
     np.testing.assert_allclose(chunked, adv, atol=1e-6)
     wide = make_rows(tok, prompt_len=14, resp_len=48)
-    wide["entropy"][:, :40] = rows["entropy"]
+    wide.entropy_NxR[:, :40] = rows.entropy_NxR
     adv_wide, _ = run(tok, shared_scorer, params, wide)
     np.testing.assert_allclose(adv_wide[:, :40], adv, atol=1e-5)
     assert not adv_wide[:, 40:].any()
@@ -224,9 +228,9 @@ def test_loop_hook_scales_by_alpha(setup, base):
     _, rows, adv, metrics = base
     fn = repro.make_repro_advantage_fn(graphdef, tok, alpha=0.1, k=K, w=W, delimiter=" ", answer_prefix=PREFIX,
                                        think_end=THINK_END, chunk_size=4)
-    with pytest.raises(ValueError, match="rows\\['answer'\\]"):
+    with pytest.raises(ValueError, match="answer_N"):
         fn(rows, params)
-    extra, hook_metrics = fn({**rows, "answer": np.asarray(ANSWERS)}, params)
+    extra, hook_metrics = fn(rows.replace(answer_N=np.asarray(ANSWERS)), params)
     np.testing.assert_allclose(extra, 0.1 * adv, atol=1e-7)
     assert hook_metrics == metrics
     with pytest.raises(ValueError, match="alpha"):

@@ -7,6 +7,7 @@ import pytest
 
 from jaxrl_reason.train import optimizer as optim_lib
 from jaxrl_reason.train import step as step_lib
+from jaxrl_reason.train.contracts import UpdateBatch
 from jaxrl_reason.train.state import init_train_state
 
 
@@ -65,6 +66,19 @@ def test_micro_batched_equals_full_batch():
         np.testing.assert_allclose([h["grad_norm"] for h in hist_micro], [h["grad_norm"] for h in hist_full],
                                    rtol=1e-5)
         assert int(micro.step) == 3
+
+
+def test_update_batch_splits_strided_and_keeps_unset_fields():
+    """The typed update batch is a pytree: micro-batch m takes rows m, m + M, ...; fields a run does not use (None)
+    stay None in every micro-batch."""
+    n, r = 6, 2
+    batch = UpdateBatch(tokens_NxL=np.arange(n * 5).reshape(n, 5), valid_NxL=np.ones((n, 5), bool),
+                        response_mask_NxR=np.ones((n, r), np.float32), logp_old_NxR=np.zeros((n, r), np.float32),
+                        adv_NxR=np.arange(n * r, dtype=np.float32).reshape(n, r))
+    micro = step_lib.split_micro_batches(batch, 3)
+    assert isinstance(micro, UpdateBatch) and micro.logp_ref_NxR is None and micro.num_tokens_N is None
+    assert micro.tokens_NxL.shape == (3, 2, 5)
+    np.testing.assert_array_equal(micro.adv_NxR[1], batch.adv_NxR[[1, 4]])
 
 
 def test_indivisible_micro_batches_raise_one_sentence():

@@ -26,6 +26,7 @@ from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.sampling.types import STEP_MAP_PAD
 from jaxrl_reason.train import build
 from jaxrl_reason.train import diffusion_policy as T
+from jaxrl_reason.train.contracts import Rows
 from jaxrl_reason.train.state import init_train_state
 from jaxrl_reason.train.step import SUMMED, make_train_step, split_micro_batches
 
@@ -60,10 +61,13 @@ def _prompts():
 
 def _rows(ro):
     ro = jax.device_get(ro)
-    return {"prompt_tokens": np.asarray(ro.prompt_tokens_BxP), "prompt_mask": np.asarray(ro.prompt_mask_BxP),
-            "tokens": np.asarray(ro.tokens_BxR), "response_mask": np.asarray(ro.response_mask_BxR),
-            "step_map": np.asarray(ro.step_map_BxR), "entropy": np.asarray(ro.entropy_BxR),
-            "logp_raw": np.asarray(ro.logp_raw_BxR), "reward_N": REWARD.copy()}
+    n = np.shape(ro.tokens_BxR)[0]
+    return Rows(prompt_tokens_NxP=np.asarray(ro.prompt_tokens_BxP), prompt_mask_NxP=np.asarray(ro.prompt_mask_BxP),
+                tokens_NxR=np.asarray(ro.tokens_BxR), response_mask_NxR=np.asarray(ro.response_mask_BxR),
+                logp_sampler_NxR=np.asarray(ro.logp_BxR), logp_sampler_raw_NxR=np.asarray(ro.logp_raw_BxR),
+                entropy_NxR=np.asarray(ro.entropy_BxR), length_N=np.asarray(ro.length_B),
+                truncated_N=np.asarray(ro.truncated_B), score_N=REWARD.copy(), example_index_N=np.arange(n),
+                answer_N=np.full(n, ""), step_map_NxR=np.asarray(ro.step_map_BxR), reward_N=REWARD.copy())
 
 
 # An EOS id outside the vocabulary: every response runs the full budget, and `diffusion_parts` with this id builds
@@ -86,8 +90,8 @@ def _with_eos(rows, eos_at):
     """The rollout as if token `eos_at[n]` had been an EOS: later slots pad / not valid / STEP_MAP_PAD, exactly
     as the samplers finalize a response (sampling/diffusion.py `_finalize`)."""
     keep = np.arange(R)[None, :] <= np.asarray(eos_at)[:, None]
-    return {**rows, "tokens": np.where(keep, rows["tokens"], _tok().pad_token_id), "response_mask": keep,
-            "step_map": np.where(keep, rows["step_map"], STEP_MAP_PAD)}
+    return rows.replace(tokens_NxR=np.where(keep, rows.tokens_NxR, _tok().pad_token_id), response_mask_NxR=keep,
+                        step_map_NxR=np.where(keep, rows.step_map_NxR, STEP_MAP_PAD))
 
 
 def _spec(kind="block", shrink=1, num_rows=4, estimator="trace"):
@@ -122,23 +126,23 @@ def _dense_rank_in_block(step_row, j_block):
 def test_noisy_stream_logits_equal_block_sampler_logits_at_each_step():
     """Row k's noisy-stream logits = the logits the block sampler saw at that denoising step (s = 1)."""
     rows, spec, model = _block_rollout(), _spec(), _model("block")
-    assert rows["response_mask"].all()
+    assert rows.response_mask_NxR.all()
     g, params = nnx.split(model, nnx.Param)
     batch = T.pack_batch(rows, spec)
     logits_W = np.asarray(jax.jit(functools.partial(T.row_logits, g, spec))(params, batch))
     fwd = jax.jit(lambda x, pos, m: model(x, pos, m)[0])
     multi_token_steps, checked = 0, 0
     for n in range(N):
-        sm = rows["step_map"][n]
+        sm = rows.step_map_NxR[n]
         for t in np.unique(sm):
             at_t = np.flatnonzero(sm == t)
             j = at_t[0] // BS
             assert np.all(at_t // BS == j)  # one decoding step touches one block
             multi_token_steps += len(at_t) > 1
-            x = np.where(sm < t, rows["tokens"][n], _tok().mask_token_id)
-            valid = np.concatenate([rows["prompt_mask"][n], np.ones(R, bool)])
+            x = np.where(sm < t, rows.tokens_NxR[n], _tok().mask_token_id)
+            valid = np.concatenate([rows.prompt_mask_NxP[n], np.ones(R, bool)])
             pos = np.maximum(np.cumsum(valid) - 1, 0)
-            ref = fwd(np.concatenate([rows["prompt_tokens"][n], x])[None], pos[None], _block_causal(valid, P)[None])
+            ref = fwd(np.concatenate([rows.prompt_tokens_NxP[n], x])[None], pos[None], _block_causal(valid, P)[None])
             ref = np.asarray(ref)[0, P + j * BS: P + (j + 1) * BS]
             k = _dense_rank_in_block(sm, j)[t]
             w = np.flatnonzero((batch["seq_index_W"] == n) & (batch["row_index_W"] == k) & batch["row_valid_W"])
@@ -149,12 +153,12 @@ def test_noisy_stream_logits_equal_block_sampler_logits_at_each_step():
     # and the KV-cached sampler's own log-probs of the committed tokens are the old log-probs of the rows
     b, _, _ = T.build_update_batch(rows, {"policy": params}, spec=spec, logp_fn=_logp_fn(spec))
     tgt, s = b["target_WxR"], b["seq_index_W"]
-    np.testing.assert_allclose(b["logp_old_WxR"][tgt], rows["logp_raw"][s][tgt], atol=1e-4)
+    np.testing.assert_allclose(b["logp_old_WxR"][tgt], rows.logp_sampler_raw_NxR[s][tgt], atol=1e-4)
 
 
 def test_rows_targets_and_padding_from_a_rollout_with_eos():
     rows, spec = _with_eos(_block_rollout(), [5, 11, 0, 6, 9, 2, 11, 7]), _spec()
-    assert (~rows["response_mask"]).any() and rows["response_mask"].any(-1).all()
+    assert (~rows.response_mask_NxR).any() and rows.response_mask_NxR.any(-1).all()
     g, params = nnx.split(_model("block"), nnx.Param)
     batch, metrics, entropy = T.build_update_batch(rows, {"policy": params}, spec=spec, logp_fn=_logp_fn(spec))
     w = batch["row_valid_W"].shape[0]
@@ -165,16 +169,16 @@ def test_rows_targets_and_padding_from_a_rollout_with_eos():
     for i in np.flatnonzero(real):
         n, k = batch["seq_index_W"][i], batch["row_index_W"][i]
         count[n] += tgt[i]
-        sm, valid = rows["step_map"][n], rows["response_mask"][n]
+        sm, valid = rows.step_map_NxR[n], rows.response_mask_NxR[n]
         for j in range(R // BS):
             blk = slice(j * BS, (j + 1) * BS)
             steps = sorted(set(sm[blk][valid[blk]].tolist()))
             rank = np.array([steps.index(v) if ok else 99 for v, ok in zip(sm[blk], valid[blk])])
             np.testing.assert_array_equal(tgt[i, blk], rank == k)
-            want = np.where(rank < k, rows["tokens"][n, blk], _tok().mask_token_id)
+            want = np.where(rank < k, rows.tokens_NxR[n, blk], _tok().mask_token_id)
             np.testing.assert_array_equal(batch["noisy_WxR"][i, blk], want)
-        np.testing.assert_array_equal(batch["clean_WxR"][i], rows["tokens"][n])
-    np.testing.assert_array_equal(count, rows["response_mask"].astype(int))  # every valid token exactly once
+        np.testing.assert_array_equal(batch["clean_WxR"][i], rows.tokens_NxR[n])
+    np.testing.assert_array_equal(count, rows.response_mask_NxR.astype(int))  # every valid token exactly once
     assert metrics["tracerl/rows"] == real.sum()
     z = np.array([1, -1, -1, 1, 0, 0, 0, 0]) / (1 + 2e-6)  # population std 0.5 -> +-1; all-equal group -> 0
     np.testing.assert_allclose(batch["adv_WxR"][real][:, 0], z[batch["seq_index_W"][real]], atol=1e-5)
@@ -241,10 +245,10 @@ def test_value_model_advantage_is_reward_minus_value_at_gamma_lambda_one():
     value = nnx.merge(vg, params["value"])
     i = np.flatnonzero(real & (batch["row_index_W"] == 1))[0]
     n = s[i]
-    kv = np.concatenate([rows["prompt_mask"][n], np.ones(2 * R, bool)])
-    pos = np.concatenate([np.maximum(np.cumsum(rows["prompt_mask"][n]) - 1, 0)] +
-                         [rows["prompt_mask"][n].sum() + np.arange(R)] * 2)
-    toks = np.concatenate([rows["prompt_tokens"][n], rows["tokens"][n], batch["noisy_WxR"][i]])
+    kv = np.concatenate([rows.prompt_mask_NxP[n], np.ones(2 * R, bool)])
+    pos = np.concatenate([np.maximum(np.cumsum(rows.prompt_mask_NxP[n]) - 1, 0)] +
+                         [rows.prompt_mask_NxP[n].sum() + np.arange(R)] * 2)
+    toks = np.concatenate([rows.prompt_tokens_NxP[n], rows.tokens_NxR[n], batch["noisy_WxR"][i]])
     ref = np.asarray(jax.jit(value.__call__)(toks[None], pos[None], _tracerl_mask_np(P, R, kv)[None]))[0, P + R:]
     np.testing.assert_allclose(v[i][tgt[i]], ref[tgt[i]], atol=1e-5)
     assert np.isfinite(metrics["value/mean"])
@@ -292,7 +296,7 @@ def test_full_attention_rows_replay_the_llada_sampler():
     batch, _, _ = T.build_update_batch(rows, {"policy": params}, spec=spec, logp_fn=_logp_fn(spec))
     tgt, s = batch["target_WxR"], batch["seq_index_W"]
     assert batch["row_valid_W"].all() and np.all(tgt.sum(-1) == 2)  # 6 steps x 2 tokens, every row used
-    np.testing.assert_allclose(batch["logp_old_WxR"][tgt], rows["logp_raw"][s][tgt], atol=1e-4)
+    np.testing.assert_allclose(batch["logp_old_WxR"][tgt], rows.logp_sampler_raw_NxR[s][tgt], atol=1e-4)
     spec2 = _spec("full", shrink=2, num_rows=3)
     b2 = T.pack_batch(rows, spec2)
     assert b2["row_valid_W"].all() and b2["row_valid_W"].shape == (3 * N,) and np.all(b2["target_WxR"].sum(-1) == 4)
@@ -305,23 +309,23 @@ def test_onestep_estimator_scores_the_d1_input():
     """d1: one row per response, whole response masked, prompt tokens masked with p; fixed per batch."""
     model, tok = _model("bidirectional"), _tok()
     g, params = nnx.split(model, nnx.Param)
-    rows = dict(_block_rollout())
+    rows = _block_rollout()
     spec = T.TraceSpec(kind="full", block_size=None, shrink=1, num_rows=1, mask_token_id=tok.mask_token_id,
                        group_size=G, estimator="onestep", norm="targets", p_mask_prompt=0.5)
     batch, _, _ = T.build_update_batch(rows, {"policy": params}, spec=spec, logp_fn=_logp_fn(spec))
     m = tok.mask_token_id
     assert batch["row_valid_W"].all() and np.all(batch["noisy_WxR"] == m)
-    np.testing.assert_array_equal(batch["target_WxR"], rows["response_mask"])
-    changed = batch["prompt_in_WxP"] != rows["prompt_tokens"]
-    assert changed.any() and np.all(batch["prompt_in_WxP"][changed] == m) and not changed[~rows["prompt_mask"]].any()
+    np.testing.assert_array_equal(batch["target_WxR"], rows.response_mask_NxR)
+    changed = batch["prompt_in_WxP"] != rows.prompt_tokens_NxP
+    assert changed.any() and np.all(batch["prompt_in_WxP"][changed] == m) and not changed[~rows.prompt_mask_NxP].any()
     inputs = np.concatenate([batch["prompt_in_WxP"], np.full((N, R), m)], 1)
-    valid = np.concatenate([rows["prompt_mask"], np.ones((N, R), bool)], 1)
+    valid = np.concatenate([rows.prompt_mask_NxP, np.ones((N, R), bool)], 1)
     mask = valid[:, None, :] | np.eye(P + R, dtype=bool)[None]
     logits = jax.jit(model.__call__)(inputs, np.maximum(np.cumsum(valid, 1) - 1, 0), mask)[0][:, P:]
-    np.testing.assert_allclose(batch["logp_old_WxR"], diff_lib.token_logp(logits, rows["tokens"]), atol=1e-5)
+    np.testing.assert_allclose(batch["logp_old_WxR"], diff_lib.token_logp(logits, rows.tokens_NxR), atol=1e-5)
     again = T.pack_batch(rows, spec)
     np.testing.assert_array_equal(again["prompt_in_WxP"], batch["prompt_in_WxP"])  # old == new input (mask seed)
-    rows["tokens"] = np.roll(rows["tokens"], 1, axis=1)
+    rows = rows.replace(tokens_NxR=np.roll(rows.tokens_NxR, 1, axis=1))
     assert not np.array_equal(T.pack_batch(rows, spec)["prompt_in_WxP"], batch["prompt_in_WxP"])
 
 
@@ -361,8 +365,8 @@ def test_configs_give_specs_and_bad_settings_fail_with_one_sentence():
     c.model.attention = "block"
     with pytest.raises(ValueError, match="needs the `tracerl` section"):
         M.validate_config(c)
-    with pytest.raises(ValueError, match="no 'step_map'"):
-        T.pack_batch({k: v for k, v in _block_rollout().items() if k != "step_map"}, _spec())
+    with pytest.raises(ValueError, match="no step_map_NxR"):
+        T.pack_batch(_block_rollout().replace(step_map_NxR=None), _spec())
 
 
 def test_config_applies_the_recipe_and_the_spec_reads_the_shared_fields():
@@ -440,7 +444,7 @@ def test_diffusion_parts_run_rl_updates_end_to_end():
     ids = types.SimpleNamespace(mask_token_id=tok.mask_token_id, pad_token_id=tok.pad_token_id, eos_token_id=NO_EOS)
     parts = M.diffusion_parts(c, g, ids, value_graphdef=vg)
     assert parts.greedy_gen is not None and parts.eval_gen is not None
-    rows = {**_rows(parts.train_gen(params, *_prompts(), jax.random.PRNGKey(9))), "reward_N": REWARD[::-1].copy()}
+    rows = _rows(parts.train_gen(params, *_prompts(), jax.random.PRNGKey(9))).replace(reward_N=REWARD[::-1].copy())
     init = {"policy": params, "value": vparams}
     batch, metrics, entropy = parts.build_batch(rows, init)
     assert metrics["tracerl/rows"] >= N and entropy.shape == (N, R)

@@ -17,8 +17,9 @@ filters that belong to one method (LSPO's length band) register in that method's
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from typing import Any, Callable
 
+import jax
 import numpy as np
 
 GROUP_FILTERS: dict[str, Callable] = {}
@@ -200,14 +201,15 @@ class GroupAccumulator:
     Attributes:
       group_size: G.
       train_groups: number of groups a training batch needs.
-      arrays: name -> array with leading axis ``num_groups * G`` (rows of kept groups, groups contiguous).
+      arrays: a pytree (a name -> array mapping, or the caller's own dataclass) whose leaves have leading axis
+        ``num_groups * G`` (rows of kept groups, groups contiguous); None before the first round.
       num_groups: groups currently held (never more than ``train_groups``).
       rounds: generation rounds accumulated so far (for a ``max_num_gen_batches`` cap).
       dropped_groups: kept groups discarded because the batch was already full (surplus).
     """
     group_size: int
     train_groups: int
-    arrays: Mapping[str, np.ndarray]
+    arrays: Any = None
     num_groups: int = 0
     rounds: int = 0
     dropped_groups: int = 0
@@ -221,36 +223,40 @@ def empty_accumulator(group_size: int, train_groups: int) -> GroupAccumulator:
     """A new accumulator holding no groups."""
     if group_size < 1 or train_groups < 1:
         raise ValueError(f"group_size and train_groups must be >= 1, got {group_size} and {train_groups}.")
-    return GroupAccumulator(group_size=group_size, train_groups=train_groups, arrays={})
+    return GroupAccumulator(group_size=group_size, train_groups=train_groups)
 
 
-def accumulate_groups(acc: GroupAccumulator, batch: Mapping[str, np.ndarray], keep_B):
+def accumulate_groups(acc: GroupAccumulator, batch, keep_B):
     """Append the kept groups of one generation round; never hold more than ``train_groups``.
 
     Groups are taken in batch order; once ``train_groups`` groups are held the rest of the round is dropped.
+    The rows are any pytree (a mapping of arrays, or a dataclass pytree: the rollout stage passes its typed rows),
+    so this module needs no knowledge of the caller's row type.
 
     Args:
       acc: the accumulator so far (not modified).
-      batch: name -> array with leading axis ``N = B*G`` (rows, groups contiguous); the same keys every round.
+      batch: pytree whose leaves have leading axis ``N = B*G`` (rows, groups contiguous); the same structure every
+        round.
       keep_B: [B] bool from a filter.
     Returns:
       (new accumulator, is_full). When full, ``new.arrays`` hold exactly ``train_groups * G`` rows.
     """
     keep_B = np.asarray(keep_B, dtype=bool)
     num_b, g = keep_B.shape[0], acc.group_size
-    if acc.arrays and set(batch) != set(acc.arrays):
-        raise ValueError(f"batch keys {sorted(batch)} differ from the accumulated keys {sorted(acc.arrays)}.")
-    for name, x in batch.items():
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
+    if acc.arrays is not None and treedef != jax.tree_util.tree_structure(acc.arrays):
+        raise ValueError(f"the round's rows {treedef} differ in structure from the accumulated rows "
+                         f"{jax.tree_util.tree_structure(acc.arrays)}.")
+    for path, x in leaves:
         if np.shape(x)[0] != num_b * g:
-            raise ValueError(f"batch[{name!r}] has {np.shape(x)[0]} rows, expected {num_b}*{g} from keep_B.")
+            raise ValueError(f"rows{jax.tree_util.keystr(path)} has {np.shape(x)[0]} rows, expected {num_b}*{g} "
+                             f"from keep_B.")
     kept_b = np.flatnonzero(keep_B)
     room = acc.train_groups - acc.num_groups
     take_b, dropped = kept_b[:room], max(kept_b.size - room, 0)
     rows = (take_b[:, None] * g + np.arange(g)[None, :]).reshape(-1)
-    arrays = {}
-    for name, x in batch.items():
-        new = np.asarray(x)[rows]
-        arrays[name] = np.concatenate([acc.arrays[name], new], axis=0) if name in acc.arrays else new
+    new = jax.tree.map(lambda x: np.asarray(x)[rows], batch)
+    arrays = new if acc.arrays is None else jax.tree.map(lambda a, b: np.concatenate([a, b], axis=0), acc.arrays, new)
     new_acc = dataclasses.replace(acc, arrays=arrays, num_groups=acc.num_groups + take_b.size,
                                   rounds=acc.rounds + 1, dropped_groups=acc.dropped_groups + dropped)
     return new_acc, new_acc.is_full

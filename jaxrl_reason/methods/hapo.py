@@ -62,7 +62,7 @@ def sampler_args(h, stats) -> tuple:
 
 def shape_policy_inputs(logp, entropy, batch, hp):
     """C and D on one micro-batch: (advantages, clip-range overrides of the policy loss, metrics)."""
-    h_cfg, mask, adv = hp.hapo, batch["response_mask_NxR"], batch["adv_NxR"]
+    h_cfg, mask, adv = hp.hapo, batch.response_mask_NxR, batch.adv_NxR
     entropy = jax.lax.stop_gradient(entropy)
     stats = hapo_lib.entropy_stats(entropy, mask, h_cfg.pivot)
     h = hapo_lib.normalize_entropy(entropy, mask, stats, h_cfg.sign_compat)
@@ -71,7 +71,7 @@ def shape_policy_inputs(logp, entropy, batch, hp):
         eps_low, eps_high = hapo_lib.hapo_adaptive_clip_bounds(h, hp.eps_low, hp.eps_high, h_cfg.clip_alpha)
         overrides = dict(eps_low=eps_low, eps_high=eps_high)
     if h_cfg.redistribute:
-        ratio = jnp.exp(jnp.clip(logp - batch["logp_old_NxR"], -20.0, 20.0))
+        ratio = jnp.exp(jnp.clip(logp - batch.logp_old_NxR, -20.0, 20.0))
         adv = hapo_lib.hapo_redistribute_advantages(adv, h, ratio, eps_low, eps_high, h_cfg.adv_beta)
     return adv, overrides, {"hapo_h_mean": jnp.sum(h * mask) / jnp.maximum(jnp.sum(mask), 1.0)}
 

@@ -32,9 +32,11 @@ class Method:
       parts: names of the registered parts (reward shapings, filters, advantage estimators) that read the method's
         section; a config that names one needs the section.
       policy_hook: `(config) -> hook | None` with `hook(logp_NxR, entropy_NxR, batch, hp) -> (adv_NxR, overrides,
-        metrics)`: reshapes the advantages and the policy loss's keyword arguments inside the loss (per micro-batch).
+        metrics)` (`batch` a `train.contracts.UpdateBatch` micro-batch): reshapes the advantages and the policy
+        loss's keyword arguments inside the loss (per micro-batch).
       extra_advantage: `(config, graphdef, tokenizer, *, spec, mesh, forward_shardings) -> fn | None` with
-        `fn(rows, policy_params) -> (adv_NxR, metrics)`, a term added to the outcome advantage.
+        `fn(rows, policy_params) -> (adv_NxR, metrics)` (`rows` a `train.contracts.Rows`), a term added to the
+        outcome advantage.
     """
 
     name: str

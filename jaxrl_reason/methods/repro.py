@@ -128,20 +128,20 @@ def _thinking_length(response: np.ndarray, think_end_ids) -> int:
 _select_jit = jax.jit(repro_lib.select_segments_by_entropy, static_argnames="k")
 
 
-def select_boundaries(rows: dict, *, delimiter_ids, think_end_ids, k: int) -> dict:
+def select_boundaries(rows, *, delimiter_ids, think_end_ids, k: int) -> dict:
     """Host + core: segment layout of the thinking parts and the top-k segments by first-token entropy.
 
-    Response length = `response_mask.sum()` (zero-weight padding rows get no segment). Boundaries come from the
+    Response length = `response_mask_NxR.sum()` (zero-weight padding rows get no segment). Boundaries come from the
     thinking part only; tokens after it form the conclusion. Returns numpy `seg_of_token_NxT`, `seg_end_NxM`,
     `seg_valid_NxM`, `sel_idx_Nxk`, `sel_valid_Nxk` (M = R, the most segments a response can have).
     """
-    tokens, mask = np.asarray(rows["tokens"]), np.asarray(rows["response_mask"], bool)
+    tokens, mask = np.asarray(rows.tokens_NxR), np.asarray(rows.response_mask_NxR, bool)
     num, resp_len = tokens.shape
     length_N = mask.sum(axis=1)
     bounds = [repro_lib.segment_boundaries(tokens[n, :_thinking_length(tokens[n, :length_N[n]], think_end_ids)],
                                            delimiter_ids) for n in range(num)]
     layout = repro_lib.segment_layout(bounds, length_N, resp_len, max_segments=resp_len)
-    first_entropy_NxM = np.take_along_axis(np.asarray(rows["entropy"], np.float32), layout["seg_start_NxM"], 1)
+    first_entropy_NxM = np.take_along_axis(np.asarray(rows.entropy_NxR, np.float32), layout["seg_start_NxM"], 1)
     sel_idx, sel_valid = _select_jit(first_entropy_NxM, layout["seg_valid_NxM"], k)
     return {**layout, "sel_idx_Nxk": np.asarray(sel_idx), "sel_valid_Nxk": np.asarray(sel_valid)}
 
@@ -160,11 +160,11 @@ def _collect_queries(rows, answer_ids, sel, min_segments):
     num, k = sel["sel_idx_Nxk"].shape
     jb_query, j_query = np.full(num, -1, np.int64), np.full((num, k), -1, np.int64)
     for n in np.flatnonzero(sel["sel_valid_Nxk"].sum(axis=1) >= min_segments):
-        prompt = np.asarray(rows["prompt_tokens"][n], np.int32)[np.asarray(rows["prompt_mask"][n], bool)]
+        prompt = np.asarray(rows.prompt_tokens_NxP[n], np.int32)[np.asarray(rows.prompt_mask_NxP[n], bool)]
         jb_query[n] = query(prompt, n)
         for j in np.flatnonzero(sel["sel_valid_Nxk"][n]):
             end = sel["seg_end_NxM"][n, sel["sel_idx_Nxk"][n, j]]
-            j_query[n, j] = query(np.concatenate([prompt, np.asarray(rows["tokens"][n, :end], np.int32)]), n)
+            j_query[n, j] = query(np.concatenate([prompt, np.asarray(rows.tokens_NxR[n, :end], np.int32)]), n)
     return contexts, answers, jb_query, j_query
 
 
@@ -191,15 +191,15 @@ def advantage_from_surrogates(J_Nxk, J_b_N, sel_idx_Nxk, valid_Nxk, seg_of_token
     return adv, S, r_norm
 
 
-def process_advantage_for_rows(rows: dict, answers_text: Sequence[str], tokenizer, scorer_fn: Callable, params, *,
+def process_advantage_for_rows(rows, answers_text: Sequence[str], tokenizer, scorer_fn: Callable, params, *,
                                delimiter_ids, answer_prefix: str, k: int, w: float, w_on: str = "stability",
                                think_end_ids: Sequence[int] | None = None, max_answer_tokens: int = 32,
                                chunk_size: int = 64, min_segments: int = 2, **switches):
     """REPRO process advantage of a rollout batch, alpha NOT applied.
 
     Args:
-      rows: rollout rows (`train/rollout.py`): prompt_tokens [N, P], prompt_mask, tokens [N, R], response_mask,
-        entropy [N, R] (raw-policy entropy at each response slot).
+      rows: rollout rows (`train.contracts.Rows`): prompt_tokens_NxP, prompt_mask_NxP, tokens_NxR, response_mask_NxR,
+        entropy_NxR (raw-policy entropy at each response slot).
       answers_text: N gold answers. tokenizer: encodes them and `answer_prefix`.
       scorer_fn: from `make_answer_scorer`; params: the CURRENT policy params (rollout time, no grad).
       delimiter_ids: segment delimiter as token ids (int, contiguous sequence, or frozenset of alternatives), e.g.
@@ -214,7 +214,7 @@ def process_advantage_for_rows(rows: dict, answers_text: Sequence[str], tokenize
     Returns:
       (process_adv_NxR float32 numpy, metrics dict of floats).
     """
-    num, resp_len = np.shape(rows["tokens"])
+    num, resp_len = np.shape(rows.tokens_NxR)
     if len(answers_text) != num:
         raise ValueError(f"Got {len(answers_text)} answers for {num} rows.")
     sel = select_boundaries(rows, delimiter_ids=delimiter_ids, think_end_ids=think_end_ids, k=k)
@@ -222,20 +222,20 @@ def process_advantage_for_rows(rows: dict, answers_text: Sequence[str], tokenize
     answer_ids = [encoded[a] for a in answers_text]
     contexts, answers, jb_query, j_query = _collect_queries(rows, answer_ids, sel, min_segments)
     prefix_ids = token_ids(tokenizer, answer_prefix)
-    query_len = np.shape(rows["prompt_tokens"])[1] + resp_len + len(prefix_ids) + max_answer_tokens
+    query_len = np.shape(rows.prompt_tokens_NxP)[1] + resp_len + len(prefix_ids) + max_answer_tokens
     queries = encode_answer_queries(contexts, answers, prefix_ids, query_len, max_answer_tokens)
     J_Q = score_queries(scorer_fn, params, *queries, chunk_size=chunk_size)
     J_Q = np.concatenate([J_Q, np.zeros(1, np.float32)])  # index -1 (unscored) reads 0
     J_Nxk, J_b_N = J_Q[j_query], J_Q[jb_query]
     valid = sel["sel_valid_Nxk"] & (j_query >= 0)
     adv, S, _ = advantage_from_surrogates(J_Nxk, J_b_N, sel["sel_idx_Nxk"], valid, sel["seg_of_token_NxT"],
-                                          np.asarray(rows["response_mask"], np.float32), w=w, w_on=w_on,
+                                          np.asarray(rows.response_mask_NxR, np.float32), w=w, w_on=w_on,
                                           min_segments=min_segments, **switches)
     scored = valid.sum(axis=1) >= min_segments
     last = np.where(scored, J_Nxk[np.arange(num), np.maximum(valid.sum(axis=1) - 1, 0)], 0.0)
     denom = max(int(scored.sum()), 1)
     adv = np.asarray(adv)
-    mask = np.asarray(rows["response_mask"], bool)
+    mask = np.asarray(rows.response_mask_NxR, bool)
     metrics = {
         "repro/scored_frac": float(scored.mean()) if num else 0.0,
         "repro/queries": float(len(contexts)),
@@ -253,10 +253,10 @@ def make_repro_advantage_fn(graphdef: nnx.GraphDef, tokenizer, *, alpha: float, 
                             spec: LogpSpec = LogpSpec(), param_shardings=None, **kwargs) -> Callable:
     """The loop's hook: `fn(rows, policy_params) -> (alpha * process_adv_NxR, metrics)`.
 
-    `rows` must carry the gold answers as `rows["answer"]` ([N] strings). `delimiter` / `think_end` are text,
-    tokenized once here (`think_end=""`: the whole response is thinking). `spec`, `query_sharding`,
-    `param_shardings`: as in `make_answer_scorer`. `**kwargs` go to
-    `process_advantage_for_rows` (w_on, max_answer_tokens, chunk_size, the [INFERRED] switches).
+    `rows` (`train.contracts.Rows`) carry the gold answers as `answer_N` ([N] strings). `delimiter` /
+    `think_end` are text, tokenized once here (`think_end=""`: the whole response is thinking). `spec`,
+    `query_sharding`, `param_shardings`: as in `make_answer_scorer`. `**kwargs` go to `process_advantage_for_rows`
+    (w_on, max_answer_tokens, chunk_size, the [INFERRED] switches).
     """
     if alpha <= 0:
         raise ValueError(f"alpha must be > 0 to use REPRO, got {alpha}.")
@@ -266,10 +266,10 @@ def make_repro_advantage_fn(graphdef: nnx.GraphDef, tokenizer, *, alpha: float, 
     if not fixed["delimiter_ids"]:
         raise ValueError(f"the delimiter {delimiter!r} tokenizes to no tokens.")
 
-    def fn(rows: dict, policy_params):
-        if "answer" not in rows:
-            raise ValueError("REPRO needs the gold answers in rows['answer'] (train/rollout.py sample_round).")
-        adv, metrics = process_advantage_for_rows(rows, rows["answer"], tokenizer, scorer, policy_params, **fixed)
+    def fn(rows, policy_params):
+        if rows.answer_N is None:
+            raise ValueError("REPRO needs the gold answers in the rows' answer_N (train/rollout.py sample_round).")
+        adv, metrics = process_advantage_for_rows(rows, rows.answer_N, tokenizer, scorer, policy_params, **fixed)
         return alpha * adv, metrics
 
     return fn

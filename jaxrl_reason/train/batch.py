@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxrl_reason.core import advantages as adv_lib
 from jaxrl_reason.train import mismatch
+from jaxrl_reason.train.contracts import Rows, UpdateBatch
 from jaxrl_reason.train.logprobs import LogpSpec, ar_logps, ar_values
 from jaxrl_reason.train.step import split_micro_batches
 
@@ -42,7 +43,7 @@ def _over_micro_batches(fn, micro_batch_rows: int):
         raise ValueError(f"micro_batch_rows must be >= 0 (0: one pass), got {micro_batch_rows}.")
 
     def run(params, batch):
-        rows = batch["response_mask_NxR"].shape[0]
+        rows = jax.tree.leaves(batch)[0].shape[0]
         if micro_batch_rows == 0 or micro_batch_rows >= rows:
             return fn(params, batch)
         if rows % micro_batch_rows:
@@ -84,38 +85,33 @@ def make_forward_fns(policy_graphdef, value_graphdef=None, *, spec: LogpSpec = L
     return logps, values
 
 
-def model_inputs(rows: dict) -> dict:
-    """Prompt+response tokens `[N, P+R]` and validity of a collected batch (numpy)."""
-    return {
-        "tokens_NxL": np.concatenate([rows["prompt_tokens"], rows["tokens"]], axis=1).astype(np.int32),
-        "valid_NxL": np.concatenate([rows["prompt_mask"], rows["response_mask"]], axis=1),
-        "response_mask_NxR": rows["response_mask"].astype(np.float32),
-    }
+def model_inputs(rows: Rows) -> UpdateBatch:
+    """Prompt+response tokens `[N, P+R]` and validity of collected rows (numpy): the forward passes' inputs."""
+    return UpdateBatch(
+        tokens_NxL=np.concatenate([rows.prompt_tokens_NxP, rows.tokens_NxR], axis=1).astype(np.int32),
+        valid_NxL=np.concatenate([rows.prompt_mask_NxP, rows.response_mask_NxR], axis=1),
+        response_mask_NxR=np.asarray(rows.response_mask_NxR).astype(np.float32),
+    )
 
 
-def build_update_batch(rows: dict, adv_hp, *, policy_params, logps_fn, ref_params=None, value_params=None,
-                       values_fn=None, extra_adv_NxR=None, mismatch_cfg=None) -> tuple[dict, dict]:
+def build_update_batch(rows: Rows, adv_hp, *, policy_params, logps_fn, ref_params=None, value_params=None,
+                       values_fn=None, extra_adv_NxR=None, mismatch_cfg=None) -> tuple[UpdateBatch, dict, np.ndarray]:
     """The full rollout batch (numpy) with logp_old, [logp_ref], [values_old, returns], adv[, is_weight].
 
     `extra_adv_NxR` is added to the outcome advantage (the methods' advantage terms, summed).
     `mismatch_cfg` (`train/mismatch.py`): sampler / trainer mismatch metrics and importance weights.
     """
-    batch = model_inputs(rows)
-    logp_old, entropy_old = logps_fn(policy_params, batch)
-    batch["logp_old_NxR"] = logp_old
-    extra, mismatch_metrics = mismatch.batch_terms(rows, logp_old, batch["response_mask_NxR"], mismatch_cfg)
-    batch.update(extra)
-    if ref_params is not None:
-        batch["logp_ref_NxR"] = logps_fn(ref_params, batch)[0]
-    values = values_fn(value_params, batch) if values_fn is not None else None
-    adv, returns, metrics = compute_advantages(adv_hp, jnp.asarray(rows["reward_N"]), batch["response_mask_NxR"],
-                                               logp_old, batch.get("logp_ref_NxR"), values)
+    inputs = model_inputs(rows)
+    mask = inputs.response_mask_NxR
+    logp_old, entropy_old = logps_fn(policy_params, inputs)
+    is_weight, mismatch_metrics = mismatch.batch_terms(rows, logp_old, mask, mismatch_cfg)
+    logp_ref = logps_fn(ref_params, inputs)[0] if ref_params is not None else None
+    values = values_fn(value_params, inputs) if values_fn is not None else None
+    adv, returns, metrics = compute_advantages(adv_hp, jnp.asarray(rows.reward_N), mask, logp_old, logp_ref, values)
     if extra_adv_NxR is not None:
-        adv = adv + extra_adv_NxR * batch["response_mask_NxR"]
-    batch["adv_NxR"] = adv
-    if returns is not None:
-        batch["returns_NxR"], batch["values_old_NxR"] = returns, values
-    mask = batch["response_mask_NxR"]
+        adv = adv + extra_adv_NxR * mask
+    batch = inputs.replace(logp_old_NxR=logp_old, adv_NxR=adv, logp_ref_NxR=logp_ref, is_weight_NxR=is_weight,
+                           returns_NxR=returns, values_old_NxR=None if returns is None else values)
     metrics = {**{k: float(v) for k, v in metrics.items()}, **mismatch_metrics}
     metrics["adv/mean"] = float(jnp.sum(adv * mask) / max(float(mask.sum()), 1.0))
     metrics["adv/abs_max"] = float(jnp.max(jnp.abs(adv)))
@@ -123,19 +119,19 @@ def build_update_batch(rows: dict, adv_hp, *, policy_params, logps_fn, ref_param
     return jax.device_get(batch), metrics, np.asarray(entropy_old)
 
 
-def mini_batches(batch: dict, num_mini_batches: int, rng: np.random.Generator, group_size: int) -> list[dict]:
+def mini_batches(batch: UpdateBatch, num_mini_batches: int, rng: np.random.Generator,
+                 group_size: int) -> list[UpdateBatch]:
     """Shuffles whole groups and splits the rollout batch into mini-batches, each with its global counts."""
-    n = batch["response_mask_NxR"].shape[0]
+    n = batch.num_rows
     groups = n // group_size
     if groups % num_mini_batches:
         raise ValueError(f"{groups} groups do not split into {num_mini_batches} mini-batches.")
     order = (rng.permutation(groups)[:, None] * group_size + np.arange(group_size)).reshape(num_mini_batches, -1)
     out = []
     for rows in order:
-        mb = {k: np.asarray(v)[rows] for k, v in batch.items()}
-        mask = mb["response_mask_NxR"]
+        mb = jax.tree.map(lambda v: np.asarray(v)[rows], batch.replace(num_tokens_N=None, num_seqs_N=None))
+        mask = mb.response_mask_NxR
         m = len(rows)
-        mb["num_tokens_N"] = np.full((m,), max(mask.sum(), 1.0), np.float32)
-        mb["num_seqs_N"] = np.full((m,), max((mask.sum(-1) > 0).sum(), 1), np.float32)
-        out.append(mb)
+        out.append(mb.replace(num_tokens_N=np.full((m,), max(mask.sum(), 1.0), np.float32),
+                              num_seqs_N=np.full((m,), max((mask.sum(-1) > 0).sum(), 1), np.float32)))
     return out

@@ -129,10 +129,10 @@ def group_advantage(reward_N, group_size: int, eps: float = 1e-6, std_ddof: int 
         return np.asarray(z, np.float64).astype(np.float32)
 
 
-def _data_key(rows: dict, seed: int) -> jax.Array:
+def _data_key(rows, seed: int) -> jax.Array:
     """A key that depends only on the rollout tokens (same batch -> same d1 prompt mask, also after a resume)."""
-    digest = zlib.crc32(np.ascontiguousarray(rows["prompt_tokens"]).tobytes()
-                        + np.ascontiguousarray(rows["tokens"]).tobytes())
+    digest = zlib.crc32(np.ascontiguousarray(rows.prompt_tokens_NxP).tobytes()
+                        + np.ascontiguousarray(rows.tokens_NxR).tobytes())
     return jax.random.fold_in(jax.random.PRNGKey(seed), digest & 0x7FFFFFFF)
 
 
@@ -149,25 +149,25 @@ def _replay(spec: TraceSpec, key, prompt_NxP, pmask_NxP, response_NxR, valid_NxR
     return prompt_NxP, noisy, target, row_valid
 
 
-def pack_batch(rows: dict, spec: TraceSpec) -> dict:
-    """TraceRL rows of a rollout batch packed into exactly `W = num_rows * N` rows.
+def pack_batch(rows, spec: TraceSpec) -> dict:
+    """TraceRL rows of a rollout batch (`train.contracts.Rows`) packed into exactly `W = num_rows * N` rows.
 
     Rows without a target are dropped; the rest keep (response, row) order and zero-weight padding rows (no target,
     `row_valid_W = False`) fill up to W, a bound no batch can exceed, so the jitted step sees one shape.
     """
-    if spec.estimator == "trace" and "step_map" not in rows:
-        raise ValueError("rows carry no 'step_map'; the rollout must keep Rollout.step_map_BxR for TraceRL.")
-    valid = np.asarray(rows["response_mask"], bool)
-    step_map = rows.get("step_map", np.zeros(valid.shape, np.int32))
+    if spec.estimator == "trace" and rows.step_map_NxR is None:
+        raise ValueError("rows carry no step_map_NxR; the rollout must keep Rollout.step_map_BxR for TraceRL.")
+    valid = np.asarray(rows.response_mask_NxR, bool)
+    step_map = np.zeros(valid.shape, np.int32) if rows.step_map_NxR is None else rows.step_map_NxR
     prompt_in, noisy, target, row_valid = jax.device_get(_replay(
-        spec, _data_key(rows, spec.seed), rows["prompt_tokens"], np.asarray(rows["prompt_mask"], bool),
-        rows["tokens"], valid, step_map))
+        spec, _data_key(rows, spec.seed), rows.prompt_tokens_NxP, np.asarray(rows.prompt_mask_NxP, bool),
+        rows.tokens_NxR, valid, step_map))
     n = valid.shape[0]
     packed = tr.pack_rows(noisy, target, row_valid, spec.num_rows * n, num_micro_batches=1)
     packed = {k: v[0] for k, v in packed.items()}
     s = packed["seq_index"]
-    return {"prompt_in_WxP": np.asarray(prompt_in)[s], "prompt_mask_WxP": np.asarray(rows["prompt_mask"], bool)[s],
-            "clean_WxR": np.asarray(rows["tokens"], np.int32)[s], "noisy_WxR": packed["noisy"],
+    return {"prompt_in_WxP": np.asarray(prompt_in)[s], "prompt_mask_WxP": np.asarray(rows.prompt_mask_NxP, bool)[s],
+            "clean_WxR": np.asarray(rows.tokens_NxR, np.int32)[s], "noisy_WxR": packed["noisy"],
             "target_WxR": packed["target"], "row_valid_W": packed["row_valid"], "seq_index_W": s,
             "row_index_W": packed["row_index"]}
 
@@ -245,9 +245,9 @@ def _value_targets(spec: TraceSpec, z_N, values_NxR, step_map_NxR, valid_NxR):
     return tr.step_level_gae(token_reward, values_NxR, rank, valid_NxR, spec.gamma, spec.lam)
 
 
-def value_advantages(spec: TraceSpec, batch: dict, rows: dict, z_N, values_WxR):
+def value_advantages(spec: TraceSpec, batch: dict, rows, z_N, values_WxR):
     """Per-token advantages and returns `[N, R]` from the old values of the packed rows."""
-    valid = np.asarray(rows["response_mask"], bool)
+    valid = np.asarray(rows.response_mask_NxR, bool)
     n, r = valid.shape
     grid = np.zeros((n, spec.num_rows, r), np.float32)
     tgt = np.zeros((n, spec.num_rows, r), bool)
@@ -255,20 +255,23 @@ def value_advantages(spec: TraceSpec, batch: dict, rows: dict, z_N, values_WxR):
     grid[batch["seq_index_W"][real], batch["row_index_W"][real]] = values_WxR[real]
     tgt[batch["seq_index_W"][real], batch["row_index_W"][real]] = batch["target_WxR"][real]
     v_NxR = tr.merge_row_values(grid, tgt)
-    adv, ret = _value_targets(spec, z_N, v_NxR, rows["step_map"], valid)
+    adv, ret = _value_targets(spec, z_N, v_NxR, rows.step_map_NxR, valid)
     return np.asarray(adv), np.asarray(ret), np.asarray(v_NxR)
 
 
-def build_update_batch(rows: dict, params: dict, *, spec: TraceSpec, logp_fn, value_fn=None):
-    """Rollout rows -> the packed TraceRL batch with old log-probs and advantages.
+def build_update_batch(rows, params: dict, *, spec: TraceSpec, logp_fn, value_fn=None):
+    """Rollout rows (`train.contracts.Rows`) -> the packed TraceRL batch with old log-probs and advantages.
+
+    The packed batch is a name -> array dict of its own layout (W replay rows, not the N rollout rows of
+    `UpdateBatch`), built and read only by this module.
 
     Returns (batch, metrics, entropy_NxR): the sampler's raw-policy entropies at commit time (for the loop's
-    statistics) and `batch["response_mask_NxR"]` to go with them.
+    statistics, with the rows' `response_mask_NxR`).
     """
     batch = pack_batch(rows, spec)
-    z_N = group_advantage(rows["reward_N"], spec.group_size, spec.adv_eps, spec.std_ddof)
+    z_N = group_advantage(rows.reward_N, spec.group_size, spec.adv_eps, spec.std_ddof)
     batch["logp_old_WxR"] = chunked_forward(logp_fn, params["policy"], batch, spec.forward_rows)
-    s, mask = batch["seq_index_W"], np.asarray(rows["response_mask"], np.float32)
+    s, mask = batch["seq_index_W"], np.asarray(rows.response_mask_NxR, np.float32)
     metrics = {}
     if value_fn is None:
         adv_NxR = np.broadcast_to(z_N[:, None], mask.shape)
@@ -278,9 +281,8 @@ def build_update_batch(rows: dict, params: dict, *, spec: TraceSpec, logp_fn, va
         batch["values_old_WxR"], batch["returns_WxR"] = values_WxR, ret_NxR[s]
         metrics["value/mean"] = float(np.sum(v_NxR * mask) / max(mask.sum(), 1.0))
     batch["adv_WxR"] = np.ascontiguousarray(adv_NxR[s], np.float32)
-    batch["response_mask_NxR"] = mask
     n_real = int(batch["row_valid_W"].sum())
-    entropy = np.asarray(rows["entropy"], np.float32)
+    entropy = np.asarray(rows.entropy_NxR, np.float32)
     metrics.update({
         "tracerl/rows": float(n_real),
         "tracerl/row_fill": n_real / max(len(s), 1),

@@ -158,13 +158,14 @@ def token_chunks(h_NxRxD: jax.Array, targets_NxR: jax.Array, token_chunk: int) -
     return h_TxD.reshape(num, chunk, d), t_T.reshape(num, chunk)
 
 
-def causal_forward_inputs(batch: dict) -> tuple[jax.Array, jax.Array, AttentionMask]:
-    """tokens, positions and the causal mask (a pattern with key padding, for the fused kernels) of a batch."""
-    valid = batch["valid_NxL"]
-    return batch["tokens_NxL"], positions_from_mask(valid), causal(valid)
+def causal_forward_inputs(batch) -> tuple[jax.Array, jax.Array, AttentionMask]:
+    """tokens, positions and the causal mask (a pattern with key padding, for the fused kernels) of a batch (an
+    `UpdateBatch`, or anything with its `tokens_NxL` and `valid_NxL`)."""
+    valid = batch.valid_NxL
+    return batch.tokens_NxL, positions_from_mask(valid), causal(valid)
 
 
-def ar_logps(graphdef: nnx.GraphDef, params, batch: dict, spec: LogpSpec = LogpSpec()):
+def ar_logps(graphdef: nnx.GraphDef, params, batch, spec: LogpSpec = LogpSpec()):
     """Autoregressive `logps_fn` (diffusion.md §6.1): hidden states at P-1 .. L-2 predict the response tokens.
 
     Returns float32 `(logp_NxR, entropy_NxR)`; the params are cast to `spec.compute_dtype` here, inside whatever
@@ -172,15 +173,15 @@ def ar_logps(graphdef: nnx.GraphDef, params, batch: dict, spec: LogpSpec = LogpS
     """
     model = nnx.merge(graphdef, cast_floating(params, spec.dtype))
     tokens, positions, mask = causal_forward_inputs(batch)
-    num_resp = batch["response_mask_NxR"].shape[1]
+    num_resp = batch.response_mask_NxR.shape[1]
     h_NxLxD, _ = model.hidden(tokens, positions, mask)
     return chunked_token_logps(h_NxLxD[:, -num_resp - 1:-1], model.lm_head_weight(), tokens[:, -num_resp:],
                                token_chunk=spec.logits_chunk, vocab_chunk=spec.vocab_chunk)
 
 
-def ar_values(graphdef: nnx.GraphDef, params, batch: dict, spec: LogpSpec = LogpSpec()) -> jax.Array:
+def ar_values(graphdef: nnx.GraphDef, params, batch, spec: LogpSpec = LogpSpec()) -> jax.Array:
     """Critic values of the states before each response token (verl `values[:, -R-1:-1]`), float32."""
     model = nnx.merge(graphdef, cast_floating(params, spec.dtype))
     tokens, positions, mask = causal_forward_inputs(batch)
-    num_resp = batch["response_mask_NxR"].shape[1]
+    num_resp = batch.response_mask_NxR.shape[1]
     return model(tokens, positions, mask)[:, -num_resp - 1:-1].astype(jnp.float32)

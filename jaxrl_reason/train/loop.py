@@ -38,6 +38,7 @@ from jaxrl_reason.train import rollout as rollout_lib
 from jaxrl_reason.train import workdir as workdir_lib
 from jaxrl_reason.train.build import build_task, validate_config
 from jaxrl_reason.train.checkpoint import Checkpointer, install_preemption_handler
+from jaxrl_reason.train.contracts import UpdateBatch
 from jaxrl_reason.train.evaluation import evaluate
 from jaxrl_reason.train.metrics import MetricsWriter, ProgressBar
 from jaxrl_reason.train.optimizer import make_optimizer
@@ -109,7 +110,7 @@ def _global(batch: dict, sharding) -> dict:
                         batch)
 
 
-def update_batch_spec(config, sharding) -> dict | None:
+def update_batch_spec(config, sharding) -> UpdateBatch | None:
     """ShapeDtypeStructs of one mini-batch as `parts.split` hands it to the step (autoregressive policies; None for
     the masked-diffusion layout, whose row count depends on the sampled trajectories)."""
     if config.model.attention != "causal":
@@ -117,20 +118,19 @@ def update_batch_spec(config, sharding) -> dict | None:
     r, o = config.rollout, config.optim
     n, resp = r.prompts_per_step * r.group_size // o.mini_batches, r.max_new_tokens
     seq = r.max_prompt_len + resp
-    f32 = ("response_mask_NxR", "logp_old_NxR", "adv_NxR")
-    if config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0:
-        f32 += ("logp_ref_NxR",)
-    if config.advantage.estimator == "gae":
-        f32 += ("returns_NxR", "values_old_NxR")
-    if r.get("is_correction", "none") != "none":
-        f32 += ("is_weight_NxR",)
-    spec = {k: ((n, resp), np.float32) for k in f32}
-    spec.update(tokens_NxL=((n, seq), np.int32), valid_NxL=((n, seq), np.bool_), num_tokens_N=((n,), np.float32),
-                num_seqs_N=((n,), np.float32))
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in spec.items()}
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+    f32_NxR = spec((n, resp), np.float32)
+    kl = config.loss.kl_coef > 0 or config.loss.kl_in_reward_coef > 0
+    gae = config.advantage.estimator == "gae"
+    return UpdateBatch(
+        tokens_NxL=spec((n, seq), np.int32), valid_NxL=spec((n, seq), np.bool_), response_mask_NxR=f32_NxR,
+        logp_old_NxR=f32_NxR, adv_NxR=f32_NxR, logp_ref_NxR=f32_NxR if kl else None,
+        returns_NxR=f32_NxR if gae else None, values_old_NxR=f32_NxR if gae else None,
+        is_weight_NxR=f32_NxR if r.get("is_correction", "none") != "none" else None,
+        num_tokens_N=spec((n,), np.float32), num_seqs_N=spec((n,), np.float32))
 
 
-def compile_update(step, state, batch_spec: dict, mesh):
+def compile_update(step, state, batch_spec, mesh):
     """Ahead-of-time lower + compile of the jitted update step for `state` (arrays or ShapeDtypeStructs) and
     `batch_spec`, under the mesh (what the compile check reports and the loop then runs)."""
     with jax.set_mesh(mesh):
@@ -262,7 +262,7 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
             sampler_args=methods.sampler_args(config, meta["method_state"]))
         t1 = time.time()
         batch, batch_metrics, entropy = parts.build_batch(rows, state.params)
-        meta["method_state"] = methods.next_state(config, entropy, batch["response_mask_NxR"])
+        meta["method_state"] = methods.next_state(config, entropy, np.asarray(rows.response_mask_NxR, np.float32))
         t2 = time.time()
         mbs = parts.split(batch, np.random.default_rng([config.seed, it]))
         state, step_metrics, skips = _update(config, update, state, mbs, it, skips)

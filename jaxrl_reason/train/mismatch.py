@@ -2,7 +2,7 @@
 
 The sampler returns, per response token, the log-prob under the distribution it sampled from (after temperature,
 top-k / top-p / min-p, HAPO's temperature) and the raw policy log-prob (temperature 1, no truncation); the rollout
-rows carry the raw one as `logp_sampler_raw`. The trainer recomputes the old log-probs with its own forward pass,
+rows carry the raw one as `logp_sampler_raw_NxR`. The trainer recomputes the old log-probs with its own forward pass,
 also at temperature 1 with no truncation, so the raw sampler log-prob is the comparable one: their difference is
 the numerical mismatch of the two implementations (kernels, dtype, cache, reduction shapes), not the sampling
 processors. `build_update_batch` then
@@ -86,25 +86,27 @@ def weighted_losses() -> tuple[str, ...]:
                  if "token_weights_NxT" in inspect.signature(entry.loss_fn).parameters)
 
 
-def batch_terms(rows: dict, logp_old_NxR, mask_NxR, cfg: MismatchConfig | None) -> tuple[dict, dict]:
-    """(extra batch entries, metrics) of the old log-probs against the sampler's raw ones; ({}, {}) when off."""
-    if cfg is None or not cfg.active or "logp_sampler_raw" not in rows:
-        return {}, {}
-    sampler = jnp.asarray(rows["logp_sampler_raw"], jnp.float32)
+def batch_terms(rows, logp_old_NxR, mask_NxR, cfg: MismatchConfig | None) -> tuple[object, dict]:
+    """(is_weight_NxR or None, metrics) of the old log-probs against the rows' raw sampler log-probs (`Rows`);
+    (None, {}) when off."""
+    if cfg is None or not cfg.active or rows.logp_sampler_raw_NxR is None:
+        return None, {}
+    sampler = jnp.asarray(rows.logp_sampler_raw_NxR, jnp.float32)
     cap = cfg.cap if cfg.correction != "none" else None
     metrics = {METRIC_NAMES[k]: float(v)
                for k, v in importance.mismatch_metrics(logp_old_NxR, sampler, mask_NxR, cap).items()}
     if cfg.correction == "none":
-        return {}, metrics
+        return None, metrics
     lower = None if cfg.mis_lower < 0 else cfg.mis_lower
     w = importance.importance_weights(cfg.correction, logp_old_NxR, sampler, mask_NxR, cfg.cap, lower)
     mask = np.asarray(mask_NxR, np.float32)
     n = max(float(mask.sum()), 1.0)
     metrics["rollout/is_weight_mean"] = float(jnp.sum(w * mask) / n)
     metrics["rollout/is_zeroed_frac"] = float(jnp.sum((w == 0) * mask) / n)
-    return {"is_weight_NxR": w}, metrics
+    return w, metrics
 
 
-def loss_overrides(batch: dict) -> dict:
-    """The per-token weights the policy loss multiplies its per-token loss by, when the batch carries them."""
-    return {"token_weights_NxT": batch["is_weight_NxR"]} if "is_weight_NxR" in batch else {}
+def loss_overrides(batch) -> dict:
+    """The per-token weights the policy loss multiplies its per-token loss by, when the batch (`UpdateBatch`)
+    carries them."""
+    return {} if batch.is_weight_NxR is None else {"token_weights_NxT": batch.is_weight_NxR}

@@ -11,14 +11,14 @@ micro-batch, with `hp` the frozen loss section (`train/hparams.py`):
   - entropy_coef * agg(H)
   + value_coef * value_loss(v, v_old, returns)                       (PPO critic)
 
-Every aggregation uses the global token / sequence counts of the whole mini-batch (`batch["num_tokens"]`,
-`batch["num_seqs"]`), so micro-batch losses sum to the mini-batch loss (verl 0.8 semantics) and the generic step
+Every aggregation uses the global token / sequence counts of the whole mini-batch (`batch.num_tokens_N`,
+`batch.num_seqs_N`), so micro-batch losses sum to the mini-batch loss (verl 0.8 semantics) and the generic step
 in `train/step.py` can accumulate them.
 
-Batch layout (rows N = prompts x group size, prompt left-padded to P, response right-padded to R, L = P + R):
-  tokens_NxL int32, valid_NxL bool, response_mask_NxR f32, logp_old_NxR, adv_NxR,
-  optional logp_ref_NxR (KL), values_old_NxR and returns_NxR (critic), is_weight_NxR (rollout importance weights,
-  train/mismatch.py), num_tokens_N, num_seqs_N (broadcast).
+The batch is a `train.contracts.UpdateBatch` (rows N = prompts x group size, prompt left-padded to P, response
+right-padded to R, L = P + R): tokens_NxL int32, valid_NxL bool, response_mask_NxR f32, logp_old_NxR, adv_NxR,
+optional logp_ref_NxR (KL), values_old_NxR and returns_NxR (critic), is_weight_NxR (rollout importance weights,
+train/mismatch.py), num_tokens_N, num_seqs_N (broadcast).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from jaxrl_reason.core import policy_loss as pl
 from jaxrl_reason.core import policy_loss_variants  # noqa: F401  (registers CISPO, SAPO, GMPO, ... in POLICY_LOSSES)
 from jaxrl_reason.core.aggregate import aggregate
 from jaxrl_reason.train import mismatch
+from jaxrl_reason.train.contracts import UpdateBatch
 from jaxrl_reason.train.logprobs import ar_logps, ar_values, causal_forward_inputs, token_logps  # noqa: F401
 from jaxrl_reason.train.step import SUMMED
 
@@ -36,29 +37,28 @@ from jaxrl_reason.train.step import SUMMED
 _SHARES = ("pg_loss", "kl_loss", "entropy", "vf_loss")
 
 
-def _agg_kwargs(hp, batch: dict) -> dict:
-    return dict(agg=hp.agg, agg_const=hp.agg_const, num_tokens=batch["num_tokens_N"][0],
-                num_seqs=batch["num_seqs_N"][0])
+def _agg_kwargs(hp, batch: UpdateBatch) -> dict:
+    return dict(agg=hp.agg, agg_const=hp.agg_const, num_tokens=batch.num_tokens_N[0], num_seqs=batch.num_seqs_N[0])
 
 
-def policy_term(hp, logp, entropy, batch: dict, rng=None, hooks: tuple = ()) -> tuple[jax.Array, dict]:
+def policy_term(hp, logp, entropy, batch: UpdateBatch, rng=None, hooks: tuple = ()) -> tuple[jax.Array, dict]:
     """The policy-gradient term registered under `hp.mode` in `core.policy_loss.POLICY_LOSSES`.
 
     `hooks`: the active methods' policy hooks, `hook(logp, entropy, batch, hp) -> (adv_NxR, overrides, metrics)`,
     applied in order; the last advantages and the merged overrides go into the loss.
     """
-    mask, adv, overrides, metrics = batch["response_mask_NxR"], batch["adv_NxR"], {}, {}
+    mask, adv, overrides, metrics = batch.response_mask_NxR, batch.adv_NxR, {}, {}
     for hook in hooks:
-        adv, more, hook_metrics = hook(logp, entropy, {**batch, "adv_NxR": adv}, hp)
+        adv, more, hook_metrics = hook(logp, entropy, batch.replace(adv_NxR=adv), hp)
         overrides.update(more)
         metrics.update(hook_metrics)
     overrides.update(mismatch.loss_overrides(batch))  # rollout importance weights, when the batch has them
-    loss, pg_metrics = pl.POLICY_LOSSES[hp.mode](logp, batch["logp_old_NxR"], adv, mask, hp, _agg_kwargs(hp, batch),
+    loss, pg_metrics = pl.POLICY_LOSSES[hp.mode](logp, batch.logp_old_NxR, adv, mask, hp, _agg_kwargs(hp, batch),
                                                  rng=rng, **overrides)
     return loss, {**pg_metrics, **metrics}
 
 
-def rl_loss(params: dict, batch: dict, rng: jax.Array, *, hp, policy_graphdef, value_graphdef=None,
+def rl_loss(params: dict, batch: UpdateBatch, rng: jax.Array, *, hp, policy_graphdef, value_graphdef=None,
             logps_fn=ar_logps, values_fn=ar_values, hooks: tuple = ()) -> tuple[jax.Array, dict]:
     """Total RL loss of one micro-batch; `params = {"policy": ..., ["value": ...]}`; `hp` the frozen loss section.
 
@@ -67,11 +67,11 @@ def rl_loss(params: dict, batch: dict, rng: jax.Array, *, hp, policy_graphdef, v
     """
     logp, entropy = logps_fn(policy_graphdef, params["policy"], batch)
     loss, metrics = policy_term(hp, logp, entropy, batch, rng, hooks)
-    mask = batch["response_mask_NxR"]
+    mask = batch.response_mask_NxR
     agg = _agg_kwargs(hp, batch)
     metrics["pg_loss"] = loss
     if hp.kl_coef > 0:
-        kl_tok = kl_lib.kl_estimate(logp, batch["logp_ref_NxR"], hp.kl_kind)
+        kl_tok = kl_lib.kl_estimate(logp, batch.logp_ref_NxR, hp.kl_kind)
         kl = aggregate(kl_tok, mask, agg["agg"], agg["agg_const"], num_tokens=agg["num_tokens"],
                        num_seqs=agg["num_seqs"])
         loss = loss + hp.kl_coef * kl
@@ -82,7 +82,7 @@ def rl_loss(params: dict, batch: dict, rng: jax.Array, *, hp, policy_graphdef, v
         loss = loss + ent_term
     if hp.value_coef > 0:
         values = values_fn(value_graphdef, params["value"], batch)
-        v_loss, v_metrics = pl.value_loss(values, batch["values_old_NxR"], batch["returns_NxR"], mask,
+        v_loss, v_metrics = pl.value_loss(values, batch.values_old_NxR, batch.returns_NxR, mask,
                                           hp.value_clip, **agg)
         loss = loss + hp.value_coef * v_loss
         metrics.update(v_metrics, vf_loss=v_loss)

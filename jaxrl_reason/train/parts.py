@@ -15,6 +15,8 @@ class PolicyParts(NamedTuple):
     train_gen: Callable  # (params, prompt_tokens, prompt_mask, key, *sampler_args) -> Rollout
     eval_gen: Callable
     greedy_gen: Callable | None
-    build_batch: Callable[[dict, dict], tuple[dict, dict, Any]]  # (rows, params) -> (batch, metrics, entropy)
+    # (rows: `train.contracts.Rows`, params) -> (batch, metrics, entropy_NxR); the batch is an `UpdateBatch`
+    # (autoregressive) or the policy kind's own pytree (masked diffusion's packed replay rows)
+    build_batch: Callable[[Any, dict], tuple[Any, dict, Any]]
     loss_fn: Callable  # (params, micro_batch, rng) -> (loss, metrics)
-    split: Callable[[dict, np.random.Generator], list[dict]]  # rollout batch -> mini-batches
+    split: Callable[[Any, np.random.Generator], list[Any]]  # rollout batch -> mini-batches

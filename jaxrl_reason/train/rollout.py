@@ -19,6 +19,7 @@ from jaxrl_reason.core import filters as filters_lib
 from jaxrl_reason.core import length as length_lib
 from jaxrl_reason.data.example import Example
 from jaxrl_reason.data.tokenizer import decode_until_eos, encode_batch_left_padded
+from jaxrl_reason.train.contracts import Rows
 
 
 class PromptStream:
@@ -58,9 +59,14 @@ def shape_rewards(score_N, length_N, truncated_N, hp):
     return np.asarray(arrays["reward_N"], np.float32), metrics
 
 
-def group_filter(rows: dict, hp) -> tuple[np.ndarray, dict]:
-    """keep_B for one generation round: `GROUP_FILTERS[hp.kind]`."""
-    return filters_lib.GROUP_FILTERS[hp.kind](rows, hp)
+def group_filter(rows: Rows, hp) -> tuple[np.ndarray, dict]:
+    """keep_B for one generation round: `GROUP_FILTERS[hp.kind]` (core filters read a name -> array mapping)."""
+    return filters_lib.GROUP_FILTERS[hp.kind](_as_mapping(rows), hp)
+
+
+def _as_mapping(rows: Rows) -> dict:
+    """The rows' set fields by name: the form `core/` takes (it knows no train-layer types)."""
+    return {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows) if getattr(rows, f.name) is not None}
 
 
 @dataclasses.dataclass
@@ -94,8 +100,9 @@ def _sample_in_batches(spec: RolloutSpec, params, ids, mask, key, extra: tuple):
     return jax.tree.map(lambda *x: np.concatenate(x, axis=0), *jax.device_get(outs))
 
 
-def sample_round(spec: RolloutSpec, params, examples: list[Example], key, sampler_args: tuple = ()) -> dict:
-    """Samples `group_size` responses per example and scores them; returns numpy rows (groups contiguous).
+def sample_round(spec: RolloutSpec, params, examples: list[Example], key, sampler_args: tuple = ()):
+    """Samples `group_size` responses per example and scores them; returns (`Rows`, groups contiguous, reward_N
+    unset; the decoded texts).
 
     `sampler_args`: extra positional arguments of the sampler (a method's carried state, e.g. entropy statistics).
     """
@@ -107,36 +114,38 @@ def sample_round(spec: RolloutSpec, params, examples: list[Example], key, sample
     texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
     golds = [ex for ex in examples for _ in range(g)] if getattr(spec.scorer, "accepts_examples", False) else answers
     score = np.asarray(spec.scorer(texts, golds), np.float32)
-    return {
-        "prompt_tokens": np.asarray(ro.prompt_tokens_BxP, np.int32),
-        "prompt_mask": np.asarray(ro.prompt_mask_BxP, bool),
-        "tokens": np.asarray(ro.tokens_BxR, np.int32),
-        "response_mask": np.asarray(ro.response_mask_BxR, bool),
-        "logp_sampler": np.asarray(ro.logp_BxR, np.float32),
-        "logp_sampler_raw": np.asarray(ro.logp_raw_BxR, np.float32),  # temperature 1: what the trainer recomputes
-        "entropy": np.asarray(ro.entropy_BxR, np.float32),
-        "length_N": np.asarray(ro.length_B, np.int32),
-        "truncated_N": np.asarray(ro.truncated_B, bool),
-        "score_N": score,
-        "example_index": np.repeat(np.arange(len(examples)), g),
-        "answer": np.asarray(answers),
-        "step_map": np.asarray(ro.step_map_BxR, np.int32),
-    }, texts
+    return Rows(
+        prompt_tokens_NxP=np.asarray(ro.prompt_tokens_BxP, np.int32),
+        prompt_mask_NxP=np.asarray(ro.prompt_mask_BxP, bool),
+        tokens_NxR=np.asarray(ro.tokens_BxR, np.int32),
+        response_mask_NxR=np.asarray(ro.response_mask_BxR, bool),
+        logp_sampler_NxR=np.asarray(ro.logp_BxR, np.float32),
+        logp_sampler_raw_NxR=np.asarray(ro.logp_raw_BxR, np.float32),
+        entropy_NxR=np.asarray(ro.entropy_BxR, np.float32),
+        length_N=np.asarray(ro.length_B, np.int32),
+        truncated_N=np.asarray(ro.truncated_B, bool),
+        score_N=score,
+        example_index_N=np.repeat(np.arange(len(examples)), g),
+        answer_N=np.asarray(answers),
+        step_map_NxR=np.asarray(ro.step_map_BxR, np.int32),
+    ), texts
 
 
-def pad_groups(rows: dict, num_rows: int) -> dict:
+def pad_groups(rows: Rows, num_rows: int) -> Rows:
     """Pads a short batch to `num_rows` with zero-weight copies of its first rows (response mask all 0)."""
-    have = rows["score_N"].shape[0]
+    have = rows.num_rows
     if have >= num_rows:
         return rows
     idx = np.arange(num_rows - have) % max(have, 1)
-    out = {}
-    for name, x in rows.items():
+
+    def pad(x):
         extra = x[idx] if have else np.zeros((num_rows - have,) + x.shape[1:], x.dtype)
-        if name == "response_mask":
-            extra = np.zeros_like(extra)
-        out[name] = np.concatenate([x, extra], axis=0)
-    return out
+        return np.concatenate([x, extra], axis=0)
+
+    out = jax.tree.map(pad, rows)
+    mask = np.asarray(out.response_mask_NxR).copy()
+    mask[have:] = False
+    return out.replace(response_mask_NxR=mask)
 
 
 def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train_groups: int, reward_hp, filter_hp,
@@ -145,17 +154,17 @@ def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train
     batch. `reward_hp` / `filter_hp`: the frozen reward and filter sections (`train/hparams.py`).
 
     Returns:
-      (rows: dict of numpy arrays with exactly train_groups * group_size rows, metrics, texts of the batch rows).
+      (`Rows` with exactly train_groups * group_size rows, metrics, texts of the batch rows).
     """
     acc = filters_lib.empty_accumulator(spec.group_size, train_groups)
     metrics, all_scores, all_lengths, all_truncated, texts_kept, all_rewards = {}, [], [], [], [], []
     for r in range(max(filter_hp.max_rounds, 1)):
         key, sub = jax.random.split(key)
         rows, texts = sample_round(spec, params, stream.take(spec.prompts_per_round), sub, sampler_args)
-        rows["reward_N"], shape_metrics = shape_rewards(rows["score_N"], rows["length_N"], rows["truncated_N"],
-                                                        reward_hp)
-        all_scores.append(rows["score_N"]), all_lengths.append(rows["length_N"])
-        all_truncated.append(rows["truncated_N"]), all_rewards.append(rows["reward_N"])
+        reward_N, shape_metrics = shape_rewards(rows.score_N, rows.length_N, rows.truncated_N, reward_hp)
+        rows = rows.replace(reward_N=reward_N)
+        all_scores.append(rows.score_N), all_lengths.append(rows.length_N)
+        all_truncated.append(rows.truncated_N), all_rewards.append(rows.reward_N)
         keep_B, filter_metrics = group_filter(rows, filter_hp)
         rows_kept = np.repeat(keep_B, spec.group_size)
         room = (train_groups - acc.num_groups) * spec.group_size
@@ -178,4 +187,4 @@ def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train
         "response/length_mean": float(np.mean(np.concatenate(all_lengths))),
         "response/truncated_frac": float(np.mean(np.concatenate(all_truncated))),
     })
-    return pad_groups(dict(acc.arrays), train_groups * spec.group_size), metrics, texts_kept
+    return pad_groups(acc.arrays, train_groups * spec.group_size), metrics, texts_kept

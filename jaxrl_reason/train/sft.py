@@ -19,6 +19,7 @@ from jaxrl_reason.data import arithmetic
 from jaxrl_reason.data.tokenizer import encode_batch_left_padded, encode_responses_right_padded
 from jaxrl_reason.models.hf import save_hf
 from jaxrl_reason.train.batch import make_forward_fns
+from jaxrl_reason.train.contracts import UpdateBatch
 from jaxrl_reason.train.objectives import ar_logps
 from jaxrl_reason.train.optimizer import make_optimizer
 from jaxrl_reason.train.state import init_train_state
@@ -36,10 +37,16 @@ def sft_arrays(tokenizer, prompts: list[str], responses: list[str], max_prompt_l
     }
 
 
+def _inputs(arrays: dict) -> UpdateBatch:
+    """The forward passes' inputs of an SFT batch (the RL update batch's model-input fields)."""
+    return UpdateBatch(tokens_NxL=arrays["tokens_NxL"], valid_NxL=arrays["valid_NxL"],
+                       response_mask_NxR=arrays["response_mask_NxR"])
+
+
 def ar_sft_loss(params, batch: dict, rng, *, graphdef) -> tuple[jax.Array, dict]:
     """Token-mean negative log-likelihood of the response tokens (incl. EOS), global token count normalizer."""
     del rng
-    logp, _ = ar_logps(graphdef, params, batch)
+    logp, _ = ar_logps(graphdef, params, _inputs(batch))
     mask = batch["response_mask_NxR"]
     nll = -jnp.sum(logp * mask) / batch["num_tokens_N"][0]
     return nll, {"nll_sum": -jnp.sum(logp * mask)}
@@ -186,6 +193,6 @@ def heldout_nll(model, arrays: dict) -> float:
     """Mean response-token NLL of `arrays` under `model` (for plateau checks)."""
     graphdef, params = nnx.split(model, nnx.Param)
     logps, _ = make_forward_fns(graphdef)
-    logp, _ = logps(params, arrays)
+    logp, _ = logps(params, _inputs(arrays))
     mask = arrays["response_mask_NxR"]
     return float(-np.sum(np.asarray(logp) * mask) / max(mask.sum(), 1.0))

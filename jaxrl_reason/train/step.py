@@ -23,15 +23,16 @@ import optax
 
 from jaxrl_reason.train.state import TrainState
 
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]  # (params, micro-batch pytree, rng)
 
 # Metric-name prefix of a micro-batch's share of a mini-batch value (a loss term normalized by the mini-batch's
 # counts): such metrics are summed over micro-batches, the others averaged; the prefix is dropped from the name.
 SUMMED = "sum/"
 
 
-def split_micro_batches(batch: dict, num_micro_batches: int) -> dict:
-    """[N, ...] -> [M, N/M, ...] with micro-batch m = rows m, m+M, ... (strided: keeps per-device rows local)."""
+def split_micro_batches(batch, num_micro_batches: int):
+    """[N, ...] -> [M, N/M, ...] on every leaf of a batch pytree (None fields stay None), micro-batch m = rows
+    m, m+M, ... (strided: keeps per-device rows local)."""
 
     def split(x):
         n = x.shape[0]
@@ -56,7 +57,7 @@ def _reduce_metrics(metrics: dict, axis=None) -> dict:
             for k, v in metrics.items()}
 
 
-def _accumulate_grads(loss_fn: LossFn, params, batch: dict, rng: jax.Array, num_micro_batches: int):
+def _accumulate_grads(loss_fn: LossFn, params, batch, rng: jax.Array, num_micro_batches: int):
     """Sums loss, gradients and `SUMMED` metrics over micro-batches; averages the other metrics."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_micro_batches == 1:
@@ -79,7 +80,7 @@ def _accumulate_grads(loss_fn: LossFn, params, batch: dict, rng: jax.Array, num_
 
 def train_step(
     state: TrainState,
-    batch: dict,
+    batch,
     *,
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
@@ -121,7 +122,7 @@ def make_train_step(
       tx: the optax transformation (grad-norm clipping and the schedule live inside it).
       num_micro_batches: gradient-accumulation factor; must divide the batch rows.
       state_shardings: pytree of `NamedSharding` matching `TrainState` (None: let jit infer, single device).
-      batch_shardings: pytree of `NamedSharding` for the batch dict, rows over ('data', 'fsdp').
+      batch_shardings: pytree (or prefix) of `NamedSharding` for the batch, rows over ('data', 'fsdp').
       donate: donate the input state buffers (the caller must not reuse the old state).
     """
 

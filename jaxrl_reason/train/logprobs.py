@@ -166,7 +166,7 @@ def causal_forward_inputs(batch) -> tuple[jax.Array, jax.Array, AttentionMask]:
 
 
 def ar_logps(graphdef: nnx.GraphDef, params, batch, spec: LogpSpec = LogpSpec()):
-    """Autoregressive `logps_fn` (diffusion.md §6.1): hidden states at P-1 .. L-2 predict the response tokens.
+    """Autoregressive `logps_fn`: hidden states at P-1 .. L-2 predict the response tokens.
 
     Returns float32 `(logp_NxR, entropy_NxR)`; the params are cast to `spec.compute_dtype` here, inside whatever
     function is differentiated, so their gradients keep the params' own dtype.

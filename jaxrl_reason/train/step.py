@@ -1,4 +1,4 @@
-"""THE update step: `(state, batch) -> (state, metrics)`, one pure function, jitted once (DESIGN.md §1, §2).
+"""THE update step: `(state, batch) -> (state, metrics)`, one pure function, jitted once.
 
 The step knows nothing about RL or SFT. It takes a `loss_fn(params, micro_batch, rng) -> (loss, metrics)` whose
 losses over the micro-batches SUM to the mini-batch loss (the objectives in `train/objectives.py` and

@@ -85,14 +85,7 @@ def report(name, compiled, seconds, refusal, *, args, resident, kv_bytes, top) -
     print(f"  KV cache estimate {gib(kv_bytes)} GiB per device (layers x 2 x rows x kv_heads x head_dim x (P + R) "
           "x 2 bytes / row shards)")
     if compiled is None:
-        temp = refusal.get("temp_bytes")
-        if temp is None:
-            print("  XLA's message gives no temporaries size")
-            return None
-        need = args + temp + resident
-        print(f"  arguments {gib(args)} GiB | temporaries {gib(temp)} GiB (from XLA's refusal) | resident beside it "
-              f"{gib(resident)} GiB | total {gib(need)} GiB per device")
-        return need
+        return ct.refused_need(args, refusal, resident)
     mem = preflight.memory_report(compiled)
     need = mem.peak + resident
     print(f"  arguments {gib(mem.argument)} GiB | outputs {gib(mem.output - mem.alias)} GiB | temporaries "

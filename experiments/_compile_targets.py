@@ -219,3 +219,17 @@ def parse_oom(message: str) -> dict:
         if m:
             out[key] = int(float(m.group(1)) * scale[m.group(2)])
     return out
+
+
+def refused_need(args: int, refusal: dict, resident: int) -> int | None:
+    """Prints and returns the bytes per device a program XLA refused would need: its arguments, the temporaries
+    XLA's out-of-memory message names, and what stays resident beside it (None: the message names no size)."""
+    temp = refusal.get("temp_bytes")
+    if temp is None:
+        print("  XLA's message gives no temporaries size")
+        return None
+    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    need = args + temp + resident
+    print(f"  arguments {gib(args)} GiB | temporaries {gib(temp)} GiB (from XLA's refusal) | resident beside it "
+          f"{gib(resident)} GiB | total {gib(need)} GiB per device")
+    return need

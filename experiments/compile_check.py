@@ -198,14 +198,7 @@ def report_program(name, compiled, seconds, refusal, *, args, resident, model_fl
     gib = lambda b: f"{b / ct.GIB:.2f}"  # noqa: E731
     print(f"\n### {name} (compiled in {seconds:.1f} s)")
     if compiled is None:
-        temp = refusal.get("temp_bytes")
-        if temp is None:
-            print("  XLA's message gives no temporaries size")
-            return None
-        need = args + temp + resident
-        print(f"  arguments {gib(args)} GiB | temporaries {gib(temp)} GiB (from XLA's refusal) | resident beside it "
-              f"{gib(resident)} GiB | total {gib(need)} GiB per device")
-        return need
+        return ct.refused_need(args, refusal, resident)
     mem = preflight.memory_report(compiled)
     need = mem.peak + resident
     print(f"  arguments {gib(mem.argument)} GiB | outputs {gib(mem.output - mem.alias)} GiB (beyond donated) | "

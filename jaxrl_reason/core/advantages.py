@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from .aggregate import masked_mean
+from .registry import registrar
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
 SINGLETON_MODES = ("verl", "trl")
@@ -278,13 +279,9 @@ def remax_advantages(reward_N, greedy_reward_N, mask_NxT):
 
 # ---------------------------------------------------------------- the registry: hp -> arguments, [N, T] out
 
-def register_advantage(name: str):
-    """Decorator: registers an estimator entry `(reward_N, mask_NxT, hp, **arrays) -> (adv_NxT, returns, metrics)`
-    under `name` (its key is then a valid `advantage.estimator`)."""
-    def deco(fn):
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-    return deco
+# @register_advantage(name) on `(reward_N, mask_NxT, hp, **arrays) -> (adv_NxT, returns, metrics)`: its key is a
+# valid `advantage.estimator`
+register_advantage = registrar(ADVANTAGE_ESTIMATORS)
 
 
 def _per_token(adv_N, mask_NxT):

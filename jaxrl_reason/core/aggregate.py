@@ -22,15 +22,10 @@ from typing import Callable, Optional
 
 import jax.numpy as jnp
 
+from jaxrl_reason.core.registry import registrar
+
 AGGREGATIONS: dict[str, Callable] = {}
-
-
-def register_aggregation(name: str):
-    """Decorator: registers an aggregation under `name` (its key is then a valid `loss.agg`)."""
-    def deco(fn):
-        AGGREGATIONS[name] = fn
-        return fn
-    return deco
+register_aggregation = registrar(AGGREGATIONS)  # @register_aggregation(name): its key is a valid `loss.agg`
 
 
 def _nonempty(seq_sum_N, tok_count_N):

@@ -22,17 +22,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxrl_reason.core.registry import registrar
+
 GROUP_FILTERS: dict[str, Callable] = {}
-
-
-def register_filter(name: str):
-    """Decorator: registers a group filter `(arrays, hp) -> (keep_B, metrics)` under `name` (a `filter.kind`)."""
-
-    def deco(fn):
-        GROUP_FILTERS[name] = fn
-        return fn
-
-    return deco
+register_filter = registrar(GROUP_FILTERS)  # @register_filter(name) on `(arrays, hp) -> (keep_B, metrics)`
 
 # LSPO threshold presets (L_low, L_high, L_max). Which produced the paper's tables is unverified.
 LSPO_THRESHOLDS_CODE = (0.30, 0.60, 0.90)  # released v2 launcher script (default of `lspo_length_filter`)

@@ -15,17 +15,10 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_reason.core.registry import registrar
+
 REWARD_SHAPINGS: dict[str, Callable] = {}
-
-
-def register_shaping(name: str):
-    """Decorator: registers a reward shaping `(arrays, hp) -> (reward_N, metrics)` under `name`."""
-
-    def deco(fn):
-        REWARD_SHAPINGS[name] = fn
-        return fn
-
-    return deco
+register_shaping = registrar(REWARD_SHAPINGS)  # @register_shaping(name) on `(arrays, hp) -> (reward_N, metrics)`
 
 
 def _float(x):

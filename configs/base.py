@@ -110,6 +110,9 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.rollout.lanes = 1  # > 1: decode the batch as independent lanes run concurrently (sampling/autoregressive.py)
     c.rollout.sample_batch_rows = 0  # > 0: sample a round in sub-batches of this many rows (whole groups)
     c.rollout.share_prefill = {"tiny": False, "small": False, "full": True}[scale]  # prefill each prompt once
+    # True: each round also decodes one greedy response per prompt and scores it (rows' greedy_reward_N, the reward
+    # baseline ReMax subtracts); one more sampler call per round
+    c.rollout.greedy_baseline = False
     c.rollout.compact_rows = False  # True: drop finished rows between decode segments (sampling/compaction.py)
     # The sampler's weight layout: "train" decodes with the trainer's (FSDP: weights gathered at every decode step);
     # "decode" gives the sampler its own mesh over the same devices, (devices / decode_tensor) x decode_tensor,

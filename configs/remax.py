@@ -1,7 +1,7 @@
 """ReMax: A = R - R(greedy response to the same prompt); PPO loss, token-mean, no KL.
 
-The RL loop does not sample the greedy baseline response, so `validate_config` refuses this config with one
-sentence; `jaxrl_reason.core.advantages.remax_advantages(reward_N, greedy_reward_N, mask_NxT)` is the estimator.
+`rollout.greedy_baseline` (set by the recipe) makes each round also decode one greedy response per prompt and score
+it; `jaxrl_reason.core.advantages.remax_advantages(reward_N, greedy_reward_N, mask_NxT)` is the estimator.
 
 Launch:
   python experiments/train.py --config=configs/remax.py:tiny --workdir=runs/remax_tiny

@@ -118,7 +118,7 @@ RECIPES.update({
     # advantage estimators on the GRPO loss
     "grpo_passk": {**_GRPO, "advantage.estimator": "grpo_passk"},
     "opo": {**_VERL_LOSS, "advantage.estimator": "opo", "loss.mode": "ppo"},
-    "remax": {**_VERL_LOSS, "advantage.estimator": "remax", "loss.mode": "ppo"},
+    "remax": {**_VERL_LOSS, "advantage.estimator": "remax", "loss.mode": "ppo", "rollout.greedy_baseline": True},
     # GRPO with the un-normalized token-sum aggregation
     "grpo_token_sum": {**_GRPO, "loss.agg": "token-sum"},
 })

@@ -108,7 +108,8 @@ VERL_TABLE = {
     ("grpo_passk", "full"): {"advantage.estimator": "grpo_passk", **_GRPO_LOSS, "filter.kind": "none",
                              **_NO_SHAPING},
     ("opo", "full"): {**_VERL, "advantage.estimator": "opo", "loss.mode": "ppo", "loss.agg": "token-mean"},
-    ("remax", "full"): {**_VERL, "advantage.estimator": "remax", "loss.mode": "ppo", "loss.agg": "token-mean"},
+    ("remax", "full"): {**_VERL, "advantage.estimator": "remax", "loss.mode": "ppo", "loss.agg": "token-mean",
+                        "rollout.greedy_baseline": True},
     ("grpo_token_sum", "full"): {"advantage.estimator": "grpo", **{**_GRPO_LOSS, "loss.agg": "token-sum"},
                                  "filter.kind": "none", **_NO_SHAPING},
 }

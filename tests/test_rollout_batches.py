@@ -12,6 +12,7 @@ from jaxrl_reason.sampling import autoregressive as ar
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import build, loop
 from jaxrl_reason.train import rollout as rollout_lib
+from jaxrl_reason.train.metrics import read_metrics
 
 G, PROMPTS, P, R = 2, 4, 8, 6
 
@@ -85,3 +86,35 @@ def test_loop_trains_with_sub_batches_shared_prefill_and_compaction(tmp_path, mo
                          rollout__compact_rows=True)
     out = loop.run(config, str(tmp_path))
     assert out["iterations"] == 2 and all(np.all(np.isfinite(x)) for x in final_policy_params(str(tmp_path)))
+
+
+def test_remax_rows_carry_the_greedy_baseline_and_the_advantage_subtracts_it(tmp_path, monkeypatch):
+    """ReMax end to end: the loop decodes one greedy response per prompt, its shaped reward reaches the rows
+    (`greedy_reward_N`, equal within each group), and the update batch's advantage is reward - greedy reward on
+    every response token."""
+    from jaxrl_reason.train import batch as batch_lib
+
+    captured = {}
+    build_update_batch = batch_lib.build_update_batch
+
+    def spy(rows, adv_hp, **kw):
+        out = build_update_batch(rows, adv_hp, **kw)
+        captured.update(rows=rows, batch=out[0])
+        return out
+
+    monkeypatch.setattr(build, "arithmetic_scorer", digit_scorer)
+    monkeypatch.setattr(batch_lib, "build_update_batch", spy)
+    greedy_calls = []
+    greedy_rewards = rollout_lib.greedy_rewards
+    monkeypatch.setattr(rollout_lib, "greedy_rewards", lambda *a, **k: greedy_calls.append(1) or greedy_rewards(*a, **k))
+    config = tiny_config("remax", train__num_steps=1)
+    assert config.rollout.greedy_baseline and config.advantage.estimator == "remax"
+    loop.run(config, str(tmp_path))
+    rows, batch = captured["rows"], captured["batch"]
+    g = config.rollout.group_size
+    assert greedy_calls and rows.greedy_reward_N is not None
+    np.testing.assert_array_equal(rows.greedy_reward_N.reshape(-1, g), rows.greedy_reward_N[::g, None].repeat(g, 1))
+    mask = np.asarray(batch.response_mask_NxR)
+    want = (rows.reward_N - rows.greedy_reward_N)[:, None] * mask
+    np.testing.assert_allclose(np.asarray(batch.adv_NxR), want, rtol=1e-6, atol=1e-7)
+    assert any("reward/greedy_mean" in r for r in read_metrics(str(tmp_path)))

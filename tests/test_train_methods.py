@@ -34,10 +34,12 @@ def test_new_configs_validate_and_translate(name):
   assert obj.agg == config.loss.agg
 
 
-def test_remax_config_is_refused_with_one_sentence():
+def test_remax_without_the_greedy_baseline_is_refused_with_one_sentence():
   config = importlib.import_module("configs.remax").get_config("tiny")
-  assert config.advantage.estimator == "remax"
-  with pytest.raises(ValueError, match="greedy response per prompt"):
+  assert config.advantage.estimator == "remax" and config.rollout.greedy_baseline
+  build.validate_config(config)
+  config.rollout.greedy_baseline = False
+  with pytest.raises(ValueError, match="needs rollout.greedy_baseline=True"):
     build.validate_config(config)
 
 

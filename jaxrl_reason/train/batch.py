@@ -107,7 +107,9 @@ def build_update_batch(rows: Rows, adv_hp, *, policy_params, logps_fn, ref_param
     is_weight, mismatch_metrics = mismatch.batch_terms(rows, logp_old, mask, mismatch_cfg)
     logp_ref = logps_fn(ref_params, inputs)[0] if ref_params is not None else None
     values = values_fn(value_params, inputs) if values_fn is not None else None
-    adv, returns, metrics = compute_advantages(adv_hp, jnp.asarray(rows.reward_N), mask, logp_old, logp_ref, values)
+    greedy = None if rows.greedy_reward_N is None else jnp.asarray(rows.greedy_reward_N)
+    adv, returns, metrics = compute_advantages(adv_hp, jnp.asarray(rows.reward_N), mask, logp_old, logp_ref, values,
+                                               greedy_reward_N=greedy)
     if extra_adv_NxR is not None:
         adv = adv + extra_adv_NxR * mask
     batch = inputs.replace(logp_old_NxR=logp_old, adv_NxR=adv, logp_ref_NxR=logp_ref, is_weight_NxR=is_weight,

@@ -55,9 +55,8 @@ def validate_config(config) -> None:
     mismatch.validate(config)  # rollout.is_correction / is_cap / exact_logprobs
     _require(a.estimator != "grpo_passk" or config.rollout.group_size >= 2,
              "advantage.estimator 'grpo_passk' needs rollout.group_size >= 2.")
-    _require(a.estimator != "remax",
-             "advantage.estimator 'remax' needs the reward of a greedy response per prompt (greedy_reward_N), "
-             "which the RL loop does not sample; call core.advantages.remax_advantages where one is available.")
+    _require(a.estimator != "remax" or ro.get("greedy_baseline", False),
+             "advantage.estimator 'remax' needs rollout.greedy_baseline=True (the reward of a greedy response per prompt).")
     _require(l.kl_kind in kl_lib.kl_kinds(), f"unknown KL estimator {l.kl_kind!r}; use one of {kl_lib.kl_kinds()}.")
     _require(f.kind in GROUP_FILTERS, f"unknown filter {f.kind!r}; use one of {tuple(GROUP_FILTERS)}.")
     _require(r.kind in ("binary", "signed"), f"reward.kind must be 'binary' or 'signed', got {r.kind!r}.")
@@ -67,6 +66,8 @@ def validate_config(config) -> None:
     _require(("overlong" in r.shaping) == (r.overlong_buffer > 0),
              "reward.overlong_buffer > 0 and 'overlong' in reward.shaping go together (the buffer is its setting).")
     _validate_method_parts(config, (a.estimator, f.kind) + tuple(r.shaping))
+    _require(not ro.get("greedy_baseline", False) or config.model.attention == "causal",
+             "rollout.greedy_baseline is for autoregressive (causal) policies.")
     _require(ro.group_size >= 1 and ro.prompts_per_step >= 1, "rollout.group_size and prompts_per_step must be >= 1.")
     _require(ro.max_prompt_len >= 1 and ro.max_new_tokens >= 1, "rollout lengths must be positive.")
     _require(ro.lanes >= 1 and ro.group_size % ro.lanes == 0,

@@ -41,6 +41,7 @@ class Rows:
     answer_N: Array  # str: the gold answer of the row's example
     step_map_NxR: Optional[Array] = None  # int32 denoising step that unmasked each token (diffusion samplers)
     reward_N: Optional[Array] = None  # float32 shaped training reward (`rollout.shape_rewards`)
+    greedy_reward_N: Optional[Array] = None  # float32 shaped reward of a greedy response to the row's prompt
 
     @property
     def num_rows(self) -> int:

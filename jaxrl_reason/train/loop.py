@@ -250,7 +250,8 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
     reward_hp, filter_hp = hparams.reward_hp(config), hparams.filter_hp(config)
     r = config.rollout
     spec = rollout_lib.RolloutSpec(parts.train_gen, task.tokenizer, task.scorer, r.prompts_per_step, r.group_size,
-                                   r.max_prompt_len, r.max_new_tokens, r.sample_batch_rows)
+                                   r.max_prompt_len, r.max_new_tokens, r.sample_batch_rows,
+                                   baseline_gen=parts.greedy_gen if r.get("greedy_baseline", False) else None)
     stream = rollout_lib.PromptStream(task.train, config.seed, meta["stream_position"])
     bar, log = ProgressBar(config.train.num_steps, desc=config.algorithm), console.IterationLog(config)
     base_key, start, skips, last = jax.random.PRNGKey(config.seed), time.time(), 0, {}

@@ -81,6 +81,7 @@ class RolloutSpec:
     max_prompt_len: int
     max_new_tokens: int
     sample_batch_rows: int = 0  # rows per sampler call (whole groups); 0 = the whole round in one call
+    baseline_gen: Callable | None = None  # a greedy sampler: one response per prompt, scored as a reward baseline
 
     def __post_init__(self):
         rows, b = self.prompts_per_round * self.group_size, self.sample_batch_rows
@@ -131,6 +132,21 @@ def sample_round(spec: RolloutSpec, params, examples: list[Example], key, sample
     ), texts
 
 
+def greedy_rewards(spec: RolloutSpec, params, examples: list[Example], key, reward_hp) -> np.ndarray:
+    """`greedy_reward_N`: the reward of one greedy response per example (`spec.baseline_gen`), repeated over the
+    example's group and shaped like the sampled rows (a group of identical greedy rows, so group-wise shapings see
+    the shapes they expect). ReMax subtracts it from each sampled response's reward."""
+    g = spec.group_size
+    ids, mask = encode_batch_left_padded(spec.tokenizer, [ex.prompt for ex in examples], spec.max_prompt_len)
+    ro = jax.device_get(spec.baseline_gen(params, ids, mask, key))
+    texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
+    golds = examples if getattr(spec.scorer, "accepts_examples", False) else [ex.answer for ex in examples]
+    score_B = np.asarray(spec.scorer(texts, golds), np.float32)
+    reward_N, _ = shape_rewards(np.repeat(score_B, g), np.repeat(np.asarray(ro.length_B), g),
+                                np.repeat(np.asarray(ro.truncated_B, bool), g), reward_hp)
+    return reward_N
+
+
 def pad_groups(rows: Rows, num_rows: int) -> Rows:
     """Pads a short batch to `num_rows` with zero-weight copies of its first rows (response mask all 0)."""
     have = rows.num_rows
@@ -160,9 +176,13 @@ def collect_batch(spec: RolloutSpec, params, stream: PromptStream, key, *, train
     metrics, all_scores, all_lengths, all_truncated, texts_kept, all_rewards = {}, [], [], [], [], []
     for r in range(max(filter_hp.max_rounds, 1)):
         key, sub = jax.random.split(key)
-        rows, texts = sample_round(spec, params, stream.take(spec.prompts_per_round), sub, sampler_args)
+        examples = stream.take(spec.prompts_per_round)
+        rows, texts = sample_round(spec, params, examples, sub, sampler_args)
         reward_N, shape_metrics = shape_rewards(rows.score_N, rows.length_N, rows.truncated_N, reward_hp)
         rows = rows.replace(reward_N=reward_N)
+        if spec.baseline_gen is not None:
+            rows = rows.replace(greedy_reward_N=greedy_rewards(spec, params, examples, sub, reward_hp))
+            shape_metrics = {**shape_metrics, "reward/greedy_mean": float(np.mean(rows.greedy_reward_N))}
         all_scores.append(rows.score_N), all_lengths.append(rows.length_N)
         all_truncated.append(rows.truncated_N), all_rewards.append(rows.reward_N)
         keep_B, filter_metrics = group_filter(rows, filter_hp)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrl_reason.train.checkpoint import Checkpointer, abstract_like, install_preemption_handler
+from jaxrl_reason.train.checkpoint import Checkpointer, abstract_like, catch_preemption
 from jaxrl_reason.train.state import TrainState, init_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -296,14 +296,14 @@ def test_preemption_flag_on_sigterm_and_handler_restore():
     previous = signal.signal(signal.SIGTERM, lambda s, f: calls.append(s))
     previous_int = signal.getsignal(signal.SIGINT)
     try:
-        flag = install_preemption_handler()
+        flag = catch_preemption()
         assert not flag.requested and signal.getsignal(signal.SIGINT) is previous_int
         os.kill(os.getpid(), signal.SIGTERM)
         assert flag.requested and calls == []
         os.kill(os.getpid(), signal.SIGTERM)  # a repeat goes to the previous handler
         assert calls == [signal.SIGTERM]
         flag.close()
-        with install_preemption_handler(sigint=True, force_on_repeat=False) as flag2:
+        with catch_preemption(sigint=True, force_on_repeat=False) as flag2:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
             assert flag2.requested

@@ -409,7 +409,7 @@ class PreemptionFlag:
 
     def __init__(self, signums: tuple[int, ...], force_on_repeat: bool):
         if threading.current_thread() is not threading.main_thread():
-            raise ValueError("install_preemption_handler must be called from the main thread.")
+            raise ValueError("catch_preemption must be called from the main thread.")
         self._event = threading.Event()
         self._force_on_repeat = force_on_repeat
         self._previous = {s: signal.getsignal(s) for s in signums}
@@ -445,7 +445,7 @@ class PreemptionFlag:
         self.close()
 
 
-def install_preemption_handler(*, sigint: bool = False, force_on_repeat: bool = True) -> PreemptionFlag:
+def catch_preemption(*, sigint: bool = False, force_on_repeat: bool = True) -> PreemptionFlag:
     """Installs handlers for SIGTERM (and SIGINT if `sigint`) that set `flag.requested`; `flag.close()` undoes it."""
     signums = (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,)
     return PreemptionFlag(signums, force_on_repeat)

@@ -37,7 +37,7 @@ from jaxrl_reason.train import preflight as preflight_lib
 from jaxrl_reason.train import rollout as rollout_lib
 from jaxrl_reason.train import workdir as workdir_lib
 from jaxrl_reason.train.build import build_task, validate_config
-from jaxrl_reason.train.checkpoint import Checkpointer, install_preemption_handler
+from jaxrl_reason.train.checkpoint import Checkpointer, catch_preemption
 from jaxrl_reason.train.contracts import UpdateBatch
 from jaxrl_reason.train.evaluation import evaluate
 from jaxrl_reason.train.metrics import MetricsWriter, ProgressBar
@@ -189,7 +189,7 @@ def run(config, workdir: str) -> dict:
     The trained parameters are in the run's last checkpoint (train/restore.py reads them back).
     """
     validate_config(config)
-    with workdir_lib.claim(config, workdir), install_preemption_handler() as preempt:
+    with workdir_lib.claim(config, workdir), catch_preemption() as preempt:
         return _run(config, workdir, preempt)
 
 

@@ -216,7 +216,8 @@ def _run(config, workdir: str, preempt) -> dict:
         evaluate, examples=task.heldout, tokenizer=task.tokenizer, scorer=task.scorer, sample_fn=parts.eval_gen,
         greedy_fn=parts.greedy_gen if config.eval.greedy else None, samples=config.eval.samples,
         batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len, count_fn=task.count_fn)
-    eval_fn = lambda params, key: evaluate_fn(policy_lib.compute_copy(config, params), key=key)  # noqa: E731
+    # evaluation samples in the sampler's layout too (the compute-dtype copy in the training layout by default)
+    eval_fn = lambda params, key: evaluate_fn(sampler_copy(config, params), key=key)  # noqa: E731
     # Lines after the restored iteration are written again; with no evaluation restored, step 0 is too (-1: drop all).
     writer = MetricsWriter(workdir, truncate_after=meta["iteration"] if meta["eval_before"] is not None else -1)
     if meta["eval_before"] is None and not preempt.requested:

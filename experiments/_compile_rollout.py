@@ -80,7 +80,7 @@ def report(name, compiled, seconds, refusal, *, args, resident, kv_bytes, top) -
     """Prints one rollout compile's per-device memory beside the KV-cache estimate; returns the need in bytes."""
     from jaxrl_reason.train import preflight
 
-    gib = lambda b: f"{b / ct.GIB:.2f}"  # noqa: E731
+    gib = ct.gib
     print(f"\n### {name} (compiled in {seconds:.1f} s)")
     print(f"  KV cache estimate {gib(kv_bytes)} GiB per device (layers x 2 x rows x kv_heads x head_dim x (P + R) "
           "x 2 bytes / row shards)")
@@ -91,6 +91,5 @@ def report(name, compiled, seconds, refusal, *, args, resident, kv_bytes, top) -
     print(f"  arguments {gib(mem.argument)} GiB | outputs {gib(mem.output - mem.alias)} GiB | temporaries "
           f"{gib(mem.temp)} GiB ({mem.temp / kv_bytes:.2f} x the KV cache estimate) | code {gib(mem.code)} GiB | "
           f"resident beside it {gib(resident)} GiB | total {gib(need)} GiB per device")
-    for nbytes, shape, op in ct.largest_buffers(compiled.as_text(), top):
-        print(f"  {nbytes / ct.GIB:8.3f} GiB  {shape}  {op}")
+    ct.print_largest_buffers(compiled.as_text(), top)
     return need

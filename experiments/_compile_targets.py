@@ -188,6 +188,16 @@ def _dims(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
+def gib(nbytes) -> str:
+    """Bytes as GiB with two decimals, as every table of the compile check prints them."""
+    return f"{nbytes / GIB:.2f}"
+
+
+def print_largest_buffers(hlo_text: str, k: int) -> None:
+    for nbytes, shape, op in largest_buffers(hlo_text, k):
+        print(f"  {nbytes / GIB:8.3f} GiB  {shape}  {op}")
+
+
 def largest_buffers(hlo_text: str, k: int = 8) -> list[tuple[int, str, str]]:
     """The k largest array results of instructions in compiled HLO text: (bytes, 'dtype[dims]', the op's name in
     the traced program, or 'argument' for an input of the program)."""
@@ -228,7 +238,6 @@ def refused_need(args: int, refusal: dict, resident: int) -> int | None:
     if temp is None:
         print("  XLA's message gives no temporaries size")
         return None
-    gib = lambda b: f"{b / GIB:.2f}"  # noqa: E731
     need = args + temp + resident
     print(f"  arguments {gib(args)} GiB | temporaries {gib(temp)} GiB (from XLA's refusal) | resident beside it "
           f"{gib(resident)} GiB | total {gib(need)} GiB per device")

@@ -195,7 +195,7 @@ def report_program(name, compiled, seconds, refusal, *, args, resident, model_fl
     """Prints one program's per-device table; returns the bytes it needs per device (None: unknown)."""
     from jaxrl_reason.train import preflight
 
-    gib = lambda b: f"{b / ct.GIB:.2f}"  # noqa: E731
+    gib = ct.gib
     print(f"\n### {name} (compiled in {seconds:.1f} s)")
     if compiled is None:
         return ct.refused_need(args, refusal, resident)
@@ -210,8 +210,7 @@ def report_program(name, compiled, seconds, refusal, *, args, resident, model_fl
         with open(os.path.join(_DUMP.value, re.sub(r"\W+", "_", name).strip("_") + ".hlo.txt"), "w") as f:
             f.write(text)
     print_flops(text, compiled, model_flops, n_devices)
-    for nbytes, shape, op in ct.largest_buffers(text, top):
-        print(f"  {nbytes / ct.GIB:8.3f} GiB  {shape}  {op}")
+    ct.print_largest_buffers(text, top)
     return need
 
 

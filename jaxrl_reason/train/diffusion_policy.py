@@ -52,7 +52,7 @@ from jaxrl_reason.core import diffusion as diff_lib
 from jaxrl_reason.core import tracerl as tr
 from jaxrl_reason.models import attention
 from jaxrl_reason.train.logprobs import LogpSpec, cast_floating, chunked_token_logps
-from jaxrl_reason.train.step import SUMMED
+from jaxrl_reason.train.step import mark_shares
 
 ESTIMATORS = ("trace", "onestep")
 FWD_KEYS = ("prompt_in_WxP", "prompt_mask_WxP", "clean_WxR", "noisy_WxR")
@@ -330,4 +330,4 @@ def tracerl_loss(params: dict, batch: dict, rng, *, spec: TraceSpec, graphdef, v
                                                   batch["target_WxR"], spec.value_clip, spec.value_norm, num_rows)
         loss = loss + spec.value_coef * v_loss
         metrics.update(v_metrics)
-    return loss, {(SUMMED + k if k in _SHARES else k): v for k, v in metrics.items()}
+    return loss, mark_shares(metrics, _SHARES)

@@ -31,7 +31,7 @@ from jaxrl_reason.core.aggregate import aggregate
 from jaxrl_reason.train import mismatch
 from jaxrl_reason.train.contracts import UpdateBatch
 from jaxrl_reason.train.logprobs import ar_logps, ar_values, causal_forward_inputs, token_logps  # noqa: F401
-from jaxrl_reason.train.step import SUMMED
+from jaxrl_reason.train.step import mark_shares
 
 # Metrics normalized by the mini-batch's counts: each micro-batch reports its share, the step sums the shares.
 _SHARES = ("pg_loss", "kl_loss", "entropy", "vf_loss")
@@ -86,5 +86,5 @@ def rl_loss(params: dict, batch: UpdateBatch, rng: jax.Array, *, hp, policy_grap
                                           hp.value_clip, **agg)
         loss = loss + hp.value_coef * v_loss
         metrics.update(v_metrics, vf_loss=v_loss)
-    return loss, {(SUMMED + k if k in _SHARES else k): v for k, v in metrics.items()}
+    return loss, mark_shares(metrics, _SHARES)
 

@@ -30,6 +30,11 @@ LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]  # (params, mic
 SUMMED = "sum/"
 
 
+def mark_shares(metrics: dict, shares) -> dict:
+    """`metrics` with the names in `shares` (a loss's micro-batch shares) prefixed by `SUMMED`."""
+    return {(SUMMED + k if k in shares else k): v for k, v in metrics.items()}
+
+
 def split_micro_batches(batch, num_micro_batches: int):
     """[N, ...] -> [M, N/M, ...] on every leaf of a batch pytree (None fields stay None), micro-batch m = rows
     m, m+M, ... (strided: keeps per-device rows local)."""

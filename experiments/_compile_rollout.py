@@ -2,7 +2,7 @@
 
 The sampler is the loop's own (`policy.ar_parts(...).train_gen`, built by `sampling.autoregressive.make_generate_fn`
 with the run's group size and shared prefill), lowered through its `lower` for abstract compute-dtype weights that
-keep the training shardings (the loop samples with `compute_copy` of the policy), prompts of max_prompt_len tokens
+keep the training shardings (the loop's `sampler_copy` in the default train layout), prompts of max_prompt_len tokens
 and a key. Its rows are sharded over ('data', 'fsdp') when they divide evenly, as in the loop.
 
 Importing this module does not import jax.

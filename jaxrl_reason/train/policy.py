@@ -25,7 +25,8 @@ from jaxrl_reason.train import hparams
 from jaxrl_reason.train import mismatch as mismatch_lib
 from jaxrl_reason.train.build import load_policy
 from jaxrl_reason.train.exact_sampler import make_exact_generate_fn
-from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec, ar_logps, ar_values, cast_floating
+from jaxrl_reason.train.logprobs import LogpSpec, ar_logps, ar_values
+from jaxrl_reason.train.sampler_layout import compute_copy
 from jaxrl_reason.train.objectives import rl_loss
 from jaxrl_reason.train.parts import PolicyParts
 
@@ -41,12 +42,6 @@ def logp_spec(config) -> LogpSpec:
     """Chunk sizes and compute dtype of every log-prob pass (`train/logprobs.py`)."""
     m = config.model
     return LogpSpec(m.logits_chunk, m.vocab_chunk, m.compute_dtype).validate()
-
-
-def compute_copy(config, params):
-    """The params in `model.compute_dtype` for the sampler and evaluation (the same arrays when it is the
-    storage dtype)."""
-    return cast_floating(params, COMPUTE_DTYPES[config.model.compute_dtype])
 
 
 def forward_shardings(config, mesh, shardings) -> dict:

@@ -26,14 +26,19 @@ def validate(rollout, attention: str, num_devices: int) -> None:
                          "decode in the training layout.")
 
 
+def compute_copy(config, params):
+    """The params in `model.compute_dtype`, sharded as they are (the same arrays when it is the storage dtype)."""
+    return cast_floating(params, COMPUTE_DTYPES[config.model.compute_dtype])
+
+
 def sampler_copy(config, params):
     """The policy params (nnx.State) for the rollout sampler: cast to the compute dtype, in the sampler layout.
 
     The trainer's arrays are never donated or changed; in the "train" layout with the compute dtype equal to the
     storage dtype they are returned as they are.
     """
-    dtype = COMPUTE_DTYPES[config.model.compute_dtype]
     if config.rollout.layout == "train":
-        return cast_floating(params, dtype)
+        return compute_copy(config, params)
     mesh = weights_lib.decode_mesh(config.rollout.decode_tensor)
-    return weights_lib.sampler_params(params, weights_lib.sampler_shardings(params, mesh), dtype)
+    return weights_lib.sampler_params(params, weights_lib.sampler_shardings(params, mesh),
+                                      COMPUTE_DTYPES[config.model.compute_dtype])

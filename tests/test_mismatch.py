@@ -116,12 +116,13 @@ def test_batch_terms_metrics_and_weights():
     sampler = -rng.uniform(0.5, 2.0, (4, 5)).astype(np.float32)
     old = sampler + np.float32(0.1) * rng.normal(size=(4, 5)).astype(np.float32)
     rows = Rows(*(np.zeros((4, 1)),) * 12).replace(logp_sampler_raw_NxR=sampler)
-    assert mismatch.batch_terms(rows, old, mask, mismatch.MismatchConfig()) == (None, {})
-    extra, metrics = mismatch.batch_terms(rows, old, mask, mismatch.MismatchConfig(log=True))
+    assert mismatch.batch_terms(rows, old, mask, tiny_config("grpo").rollout) == (None, {})
+    extra, metrics = mismatch.batch_terms(rows, old, mask, tiny_config("grpo", rollout__log_mismatch=True).rollout)
     assert extra is None and metrics["rollout/mismatch_kl"] == pytest.approx(float(((sampler - old) * mask).sum()
                                                                                   / mask.sum()), rel=1e-5)
     assert metrics["rollout/max_ratio"] == pytest.approx(float(np.exp(old - sampler)[mask > 0].max()), rel=1e-5)
-    extra, metrics = mismatch.batch_terms(rows, old, mask, mismatch.MismatchConfig("token_tis", cap=1.05))
+    extra, metrics = mismatch.batch_terms(
+        rows, old, mask, tiny_config("grpo", rollout__is_correction="token_tis", rollout__is_cap=1.05).rollout)
     want = np.minimum(np.exp(old - sampler), 1.05) * mask
     np.testing.assert_allclose(np.asarray(extra), want, rtol=1e-5)
     assert metrics["rollout/frac_over_cap"] == pytest.approx(float((np.exp(old - sampler) > 1.05)[mask > 0].mean()))

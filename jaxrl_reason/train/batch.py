@@ -95,16 +95,17 @@ def model_inputs(rows: Rows) -> UpdateBatch:
 
 
 def build_update_batch(rows: Rows, adv_hp, *, policy_params, logps_fn, ref_params=None, value_params=None,
-                       values_fn=None, extra_adv_NxR=None, mismatch_cfg=None) -> tuple[UpdateBatch, dict, np.ndarray]:
+                       values_fn=None, extra_adv_NxR=None, rollout_hp=None) -> tuple[UpdateBatch, dict, np.ndarray]:
     """The full rollout batch (numpy) with logp_old, [logp_ref], [values_old, returns], adv[, is_weight].
 
     `extra_adv_NxR` is added to the outcome advantage (the methods' advantage terms, summed).
-    `mismatch_cfg` (`train/mismatch.py`): sampler / trainer mismatch metrics and importance weights.
+    `rollout_hp`: the rollout config section, whose mismatch fields ask for sampler / trainer mismatch metrics and
+    importance weights (`train/mismatch.py`).
     """
     inputs = model_inputs(rows)
     mask = inputs.response_mask_NxR
     logp_old, entropy_old = logps_fn(policy_params, inputs)
-    is_weight, mismatch_metrics = mismatch.batch_terms(rows, logp_old, mask, mismatch_cfg)
+    is_weight, mismatch_metrics = mismatch.batch_terms(rows, logp_old, mask, rollout_hp)
     logp_ref = logps_fn(ref_params, inputs)[0] if ref_params is not None else None
     values = values_fn(value_params, inputs) if values_fn is not None else None
     greedy = None if rows.greedy_reward_N is None else jnp.asarray(rows.greedy_reward_N)

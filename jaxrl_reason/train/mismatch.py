@@ -18,7 +18,6 @@ bit when both passes run the same number of rows (checked here at start-up).
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 
 import jax.numpy as jnp
@@ -34,39 +33,22 @@ METRIC_NAMES = {"kl_k1": "rollout/mismatch_kl", "kl_k3": "rollout/mismatch_k3_kl
                 "seq_frac_over_cap": "rollout/seq_frac_over_cap"}
 
 
-@dataclasses.dataclass(frozen=True)
-class MismatchConfig:
-    """correction: a `core.importance.KINDS` name. cap: upper weight threshold. mis_lower: MIS lower threshold
-    (< 0: 1 / cap, verl's default; 0: none). log: log the mismatch metrics even without a correction."""
-    correction: str = "none"
-    cap: float = 2.0
-    mis_lower: float = -1.0
-    log: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.log or self.correction != "none"
-
-
-def mismatch_config(config) -> MismatchConfig:
-    """The `rollout` section's fields (absent fields: off)."""
-    r = config.rollout
-    return MismatchConfig(correction=r.get("is_correction", "none"), cap=r.get("is_cap", 2.0),
-                          mis_lower=r.get("is_mis_lower", -1.0),
-                          log=bool(r.get("log_mismatch", False) or r.get("exact_logprobs", False)))
+def _logged(rollout) -> bool:
+    """Whether the `rollout` section asks for the mismatch metrics (asked for, implied by a correction or exact mode)."""
+    return rollout.log_mismatch or rollout.exact_logprobs or rollout.is_correction != "none"
 
 
 def validate(config) -> None:
     """One ValueError sentence for an impossible correction or exact-mode setting."""
-    r, m = config.rollout, mismatch_config(config)
-    importance.check_kind(m.correction, m.cap)
-    if m.correction != "none":
+    r = config.rollout
+    importance.check_kind(r.is_correction, r.is_cap)
+    if r.is_correction != "none":
         if config.loss.mode not in weighted_losses():
             raise ValueError(f"rollout.is_correction needs a loss that takes per-token weights "
                              f"({', '.join(weighted_losses())}), not loss.mode {config.loss.mode!r}.")
         if config.model.attention != "causal":
             raise ValueError("rollout.is_correction is for autoregressive (causal) policies.")
-    if not r.get("exact_logprobs", False):
+    if not r.exact_logprobs:
         return
     rows = r.prompts_per_step * r.group_size
     sample_rows = r.sample_batch_rows or rows
@@ -86,19 +68,21 @@ def weighted_losses() -> tuple[str, ...]:
                  if "token_weights_NxT" in inspect.signature(entry.loss_fn).parameters)
 
 
-def batch_terms(rows, logp_old_NxR, mask_NxR, cfg: MismatchConfig | None) -> tuple[object, dict]:
-    """(is_weight_NxR or None, metrics) of the old log-probs against the rows' raw sampler log-probs (`Rows`);
-    (None, {}) when off."""
-    if cfg is None or not cfg.active or rows.logp_sampler_raw_NxR is None:
+def batch_terms(rows, logp_old_NxR, mask_NxR, rollout) -> tuple[object, dict]:
+    """(is_weight_NxR or None, metrics) of the old log-probs against the rows' raw sampler log-probs (`Rows`), as
+    the `rollout` config section asks (`is_correction`, `is_cap`, `is_mis_lower`, `log_mismatch`,
+    `exact_logprobs`); (None, {}) when off or `rollout` is None."""
+    if rollout is None or not _logged(rollout) or rows.logp_sampler_raw_NxR is None:
         return None, {}
     sampler = jnp.asarray(rows.logp_sampler_raw_NxR, jnp.float32)
-    cap = cfg.cap if cfg.correction != "none" else None
+    correction = rollout.is_correction
+    cap = rollout.is_cap if correction != "none" else None
     metrics = {METRIC_NAMES[k]: float(v)
                for k, v in importance.mismatch_metrics(logp_old_NxR, sampler, mask_NxR, cap).items()}
-    if cfg.correction == "none":
+    if correction == "none":
         return None, metrics
-    lower = None if cfg.mis_lower < 0 else cfg.mis_lower
-    w = importance.importance_weights(cfg.correction, logp_old_NxR, sampler, mask_NxR, cfg.cap, lower)
+    lower = None if rollout.is_mis_lower < 0 else rollout.is_mis_lower
+    w = importance.importance_weights(correction, logp_old_NxR, sampler, mask_NxR, rollout.is_cap, lower)
     mask = np.asarray(mask_NxR, np.float32)
     n = max(float(mask.sum()), 1.0)
     metrics["rollout/is_weight_mean"] = float(jnp.sum(w * mask) / n)

@@ -22,7 +22,6 @@ from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import batch as batch_lib
 from jaxrl_reason.train import export as export_lib
 from jaxrl_reason.train import hparams
-from jaxrl_reason.train import mismatch as mismatch_lib
 from jaxrl_reason.train.build import load_policy
 from jaxrl_reason.train.exact_sampler import make_exact_generate_fn
 from jaxrl_reason.train.logprobs import LogpSpec, ar_logps, ar_values
@@ -100,7 +99,7 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
     spec, fwd_sh = logp_spec(config), forward_shardings(config, mesh, shardings)
     logps_fn, values_fn = batch_lib.make_forward_fns(graphdef, value_graphdef, spec=spec,
                                                      micro_batch_rows=config.optim.logp_micro_batch_rows, **fwd_sh)
-    adv_hp, mismatch_cfg = hparams.advantage_hp(config), mismatch_lib.mismatch_config(config)
+    adv_hp = hparams.advantage_hp(config)
     extra_fns = methods.extra_advantages(config, graphdef, tokenizer, spec=spec, mesh=mesh, forward_shardings=fwd_sh)
 
     def build_batch(rows, params):
@@ -110,7 +109,7 @@ def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=Non
             extra, extra_metrics = (adv if extra is None else extra + adv), {**extra_metrics, **more}
         batch, metrics, entropy = batch_lib.build_update_batch(
             rows, adv_hp, policy_params=params["policy"], logps_fn=logps_fn, ref_params=ref_params,
-            value_params=params.get("value"), values_fn=values_fn, extra_adv_NxR=extra, mismatch_cfg=mismatch_cfg)
+            value_params=params.get("value"), values_fn=values_fn, extra_adv_NxR=extra, rollout_hp=config.rollout)
         return batch, {**metrics, **extra_metrics}, entropy
 
     def split(batch, rng):

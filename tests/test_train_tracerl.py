@@ -438,6 +438,7 @@ def test_diffusion_parts_run_rl_updates_end_to_end():
     c = cfg_lib.get_config("block,value")
     c.rollout.max_prompt_len, c.rollout.max_new_tokens, c.rollout.group_size = P, R, G
     c.optim.mini_batches, c.tracerl.threshold, c.tracerl.forward_rows = 2, 0.6, 16
+    c.rollout.log_mismatch = True
     model = _model("block")
     g, params = nnx.split(model, nnx.Param)
     vg, vparams = nnx.split(ValueModel.from_policy(model, rngs=nnx.Rngs(1)), nnx.Param)
@@ -448,6 +449,8 @@ def test_diffusion_parts_run_rl_updates_end_to_end():
     init = {"policy": params, "value": vparams}
     batch, metrics, entropy = parts.build_batch(rows, init)
     assert metrics["tracerl/rows"] >= N and entropy.shape == (N, R)
+    # the block KV-cache sampler decodes in exactly the replayed states (s = 1, no EOS): every token compared, equal
+    assert metrics["rollout/mismatch_tokens_frac"] == 1.0 and metrics["rollout/mismatch_max_abs"] < 1e-4
     tx = optax.multi_transform({"policy": optax.adam(1e-2), "value": optax.adam(1e-2)},
                                {"policy": "policy", "value": "value"})
     state = init_train_state(jax.tree.map(jnp.copy, init), tx, 0)
@@ -474,3 +477,56 @@ def test_chunked_row_logp_equals_plain_logits_path():
     got = jax.jit(functools.partial(T.row_logp, g, chunked))(params, batch)
     logits = jax.jit(functools.partial(T.row_logits, g, spec))(params, batch)
     np.testing.assert_allclose(got, diff_lib.token_logp(logits, batch["clean_WxR"]), rtol=1e-5, atol=1e-5)
+
+
+def test_replay_mismatch_reads_each_token_in_its_row_and_compares_first_steps_only():
+    """Full attention, s = 2, a hand trajectory: the old log-prob of token j is read in the row that targets it, only
+    the tokens of a group's first step are compared, and the metrics are the numpy formulas on those tokens."""
+    mask_id, r = _tok().mask_token_id, 6
+    spec = T.TraceSpec(kind="full", block_size=None, shrink=2, num_rows=2, mask_token_id=mask_id, group_size=2,
+                       norm="targets")
+    step_map = np.array([[0, 0, 1, 2, 3, 3], [2, 0, 1, 1, STEP_MAP_PAD, STEP_MAP_PAD]], np.int32)
+    valid = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], bool)
+    rng = np.random.default_rng(0)
+    sampler = np.where(valid, -rng.uniform(0.1, 3.0, (2, r)), 0.0).astype(np.float32)
+    rows = Rows(prompt_tokens_NxP=np.full((2, 3), 5, np.int32), prompt_mask_NxP=np.ones((2, 3), bool),
+                tokens_NxR=np.where(valid, 7, 0).astype(np.int32), response_mask_NxR=valid,
+                logp_sampler_NxR=sampler, logp_sampler_raw_NxR=sampler, entropy_NxR=np.zeros((2, r), np.float32),
+                length_N=valid.sum(1), truncated_N=np.zeros(2, bool), score_N=np.zeros(2, np.float32),
+                example_index_N=np.arange(2), answer_N=np.full(2, ""), step_map_NxR=step_map)
+    batch = T.pack_batch(rows, spec)
+    # groups of two distinct steps: row 0 = steps {0, 1}, row 1 = steps {2, 3} (response 1: {0, 1} then {2})
+    np.testing.assert_array_equal(batch["target_WxR"][batch["row_valid_W"]].astype(int),
+                                  [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]])
+    batch["logp_old_WxR"] = -rng.uniform(0.1, 3.0, batch["target_WxR"].shape).astype(np.float32)
+    logp, replayed = T.replayed_old_logp(spec, batch, rows)
+    want = np.zeros((2, r), np.float32)
+    for w in np.flatnonzero(batch["row_valid_W"]):
+        for j in np.flatnonzero(batch["target_WxR"][w]):
+            want[batch["seq_index_W"][w], j] = batch["logp_old_WxR"][w, j]
+    np.testing.assert_array_equal(logp, want)
+    # first step of each group: response 0 steps 0 and 2, response 1 steps 0 and 2
+    np.testing.assert_array_equal(replayed.astype(int), [[1, 1, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    hp = types.SimpleNamespace(log_mismatch=True, exact_logprobs=False, is_correction="none")
+    m = M.replay_mismatch(spec, batch, rows, hp)
+    lr = (want - sampler)[replayed]
+    assert m["rollout/mismatch_kl"] == pytest.approx(np.mean(-lr), rel=1e-5)
+    assert m["rollout/mismatch_k3_kl"] == pytest.approx(np.mean(np.exp(lr) - lr - 1), rel=1e-5)
+    assert m["rollout/mismatch_max_abs"] == pytest.approx(np.max(np.abs(lr)), rel=1e-6)
+    assert m["rollout/max_ratio"] == pytest.approx(np.exp(lr).max(), rel=1e-5)
+    assert m["rollout/mismatch_tokens_frac"] == pytest.approx(5 / 10)
+    with pytest.raises(ValueError, match="trace estimator"):
+        T.replayed_old_logp(T.TraceSpec(**{**spec.__dict__, "estimator": "onestep", "num_rows": 1}), batch, rows)
+
+
+def test_mismatch_settings_of_a_diffusion_policy_fail_with_one_sentence():
+    from configs import tracerl as cfg_lib
+
+    c = cfg_lib.get_config("block,onestep")
+    c.rollout.log_mismatch = True
+    with pytest.raises(ValueError, match="one-step estimator does not replay"):
+        build.validate_config(c)
+    c = cfg_lib.get_config("block")
+    c.rollout.is_correction = "token_tis"
+    with pytest.raises(ValueError, match="autoregressive"):
+        build.validate_config(c)

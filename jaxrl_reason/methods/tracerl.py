@@ -19,12 +19,14 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 from ml_collections import config_dict
 
 from jaxrl_reason.core import tracerl as tr
 from jaxrl_reason.sampling.diffusion import make_block_generate_fn, make_llada_generate_fn
 from jaxrl_reason.sampling.processors import SamplingParams
 from jaxrl_reason.train import diffusion_policy as dp
+from jaxrl_reason.train import mismatch
 from jaxrl_reason.train.logprobs import LogpSpec
 from jaxrl_reason.methods.hooks import Method
 from jaxrl_reason.train.parts import PolicyParts
@@ -89,6 +91,9 @@ def validate_config(config) -> None:
              "TraceRL uses advantage.estimator 'grpo' (group z-score) or 'gae' (with the diffusion value model).")
     _require(not (t.estimator == "onestep" and a.estimator == "gae"),
              "the one-step estimator has no value-model variant; use advantage.estimator 'grpo'.")
+    _require(not (t.estimator == "onestep" and r.log_mismatch),
+             "rollout.log_mismatch compares the sampler's log-probs with the replayed decoding states, which the "
+             "one-step estimator does not replay; use tracerl.estimator 'trace'.")
     _require(l.mode == "ppo", f"TraceRL's objective is the PPO clip on replayed rows; set loss.mode 'ppo', not "
                               f"{l.mode!r}.")
     _require(l.dual_clip_c == 0 and l.entropy_coef == 0 and "hapo" not in config,
@@ -166,6 +171,17 @@ def make_samplers(config, graphdef, tokenizer):
     return make_full(train), make_full(sample), make_full(SamplingParams(greedy=True))
 
 
+def replay_mismatch(spec: dp.TraceSpec, batch: dict, rows, rollout) -> dict:
+    """`rollout/mismatch_*` of the sampler's raw log-probs of the tokens it unmasked against the trainer's old
+    log-probs of the same tokens in the replayed state of the same step (`dp.replayed_old_logp`), by the
+    autoregressive path's function (`train/mismatch.py`); `rollout/mismatch_tokens_frac` is the fraction of response
+    tokens compared."""
+    logp_NxR, replayed_NxR = dp.replayed_old_logp(spec, batch, rows)
+    _, metrics = mismatch.batch_terms(rows, logp_NxR, replayed_NxR.astype(np.float32), rollout)
+    real = max(float(np.sum(rows.response_mask_NxR)), 1.0)
+    return {**metrics, "rollout/mismatch_tokens_frac": float(replayed_NxR.sum()) / real}
+
+
 def diffusion_parts(config, graphdef, tokenizer, *, value_graphdef=None) -> PolicyParts:
     """The `PolicyParts` of a masked-diffusion policy (`config.model.attention` block | bidirectional)."""
     validate_config(config)
@@ -177,7 +193,10 @@ def diffusion_parts(config, graphdef, tokenizer, *, value_graphdef=None) -> Poli
     train_gen, eval_gen, greedy_gen = make_samplers(config, graphdef, tokenizer)
 
     def build_batch(rows, params):
-        return dp.build_update_batch(rows, params, spec=spec, logp_fn=logp_fn, value_fn=value_fn)
+        batch, metrics, entropy = dp.build_update_batch(rows, params, spec=spec, logp_fn=logp_fn, value_fn=value_fn)
+        if config.rollout.log_mismatch:
+            metrics = {**metrics, **replay_mismatch(spec, batch, rows, config.rollout)}
+        return batch, metrics, entropy
 
     def split(batch, rng):
         return dp.split_rows(batch, config.optim.mini_batches, rng)

@@ -245,18 +245,42 @@ def _value_targets(spec: TraceSpec, z_N, values_NxR, step_map_NxR, valid_NxR):
     return tr.step_level_gae(token_reward, values_NxR, rank, valid_NxR, spec.gamma, spec.lam)
 
 
-def value_advantages(spec: TraceSpec, batch: dict, rows, z_N, values_WxR):
-    """Per-token advantages and returns `[N, R]` from the old values of the packed rows."""
-    valid = np.asarray(rows.response_mask_NxR, bool)
-    n, r = valid.shape
+def per_token(spec: TraceSpec, batch: dict, x_WxR, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x `[N, R]` float32, targeted `[N, R]` bool): each response token's entry read in the packed row where it is a
+    target (`core.tracerl.merge_row_values`); 0 and False for a token no real row targets."""
+    r = batch["target_WxR"].shape[1]
     grid = np.zeros((n, spec.num_rows, r), np.float32)
     tgt = np.zeros((n, spec.num_rows, r), bool)
     real = batch["row_valid_W"]
-    grid[batch["seq_index_W"][real], batch["row_index_W"][real]] = values_WxR[real]
+    grid[batch["seq_index_W"][real], batch["row_index_W"][real]] = np.asarray(x_WxR)[real]
     tgt[batch["seq_index_W"][real], batch["row_index_W"][real]] = batch["target_WxR"][real]
-    v_NxR = tr.merge_row_values(grid, tgt)
+    return np.asarray(tr.merge_row_values(grid, tgt)), tgt.any(axis=1)
+
+
+def value_advantages(spec: TraceSpec, batch: dict, rows, z_N, values_WxR):
+    """Per-token advantages and returns `[N, R]` from the old values of the packed rows."""
+    valid = np.asarray(rows.response_mask_NxR, bool)
+    v_NxR, _ = per_token(spec, batch, values_WxR, valid.shape[0])
     adv, ret = _value_targets(spec, z_N, v_NxR, rows.step_map_NxR, valid)
     return np.asarray(adv), np.asarray(ret), np.asarray(v_NxR)
+
+
+def replayed_old_logp(spec: TraceSpec, batch: dict, rows) -> tuple[np.ndarray, np.ndarray]:
+    """(logp_old_NxR, replayed_NxR): the trainer's old log-prob of every response token in its replay row, and the
+    tokens whose replay row is the very state the sampler committed them from (estimator "trace").
+
+    A row merges `shrink` consecutive decoding steps of a block and shows the tokens of earlier groups only, so the
+    tokens of the group's first step see what the sampler saw when it committed them, and those of its later steps
+    see fewer tokens than the sampler did: only the first are comparable with the sampler's log-probs. Slots after
+    an EOS are masks in every row but were decoded by the sampler (the approximation of the module docstring), so
+    the tokens of the block holding EOS may differ for that reason too.
+    """
+    if spec.estimator != "trace":
+        raise ValueError("only the trace estimator replays the sampler's decoding states.")
+    valid = np.asarray(rows.response_mask_NxR, bool)
+    logp_NxR, targeted_NxR = per_token(spec, batch, batch["logp_old_WxR"], valid.shape[0])
+    rank = np.asarray(tr.trace_groups(rows.step_map_NxR, valid, spec.block_size, 1))  # distinct step within block
+    return logp_NxR, targeted_NxR & valid & (rank % spec.shrink == 0)
 
 
 def build_update_batch(rows, params: dict, *, spec: TraceSpec, logp_fn, value_fn=None):

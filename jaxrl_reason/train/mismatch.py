@@ -13,6 +13,10 @@ processors. `build_update_batch` then
     or masked, cap `rollout.is_cap`) to the batch; the policy loss multiplies its per-token loss by them before
     aggregation (verl's rollout correction), for every loss that takes per-token weights (`weighted_losses`).
 
+A masked-diffusion policy (TraceRL) logs the same metrics with `rollout.log_mismatch`: the diffusion sampler's raw
+log-prob of each token it unmasked against the trainer's old log-prob of that token in the replayed state of the
+same step (`methods/tracerl.replay_mismatch`); the correction and the exact mode are for causal policies.
+
 `rollout.exact_logprobs` samples with `train/exact_sampler.py`, whose raw log-probs equal the trainer's bit for
 bit when both passes run the same number of rows (checked here at start-up).
 """

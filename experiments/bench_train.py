@@ -29,6 +29,13 @@ decoders (`--accel_models`; random weights built on the device, nothing download
 memory where the backend reports it, and MFU = update_flops / step time / the chip's dense bf16 peak
 (`BF16_PEAK_TFLOPS`; n/a on a CPU). Each model is one compile and `--steps` timed steps (a few minutes on one
 GPU). `--accel_tiny` swaps the models for a 2-layer d=64 one, so the mode runs end to end on a CPU.
+
+`--accel_iteration`: one GRPO iteration of the RL loop's pieces for a Qwen2.5-0.5B-shaped policy (`--iter_model`) on
+one device, 16 prompts x 16 samples, 256-token prompts, 512 new tokens (`--iter_*`): weight transfer, sampling
+tokens/s and decode bandwidth against the chip's HBM (`HBM_GBPS`), log-prob and update MFU, and the split of the
+iteration, under 8 minutes on one GPU (experiments/_bench_iteration.py has the arithmetic). With `--accel_tiny` a
+2-layer d=64 model at small sizes, so it runs end to end on a CPU:
+  python experiments/bench_train.py --accel_iteration [--accel_tiny] [--iter_new_tokens=1024] [--iter_micro_batches=2]
 """
 from __future__ import annotations
 
@@ -286,9 +293,20 @@ BF16_PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("TPU v5 
                     ("TPU v6 lite", 918.0), ("TPU v5p", 459.0), ("TPU v5", 459.0))
 
 
+# HBM bandwidth of one device, GB/s (vendor figures; H100 and A100 are the SXM parts, an H100 PCIe has 2000),
+# matched like BF16_PEAK_TFLOPS.
+HBM_GBPS = (("H100 PCIe", 2000.0), ("H100", 3350.0), ("H200", 4800.0), ("A100", 2039.0), ("TPU v5 lite", 819.0),
+            ("TPU v5e", 819.0), ("TPU v5p", 2765.0), ("TPU v5", 2765.0))
+
+
 def bf16_peak(device_kind: str) -> float | None:
     """FLOP/s of the device's dense bf16 peak, None for a device without an entry (a CPU)."""
     return next((tf * 1e12 for key, tf in BF16_PEAK_TFLOPS if key in device_kind), None)
+
+
+def hbm_bandwidth(device_kind: str) -> float | None:
+    """Bytes/s of the device's HBM, None for a device without an entry (a CPU)."""
+    return next((gb * 1e9 for key, gb in HBM_GBPS if key in device_kind), None)
 
 
 def accel_cases(models: list[str], rows: int, prompt: int, response: int, tiny: bool) -> list[UpdateCase]:
@@ -437,6 +455,16 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_integer("accel_prompt", 512, "Prompt tokens per sequence in --accel.", flag_values=fv)
     flags.DEFINE_integer("accel_response", 1536, "Response tokens per sequence in --accel.", flag_values=fv)
     flags.DEFINE_bool("accel_tiny", False, "--accel with a 2-layer d=64 model (runs on a CPU).", flag_values=fv)
+    flags.DEFINE_bool("accel_iteration", False, "Accelerator mode: one GRPO iteration of a 0.5B-shaped policy "
+                      "(experiments/_bench_iteration.py); with --accel_tiny a 2-layer d=64 one.", flag_values=fv)
+    flags.DEFINE_string("iter_model", "Qwen2.5-0.5B", "Named shape of --accel_iteration.", flag_values=fv)
+    flags.DEFINE_integer("iter_prompts", 16, "Prompts per iteration in --accel_iteration.", flag_values=fv)
+    flags.DEFINE_integer("iter_group", 16, "Samples per prompt in --accel_iteration.", flag_values=fv)
+    flags.DEFINE_integer("iter_prompt_len", 256, "Prompt tokens (left-padded) in --accel_iteration.", flag_values=fv)
+    flags.DEFINE_integer("iter_new_tokens", 512, "New tokens per response in --accel_iteration.", flag_values=fv)
+    flags.DEFINE_integer("iter_iterations", 2, "Iterations of --accel_iteration (the first compiles; the last is "
+                         "reported).", flag_values=fv)
+    flags.DEFINE_integer("iter_micro_batches", 1, "Micro-batches of the update in --accel_iteration.", flag_values=fv)
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
         print(fv.get_help())
         raise SystemExit(0)
@@ -446,6 +474,10 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
 
 def main(argv: list[str]) -> str:
     fv = parse_flags(argv)
+    if fv.accel_iteration:
+        from experiments import _bench_iteration
+
+        return _bench_iteration.main(fv)
     if fv.accel:
         return accel_main(fv)
     load_start = os.getloadavg()

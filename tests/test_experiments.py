@@ -283,6 +283,69 @@ def test_bench_accelerator_mode_runs_end_to_end_at_a_tiny_shape():
     assert cells[8].endswith("%") if known_peak else cells[8] == "n/a"
 
 
+def test_bench_iteration_counts_by_hand_for_qwen_0_5b():
+    """Decode bytes and update FLOPs of the default --accel_iteration case, written out from the Qwen2.5-0.5B shape
+    (d 896, 24 layers, 14 heads and 2 KV heads of 64, MLP 4864, vocabulary 151936 tied, q/k/v bias)."""
+    bt, bi = _load("bench_train"), _load("_bench_iteration")
+    case = bi.IterationCase("Qwen2.5-0.5B")
+    config, cfg = bi.iteration_config(case)
+    assert (config.model.compute_dtype, config.model.scan_layers, config.rollout.share_prefill) == ("bfloat16", True,
+                                                                                                   True)
+    assert (case.rows, cfg.param_dtype, cfg.num_layers, cfg.vocab_size) == (256, "float32", 24, 151936)
+    layer = 896 * 14 * 64 * 2 + 896 * 2 * 64 * 2 + (14 + 4) * 64 + 3 * 896 * 4864
+    assert bi.matmul_weight_bytes(cfg, 2) == 2 * (24 * layer + 896 * 151936) == 987977728
+    slot = 256 * 24 * 2 * 2 * 64 * 2  # rows x layers x (K, V) x kv heads x head dim x bf16 bytes
+    # segments of 128 steps: 256 prompt slots + 128, 256, 384, 512 response slots, 128 steps each
+    assert bi.kv_bytes_per_step(cfg, 256, 256, 512, 512, 2) == slot * (256 + 320) == 1811939328
+    assert bi.kv_bytes_per_step(cfg, 256, 256, 512, 100, 2) == slot * (256 + 128)  # stopped in the first segment
+    want = 6 * (24 * layer + 896 * 151936) * 256 * 768 + 12 * 24 * 14 * 64 * 768 * 256 * 768 - 6 * 896 * 151936 * 256 * 256
+    assert bi.update_model_flops(cfg, 256, 256, 512) == want == 568166593855488
+    kinds = {"NVIDIA H100 80GB HBM3": 3350e9, "NVIDIA H100 PCIe": 2000e9, "NVIDIA H200": 4800e9,
+             "NVIDIA A100-SXM4-80GB": 2039e9, "TPU v5 lite": 819e9, "TPU v5p": 2765e9, "cpu": None}
+    assert {k: bt.hbm_bandwidth(k) for k in kinds} == kinds
+
+
+def _iteration_rows(report: str) -> dict:
+    """{phase name: cells after it} of the --accel_iteration table."""
+    lines = report.splitlines()
+    head = lines.index("| phase | s | share | rate | of chip peak |")
+    rows = {}
+    for line in lines[head + 2:]:
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_bench_iteration_mode_runs_end_to_end_at_a_tiny_shape():
+    """One GRPO iteration of the loop's pieces (2 iterations, the first compiling) on the 2-layer model: every phase
+    has finite positive seconds, the shares add up, the rates are positive numbers, n/a against an unknown chip."""
+    import re
+
+    bt = _load("bench_train")
+    report = bt.main(["bench_train.py", "--accel_iteration", "--accel_tiny", "--iter_prompts=2", "--iter_group=4",
+                      "--iter_new_tokens=8"])
+    assert "2 prompts x 4 = 8 rows, P = 32 + R = 8 tokens" in report
+    rows = _iteration_rows(report)
+    names = ["weight transfer", "sampling", "rewards", "rollout host work", "log-probs + advantages", "update",
+             "**iteration**"]
+    assert [next(n for n in names if k.startswith(n)) for k in rows] == names
+    secs = {k: float(v[0]) for k, v in rows.items()}
+    assert all(np.isfinite(x) and x >= 0 for x in secs.values())
+    *phases, total = secs.values()
+    assert total > 0 and abs(sum(phases) - total) <= 1e-3 and all(x > 0 for k, x in secs.items() if "host" not in k)
+    shares = [float(v[1].rstrip("%")) for v in rows.values()]
+    assert shares[-1] == 100.0 and abs(sum(shares[:-1]) - 100.0) <= 0.1 * len(shares)
+    known = bt.hbm_bandwidth(jax.devices()[0].device_kind) is not None
+    for name in ("weight transfer", "sampling", "log-probs", "update"):
+        rate, vs = next(v[2:] for k, v in rows.items() if k.startswith(name))
+        numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?", rate)]
+        assert numbers and all(np.isfinite(x) and x > 0 for x in numbers), (name, rate)
+        assert vs.endswith("(MFU)") or "HBM" in vs if known else vs == "n/a"
+    assert "prefill + 8 decode steps" in next(k for k in rows if k.startswith("sampling"))
+
+
 # ------------------------------------------------------------------------------------------------- bench_sampler.py
 def test_bench_sampler_per_token_fit_by_hand():
     bs = _load("bench_sampler")

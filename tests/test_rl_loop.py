@@ -151,6 +151,7 @@ def test_sigterm_during_first_evaluation_exits_cleanly_and_keeps_the_evaluation(
     ("mesh__fsdp", 3, f"does not cover the {jax.device_count()} available devices"),
     ("loss__agg", "token_mean", "unknown loss aggregation"),
     ("rollout__lanes", 3, "must be >= 1 and divide rollout.group_size"),
+    ("rollout__share_prefix", True, "rollout.share_prefix needs rollout.share_prefill=True"),
 ])
 def test_invalid_config_fails_with_one_sentence_before_compiling(field, value, sentence):
     if field == "algorithm":

@@ -74,6 +74,7 @@ def validate_config(config) -> None:
              f"rollout.lanes ({ro.lanes}) must be >= 1 and divide rollout.group_size ({ro.group_size}).")
     _require(ro.lanes == 1 or config.model.attention == "causal",
              "rollout.lanes > 1 is for autoregressive (causal) policies; diffusion samplers decode in one lane.")
+    _validate_share_prefix(config)
     _require(l.eps_low > 0 and l.eps_high > 0, f"clip ranges must be positive, got {l.eps_low} and {l.eps_high}.")
     _require(l.dual_clip_c == 0 or l.dual_clip_c > 1, f"loss.dual_clip_c must be 0 (off) or > 1, got {l.dual_clip_c}.")
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
@@ -93,6 +94,21 @@ def validate_config(config) -> None:
              f"a {config.model.attention}-attention (masked-diffusion) policy trains with algorithm 'tracerl', "
              f"not {config.algorithm!r}.")
     methods.validate(config)
+
+
+def _validate_share_prefix(config) -> None:
+    """rollout.share_prefix decodes over the prompt cache of a shared prefill, one per whole group in every lane."""
+    ro = config.rollout
+    if not ro.share_prefix:
+        return
+    _require(ro.share_prefill,
+             "rollout.share_prefix needs rollout.share_prefill=True (it decodes over its prompt cache).")
+    _require(not ro.compact_rows, "rollout.share_prefix and rollout.compact_rows do not combine (compaction breaks "
+                                  "the groups whose prompt cache is shared).")
+    rows = ro.sample_batch_rows or ro.prompts_per_step * ro.group_size
+    _require(rows % (ro.lanes * ro.group_size) == 0,
+             f"rollout.share_prefix needs whole groups of {ro.group_size} rows in each of the {ro.lanes} lanes of a "
+             f"sampler call of {rows} rows.")
 
 
 def _validate_method_parts(config, names) -> None:

@@ -7,7 +7,7 @@
                                                    # both models, batch 1 and 32, 256 new tokens, one timed call
                                                    # each (batch 32 in 1, 2 and 4 lanes); per-token table for
                                                    # llama-1M at 64/256/1024; no diffusion
-  python experiments/bench_sampler.py --group      # table (4) only: group-16 rollouts, shared prefill vs not
+  python experiments/bench_sampler.py --group      # table (4) only: group-16 rollouts, shared prefill/prefix vs not
   python experiments/bench_sampler.py --reshard    # table (5) only: trainer -> sampler weight transfer (bf16);
                                                    # on the CPU over --cpu_devices fake devices (default 8)
 
@@ -268,7 +268,7 @@ def main(argv=None):
     parser.add_argument("--skip_diffusion", action="store_true")
     parser.add_argument("--lanes", type=int, nargs="+", default=None,
                         help="sampler lanes for batch > 1 rows (default: 1, 2 and 4)")
-    parser.add_argument("--group", action="store_true", help="table (4) only: shared prefill at group 16")
+    parser.add_argument("--group", action="store_true", help="table (4) only: shared prefill / prefix at group 16")
     parser.add_argument("--group_prompts", type=int, default=2, help="prompts per round in table (4)")
     parser.add_argument("--group_new_tokens", type=int, nargs="+", default=[32, 128],
                         help="response budgets of table (4)")
@@ -320,7 +320,7 @@ def group_main(args):
     with tempfile.TemporaryDirectory() as workdir:
         model = build_models(name, workdir)[1]
     cores = len(os.sched_getaffinity(0))
-    print(f"\n## Group-16 rollout, shared prefill vs every row prefilled ({name}, CPU, {cores} of "
+    print(f"\n## Group-16 rollout, shared prefill / prefix vs every row prefilled ({name}, CPU, {cores} of "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, jax {jax.__version__})\n")
     rows = group_rows(model, args.group_prompts, args.group_new_tokens, args.repeats or 3)
     rows += group_rows(model, args.group_prompts, args.group_new_tokens[-1:], args.repeats or 3,

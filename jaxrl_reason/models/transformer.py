@@ -8,7 +8,9 @@ a bool [B, T, S] array or an `AttentionMask` (pattern + key padding, which a fus
 
 KV cache rule (one rule for AR prefill/decode and block-diffusion denoise/commit): with a cache of S slots,
 the K/V of the T input tokens are written at slots `[cache_index, cache_index + T)` (same index for every
-row, `lax.dynamic_update_slice`), then the T queries attend over all S slots with the given mask.
+row, `lax.dynamic_update_slice`), then the T queries attend over all S slots with the given mask. A shared-prefix
+cache (`models/shared_prefix.py`: a prompt part per group of rows, an own part per row) takes the write in its own
+part and a `PrefixMask`.
 
 Every parameter is an `nnx.Param` with `logical_axes` metadata (names: "vocab", "embed", "heads",
 "kv_heads", "mlp", "head_dim", "norm", and "layers" for the leading axis of stacked layers), mapped to mesh

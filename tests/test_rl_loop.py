@@ -163,6 +163,19 @@ def test_invalid_config_fails_with_one_sentence_before_compiling(field, value, s
         build.validate_config(config)
 
 
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("overrides,sentence", [
+    (dict(rollout__compact_rows=True), "rollout.share_prefix and rollout.compact_rows do not combine"),
+    (dict(rollout__lanes=2, rollout__sample_batch_rows=4), "whole groups of 4 rows in each of the 2 lanes"),
+    (dict(rollout__sample_batch_rows=8, mesh__data=1, mesh__fsdp=-1), "whole groups of 4 rows on each of the 8 row"),
+])
+def test_share_prefix_needs_whole_groups_and_no_compaction(overrides, sentence):
+    base = dict(rollout__share_prefix=True, rollout__share_prefill=True, rollout__group_size=4)
+    build.validate_config(tiny_config(**base, rollout__prompts_per_step=8, mesh__data=1, mesh__fsdp=-1))  # 1 / shard
+    with pytest.raises(ValueError, match=sentence):
+        build.validate_config(tiny_config(**base | overrides))
+
+
 def test_missing_sft_checkpoint_is_one_sentence(tmp_path):
     config = tiny_config(model__init="sft", model__sft_dir=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="holds no checkpoint; run experiments/sft.py"):

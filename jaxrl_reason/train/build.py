@@ -74,7 +74,6 @@ def validate_config(config) -> None:
              f"rollout.lanes ({ro.lanes}) must be >= 1 and divide rollout.group_size ({ro.group_size}).")
     _require(ro.lanes == 1 or config.model.attention == "causal",
              "rollout.lanes > 1 is for autoregressive (causal) policies; diffusion samplers decode in one lane.")
-    _validate_share_prefix(config)
     _require(l.eps_low > 0 and l.eps_high > 0, f"clip ranges must be positive, got {l.eps_low} and {l.eps_high}.")
     _require(l.dual_clip_c == 0 or l.dual_clip_c > 1, f"loss.dual_clip_c must be 0 (off) or > 1, got {l.dual_clip_c}.")
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}.")
@@ -88,6 +87,7 @@ def validate_config(config) -> None:
              f"reward.overlong_buffer ({r.overlong_buffer}) must be within [0, max_new_tokens].")
     _validate_mesh(config)
     sampler_layout.validate(ro, config.model.attention, jax.device_count())
+    _validate_share_prefix(config)
     _validate_sources(config)
     _validate_precision(config, ro.prompts_per_step * ro.group_size)
     _require(config.model.attention == "causal" or config.algorithm == "tracerl",
@@ -97,7 +97,8 @@ def validate_config(config) -> None:
 
 
 def _validate_share_prefix(config) -> None:
-    """rollout.share_prefix decodes over the prompt cache of a shared prefill, one per whole group in every lane."""
+    """rollout.share_prefix decodes over the prompt cache of a shared prefill, one per whole group in every lane
+    and on every row shard of the sampler's mesh (the train mesh's data x fsdp, or the decode layout's data axis)."""
     ro = config.rollout
     if not ro.share_prefix:
         return
@@ -109,6 +110,12 @@ def _validate_share_prefix(config) -> None:
     _require(rows % (ro.lanes * ro.group_size) == 0,
              f"rollout.share_prefix needs whole groups of {ro.group_size} rows in each of the {ro.lanes} lanes of a "
              f"sampler call of {rows} rows.")
+    m = config.mesh
+    data, fsdp, _ = resolve_mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count())
+    shards = data * fsdp if ro.layout == "train" else jax.device_count() // ro.decode_tensor
+    _require(rows % shards or (rows // ro.group_size) % shards == 0,
+             f"rollout.share_prefix needs whole groups of {ro.group_size} rows on each of the {shards} row shards of "
+             f"a sampler call of {rows} rows.")
 
 
 def _validate_method_parts(config, names) -> None:

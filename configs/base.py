@@ -110,6 +110,8 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.rollout.lanes = 1  # > 1: decode the batch as independent lanes run concurrently (sampling/autoregressive.py)
     c.rollout.sample_batch_rows = 0  # > 0: sample a round in sub-batches of this many rows (whole groups)
     c.rollout.share_prefill = {"tiny": False, "small": False, "full": True}[scale]  # prefill each prompt once
+    # True (with share_prefill): decode with each group's prompt K/V kept and read once per group
+    c.rollout.share_prefix = {"tiny": False, "small": False, "full": True}[scale]
     # True: each round also decodes one greedy response per prompt and scores it (rows' greedy_reward_N, the reward
     # baseline ReMax subtracts); one more sampler call per round
     c.rollout.greedy_baseline = False

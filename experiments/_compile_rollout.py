@@ -12,16 +12,22 @@ from __future__ import annotations
 from experiments import _compile_targets as ct
 
 
-def kv_cache_bytes(cfg, rows: int, seq: int, devices: int, itemsize: int = 2) -> float:
+def kv_cache_bytes(cfg, rows: int, seq: float, devices: int, itemsize: int = 2) -> float:
     """Bytes per device of the decode KV cache: layers x (K and V) x rows x kv_heads x head_dim x seq slots x
-    itemsize, rows spread over `devices`."""
+    itemsize, rows spread over `devices` (`slots_per_row` gives seq)."""
     return cfg.num_layers * 2 * rows * cfg.num_kv_heads * cfg.head_dim_ * seq * itemsize / devices
 
 
-def candidates(total_rows: int, group_size: int, row_shards: int) -> list[int]:
+def slots_per_row(prompt_len: int, new_tokens: int, group_size: int, share_prefix: bool) -> float:
+    """KV-cache slots per row: P + R, or R + P / G when the shared-prefix decode keeps the prompt once per group."""
+    return new_tokens + (prompt_len / group_size if share_prefix else prompt_len)
+
+
+def candidates(total_rows: int, group_size: int, row_shards: int, whole_groups: bool = False) -> list[int]:
     """Sub-batch sizes the loop accepts and the sampler shards: multiples of the group size (and of the
-    ('data', 'fsdp') row shards) that divide the round's rows, largest first."""
-    step = group_size * row_shards // _gcd(group_size, row_shards)
+    ('data', 'fsdp') row shards; with `whole_groups`, whole groups on every shard, as the shared-prefix decode
+    needs) that divide the round's rows, largest first."""
+    step = group_size * row_shards // (1 if whole_groups else _gcd(group_size, row_shards))
     return [n for n in range(total_rows, 0, -1) if n % step == 0 and total_rows % n == 0]
 
 
@@ -82,8 +88,8 @@ def report(name, compiled, seconds, refusal, *, args, resident, kv_bytes, top) -
 
     gib = ct.gib
     print(f"\n### {name} (compiled in {seconds:.1f} s)")
-    print(f"  KV cache estimate {gib(kv_bytes)} GiB per device (layers x 2 x rows x kv_heads x head_dim x (P + R) "
-          "x 2 bytes / row shards)")
+    print(f"  KV cache estimate {gib(kv_bytes)} GiB per device (layers x 2 x rows x kv_heads x head_dim x (P + R, "
+          "or R + P / G with share_prefix) x 2 bytes / row shards)")
     if compiled is None:
         return ct.refused_need(args, refusal, resident)
     mem = preflight.memory_report(compiled)

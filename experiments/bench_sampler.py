@@ -7,7 +7,7 @@
                                                    # both models, batch 1 and 32, 256 new tokens, one timed call
                                                    # each (batch 32 in 1, 2 and 4 lanes); per-token table for
                                                    # llama-1M at 64/256/1024; no diffusion
-  python experiments/bench_sampler.py --group      # table (4) only: group-16 rollouts, shared prefill vs not
+  python experiments/bench_sampler.py --group      # table (4) only: group-16 rollouts, shared prefill/prefix vs not
   python experiments/bench_sampler.py --reshard    # table (5) only: trainer -> sampler weight transfer (bf16);
                                                    # on the CPU over --cpu_devices fake devices (default 8)
 
@@ -30,11 +30,12 @@ Tables (markdown on stdout):
       (1 = linear; a cost quadratic in R would give R_max / R_min).
   (3) the rows of `experiments/_bench_diffusion.py::diffusion_rows(quick)` when that module exists.
   (4) `--group`: an RL round of `--group_prompts` prompts x 16 samples, 256-token prompts, sampled at temperature
-      1 with no EOS, decoded by today's sampler (every row prefilled) and with `share_prefill` (each prompt
-      prefilled once, its cache copied to its 16 samples), same model and weights, compiled first, then timed
-      alternately (best of `--repeats`). tokens/s counts generated tokens; the ratio is what to compare on a
-      shared machine. A last row adds stop ids (every `--group_stop_every`-th id) so that rows stop at different
-      lengths, and a third variant that also compacts finished rows between decode segments
+      1 with no EOS, decoded by today's sampler (every row prefilled), with `share_prefill` (each prompt
+      prefilled once, its cache copied to its 16 samples: "shared") and with `share_prefix` too (the prompt cache
+      kept once per group and read once per group at every decode step: "prefix"), same model and weights,
+      compiled first, then timed alternately (best of `--repeats`). tokens/s counts generated tokens; the ratio
+      is what to compare on a shared machine. A last row adds stop ids (every `--group_stop_every`-th id) so that
+      rows stop at different lengths, and a fourth variant that also compacts finished rows between decode segments
       (`sampling/compaction.py`; "compact row-steps" = rows x steps decoded over batch x steps).
   (5) `--reshard`: the time to move the trainer's float32 weights (`--train_mesh`, default FSDP over every device)
       into the sampler's bf16 decode layout for each of `--decode_tensor` (`sampling/weights.py`), against the host
@@ -216,8 +217,9 @@ def _timed_alternately(runs: dict, repeats: int) -> tuple[dict, dict]:
 
 
 def group_rows(model, prompts_per_round, new_tokens_list, repeats, group=16, prompt_len=256, stop_every=0):
-    """Table (4): generated tokens/s of one round: today's sampler, shared prefill, and (with stop ids, one
-    every `stop_every` vocabulary ids, so that rows stop at different lengths) shared prefill + compaction."""
+    """Table (4): generated tokens/s of one round: today's sampler, shared prefill, shared-prefix decode, and
+    (with stop ids, one every `stop_every` vocabulary ids, so that rows stop at different lengths) shared prefill
+    + compaction."""
     graphdef, state = nnx.split(model, nnx.Param)
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, model.cfg.vocab_size, (prompts_per_round, prompt_len)).astype(np.int32)
@@ -228,7 +230,8 @@ def group_rows(model, prompts_per_round, new_tokens_list, repeats, group=16, pro
         kw = dict(max_prompt_len=prompt_len, max_new_tokens=new_tokens, eos_ids=eos, pad_id=PAD,
                   params=SamplingParams(), group_size=group)
         fns = {"today": ar.make_generate_fn(graphdef, **kw),
-               "shared": ar.make_generate_fn(graphdef, share_prefill=True, **kw)}
+               "shared": ar.make_generate_fn(graphdef, share_prefill=True, **kw),
+               "prefix": ar.make_generate_fn(graphdef, share_prefill=True, share_prefix=True, **kw)}
         if eos:
             fns["shared+compact"] = compaction.make_compacting_generate_fn(graphdef, share_prefill=True, **kw)
         runs = {name: (lambda f=f: jax.block_until_ready(f(state, tokens, mask, jax.random.key(0))))
@@ -265,7 +268,7 @@ def main(argv=None):
     parser.add_argument("--skip_diffusion", action="store_true")
     parser.add_argument("--lanes", type=int, nargs="+", default=None,
                         help="sampler lanes for batch > 1 rows (default: 1, 2 and 4)")
-    parser.add_argument("--group", action="store_true", help="table (4) only: shared prefill at group 16")
+    parser.add_argument("--group", action="store_true", help="table (4) only: shared prefill / prefix at group 16")
     parser.add_argument("--group_prompts", type=int, default=2, help="prompts per round in table (4)")
     parser.add_argument("--group_new_tokens", type=int, nargs="+", default=[32, 128],
                         help="response budgets of table (4)")
@@ -317,7 +320,7 @@ def group_main(args):
     with tempfile.TemporaryDirectory() as workdir:
         model = build_models(name, workdir)[1]
     cores = len(os.sched_getaffinity(0))
-    print(f"\n## Group-16 rollout, shared prefill vs every row prefilled ({name}, CPU, {cores} of "
+    print(f"\n## Group-16 rollout, shared prefill / prefix vs every row prefilled ({name}, CPU, {cores} of "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, jax {jax.__version__})\n")
     rows = group_rows(model, args.group_prompts, args.group_new_tokens, args.repeats or 3)
     rows += group_rows(model, args.group_prompts, args.group_new_tokens[-1:], args.repeats or 3,

@@ -246,13 +246,15 @@ def check_rollout(b, config, mcfg, capacity, mem):
     from jaxrl_reason.train.logprobs import COMPUTE_DTYPES
 
     r = config.rollout
-    total, seq = r.prompts_per_step * r.group_size, r.max_prompt_len + r.max_new_tokens
+    prefix = r.share_prefill and r.share_prefix
+    total, seq = r.prompts_per_step * r.group_size, cr.slots_per_row(r.max_prompt_len, r.max_new_tokens,
+                                                                       r.group_size, prefix)
     shards = b.mesh.shape["data"] * b.mesh.shape["fsdp"]
     dtype = jnp.dtype(COMPUTE_DTYPES[config.model.compute_dtype])
     copy = dtype != jnp.dtype(mcfg.param_dtype)  # the loop samples with a compute-dtype copy of the policy
     sampler_params = mem.policy * dtype.itemsize / jnp.dtype(mcfg.param_dtype).itemsize
     resident = mem.state + mem.ref if copy else mem.state - mem.policy + mem.ref
-    cands = cr.candidates(total, r.group_size, shards)
+    cands = cr.candidates(total, r.group_size, shards, whole_groups=prefix)
     if r.sample_batch_rows and r.sample_batch_rows not in cands:
         cands = sorted(set(cands) | {r.sample_batch_rows}, reverse=True)
     row_bytes = cr.kv_cache_bytes(mcfg, 1, seq, shards, dtype.itemsize)
@@ -260,7 +262,8 @@ def check_rollout(b, config, mcfg, capacity, mem):
     start = (cands.index(r.sample_batch_rows) if r.sample_batch_rows
              else cr.start_index(cands, row_bytes, 0.8 * budget))  # 20% beside the cache: logits, activations
     print(f"\n## rollout: {total} rows ({r.prompts_per_step} prompts x {r.group_size}) of {r.max_prompt_len} + "
-          f"{r.max_new_tokens} tokens, share_prefill={r.share_prefill}, rows over {shards} data x fsdp shards; "
+          f"{r.max_new_tokens} tokens, share_prefill={r.share_prefill}, share_prefix={prefix}, rows over {shards} "
+          f"data x fsdp shards; "
           f"KV cache {row_bytes * total / ct.GIB:.2f} GiB per device for every row at once; sub-batch "
           f"candidates {cands[:8]}{' ...' if len(cands) > 8 else ''}")
     needs = {}

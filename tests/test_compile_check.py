@@ -259,6 +259,8 @@ def test_rollout_candidates_and_search():
     assert cr.candidates(24, 4, 2) == [24, 12, 8, 4]  # multiples of the group (and of the row shards) dividing 24
     assert cr.candidates(8192, 16, 32)[:3] == [8192, 4096, 2048] and cr.candidates(8192, 16, 32)[-1] == 32
     assert cr.candidates(48, 6, 4) == [48, 24, 12]  # multiples of lcm(6, 4) = 12
+    assert cr.candidates(48, 6, 4, whole_groups=True) == [48, 24]  # a whole group of 6 on each of 4 shards
+    assert cr.slots_per_row(16, 64, 4, True) == 68 and cr.slots_per_row(16, 64, 4, False) == 80
     cands = [256, 128, 64, 32]
     assert cr.start_index(cands, 1.0, 100.0) == 2 and cr.start_index(cands, 1.0, 10.0) == 3
     tried = []
@@ -273,12 +275,14 @@ def test_rollout_candidates_and_search():
     assert cr.search(fits, cands, 0, 1) == ({256: False}, None)
 
 
-# Two layers, 4 kv heads of 16, 8 prompts x 4 samples of 16 + 64 tokens (one decode segment) on 8 devices.
+# Two layers, 4 kv heads of 16, 8 prompts x 4 samples of 16 + 64 tokens (one decode segment) on 8 devices; every
+# row's cache holds its prompt (no shared-prefix decode), whose buffers the test finds by the estimate's size.
 ROLLOUT = ["--model=Qwen2.5-0.5B", "--layers=2", "--config.model.hidden_size=64",
            "--config.model.intermediate_size=128",
            "--config.model.num_heads=4", "--config.model.num_kv_heads=4", "--config.model.vocab_size=512",
            "--config.rollout.prompts_per_step=8", "--config.rollout.group_size=4", "--config.rollout.max_prompt_len=16",
-           "--config.rollout.max_new_tokens=64", "--top=4", "--what=rollout", "--rollout_tries=1"]
+           "--config.rollout.max_new_tokens=64", "--config.rollout.share_prefix=False", "--top=4", "--what=rollout",
+           "--rollout_tries=1"]
 
 
 def test_rollout_compile_on_cpu_devices():

@@ -151,6 +151,7 @@ def test_sigterm_during_first_evaluation_exits_cleanly_and_keeps_the_evaluation(
     ("mesh__fsdp", 3, f"does not cover the {jax.device_count()} available devices"),
     ("loss__agg", "token_mean", "unknown loss aggregation"),
     ("rollout__lanes", 3, "must be >= 1 and divide rollout.group_size"),
+    ("rollout__share_prefix", True, "rollout.share_prefix needs rollout.share_prefill=True"),
 ])
 def test_invalid_config_fails_with_one_sentence_before_compiling(field, value, sentence):
     if field == "algorithm":
@@ -160,6 +161,19 @@ def test_invalid_config_fails_with_one_sentence_before_compiling(field, value, s
         config = tiny_config(**{field: value})
     with pytest.raises(ValueError, match=sentence):
         build.validate_config(config)
+
+
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("overrides,sentence", [
+    (dict(rollout__compact_rows=True), "rollout.share_prefix and rollout.compact_rows do not combine"),
+    (dict(rollout__lanes=2, rollout__sample_batch_rows=4), "whole groups of 4 rows in each of the 2 lanes"),
+    (dict(rollout__sample_batch_rows=8, mesh__data=1, mesh__fsdp=-1), "whole groups of 4 rows on each of the 8 row"),
+])
+def test_share_prefix_needs_whole_groups_and_no_compaction(overrides, sentence):
+    base = dict(rollout__share_prefix=True, rollout__share_prefill=True, rollout__group_size=4)
+    build.validate_config(tiny_config(**base, rollout__prompts_per_step=8, mesh__data=1, mesh__fsdp=-1))  # 1 / shard
+    with pytest.raises(ValueError, match=sentence):
+        build.validate_config(tiny_config(**base | overrides))
 
 
 def test_missing_sft_checkpoint_is_one_sentence(tmp_path):

@@ -11,7 +11,7 @@ from flax import nnx
 
 from jaxrl_reason.core import hapo
 from jaxrl_reason.models import attention as A
-from jaxrl_reason.models import hf, sharding
+from jaxrl_reason.models import hf, shared_prefix, sharding
 from jaxrl_reason.sampling import autoregressive as ar
 from jaxrl_reason.sampling import compaction
 from jaxrl_reason.sampling import processors as pr
@@ -388,3 +388,92 @@ def test_compacted_sampling_equals_naive_per_row_noise(sampled):
     with pytest.raises(ValueError, match="one lane"):
         compaction.make_compacting_generate_fn(graphdef, max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED,
                                                pad_id=PAD, params=SAMPLED, lanes=2)
+
+
+def test_shared_prefix_attention_equals_softmax_attention():
+    """Two score blocks (a group's prompt keys, a row's own keys) under one softmax == plain softmax attention over
+    [prompt; own] keys per row (numpy, float64), GQA with 2 query heads per kv head; a row seeing nothing -> 0."""
+    rng = np.random.default_rng(0)
+    groups, g_rows, t, n, kv, h, p, s = 2, 3, 2, 4, 2, 8, 5, 4
+    b = groups * g_rows
+    q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+    pk, pv = rng.normal(size=(groups, kv, h, p)), rng.normal(size=(groups, kv, p, h))
+    ok, ov = rng.normal(size=(b, kv, h, s)), rng.normal(size=(b, kv, s, h))
+    prompt_valid, own = rng.random((groups, p)) < 0.7, rng.random((b, t, s)) < 0.6
+    prompt_valid[1], own[4, 1] = False, False  # row 4 (group 1), query 1: no visible key
+    mask = shared_prefix.PrefixMask(jnp.asarray(prompt_valid), jnp.asarray(own))
+    got = shared_prefix.attend(jnp.asarray(q), *(jnp.asarray(x, jnp.float32) for x in (pk, pv, ok, ov)), mask)
+    k_all = np.concatenate([np.repeat(pk, g_rows, 0), ok], -1)  # [B, K, H, P + S]
+    v_all = np.concatenate([np.repeat(pv, g_rows, 0), ov], -2)
+    valid = np.concatenate([np.broadcast_to(np.repeat(prompt_valid, g_rows, 0)[:, None], (b, t, p)), own], -1)
+    want = np.zeros((b, t, n, h))
+    for i, j, head in np.ndindex(b, t, n):
+        k, v = k_all[i, head // (n // kv)], v_all[i, head // (n // kv)]
+        scores = q[i, j, head].astype(np.float64) @ k / np.sqrt(h)
+        if valid[i, j].any():
+            e = np.where(valid[i, j], np.exp(scores - scores[valid[i, j]].max()), 0.0)
+            want[i, j, head] = e / e.sum() @ v
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    assert np.all(np.asarray(got)[4, 1] == 0.0) and np.abs(want[4, 0]).sum() > 0
+    with pytest.raises(ValueError, match="do not split into the 4 groups"):
+        shared_prefix.attend(jnp.asarray(q), *(jnp.asarray(np.concatenate([x, x]), jnp.float32) for x in (pk, pv)),
+                             jnp.asarray(ok), jnp.asarray(ov), mask)
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2-scan"])
+def test_shared_prefix_greedy_matches_transformers(models, arch):
+    """Prompt K/V kept once per group of 4, three decode segments (4 + 4 + 2 steps), GQA, unrolled and scanned
+    layers: transformers' greedy tokens."""
+    torch_model, model = models[arch]
+    tokens, valid = _prompts(2, seed=1)
+    want = _hf_generate(torch_model, np.repeat(tokens, 4, axis=0), np.repeat(valid, 4, axis=0), 2)
+    ro = ar.generate(model, tokens, valid, jax.random.key(0), n_samples=4, max_new_tokens=R, eos_ids=(2,),
+                     pad_id=PAD, params=pr.SamplingParams(greedy=True), segment_len=4, share_prefill=True,
+                     share_prefix=True)
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), want)
+
+
+def test_shared_prefix_equals_every_row_prefilled_when_sampling(sampled):
+    """Same key, same rows: the tokens of the sampler that prefills and decodes every row, log-probs to float
+    rounding (segments of SEG steps); refused where groups would be split or compacted."""
+    graphdef, _ = nnx.split(sampled["model"], nnx.Param)
+    tokens, valid = np.repeat(sampled["tokens"][:2], 4, axis=0), np.repeat(sampled["valid"][:2], 4, axis=0)
+    kw = dict(max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD, params=SAMPLED, segment_len=SEG)
+    fn = ar.make_generate_fn(graphdef, group_size=4, share_prefill=True, share_prefix=True, **kw)
+    got = fn(sampled["state"], tokens, valid, sampled["key"], sampled["stats"])
+    ref = sampled["fn"](sampled["state"], tokens, valid, sampled["key"], sampled["stats"])
+    for name in ("tokens_BxR", "response_mask_BxR", "length_B", "truncated_B"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)), err_msg=name)
+    length = np.asarray(got.length_B)
+    assert len(set(map(tuple, np.asarray(got.tokens_BxR)[:4]))) > 1 and (length > SEG).any()  # crosses a segment
+    for name in ("logp_BxR", "logp_raw_BxR", "entropy_BxR"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)), atol=1e-5,
+                                   err_msg=name)
+    with pytest.raises(ValueError, match="set share_prefill too"):
+        ar.make_generate_fn(graphdef, group_size=4, share_prefix=True, **kw)
+    with pytest.raises(ValueError, match="whole groups of 4 rows in each of the 4 lanes"):
+        ar.make_generate_fn(graphdef, group_size=4, share_prefill=True, share_prefix=True, lanes=4, **kw)(
+            sampled["state"], tokens, valid, sampled["key"])
+    with pytest.raises(ValueError, match="Compacting rows breaks the groups"):
+        compaction.make_compacting_generate_fn(graphdef, group_size=4, share_prefill=True, share_prefix=True, **kw)
+
+
+@pytest.mark.devices(8)
+def test_shared_prefix_rows_sharded_by_whole_groups(sampled):
+    """On a (2, 2, 2) mesh, groups of 2 rows: each of the 4 row shards holds whole groups (the prompt part is
+    split over the same axes by groups) and the rollout equals the unsharded one; groups of 4 would straddle
+    shards and are refused."""
+    graphdef, _ = nnx.split(sampled["model"], nnx.Param)
+    tokens, valid = np.repeat(sampled["tokens"][:4], 2, axis=0), np.repeat(sampled["valid"][:4], 2, axis=0)
+    kw = dict(max_prompt_len=P, max_new_tokens=R, eos_ids=EOS_SAMPLED, pad_id=PAD, params=SAMPLED, segment_len=SEG,
+              share_prefill=True, share_prefix=True)
+    fn = ar.make_generate_fn(graphdef, group_size=2, **kw)
+    mesh = sharding.make_mesh(2, 2, 2)
+    state = sharding.shard_state(sampled["state"], mesh)
+    ro = fn(state, tokens, valid, sampled["key"], sampled["stats"])
+    assert ro.tokens_BxR.sharding.spec == jax.P(("data", "fsdp"), None)
+    ref = fn(sampled["state"], tokens, valid, sampled["key"], sampled["stats"])
+    np.testing.assert_array_equal(np.asarray(ro.tokens_BxR), np.asarray(ref.tokens_BxR))
+    np.testing.assert_allclose(np.asarray(ro.logp_BxR), np.asarray(ref.logp_BxR), atol=1e-5)
+    with pytest.raises(ValueError, match="whole groups of 4 rows on each of the 4 row shards"):
+        ar.make_generate_fn(graphdef, group_size=4, **kw)(state, tokens, valid, sampled["key"])

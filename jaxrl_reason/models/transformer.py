@@ -8,7 +8,9 @@ a bool [B, T, S] array or an `AttentionMask` (pattern + key padding, which a fus
 
 KV cache rule (one rule for AR prefill/decode and block-diffusion denoise/commit): with a cache of S slots,
 the K/V of the T input tokens are written at slots `[cache_index, cache_index + T)` (same index for every
-row, `lax.dynamic_update_slice`), then the T queries attend over all S slots with the given mask.
+row, `lax.dynamic_update_slice`), then the T queries attend over all S slots with the given mask. A shared-prefix
+cache (`models/shared_prefix.py`: a prompt part per group of rows, an own part per row) takes the write in its own
+part and a `PrefixMask`.
 
 Every parameter is an `nnx.Param` with `logical_axes` metadata (names: "vocab", "embed", "heads",
 "kv_heads", "mlp", "head_dim", "norm", and "layers" for the leading axis of stacked layers), mapped to mesh
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxrl_reason.models import attention_ops
+from jaxrl_reason.models import attention_ops, shared_prefix
 from jaxrl_reason.models.attention import ATTENTION_KINDS
 from jaxrl_reason.models.sharding import constrain
 
@@ -143,9 +145,15 @@ def init_cache(cfg: TransformerConfig, batch: int, length: int, dtype=None) -> K
     return tuple(LayerCache(jnp.zeros(k_shape, dtype), jnp.zeros(v_shape, dtype)) for _ in range(cfg.num_layers))
 
 
-def cache_layers(cache: KVCache) -> int:
-    """Number of layers a cache holds (either layout)."""
-    return cache.k.shape[0] if isinstance(cache, LayerCache) else len(cache)
+def stacked_cache(cache) -> bool:
+    """Whether a cache is the stacked layout (one per-layer structure with a leading layer axis), either kind:
+    a `KVCache` or a shared-prefix cache (`models/shared_prefix.py`)."""
+    return isinstance(cache, (LayerCache, shared_prefix.PrefixLayerCache))
+
+
+def cache_layers(cache) -> int:
+    """Number of layers a cache holds (either layout, either kind)."""
+    return jax.tree.leaves(cache)[0].shape[0] if stacked_cache(cache) else len(cache)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -230,15 +238,26 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions_BxT, cfg.rope_theta)
         k = apply_rope(k, positions_BxT, cfg.rope_theta).transpose(0, 2, 3, 1)  # -> [B, K, H, T]
         v = v.transpose(0, 2, 1, 3)  # -> [B, K, T, H]
-        if cache is not None:
-            idx = jnp.asarray(cache_index, jnp.int32)
-            zero = jnp.zeros((), jnp.int32)
-            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), (zero, zero, zero, idx))
-            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), (zero, zero, idx, zero))
-            cache = LayerCache(k_all, v_all)
-            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-        out = attend(q, k, v, mask_BxTxS, cfg.attention_impl).reshape(b, t, cfg.num_heads * h)
+        if isinstance(cache, shared_prefix.PrefixLayerCache):  # decode over a group-shared prompt part
+            own = _write_cache(cache.own, k, v, cache_index)
+            cache = shared_prefix.PrefixLayerCache(cache.prompt, own)
+            kv = [x.astype(q.dtype) for x in (*cache.prompt, *own)]
+            out = shared_prefix.attend(q, *kv, mask_BxTxS).reshape(b, t, cfg.num_heads * h)
+        else:
+            if cache is not None:
+                cache = _write_cache(cache, k, v, cache_index)
+                k, v = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
+            out = attend(q, k, v, mask_BxTxS, cfg.attention_impl).reshape(b, t, cfg.num_heads * h)
         return checkpoint_name(dense(out, self.o_proj[...]), "o_proj"), cache
+
+
+def _write_cache(cache: LayerCache, k_BxKxHxT, v_BxKxTxH, cache_index) -> LayerCache:
+    """The cache with the T new K/V at slots [cache_index, cache_index + T) (in place inside a loop)."""
+    idx = jnp.asarray(cache_index, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    return LayerCache(
+        jax.lax.dynamic_update_slice(cache.k, k_BxKxHxT.astype(cache.k.dtype), (zero, zero, zero, idx)),
+        jax.lax.dynamic_update_slice(cache.v, v_BxKxTxH.astype(cache.v.dtype), (zero, zero, idx, zero)))
 
 
 class Block(nnx.Module):
@@ -323,7 +342,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         if (cache is None) != (cache_index is None):
             raise ValueError("cache and cache_index must be given together.")
-        if cache is not None and isinstance(cache, LayerCache) != cfg.scan_layers:
+        if cache is not None and stacked_cache(cache) != cfg.scan_layers:
             raise ValueError(f"The cache layout does not match the model's scan_layers={cfg.scan_layers}; "
                              "build it with init_cache(model.cfg, ...).")
         if cache is not None and cache_layers(cache) != cfg.num_layers:

@@ -30,13 +30,18 @@ from jaxrl_reason.sampling.types import Rollout
 
 def make_compacting_generate_fn(graphdef, *, max_prompt_len: int, max_new_tokens: int, eos_ids: Sequence[int],
                                 pad_id: int, params: SamplingParams, segment_len: int | None = None,
-                                lanes: int = 1, group_size: int = 1, share_prefill: bool = False):
+                                lanes: int = 1, group_size: int = 1, share_prefill: bool = False,
+                                share_prefix: bool = False):
     """`fn(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats=None) -> Rollout` like
     `autoregressive.make_generate_fn` (same arguments), with the alive rows compacted between decode segments.
 
     After each call `fn.last_stats` holds {"row_steps": rows x steps decoded, "full_row_steps": what the batch
     would have cost without compaction, "rows_per_segment": the batch of each segment run}.
+    `share_prefix` is refused: compaction breaks the contiguous groups whose prompt cache it shares.
     """
+    if share_prefix:
+        raise ValueError("Compacting rows breaks the groups a shared-prefix decode reads its prompt cache by; set "
+                         "rollout.share_prefix or rollout.compact_rows to False.")
     if lanes != 1:
         raise ValueError(f"Compacting rows decodes in one lane; got lanes={lanes!r} (set rollout.lanes to 1).")
     ar.make_generate_fn(graphdef, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens, eos_ids=eos_ids,

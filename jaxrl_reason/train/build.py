@@ -87,12 +87,35 @@ def validate_config(config) -> None:
              f"reward.overlong_buffer ({r.overlong_buffer}) must be within [0, max_new_tokens].")
     _validate_mesh(config)
     sampler_layout.validate(ro, config.model.attention, jax.device_count())
+    _validate_share_prefix(config)
     _validate_sources(config)
     _validate_precision(config, ro.prompts_per_step * ro.group_size)
     _require(config.model.attention == "causal" or config.algorithm == "tracerl",
              f"a {config.model.attention}-attention (masked-diffusion) policy trains with algorithm 'tracerl', "
              f"not {config.algorithm!r}.")
     methods.validate(config)
+
+
+def _validate_share_prefix(config) -> None:
+    """rollout.share_prefix decodes over the prompt cache of a shared prefill, one per whole group in every lane
+    and on every row shard of the sampler's mesh (the train mesh's data x fsdp, or the decode layout's data axis)."""
+    ro = config.rollout
+    if not ro.share_prefix:
+        return
+    _require(ro.share_prefill,
+             "rollout.share_prefix needs rollout.share_prefill=True (it decodes over its prompt cache).")
+    _require(not ro.compact_rows, "rollout.share_prefix and rollout.compact_rows do not combine (compaction breaks "
+                                  "the groups whose prompt cache is shared).")
+    rows = ro.sample_batch_rows or ro.prompts_per_step * ro.group_size
+    _require(rows % (ro.lanes * ro.group_size) == 0,
+             f"rollout.share_prefix needs whole groups of {ro.group_size} rows in each of the {ro.lanes} lanes of a "
+             f"sampler call of {rows} rows.")
+    m = config.mesh
+    data, fsdp, _ = resolve_mesh_shape(m.data, m.fsdp, m.tensor, jax.device_count())
+    shards = data * fsdp if ro.layout == "train" else jax.device_count() // ro.decode_tensor
+    _require(rows % shards or (rows // ro.group_size) % shards == 0,
+             f"rollout.share_prefix needs whole groups of {ro.group_size} rows on each of the {shards} row shards of "
+             f"a sampler call of {rows} rows.")
 
 
 def _validate_method_parts(config, names) -> None:

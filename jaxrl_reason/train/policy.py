@@ -77,7 +77,7 @@ def eval_samplers(config, graphdef, tokenizer, source: str | None = None):
 
 def train_sampler(config, graphdef, tokenizer):
     """The rollout sampler: `rollout.*` sampling settings plus the active methods' fields (HAPO's adaptive
-    temperature), lanes, shared prefill and row compaction as configured, or the exact sampler."""
+    temperature), lanes, shared prefill / prefix and row compaction as configured, or the exact sampler."""
     r = config.rollout
     params = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                             **methods.sampling_fields(config))
@@ -86,7 +86,7 @@ def train_sampler(config, graphdef, tokenizer):
         return make_exact_generate_fn(graphdef, spec=logp_spec(config), params=params, **lengths)
     make = make_compacting_generate_fn if r.compact_rows else make_generate_fn
     return make(graphdef, params=params, lanes=r.lanes, group_size=r.group_size, share_prefill=r.share_prefill,
-                **lengths)
+                share_prefix=r.share_prefix, **lengths)
 
 
 def ar_parts(config, graphdef, tokenizer, *, value_graphdef=None, ref_params=None, mesh=None,

@@ -15,6 +15,17 @@ carried between iterations. The loop itself is shared.
 Determinism and exact resume: the rollout key of iteration i is `fold_in(PRNGKey(seed), i)`, mini-batch order
 uses `np.random.default_rng([seed, i])`, and the prompt stream position, the methods' carried state and the
 iteration count are stored in the checkpoint meta, so a resumed run repeats the uninterrupted one (tested).
+
+Multi-host (`experiments/train.py --multihost`, one process per host, all running this same loop on the same prompt
+stream): each process samples and scores only its own whole groups of a round, then the round's rows are gathered
+so that every process takes the same reward, filter, refill and padding decisions and logs the same metrics
+(`train/rollout.py`). Every process then holds the same host batch, and the log-prob passes and the update read only
+their own devices' slices of it: rows cross processes anyway (dynamic sampling keeps groups from whichever process
+sampled them, mini-batches shuffle whole groups over the whole batch), and one gather of a round's rows is small
+next to the model. Checkpoints are saved by every process with its global arrays (orbax writes each shard and the
+meta once); metrics, the config and the Hugging Face export are written by process 0 after a gather of the policy;
+a preemption signal or the time budget stops all processes at the same iteration (`train/multihost.py`; tested
+with two CPU processes against one).
 """
 from __future__ import annotations
 
@@ -190,6 +201,7 @@ def run(config, workdir: str) -> dict:
     The trained parameters are in the run's last checkpoint (train/restore.py reads them back).
     """
     validate_config(config)
+    multihost.check_config(config)
     with workdir_lib.claim(config, workdir), catch_preemption() as preempt:
         return _run(config, workdir, multihost.AgreedFlag(preempt) if multihost.active() else preempt)
 

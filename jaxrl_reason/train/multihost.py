@@ -34,6 +34,18 @@ def active() -> bool:
     return jax.process_count() > 1
 
 
+def check_config(config) -> None:
+    """One sentence for a setting a multi-process run does not support (before anything compiles)."""
+    if not active():
+        return
+    if config.rollout.get("compact_rows", False):
+        raise ValueError("rollout.compact_rows reads the decode state back to the host between segments, which a "
+                         "multi-process run cannot do; set --config.rollout.compact_rows=False.")
+    if config.model.attention != "causal":
+        raise ValueError("masked-diffusion policies (model.attention other than 'causal') train in one process "
+                         "only; run them without --multihost.")
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on any (a collective: every process must call it)."""
     if not active():

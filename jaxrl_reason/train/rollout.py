@@ -6,6 +6,12 @@ groups of successive generation rounds are accumulated (`core.filters.accumulate
 full or `max_rounds` rounds were drawn; then a short batch is padded with zero-weight rows (response mask 0, so
 they add nothing to any loss or count) and the shortfall is logged: a filter that leaves too few groups trains on
 the partial batch rather than stopping the run.
+
+With several JAX processes (multi-host) every process takes the same examples from the stream, but each encodes,
+samples and scores only the whole groups its devices hold under the sampler's row sharding over ("data", "fsdp")
+(prompts enter as a global array built from process-local data; only addressable shards are read back). The rows
+and scores are then gathered to every process in row order, so rewards, group filters, refills, padding and metrics
+are computed from the whole round, identically everywhere (`train/multihost.py`).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Launched as a script, never imported by pytest. Runs the real loop, `train/loop.
 4 prompts x 4 samples, 24 new tokens, 2 mini-batches) with `rl_testing.digit_scorer` as the reward, the
 zero-variance group filter (so dynamic-sampling refills are decided from rows sampled on both processes), a
 checkpoint every iteration and the Hugging Face export, on a (data=1, fsdp=4, tensor=1) mesh: with two processes of
-two devices each, every parameter is split over both processes.
+two devices each, every weight matrix is split over both processes (the norm scales are replicated).
 
     python tests/multiprocess_loop_worker.py --workdir=/tmp/run --num_steps=2 --num_processes=2 --process_id=0 \
         --coordinator=127.0.0.1:PORT --local_devices=2

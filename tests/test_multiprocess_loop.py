@@ -3,7 +3,7 @@
 Two CPU processes of 2 fake devices each are joined by `jax.distributed` on loopback (gloo collectives) and run
 `train/loop.run` through `tests/multiprocess_loop_worker.py`: tiny GRPO with the zero-variance group filter (its
 refill rounds are decided from rows sampled on both processes), a checkpoint every iteration and the Hugging Face
-export, on a (data=1, fsdp=4, tensor=1) mesh, so every parameter is split over both processes and each process
+export, on a (data=1, fsdp=4, tensor=1) mesh, so every weight matrix is split over both processes and each process
 samples and scores its own 2 of the 4 groups of a round. The two-process run is stopped after iteration 1 (a first
 launch with `train.num_steps=1`; the schedule is constant, so the number of steps does not change an update) and a
 second launch resumes it from that checkpoint to iteration 2. Alongside the first launch one process runs the same

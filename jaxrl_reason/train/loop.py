@@ -228,8 +228,9 @@ def _run(config, workdir: str, preempt) -> dict:
     evaluate_fn = functools.partial(
         evaluate, examples=task.heldout, tokenizer=task.tokenizer, scorer=task.scorer,
         sample_fn=multihost.replicated_sampler(parts.eval_gen),
-        greedy_fn=multihost.replicated_sampler(parts.greedy_gen) if config.eval.greedy else None, samples=config.eval.samples,
-        batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len, count_fn=task.count_fn)
+        greedy_fn=multihost.replicated_sampler(parts.greedy_gen) if config.eval.greedy else None,
+        samples=config.eval.samples, batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len,
+        count_fn=task.count_fn)
     # evaluation samples in the sampler's layout too (the compute-dtype copy in the training layout by default)
     eval_fn = lambda params, key: evaluate_fn(sampler_copy(config, params), key=key)  # noqa: E731
     # Lines after the restored iteration are written again; with no evaluation restored, step 0 is too (-1: drop all).

@@ -15,85 +15,24 @@ What was tried for CPU collectives in jax 0.10.2: `jax_cpu_collectives_implement
 over loopback; None fails with "Multiprocess computations aren't implemented on the CPU backend"; "mpi" needs an
 MPItrampoline library (`MPITRAMPOLINE_LIB`), not installed here.
 
-Nothing may hang: every worker runs in its own process group with a deadline, and on a deadline, or as soon as
-one worker fails, all groups are SIGKILLed (SIGTERM is not enough: `jax.distributed` installs a preemption
-notifier that catches it). The test skips only when the worker reports (exit code 77) that this platform cannot
-start `jax.distributed` or run a cross-process CPU collective; a coordinator port taken between choosing it and
-binding it is retried on a new port.
+The workers are launched by `tests/multiprocess_testing.py` (nothing may hang: a deadline and SIGKILL of every
+process group); the test skips only when a worker reports (exit code 77) that this platform cannot start
+`jax.distributed` or run a cross-process CPU collective.
 """
 from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from multiprocess_testing import ROOT, free_port, launch, launch_joined
+
 WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
-PLATFORM_EXIT = 77  # = multiprocess_worker.PLATFORM_EXIT (the worker is a script, not imported here)
 DEADLINE_S = 300.0  # generous (CPU compiles on a loaded 2-core machine); a run needs ~60 CPU-seconds in all
 STEPS = 3
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (the worker retries if it is taken since)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def worker_env() -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # conftest's 8 devices; the worker sets its own count
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
-    return env
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the worker's own process group (it was started with start_new_session=True)."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
-def launch(commands: list[list[str]], log_dir, timeout_s: float, procs: list | None = None) -> list[tuple[int, str]]:
-    """Runs the commands concurrently; returns [(returncode, output tail)] once all exit.
-
-    The first worker to fail gets every other group killed (its peers would only wait for it). On the deadline
-    every group is killed and TimeoutError is raised. `procs`, if given, receives the Popen objects.
-    """
-    procs, logs = ([] if procs is None else procs), []
-    for i, cmd in enumerate(commands):
-        log = open(os.path.join(log_dir, f"worker{i}.log"), "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=worker_env(), cwd=ROOT,
-                                      start_new_session=True))
-    deadline = time.monotonic() + timeout_s
-    try:
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"multi-process workers still running after {timeout_s:.0f}s; killed them.")
-            if any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            kill_group(p)
-    out = []
-    for p, log in zip(procs, logs):
-        log.seek(0)
-        out.append((p.returncode, log.read()[-3000:]))
-        log.close()
-    return out
 
 
 def worker_cmd(out: str, *, num_processes: int = 1, process_id: int = 0, local_devices: int = 4, port: int = 0,
@@ -108,25 +47,12 @@ def run_all(tmp_dir) -> dict:
     """Two joined processes (2 devices each), the one-process reference (4 devices, same mesh) and the unsharded
     one-device run, all at once."""
     outs = {k: f"{tmp_dir}/{k}.npz" for k in ("p0", "p1", "ref", "unsharded")}
-    for attempt in range(3):
-        port = free_port()
-        cmds = [worker_cmd(outs["p0"], num_processes=2, process_id=0, local_devices=2, port=port),
-                worker_cmd(outs["p1"], num_processes=2, process_id=1, local_devices=2, port=port),
-                worker_cmd(outs["ref"]),
-                worker_cmd(outs["unsharded"], local_devices=1, unsharded=True)]
-        results = launch(cmds, tmp_dir, DEADLINE_S)
-        failed = [(i, rc, log) for i, (rc, log) in enumerate(results) if rc != 0]
-        if not failed:
-            return {k: dict(np.load(v)) for k, v in outs.items()}
-        # Report the worker that failed by itself, not the peers the launcher killed because of it.
-        i, rc, log = ([f for f in failed if f[1] != -signal.SIGKILL] or failed)[0]
-        if rc == PLATFORM_EXIT and "Failed to start RPC server" in log and attempt < 2:
-            continue  # the coordinator port was taken between free_port() and bind: try another one
-        if rc == PLATFORM_EXIT:
-            reason = [line for line in log.splitlines() if line.startswith("PLATFORM:")]
-            pytest.skip(f"this platform cannot run CPU multi-process collectives ({(reason or [log])[-1]})")
-        raise AssertionError(f"worker {i} exited with {rc}:\n{log}")
-    raise AssertionError("unreachable")
+    launch_joined(lambda port: [
+        worker_cmd(outs["p0"], num_processes=2, process_id=0, local_devices=2, port=port),
+        worker_cmd(outs["p1"], num_processes=2, process_id=1, local_devices=2, port=port),
+        worker_cmd(outs["ref"]),
+        worker_cmd(outs["unsharded"], local_devices=1, unsharded=True)], tmp_dir, DEADLINE_S)
+    return {k: dict(np.load(v)) for k, v in outs.items()}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_reason.core import advantages as adv_lib
-from jaxrl_reason.train import mismatch
+from jaxrl_reason.train import mismatch, multihost
 from jaxrl_reason.train.contracts import Rows, UpdateBatch
 from jaxrl_reason.train.logprobs import LogpSpec, ar_logps, ar_values
 from jaxrl_reason.train.step import split_micro_batches
@@ -72,6 +72,8 @@ def make_forward_fns(policy_graphdef, value_graphdef=None, *, spec: LogpSpec = L
         jitted = jax.jit(fn, in_shardings=(param_shardings, rows_sharding), out_shardings=rows_sharding)
 
         def under_mesh(params, batch):  # traced under the mesh, so the model's activation constraints apply
+            if multihost.active():  # host rows (the same on every process) enter as global arrays
+                batch = multihost.global_from_host(batch, rows_sharding)
             with jax.set_mesh(rows_sharding.mesh):
                 return jitted(params, batch)
 
@@ -119,7 +121,7 @@ def build_update_batch(rows: Rows, adv_hp, *, policy_params, logps_fn, ref_param
     metrics["adv/mean"] = float(jnp.sum(adv * mask) / max(float(mask.sum()), 1.0))
     metrics["adv/abs_max"] = float(jnp.max(jnp.abs(adv)))
     metrics["policy/entropy"] = float(jnp.sum(entropy_old * mask) / max(float(mask.sum()), 1.0))
-    return jax.device_get(batch), metrics, np.asarray(entropy_old)
+    return multihost.to_host(batch), metrics, multihost.to_host(entropy_old)
 
 
 def mini_batches(batch: UpdateBatch, num_mini_batches: int, rng: np.random.Generator,

@@ -15,6 +15,17 @@ carried between iterations. The loop itself is shared.
 Determinism and exact resume: the rollout key of iteration i is `fold_in(PRNGKey(seed), i)`, mini-batch order
 uses `np.random.default_rng([seed, i])`, and the prompt stream position, the methods' carried state and the
 iteration count are stored in the checkpoint meta, so a resumed run repeats the uninterrupted one (tested).
+
+Multi-host (`experiments/train.py --multihost`, one process per host, all running this same loop on the same prompt
+stream): each process samples and scores only its own whole groups of a round, then the round's rows are gathered
+so that every process takes the same reward, filter, refill and padding decisions and logs the same metrics
+(`train/rollout.py`). Every process then holds the same host batch, and the log-prob passes and the update read only
+their own devices' slices of it: rows cross processes anyway (dynamic sampling keeps groups from whichever process
+sampled them, mini-batches shuffle whole groups over the whole batch), and one gather of a round's rows is small
+next to the model. Checkpoints are saved by every process with its global arrays (orbax writes each shard and the
+meta once); metrics, the config and the Hugging Face export are written by process 0 after a gather of the policy;
+a preemption signal or the time budget stops all processes at the same iteration (`train/multihost.py`; tested
+with two CPU processes against one).
 """
 from __future__ import annotations
 
@@ -32,6 +43,7 @@ from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.train import console
 from jaxrl_reason.train import export as export_lib
 from jaxrl_reason.train import hparams
+from jaxrl_reason.train import multihost
 from jaxrl_reason.train import policy as policy_lib
 from jaxrl_reason.train import preflight as preflight_lib
 from jaxrl_reason.train import rollout as rollout_lib
@@ -167,7 +179,7 @@ def _update(config, update, state, mini_batches: list[dict], it: int, skips: int
     for _ in range(config.optim.ppo_epochs):
         for mb in mini_batches:
             state, step_metrics = update(state, mb)
-            step_metrics = jax.device_get(step_metrics)
+            step_metrics = multihost.to_host(step_metrics)
             skips = skips + 1 if step_metrics["skipped"] else 0
             if skips >= config.train.max_consecutive_skips:
                 raise FloatingPointError(
@@ -189,8 +201,9 @@ def run(config, workdir: str) -> dict:
     The trained parameters are in the run's last checkpoint (train/restore.py reads them back).
     """
     validate_config(config)
+    multihost.check_config(config)
     with workdir_lib.claim(config, workdir), catch_preemption() as preempt:
-        return _run(config, workdir, preempt)
+        return _run(config, workdir, multihost.AgreedFlag(preempt) if multihost.active() else preempt)
 
 
 def _run(config, workdir: str, preempt) -> dict:
@@ -204,7 +217,7 @@ def _run(config, workdir: str, preempt) -> dict:
     batch_sh = _batch_sharding(config, mesh)
     step = make_train_step(parts.loss_fn, tx, num_micro_batches=o.micro_batches, state_shardings=state_sh,
                            batch_shardings=batch_sh)
-    update = _preflight(config, mesh, step, state, batch_sh, preflight_lib.device_capacity(mesh.devices.flat[0]))
+    update = _preflight(config, mesh, step, state, batch_sh, preflight_lib.device_capacity(mesh.local_devices[0]))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
     meta = {"iteration": 0, "stream_position": 0, "method_state": {}, "eval_before": None}
     if ckpt.latest_step() is not None:
@@ -213,9 +226,11 @@ def _run(config, workdir: str, preempt) -> dict:
         meta = methods.upgrade_meta(meta)
         print(f"resumed from {ckpt.directory} at iteration {meta['iteration']}", flush=True)
     evaluate_fn = functools.partial(
-        evaluate, examples=task.heldout, tokenizer=task.tokenizer, scorer=task.scorer, sample_fn=parts.eval_gen,
-        greedy_fn=parts.greedy_gen if config.eval.greedy else None, samples=config.eval.samples,
-        batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len, count_fn=task.count_fn)
+        evaluate, examples=task.heldout, tokenizer=task.tokenizer, scorer=task.scorer,
+        sample_fn=multihost.replicated_sampler(parts.eval_gen),
+        greedy_fn=multihost.replicated_sampler(parts.greedy_gen) if config.eval.greedy else None,
+        samples=config.eval.samples, batch_rows=config.eval.batch_size, max_prompt_len=config.rollout.max_prompt_len,
+        count_fn=task.count_fn)
     # evaluation samples in the sampler's layout too (the compute-dtype copy in the training layout by default)
     eval_fn = lambda params, key: evaluate_fn(sampler_copy(config, params), key=key)  # noqa: E731
     # Lines after the restored iteration are written again; with no evaluation restored, step 0 is too (-1: drop all).
@@ -241,8 +256,9 @@ def _run(config, workdir: str, preempt) -> dict:
     print("held-out before RL: " + _fmt(meta["eval_before"]), flush=True)
     print("held-out after RL:  " + _fmt(after), flush=True)
     if config.train.export_hf:
-        nnx.update(policy, jax.device_get(state.params["policy"]))
-        export_lib.export_policy(config, policy, mcfg, task.tokenizer, os.path.join(workdir, "hf_export"))
+        nnx.update(policy, multihost.to_host(state.params["policy"]))  # every process takes part in the gather
+        if jax.process_index() == 0:
+            export_lib.export_policy(config, policy, mcfg, task.tokenizer, os.path.join(workdir, "hf_export"))
     return {"eval_before": meta["eval_before"], "eval_after": after, "iterations": meta["iteration"], **last}
 
 
@@ -276,7 +292,8 @@ def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, wr
         _periodic_eval(config, eval_fn, state, it + 1, writer)
         bar.update(it + 1, reward=metrics["reward/accuracy"], length=metrics["response/length_mean"])
         meta.update(iteration=it + 1, stream_position=stream.position)
-        out_of_time = config.train.time_budget_s > 0 and time.time() - start > config.train.time_budget_s
+        out_of_time = multihost.any_process(config.train.time_budget_s > 0 and
+                                            time.time() - start > config.train.time_budget_s)
         if (it + 1) % config.train.checkpoint_every == 0 or preempt.requested or out_of_time:
             ckpt.save(it + 1, state, meta, force=True)
         if preempt.requested:

@@ -6,6 +6,12 @@ groups of successive generation rounds are accumulated (`core.filters.accumulate
 full or `max_rounds` rounds were drawn; then a short batch is padded with zero-weight rows (response mask 0, so
 they add nothing to any loss or count) and the shortfall is logged: a filter that leaves too few groups trains on
 the partial batch rather than stopping the run.
+
+With several JAX processes (multi-host) every process takes the same examples from the stream, but each encodes,
+samples and scores only the whole groups its devices hold under the sampler's row sharding over ("data", "fsdp")
+(prompts enter as a global array built from process-local data; only addressable shards are read back). The rows
+and scores are then gathered to every process in row order, so rewards, group filters, refills, padding and metrics
+are computed from the whole round, identically everywhere (`train/multihost.py`).
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from jaxrl_reason.core import filters as filters_lib
 from jaxrl_reason.core import length as length_lib
 from jaxrl_reason.data.example import Example
 from jaxrl_reason.data.tokenizer import decode_until_eos, encode_batch_left_padded
+from jaxrl_reason.sampling.autoregressive import batch_mesh
+from jaxrl_reason.train import multihost
 from jaxrl_reason.train.contracts import Rows
 
 
@@ -101,20 +109,50 @@ def _sample_in_batches(spec: RolloutSpec, params, ids, mask, key, extra: tuple):
     return jax.tree.map(lambda *x: np.concatenate(x, axis=0), *jax.device_get(outs))
 
 
+def _sample_split(spec: RolloutSpec, generate_fn, params, prompts: list, golds: list, key, extra: tuple,
+                  sub_rows: int, group: int):
+    """Several processes: each encodes, samples (in sub-batches of `sub_rows` rows, 0 = one call, keyed like
+    `_sample_in_batches`) and scores only the rows its devices hold, then the rows and scores are gathered to every
+    process in row order (`train/multihost.py`). Returns (Rollout of numpy arrays of all rows, score_N, texts)."""
+    rows, step = len(prompts), sub_rows or len(prompts)
+    mesh, _ = batch_mesh(params)
+    split = multihost.process_rows(mesh, step, group)  # each process's rows of one sampler call
+    per_process = [[range(i + r.start, i + r.stop) for i in range(0, rows, step)] for r in split]
+    mine = split[jax.process_index()]
+    outs = []
+    for k, i in enumerate(range(0, rows, step)):
+        ids, mask = encode_batch_left_padded(spec.tokenizer, prompts[i + mine.start:i + mine.stop], spec.max_prompt_len)
+        ids, mask = multihost.global_from_local((ids, mask), mesh, step)
+        outs.append(generate_fn(params, ids, mask, jax.random.fold_in(key, k) if sub_rows else key, *extra))
+    local = jax.tree.map(lambda *x: np.concatenate(x, axis=0),
+                         *[jax.tree.map(lambda x: multihost.local_rows(x, mine), o) for o in outs])
+    my_golds = [golds[j] for r in per_process[jax.process_index()] for j in r]
+    score = np.asarray(spec.scorer(decode_until_eos(spec.tokenizer, np.asarray(local.tokens_BxR)), my_golds),
+                       np.float32)
+    ro, score = multihost.gather_rows((local, score), per_process, rows)
+    return ro, score, decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
+
+
 def sample_round(spec: RolloutSpec, params, examples: list[Example], key, sampler_args: tuple = ()):
     """Samples `group_size` responses per example and scores them; returns (`Rows`, groups contiguous, reward_N
     unset; the decoded texts).
 
     `sampler_args`: extra positional arguments of the sampler (a method's carried state, e.g. entropy statistics).
+    With several processes each samples and scores its own whole groups (`_sample_split`) and every process returns
+    the whole round.
     """
     g = spec.group_size
     prompts = [ex.prompt for ex in examples for _ in range(g)]
     answers = [ex.answer for ex in examples for _ in range(g)]
-    ids, mask = encode_batch_left_padded(spec.tokenizer, prompts, spec.max_prompt_len)
-    ro = _sample_in_batches(spec, params, ids, mask, key, tuple(sampler_args))
-    texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
     golds = [ex for ex in examples for _ in range(g)] if getattr(spec.scorer, "accepts_examples", False) else answers
-    score = np.asarray(spec.scorer(texts, golds), np.float32)
+    if multihost.active():
+        ro, score, texts = _sample_split(spec, spec.generate_fn, params, prompts, golds, key, tuple(sampler_args),
+                                         spec.sample_batch_rows, g)
+    else:
+        ids, mask = encode_batch_left_padded(spec.tokenizer, prompts, spec.max_prompt_len)
+        ro = _sample_in_batches(spec, params, ids, mask, key, tuple(sampler_args))
+        texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
+        score = np.asarray(spec.scorer(texts, golds), np.float32)
     return Rows(
         prompt_tokens_NxP=np.asarray(ro.prompt_tokens_BxP, np.int32),
         prompt_mask_NxP=np.asarray(ro.prompt_mask_BxP, bool),
@@ -137,11 +175,15 @@ def greedy_rewards(spec: RolloutSpec, params, examples: list[Example], key, rewa
     example's group and shaped like the sampled rows (a group of identical greedy rows, so group-wise shapings see
     the shapes they expect). ReMax subtracts it from each sampled response's reward."""
     g = spec.group_size
-    ids, mask = encode_batch_left_padded(spec.tokenizer, [ex.prompt for ex in examples], spec.max_prompt_len)
-    ro = jax.device_get(spec.baseline_gen(params, ids, mask, key))
-    texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
     golds = examples if getattr(spec.scorer, "accepts_examples", False) else [ex.answer for ex in examples]
-    score_B = np.asarray(spec.scorer(texts, golds), np.float32)
+    if multihost.active():
+        ro, score_B, _ = _sample_split(spec, spec.baseline_gen, params, [ex.prompt for ex in examples], list(golds),
+                                       key, (), 0, 1)
+    else:
+        ids, mask = encode_batch_left_padded(spec.tokenizer, [ex.prompt for ex in examples], spec.max_prompt_len)
+        ro = jax.device_get(spec.baseline_gen(params, ids, mask, key))
+        texts = decode_until_eos(spec.tokenizer, np.asarray(ro.tokens_BxR))
+        score_B = np.asarray(spec.scorer(texts, golds), np.float32)
     reward_N, _ = shape_rewards(np.repeat(score_B, g), np.repeat(np.asarray(ro.length_B), g),
                                 np.repeat(np.asarray(ro.truncated_B, bool), g), reward_hp)
     return reward_N

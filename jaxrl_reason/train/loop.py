@@ -32,6 +32,7 @@ from jaxrl_reason.models import sharding as sharding_lib
 from jaxrl_reason.train import console
 from jaxrl_reason.train import export as export_lib
 from jaxrl_reason.train import hparams
+from jaxrl_reason.train import pipeline as pipeline_lib
 from jaxrl_reason.train import policy as policy_lib
 from jaxrl_reason.train import preflight as preflight_lib
 from jaxrl_reason.train import rollout as rollout_lib
@@ -246,46 +247,64 @@ def _run(config, workdir: str, preempt) -> dict:
     return {"eval_before": meta["eval_before"], "eval_after": after, "iterations": meta["iteration"], **last}
 
 
-def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer, preempt, eval_fn):
-    """The RL iterations from `meta["iteration"]` to `config.train.num_steps` (or the time budget)."""
+def _rollouts(config, parts: PolicyParts, task, meta: dict, ckpt) -> tuple[pipeline_lib.RolloutPipeline, dict]:
+    """The pipeline that hands each iteration its rollout (the pending one of a restored checkpoint first) and
+    `meta` without the pending rollout's file name."""
     reward_hp, filter_hp = hparams.reward_hp(config), hparams.filter_hp(config)
     r = config.rollout
     spec = rollout_lib.RolloutSpec(parts.train_gen, task.tokenizer, task.scorer, r.prompts_per_step, r.group_size,
                                    r.max_prompt_len, r.max_new_tokens, r.sample_batch_rows,
                                    baseline_gen=parts.greedy_gen if r.get("greedy_baseline", False) else None)
     stream = rollout_lib.PromptStream(task.train, config.seed, meta["stream_position"])
-    bar, log = ProgressBar(config.train.num_steps, desc=config.algorithm), console.IterationLog(config)
-    base_key, start, skips, last = jax.random.PRNGKey(config.seed), time.time(), 0, {}
-    for it in range(meta["iteration"], config.train.num_steps):
-        t0 = time.time()
+    base_key = jax.random.PRNGKey(config.seed)
+
+    def collect(params, it: int, sampler_args: tuple):
         rows, metrics, _ = rollout_lib.collect_batch(
-            spec, sampler_copy(config, state.params["policy"]), stream, jax.random.fold_in(base_key, it),
-            train_groups=r.prompts_per_step, reward_hp=reward_hp, filter_hp=filter_hp,
-            sampler_args=methods.sampler_args(config, meta["method_state"]))
-        t1 = time.time()
-        batch, batch_metrics, entropy = parts.build_batch(rows, state.params)
-        meta["method_state"] = methods.next_state(config, entropy, np.asarray(rows.response_mask_NxR, np.float32))
-        t2 = time.time()
-        mbs = parts.split(batch, np.random.default_rng([config.seed, it]))
-        state, step_metrics, skips = _update(config, update, state, mbs, it, skips)
-        last = {**metrics, **batch_metrics, **step_metrics, "time/rollout_s": t1 - t0,
-                "time/logps_adv_s": t2 - t1, "time/update_s": time.time() - t2}
-        ckpt.wait()  # the previous save is on disk before iteration it+1 counts as done: a kill loses <= 1 interval
-        writer.write(it + 1, last)
-        log.iteration(it + 1, last)
-        _periodic_eval(config, eval_fn, state, it + 1, writer)
-        bar.update(it + 1, reward=metrics["reward/accuracy"], length=metrics["response/length_mean"])
-        meta.update(iteration=it + 1, stream_position=stream.position)
-        out_of_time = config.train.time_budget_s > 0 and time.time() - start > config.train.time_budget_s
-        if (it + 1) % config.train.checkpoint_every == 0 or preempt.requested or out_of_time:
-            ckpt.save(it + 1, state, meta, force=True)
-        if preempt.requested:
-            print(f"preempted: saved iteration {it + 1}, exiting cleanly", flush=True)
-            last = {"preempted": True, **last}
-            break
-        if out_of_time:
-            print(f"time budget of {config.train.time_budget_s:.0f}s reached after {it + 1} iterations", flush=True)
-            break
+            spec, params, stream, jax.random.fold_in(base_key, it), train_groups=r.prompts_per_step,
+            reward_hp=reward_hp, filter_hp=filter_hp, sampler_args=sampler_args)
+        return rows, metrics
+
+    pipe = pipeline_lib.RolloutPipeline(config, collect, stream, ckpt.directory.parent / pipeline_lib.PENDING_DIR)
+    return pipe, pipe.restore(meta)
+
+
+def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer, preempt, eval_fn):
+    """The RL iterations from `meta["iteration"]` to `config.train.num_steps` (or the time budget); with
+    `rollout.staleness` 1 each iteration's update runs while the next iteration's rollout samples."""
+    pipe, meta = _rollouts(config, parts, task, meta, ckpt)
+    bar, log = ProgressBar(config.train.num_steps, desc=config.algorithm), console.IterationLog(config)
+    start, skips, last, n = time.time(), 0, {}, config.train.num_steps
+    try:
+        for it in range(meta["iteration"], n):
+            rows, metrics, rollout_times = pipe.take(it, state.params["policy"],
+                                                     methods.sampler_args(config, meta["method_state"]))
+            t1 = time.time()
+            batch, batch_metrics, entropy = parts.build_batch(rows, state.params)
+            meta["method_state"] = methods.next_state(config, entropy, np.asarray(rows.response_mask_NxR, np.float32))
+            t2 = time.time()
+            pipe.prefetch(it + 1, state.params["policy"], methods.sampler_args(config, meta["method_state"]), n)
+            mbs = parts.split(batch, np.random.default_rng([config.seed, it]))
+            state, step_metrics, skips = _update(config, update, state, mbs, it, skips)
+            last = {**metrics, **batch_metrics, **step_metrics, **rollout_times, "time/logps_adv_s": t2 - t1,
+                    "time/update_s": time.time() - t2}
+            ckpt.wait()  # the previous save is on disk before iteration it+1 counts as done: a kill loses <= 1 interval
+            writer.write(it + 1, last)
+            log.iteration(it + 1, last)
+            _periodic_eval(config, eval_fn, state, it + 1, writer)
+            bar.update(it + 1, reward=metrics["reward/accuracy"], length=metrics["response/length_mean"])
+            meta.update(iteration=it + 1, stream_position=pipe.position)
+            out_of_time = config.train.time_budget_s > 0 and time.time() - start > config.train.time_budget_s
+            if (it + 1) % config.train.checkpoint_every == 0 or preempt.requested or out_of_time:
+                ckpt.save(it + 1, state, pipe.checkpoint_meta(it + 1, meta, ckpt.all_steps()), force=True)
+            if preempt.requested:
+                print(f"preempted: saved iteration {it + 1}, exiting cleanly", flush=True)
+                last = {"preempted": True, **last}
+                break
+            if out_of_time:
+                print(f"time budget of {config.train.time_budget_s:.0f}s reached after {it + 1} iterations", flush=True)
+                break
+    finally:
+        pipe.close()  # an error mid-iteration: the background rollout finishes before the run unwinds
     bar.close()
     ckpt.save(meta["iteration"], state, meta, force=True)
     ckpt.close()

@@ -32,8 +32,12 @@ def test_invalid_staleness_is_one_sentence(module, overrides, sentence):
         build.validate_config(config)
 
 
-def test_staleness_one_with_a_correction_is_valid():
-    build.validate_config(tiny_config(rollout__staleness=1, rollout__is_correction="seq_mis"))
+def test_staleness_one_with_a_correction_is_valid_in_one_process(monkeypatch):
+    config = tiny_config(rollout__staleness=1, rollout__is_correction="seq_mis")
+    build.validate_config(config)
+    monkeypatch.setattr(pipeline.jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="runs in one process"):
+        pipeline.validate(config)
 
 
 # ------------------------------------------------------------------------------------------------- the pipeline
@@ -108,10 +112,10 @@ def test_an_error_in_the_background_rollout_reraises_in_the_loop(tmp_path):
 def test_pending_rollout_checkpoint_round_trip_and_pruning(tmp_path):
     pipe, _ = _pipeline(tmp_path, staleness=1)
     pipe.take(0, {"w": jnp.ones(3)}, ())
-    assert pipe.checkpoint_meta(1, {"iteration": 1, "a": 0}, kept_steps=[]) == {"iteration": 1, "a": 0}
+    assert pipe.checkpoint_meta(1, {"iteration": 1, "a": 0}, kept_steps=list) == {"iteration": 1, "a": 0}
     pipe.prefetch(1, {"w": jnp.ones(3)}, (), num_steps=5)
-    meta = pipe.checkpoint_meta(1, {"iteration": 1, "stream_position": pipe.position, "pending_rollout": "x"}, [])
-    assert meta["pending_rollout"] == "1_p0.npz" and meta["stream_position"] == 2
+    meta = pipe.checkpoint_meta(1, {"iteration": 1, "stream_position": pipe.position, "pending_rollout": "x"}, list)
+    assert meta["pending_rollout"] == "1.npz" and meta["stream_position"] == 2
     expected = pipe.wait()
 
     fresh, collect = _pipeline(tmp_path, staleness=1)
@@ -128,8 +132,8 @@ def test_pending_rollout_checkpoint_round_trip_and_pruning(tmp_path):
     assert "pending_rollout" not in zero.restore(meta) and zero.wait() is None and zero.stream.position == 0
     # a later save removes the files of checkpoints that are gone
     fresh.prefetch(2, {"w": jnp.ones(3)}, (), num_steps=5)
-    fresh.checkpoint_meta(2, {"iteration": 2}, kept_steps=[2])
-    assert sorted(p.name for p in (tmp_path / "pending").iterdir()) == ["2_p0.npz"]
+    fresh.checkpoint_meta(2, {"iteration": 2}, kept_steps=lambda: [2])
+    assert sorted(p.name for p in (tmp_path / "pending").iterdir()) == ["2.npz"]
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -140,7 +144,7 @@ def test_staleness_one_trains_off_policy_and_resumes_exactly(tmp_path, monkeypat
     kw = dict(rollout__staleness=1, rollout__is_correction="token_tis", rollout__log_mismatch=True)
     loop.run(tiny_config(train__num_steps=3, **kw), str(tmp_path / "a"))
     loop.run(tiny_config(train__num_steps=3, train__time_budget_s=1e-6, **kw), str(tmp_path / "b"))
-    assert [p.name for p in (tmp_path / "b" / "pending_rollout").iterdir()] == ["1_p0.npz"]
+    assert [p.name for p in (tmp_path / "b" / "pending_rollout").iterdir()] == ["1.npz"]
     loop.run(tiny_config(train__num_steps=3, **kw), str(tmp_path / "b"))
     ma, mb = ([{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics(str(tmp_path / d))]
               for d in "ab")

@@ -13,13 +13,15 @@ mismatch it corrects anyway). Both sides are temperature-1 log-probs, as in the 
 why staleness 1 requires `rollout.is_correction`.
 
 Resume: a checkpoint written while a rollout is pending waits for it and stores its rows, metrics and the prompt
-stream position after them in `<workdir>/pending_rollout/<step>_p<process>.npz` (written before the orbax save
+stream position after them in `<workdir>/pending_rollout/<step>.npz` (written before the orbax save
 starts; the meta names it under "pending_rollout"), so a restart trains on the same stale rows as the uninterrupted
 run. The meta's "stream_position" stays the position after the rows already trained on; a run resumed with
 staleness 0, or one whose file is missing, samples that iteration's rows again with the restored parameters.
 
 Threads: only the background thread touches the prompt stream while it runs; its exception re-raises in the main
-thread at the next `take` or `wait`; `close` joins it (a jitted rollout cannot be cancelled: it finishes).
+thread at the next `take` or `wait`; `close` joins it (a jitted rollout cannot be cancelled: it finishes). A
+preemption or the time budget saves the checkpoint after the update as usual, waiting for the pending rollout to
+store it. One process only: several hosts could each launch the two threads' programs in a different order.
 """
 from __future__ import annotations
 
@@ -60,6 +62,10 @@ def validate(config) -> None:
     if r.exact_logprobs:
         raise ValueError("rollout.exact_logprobs makes sampler and trainer log-probs equal bit for bit, which rows "
                          "sampled by the previous parameters cannot be: use it with rollout.staleness 0.")
+    if jax.process_count() > 1:
+        raise ValueError("rollout.staleness 1 runs in one process: with several, each host's two threads could "
+                         "launch their programs in a different order and the hosts' collectives would wait on "
+                         "each other.")
 
 
 @dataclasses.dataclass
@@ -151,23 +157,23 @@ class RolloutPipeline:
 
     # ----------------------------------------------------------------------------------------- checkpointing
     def _path(self, step: int) -> epath.Path:
-        return self.pending_dir / f"{step}_p{jax.process_index()}.npz"
+        return self.pending_dir / f"{step}.npz"
 
-    def checkpoint_meta(self, step: int, meta: dict, kept_steps) -> dict:
+    def checkpoint_meta(self, step: int, meta: dict, kept_steps: Callable[[], list]) -> dict:
         """`meta` for the checkpoint of `step`: waits for a pending rollout, writes it (atomically) and names it
-        under "pending_rollout"; removes the files of steps not in `kept_steps` (the checkpoints on disk)."""
+        under "pending_rollout"; removes the files of steps not in `kept_steps()` (the checkpoints on disk)."""
         meta = {k: v for k, v in meta.items() if k != "pending_rollout"}
         got = self.wait()
         if got is None:
             return meta
         path = self._path(step)
         save_collected(path, got)
-        self._prune(set(kept_steps) | {step})
+        self._prune(set(kept_steps()) | {step})
         return {**meta, "pending_rollout": path.name}
 
     def _prune(self, keep: set) -> None:
         for f in self.pending_dir.glob("*.npz"):
-            step = f.name.split("_", 1)[0]
+            step = f.name[:-len(".npz")]
             if step.isdigit() and int(step) not in keep:
                 f.unlink()
 

@@ -65,7 +65,7 @@ class FakeCollect:
         value = float(np.asarray(params["w"]).sum())  # an array deleted by a donation would raise here
         self.stream.take(2)
         self.calls.append((it, value, sampler_args, threading.current_thread() is threading.main_thread()))
-        return _rows(4, value), {"reward/accuracy": value / 10}
+        return _rows(4, value), {"reward/accuracy": value / 10, "rollout/rounds": np.int64(1)}
 
 
 def _pipeline(tmp_path, staleness, fail_at=-1):
@@ -89,6 +89,9 @@ def test_prefetch_samples_in_the_background_on_a_copy_the_update_may_donate(tmp_
     assert pipe.position == 4
     pipe.prefetch(3, {"w": jnp.zeros(2)}, (), num_steps=3)  # past the last iteration: nothing starts
     assert pipe.wait() is None
+    pipe.prefetch(2, {"w": jnp.zeros(2)}, (), num_steps=3)
+    with pytest.raises(RuntimeError, match="the pending rollout is iteration 2's, not 3's"):
+        pipe.take(3, None, ())
 
 
 def test_staleness_zero_never_prefetches(tmp_path):
@@ -123,6 +126,7 @@ def test_pending_rollout_checkpoint_round_trip_and_pruning(tmp_path):
     assert fresh.stream.position == 4
     rows, metrics, _ = fresh.take(1, None, ())
     assert collect.calls == [] and metrics == {**expected.metrics, "rollout/staleness": 1}
+    assert type(metrics["rollout/rounds"]) is int and type(metrics["reward/accuracy"]) is float
     for name in ("prompt_tokens_NxP", "logp_sampler_raw_NxR", "answer_N", "reward_N", "score_N"):
         np.testing.assert_array_equal(getattr(rows, name), getattr(expected.rows, name))
     assert rows.step_map_NxR is None and rows.answer_N.dtype.kind == "U"

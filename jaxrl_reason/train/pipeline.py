@@ -72,6 +72,7 @@ def validate(config) -> None:
 class Collected:
     """One iteration's rollout: its rows, metrics, own wall seconds, staleness and the stream position after it."""
 
+    iteration: int
     rows: Rows
     metrics: dict
     seconds: float
@@ -103,7 +104,7 @@ class RolloutPipeline:
     def _run(self, params, it: int, sampler_args: tuple, staleness: int) -> Collected:
         t0 = time.time()
         rows, metrics = self._collect(params, it, sampler_args)
-        return Collected(rows, metrics, time.time() - t0, staleness, self.stream.position)
+        return Collected(it, rows, metrics, time.time() - t0, staleness, self.stream.position)
 
     def take(self, it: int, params, sampler_args: tuple) -> tuple[Rows, dict, dict]:
         """(rows, metrics, time metrics) of iteration `it`: the prefetched rollout (waited for), or sampled now
@@ -114,6 +115,8 @@ class RolloutPipeline:
         if got is None:
             got = self._run(sampler_copy(self.config, params), it, sampler_args, 0)
             got.seconds = time.time() - t0  # with the sampler copy, as the wait counts it
+        elif got.iteration != it:
+            raise RuntimeError(f"the pending rollout is iteration {got.iteration}'s, not {it}'s.")
         self.position = got.stream_after
         metrics = dict(got.metrics)
         if self.staleness:
@@ -198,10 +201,10 @@ def save_collected(path: epath.Path, got: Collected) -> None:
     """Writes `got` to `path` (.npz, no pickles) through a temporary file renamed into place."""
     arrays = {f"rows/{f.name}": np.asarray(getattr(got.rows, f.name)) for f in dataclasses.fields(got.rows)
               if getattr(got.rows, f.name) is not None}
-    info = {"metrics": got.metrics, "seconds": got.seconds, "staleness": got.staleness,
+    info = {"iteration": got.iteration, "metrics": got.metrics, "seconds": got.seconds, "staleness": got.staleness,
             "stream_after": got.stream_after}
-    buf = io.BytesIO()
-    np.savez(buf, info=np.asarray(json.dumps(info)), **arrays)
+    buf = io.BytesIO()  # numpy scalars among the metrics are stored as the Python numbers they hold
+    np.savez(buf, info=np.asarray(json.dumps(info, default=lambda x: x.item())), **arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / (path.name + ".tmp")
     tmp.write_bytes(buf.getvalue())
@@ -213,4 +216,5 @@ def load_collected(path: epath.Path) -> Collected:
     with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
         info = json.loads(str(z["info"]))
         rows = Rows(**{k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("rows/")})
-    return Collected(rows, info["metrics"], info["seconds"], info["staleness"], info["stream_after"])
+    return Collected(info["iteration"], rows, info["metrics"], info["seconds"], info["staleness"],
+                     info["stream_after"])

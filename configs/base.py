@@ -128,6 +128,9 @@ def get_base_config(arg: str = "tiny") -> config_dict.ConfigDict:
     c.rollout.is_cap = 2.0  # upper threshold of those weights (TIS truncates at it, MIS drops what exceeds it)
     c.rollout.is_mis_lower = -1.0  # MIS lower threshold: < 0 is 1 / is_cap (verl's default), 0 keeps all low weights
     c.rollout.exact_logprobs = False  # True: sample with the trainer's forward pass (train/exact_sampler.py), no cache
+    # 1: iteration k+1's rollout samples (with params_k, in a background thread) while iteration k updates, so every
+    # batch after the first is one update off-policy; needs is_correction (train/pipeline.py). 0: synchronous.
+    c.rollout.staleness = 0
 
     c.reward = config_dict.ConfigDict()
     c.reward.kind = "binary"  # binary: {0, 1}; signed: {-1, +1} (DAPO verifier)

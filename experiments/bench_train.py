@@ -1,6 +1,6 @@
 """Training benchmark: matmul peak, RL update-step throughput and MFU, and the time split of an RL iteration.
 
-  python experiments/bench_train.py [--quick] [--issue] [--sweep] [--steps=3] [--iterations=4]
+  python experiments/bench_train.py [--quick] [--issue] [--sweep] [--steps=3] [--iterations=4] [--overlap]
   python experiments/bench_train.py --accel [--accel_models=Qwen2.5-0.5B,Qwen2.5-1.5B] [--accel_rows=4] [--steps=3]
 
 `--issue`: the issue's rows in <= 6 min on an idle 2-core machine: the peak over n = 512, 1024 (3 repeats), the
@@ -20,7 +20,10 @@ Prints one markdown table per part, with the machine and its load average in the
   (c) one RL iteration of the tiny config (`configs/grpo.py:tiny`, random init) run by `train/loop.run`:
       `time/rollout_s` (sampling + reward), `time/logps_adv_s`, `time/update_s` from its metrics.jsonl
       (mean over the iterations after the first, which compiles), plus the scorer timed alone on as many
-      well-formed arithmetic solutions as the batch has rows.
+      well-formed arithmetic solutions as the batch has rows. `--overlap` adds the same run at `rollout.staleness`
+      0 and 1 (the next rollout samples in a background thread during the update; token_tis correction in both):
+      the rollout's own seconds, the seconds the iteration waited for it, and the iteration's seconds
+      (wait + log-probs + update).
 Run the final numbers when the machine is idle (`uptime`): other processes share the cores.
 
 `--accel`: the accelerator mode instead of (a)-(c): the bfloat16 update step of Qwen2.5-0.5B- and 1.5B-shaped
@@ -286,6 +289,36 @@ def bench_iteration(iterations: int = 4, eval_problems: int = 16, overrides: dic
     return {**split, "rows": rows, "max_new_tokens": config.rollout.max_new_tokens, "run_total_s": total}
 
 
+def overlap_split(records: list[dict]) -> dict:
+    """Mean seconds per RL iteration after the first (compilation) of the rollout, the wait for it, the log-probs
+    and the update, and the iteration = wait + log-probs + update."""
+    recs = [r for r in records if r.get("time/update_s") is not None][1:]
+    if not recs:
+        raise ValueError("no training record after the first with time/update_s in the metrics.")
+    keys = ("time/rollout_s", "time/rollout_wait_s", "time/logps_adv_s", "time/update_s")
+    out = {k: float(np.mean([r[k] for r in recs])) for k in keys}
+    out["iteration_s"] = out["time/rollout_wait_s"] + out["time/logps_adv_s"] + out["time/update_s"]
+    return out | {"iterations_averaged": len(recs)}
+
+
+def bench_overlap(iterations: int, eval_problems: int = 16) -> list[dict]:
+    """`bench_iteration`'s run at rollout.staleness 0 and 1 (token_tis correction in both, so only the overlap
+    differs); one `overlap_split` per staleness, with the run's wall seconds."""
+    from jaxrl_reason.train.loop import run
+    from jaxrl_reason.train.metrics import read_metrics
+
+    out = []
+    for staleness in (0, 1):
+        config = tiny_rl_config(iterations, eval_problems, {"rollout.staleness": staleness,
+                                                            "rollout.is_correction": "token_tis"})
+        with tempfile.TemporaryDirectory(prefix="bench_overlap_") as workdir:
+            t0 = time.perf_counter()
+            run(config, workdir)
+            total = time.perf_counter() - t0
+            out.append({**overlap_split(read_metrics(workdir)), "staleness": staleness, "run_total_s": total})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- accelerator
 # Dense bfloat16 peak of one device, TFLOP/s (vendor figures; an H200 has the H100's compute). Checked in order:
 # the first key that is part of the device kind wins ("TPU v5 lite" is a v5e, "TPU v5" alone a v5p).
@@ -424,6 +457,17 @@ def iteration_table(split: dict) -> str:
     return "\n".join(lines)
 
 
+def overlap_table(results: list[dict]) -> str:
+    lines = ["### (c') rollout overlap: the same run at rollout.staleness 0 and 1 (token_tis), mean s / iteration "
+             f"after the first ({results[0]['iterations_averaged']} iterations)", "",
+             "| rollout.staleness | rollout (own) | waited for rollout | log-probs + adv. | update | iteration | "
+             "run total s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['staleness']} | {r['time/rollout_s']:.4f} | {r['time/rollout_wait_s']:.4f} | "
+              f"{r['time/logps_adv_s']:.4f} | {r['time/update_s']:.4f} | {r['iteration_s']:.4f} | "
+              f"{r['run_total_s']:.1f} |" for r in results]
+    return "\n".join(lines)
+
+
 def update_cases(quick: bool, sweep: bool) -> list[UpdateCase]:
     """The ~1M and ~30M models (d=512, 8 layers, vocab 32, seq 256) and, with `sweep`, the levers of the 30M."""
     small = UpdateCase("~1M (d128 L4)", hidden=128, layers=4, heads=4, mlp=512, rows=32)
@@ -448,6 +492,8 @@ def parse_flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_integer("steps", 3, "Timed update steps per case (after one compiling step).", flag_values=fv)
     flags.DEFINE_integer("iterations", 4, "RL iterations of the tiny config for part (c).", flag_values=fv)
     flags.DEFINE_list("parts", ["a", "b", "c"], "Which parts to run.", flag_values=fv)
+    flags.DEFINE_bool("overlap", False, "Part (c) also at rollout.staleness 0 vs 1 (rollout during the update).",
+                      flag_values=fv)
     flags.DEFINE_bool("accel", False, "Accelerator mode: bf16 update step of 0.5B/1.5B shapes, MFU vs the chip's "
                       "bf16 peak (instead of parts a-c).", flag_values=fv)
     flags.DEFINE_list("accel_models", ["Qwen2.5-0.5B", "Qwen2.5-1.5B"], "Named shapes for --accel.", flag_values=fv)
@@ -495,6 +541,8 @@ def main(argv: list[str]) -> str:
         parts.append(update_table(results, best_peak(*peaks)))
     if "c" in fv.parts:
         parts.append(iteration_table(bench_iteration(2 if short else fv.iterations)))
+    if "c" in fv.parts and fv.overlap:
+        parts.append(overlap_table(bench_overlap(3 if short else fv.iterations)))
     report = "\n\n".join([machine_header(load_start, os.getloadavg())] + parts)
     print(report, flush=True)
     return report

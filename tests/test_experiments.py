@@ -215,6 +215,12 @@ def test_bench_update_and_iteration_split():
                      "response/length_mean": 35.0, "iterations_averaged": 2}
     table = bt.iteration_table({**split, "score_s": 0.5, "rows": 128, "max_new_tokens": 160})
     assert "| sampling (rollout minus scorer) | 1.5000 | 25.0% |" in table
+    waits = [{**r, "time/rollout_wait_s": w} for r, w in zip(recs[1:], (9.0, 0.25, 0.75))]
+    over = bt.overlap_split(recs[:1] + waits)
+    assert over == {"time/rollout_s": 2.0, "time/rollout_wait_s": 0.5, "time/logps_adv_s": 1.0, "time/update_s": 3.0,
+                    "iteration_s": 4.5, "iterations_averaged": 2}
+    table = bt.overlap_table([{**over, "staleness": 1, "run_total_s": 12.0}])
+    assert "| 1 | 2.0000 | 0.5000 | 1.0000 | 3.0000 | 4.5000 | 12.0 |" in table
     assert bt.time_scorer(8) >= 0.0
     peak = bt.measure_matmul_peak((64,), repeats=1)
     assert list(peak) == [64] and peak[64]["wall"] > 0 and peak[64]["cpu"] > 0

@@ -31,6 +31,7 @@ from jaxrl_reason.models.sharding import resolve_mesh_shape
 from jaxrl_reason.models.transformer import Transformer, TransformerConfig
 from jaxrl_reason.train import sampler_layout
 from jaxrl_reason.train import mismatch
+from jaxrl_reason.train import pipeline
 from jaxrl_reason.train.logprobs import COMPUTE_DTYPES, LogpSpec
 
 NUM_TRAIN_PROBLEMS = 20000
@@ -52,6 +53,7 @@ def validate_config(config) -> None:
     _require(a.std_ddof in (0, 1), f"advantage.std_ddof must be 0 (population std) or 1 (Bessel), got {a.std_ddof!r}.")
     _require(l.mode in POLICY_LOSSES, f"unknown loss mode {l.mode!r}; use one of {tuple(POLICY_LOSSES)}.")
     _require(l.agg in AGGREGATIONS, f"unknown loss aggregation {l.agg!r}; use one of {tuple(AGGREGATIONS)}.")
+    pipeline.validate(config)  # rollout.staleness (before the correction it needs)
     mismatch.validate(config)  # rollout.is_correction / is_cap / exact_logprobs
     _require(a.estimator != "grpo_passk" or config.rollout.group_size >= 2,
              "advantage.estimator 'grpo_passk' needs rollout.group_size >= 2.")

@@ -5,6 +5,8 @@
     -> restore the latest checkpoint if any -> evaluate -> for each RL iteration:
          collect_batch (sample, reward, shape, filter, refill) -> parts.build_batch (old/ref log-probs, values,
          advantages) -> ppo_epochs x mini-batches of the jitted update step -> log -> checkpoint
+       (with `rollout.staleness` 1 the next iteration's collect_batch runs in a background thread during the
+       update: train/pipeline.py)
     -> evaluate -> export the policy as a Hugging Face checkpoint.
 
 What differs between policy kinds (autoregressive, masked diffusion) is bundled in `PolicyParts`, built by
@@ -14,7 +16,8 @@ carried between iterations. The loop itself is shared.
 
 Determinism and exact resume: the rollout key of iteration i is `fold_in(PRNGKey(seed), i)`, mini-batch order
 uses `np.random.default_rng([seed, i])`, and the prompt stream position, the methods' carried state and the
-iteration count are stored in the checkpoint meta, so a resumed run repeats the uninterrupted one (tested).
+iteration count are stored in the checkpoint meta (and a pending background rollout beside it), so a resumed run
+repeats the uninterrupted one (tested).
 
 Multi-host (`experiments/train.py --multihost`, one process per host, all running this same loop on the same prompt
 stream): each process samples and scores only its own whole groups of a round, then the round's rows are gathered
@@ -44,6 +47,7 @@ from jaxrl_reason.train import console
 from jaxrl_reason.train import export as export_lib
 from jaxrl_reason.train import hparams
 from jaxrl_reason.train import multihost
+from jaxrl_reason.train import pipeline as pipeline_lib
 from jaxrl_reason.train import policy as policy_lib
 from jaxrl_reason.train import preflight as preflight_lib
 from jaxrl_reason.train import rollout as rollout_lib
@@ -246,7 +250,11 @@ def _run(config, workdir: str, preempt) -> dict:
         writer.close()
         print(f"preempted before iteration {meta['iteration'] + 1}: exiting cleanly", flush=True)
         return {"preempted": True}
-    state, meta, last = _train(config, parts, update, state, meta, task, ckpt, writer, preempt, eval_fn)
+    pipe, meta = _rollouts(config, parts, task, meta, ckpt)
+    try:
+        state, meta, last = _train(config, parts, update, state, meta, pipe, ckpt, writer, preempt, eval_fn)
+    finally:
+        pipe.close()  # after an error mid-iteration the background rollout finishes before the run unwinds
     if last.get("preempted"):
         writer.close()
         return last
@@ -262,40 +270,55 @@ def _run(config, workdir: str, preempt) -> dict:
     return {"eval_before": meta["eval_before"], "eval_after": after, "iterations": meta["iteration"], **last}
 
 
-def _train(config, parts: PolicyParts, update, state, meta: dict, task, ckpt, writer, preempt, eval_fn):
-    """The RL iterations from `meta["iteration"]` to `config.train.num_steps` (or the time budget)."""
+def _rollouts(config, parts: PolicyParts, task, meta: dict, ckpt) -> tuple[pipeline_lib.RolloutPipeline, dict]:
+    """The pipeline that hands each iteration its rollout (the pending one of a restored checkpoint first) and
+    `meta` without the pending rollout's file name."""
     reward_hp, filter_hp = hparams.reward_hp(config), hparams.filter_hp(config)
     r = config.rollout
     spec = rollout_lib.RolloutSpec(parts.train_gen, task.tokenizer, task.scorer, r.prompts_per_step, r.group_size,
                                    r.max_prompt_len, r.max_new_tokens, r.sample_batch_rows,
                                    baseline_gen=parts.greedy_gen if r.get("greedy_baseline", False) else None)
     stream = rollout_lib.PromptStream(task.train, config.seed, meta["stream_position"])
-    bar, log = ProgressBar(config.train.num_steps, desc=config.algorithm), console.IterationLog(config)
-    base_key, start, skips, last = jax.random.PRNGKey(config.seed), time.time(), 0, {}
-    for it in range(meta["iteration"], config.train.num_steps):
-        t0 = time.time()
+    base_key = jax.random.PRNGKey(config.seed)
+
+    def collect(params, it: int, sampler_args: tuple):
         rows, metrics, _ = rollout_lib.collect_batch(
-            spec, sampler_copy(config, state.params["policy"]), stream, jax.random.fold_in(base_key, it),
-            train_groups=r.prompts_per_step, reward_hp=reward_hp, filter_hp=filter_hp,
-            sampler_args=methods.sampler_args(config, meta["method_state"]))
+            spec, params, stream, jax.random.fold_in(base_key, it), train_groups=r.prompts_per_step,
+            reward_hp=reward_hp, filter_hp=filter_hp, sampler_args=sampler_args)
+        return rows, metrics
+
+    pipe = pipeline_lib.RolloutPipeline(config, collect, stream, ckpt.directory.parent / pipeline_lib.PENDING_DIR)
+    return pipe, pipe.restore(meta)
+
+
+def _train(config, parts: PolicyParts, update, state, meta: dict, pipe, ckpt, writer, preempt, eval_fn):
+    """The RL iterations from `meta["iteration"]` to `config.train.num_steps` (or the time budget); `pipe` hands
+    each its rollout (with `rollout.staleness` 1 sampled during the previous update)."""
+    bar, log = ProgressBar(config.train.num_steps, desc=config.algorithm), console.IterationLog(config)
+    start, skips, last = time.time(), 0, {}
+    for it in range(meta["iteration"], config.train.num_steps):
+        rows, metrics, rollout_times = pipe.take(it, state.params["policy"],
+                                                 methods.sampler_args(config, meta["method_state"]))
         t1 = time.time()
         batch, batch_metrics, entropy = parts.build_batch(rows, state.params)
         meta["method_state"] = methods.next_state(config, entropy, np.asarray(rows.response_mask_NxR, np.float32))
         t2 = time.time()
+        pipe.prefetch(it + 1, state.params["policy"], methods.sampler_args(config, meta["method_state"]),
+                      config.train.num_steps)
         mbs = parts.split(batch, np.random.default_rng([config.seed, it]))
         state, step_metrics, skips = _update(config, update, state, mbs, it, skips)
-        last = {**metrics, **batch_metrics, **step_metrics, "time/rollout_s": t1 - t0,
+        last = {**metrics, **batch_metrics, **step_metrics, **rollout_times,
                 "time/logps_adv_s": t2 - t1, "time/update_s": time.time() - t2}
         ckpt.wait()  # the previous save is on disk before iteration it+1 counts as done: a kill loses <= 1 interval
         writer.write(it + 1, last)
         log.iteration(it + 1, last)
         _periodic_eval(config, eval_fn, state, it + 1, writer)
         bar.update(it + 1, reward=metrics["reward/accuracy"], length=metrics["response/length_mean"])
-        meta.update(iteration=it + 1, stream_position=stream.position)
+        meta.update(iteration=it + 1, stream_position=pipe.position)
         out_of_time = multihost.any_process(config.train.time_budget_s > 0 and
                                             time.time() - start > config.train.time_budget_s)
         if (it + 1) % config.train.checkpoint_every == 0 or preempt.requested or out_of_time:
-            ckpt.save(it + 1, state, meta, force=True)
+            ckpt.save(it + 1, state, pipe.checkpoint_meta(it + 1, meta, ckpt.all_steps), force=True)
         if preempt.requested:
             print(f"preempted: saved iteration {it + 1}, exiting cleanly", flush=True)
             last = {"preempted": True, **last}

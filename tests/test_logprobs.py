@@ -242,6 +242,21 @@ def test_token_chunks_keep_each_devices_rows_apart(mesh_shape, token_chunk, bloc
 
 
 @pytest.mark.devices(8)
+def test_sharded_values_and_grads_equal_unsharded():
+    """Rows over 4 devices of a 2x2x2 mesh (vocabulary over 2), each device's 2 rows x 7 = 14 tokens in chunks of
+    12 / 4 = 3 (padded), streamed vocabulary: the unsharded log-probs, entropies and gradients."""
+    h, w, t, mask = _inputs(n=8, r=7)
+    chunked = lambda h, w, t: lp.chunked_token_logps(h, w, t, token_chunk=12, vocab_chunk=16)
+    want = jax.jit(chunked)(h, w, t)
+    g_want = jax.jit(jax.grad(_masked_objective(chunked, t, mask), argnums=(0, 1)))(h, w)
+    with jax.set_mesh(sharding_lib.make_mesh(2, 2, 2)):
+        got = jax.jit(chunked)(h, w, t)
+        g_got = jax.jit(jax.grad(_masked_objective(chunked, t, mask), argnums=(0, 1)))(h, w)
+    for a, b in zip((*got, *g_got), (*want, *g_want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.devices(8)
 def test_sharded_chunks_equal_full_logits(model_and_batch):
     """Rows over 4 devices (and the vocabulary over 2), chunks of 8 tokens that do not divide a device's 12
     (2 rows x 6): the direct full-logits log-probs and entropies."""

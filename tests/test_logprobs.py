@@ -1,6 +1,8 @@
 """Chunked log-probs from hidden states (train/logprobs.py), mixed precision, and the no-grad passes of
 train/batch.py: equal to the plain [rows, tokens, vocab] computation, memory that does not grow with tokens x vocab,
 micro-batched == one pass, sharded == unsharded."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,3 +206,96 @@ def test_sharded_passes_equal_unsharded(model_and_batch):
         assert a.sharding.is_equivalent_to(rows, a.ndim)
         assert len(a.sharding.device_set) == 8
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _chunks_reference(h, t, blocks, chunk):
+    """numpy: rows in `blocks` consecutive blocks, each block's tokens flattened, zero-padded and cut into chunks."""
+    n, r, d = h.shape
+    tokens = n // blocks * r
+    num = -(-tokens // chunk)
+    hp = np.zeros((blocks, num * chunk, d), h.dtype)
+    tp = np.zeros((blocks, num * chunk), np.int32)
+    hp[:, :tokens], tp[:, :tokens] = h.reshape(blocks, tokens, d), t.reshape(blocks, tokens)
+    return hp.reshape(blocks, num, chunk, d).swapaxes(0, 1), tp.reshape(blocks, num, chunk).swapaxes(0, 1)
+
+
+@pytest.mark.devices(8)
+@pytest.mark.parametrize("mesh_shape,token_chunk,blocks,chunk", [
+    (None, 4, 1, 4),  # no mesh: the flattened N*R = 56 tokens in chunks of 4
+    (None, 0, 1, 56),
+    ((2, 2, 2), 12, 4, 3),  # rows over data x fsdp = 4 devices: 2 rows (14 tokens) each, chunks of 12 / 4 = 3
+    ((1, 8, 1), 100, 8, 7),  # one row per device: chunks of at most its 7 tokens
+])
+def test_token_chunks_keep_each_devices_rows_apart(mesh_shape, token_chunk, blocks, chunk):
+    h = np.arange(8 * 7 * 2, dtype=np.float32).reshape(8, 7, 2)
+    t = np.arange(8 * 7, dtype=np.int32).reshape(8, 7) + 1
+    fn = jax.jit(lambda h, t: lp.token_chunks(h, t, token_chunk))
+    if mesh_shape is None:
+        got = fn(h, t)
+    else:
+        with jax.set_mesh(sharding_lib.make_mesh(*mesh_shape)):
+            got = fn(h, t)
+    want = _chunks_reference(h, t, blocks, chunk)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(lp.untile(got[1], (8, 7)), t)
+
+
+@pytest.mark.devices(8)
+def test_sharded_values_and_grads_equal_unsharded():
+    """Rows over 4 devices of a 2x2x2 mesh (vocabulary over 2), each device's 2 rows x 7 = 14 tokens in chunks of
+    12 / 4 = 3 (padded), streamed vocabulary: the unsharded log-probs, entropies and gradients."""
+    h, w, t, mask = _inputs(n=8, r=7)
+    chunked = lambda h, w, t: lp.chunked_token_logps(h, w, t, token_chunk=12, vocab_chunk=16)
+    want = jax.jit(chunked)(h, w, t)
+    g_want = jax.jit(jax.grad(_masked_objective(chunked, t, mask), argnums=(0, 1)))(h, w)
+    with jax.set_mesh(sharding_lib.make_mesh(2, 2, 2)):
+        got = jax.jit(chunked)(h, w, t)
+        g_got = jax.jit(jax.grad(_masked_objective(chunked, t, mask), argnums=(0, 1)))(h, w)
+    for a, b in zip((*got, *g_got), (*want, *g_want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.devices(8)
+def test_sharded_chunks_equal_full_logits(model_and_batch):
+    """Rows over 4 devices (and the vocabulary over 2), chunks of 8 tokens that do not divide a device's 12
+    (2 rows x 6): the direct full-logits log-probs and entropies."""
+    model, batch = model_and_batch
+    graphdef, params = nnx.split(model, nnx.Param)
+    mesh = sharding_lib.make_mesh(2, 2, 2)
+    psh = sharding_lib.param_shardings(params, mesh)
+    logps, _ = batch_lib.make_forward_fns(graphdef, spec=lp.LogpSpec(logits_chunk=32, vocab_chunk=16),
+                                          policy_shardings=psh, rows_sharding=sharding_lib.batch_sharding(mesh, 1))
+    got = logps(jax.device_put(params, psh), batch)
+    for a, b in zip(got, jax.jit(lambda b: _plain_ar_logps(model, b))(batch)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.devices(8)
+def test_sharded_lm_head_runs_each_devices_rows_only():
+    """The compiled no-grad pass of a tied-embedding model on 8 devices: per device 1/8 of the single-device matmul
+    FLOPs (the LM head is 70% of them), and no logits summed across devices. With the N*R tokens flattened into
+    chunks, data=8 ran the LM head on every row on every device (5.9x), fsdp=8 split the hidden axis and all-reduced
+    every chunk's logits."""
+    from experiments import _hlo_flops
+
+    cfg = TransformerConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                            num_kv_heads=1, tie_embeddings=True)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    n, p, r = 16, 4, 12
+    batch = UpdateBatch(tokens_NxL=jax.ShapeDtypeStruct((n, p + r), jnp.int32),
+                        valid_NxL=jax.ShapeDtypeStruct((n, p + r), jnp.bool_),
+                        response_mask_NxR=jax.ShapeDtypeStruct((n, r), jnp.float32))
+    spec = lp.LogpSpec(logits_chunk=32)
+    one = _hlo_flops.dot_flops(batch_lib.make_forward_fns(graphdef, spec=spec)[0].lower(params, batch).compile()
+                               .as_text())
+    for shape in [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:
+        mesh = sharding_lib.make_mesh(*shape)
+        fn, _ = batch_lib.make_forward_fns(graphdef, spec=spec, policy_shardings=sharding_lib.param_shardings(
+            params, mesh), rows_sharding=sharding_lib.batch_sharding(mesh, 1))
+        with jax.set_mesh(mesh):
+            text = fn.lower(params, batch).compile().as_text()
+        assert _hlo_flops.dot_flops(text) * 8 == pytest.approx(one, rel=0.01), shape
+        summed = re.findall(r"= \w+\[([\d,]*)\]\S* (?:all-reduce|reduce-scatter)\(", text)
+        vocab_dims = {cfg.vocab_size, cfg.vocab_size // shape[2]}
+        assert not [s for s in summed if vocab_dims & {int(x) for x in s.split(",") if x}], (shape, summed)

@@ -138,6 +138,16 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def activation_shards(size: int, logical_axis: str = "act_batch", rules=DEFAULT_RULES) -> int:
+    """Into how many blocks `constrain` splits an activation dim of `size` named `logical_axis` on the current
+    mesh (`jax.set_mesh`): the product of its mesh axes, 1 outside a mesh or where `size` does not divide."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return 1
+    shards = int(np.prod([mesh.shape[a] for a in _axes_tuple(_lookup(logical_axis, rules))]))
+    return shards if size % shards == 0 else 1
+
+
 def constrain(x: jax.Array, logical_axes, rules=DEFAULT_RULES) -> jax.Array:
     """`with_sharding_constraint` of `x` to the spec of its logical axes on the current mesh (`jax.set_mesh`).
 

@@ -36,7 +36,7 @@ from jaxrl_reason.models.attention import causal, positions_from_mask
 from jaxrl_reason.sampling import autoregressive as ar
 from jaxrl_reason.sampling.processors import SamplingParams, sample_logits
 from jaxrl_reason.sampling.types import STEP_MAP_PAD, Rollout
-from jaxrl_reason.train.logprobs import LogpSpec, cast_floating, chunked_token_logps, lm_head_logits, token_chunks
+from jaxrl_reason.train.logprobs import LogpSpec, cast_floating, chunked_logits, chunked_token_logps
 
 
 def make_exact_generate_fn(graphdef, *, spec: LogpSpec, max_prompt_len: int, max_new_tokens: int,
@@ -106,10 +106,6 @@ def _column(x_BxR, t):
 
 
 def _logits_at(h_BxRxD, w_DxV, t, token_chunk):
-    """float32 logits `[B, V]` of response slot t, computed as the trainer's LM head computes them: one matmul per
-    chunk of the flattened B*R states (`token_chunks`), so that each row meets the same matmul shape."""
-    b, r, _ = h_BxRxD.shape
-    h_KxCxD, _ = token_chunks(h_BxRxD, jnp.zeros((b, r), jnp.int32), token_chunk)
-    z_KxCxV = jax.lax.map(lambda h_CxD: lm_head_logits(h_CxD, w_DxV), h_KxCxD)
-    z_BxRxV = z_KxCxV.reshape(-1, z_KxCxV.shape[-1])[:b * r].reshape(b, r, -1)
-    return jax.lax.dynamic_index_in_dim(z_BxRxV, t, axis=1, keepdims=False)
+    """float32 logits `[B, V]` of response slot t, computed as the trainer's LM head computes them
+    (`chunked_logits`: the trainer's chunks, so that each row meets the same matmul shape)."""
+    return jax.lax.dynamic_index_in_dim(chunked_logits(h_BxRxD, w_DxV, token_chunk), t, axis=1, keepdims=False)

@@ -1,9 +1,11 @@
 """Response-token log-probs and entropies from hidden states, in chunks: no [rows, tokens, vocab] tensor.
 
 The LM head runs only on the R positions that predict response tokens (P-1 .. L-2). Those N*R hidden states are
-flattened and cut into chunks of `token_chunk` tokens; a `lax.scan` takes one chunk at a time under
-`jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of keeping them: the largest
-vocabulary-sized buffer is one chunk's `[token_chunk, V]` (or `[token_chunk, vocab_chunk]`, below). With
+flattened and cut into chunks of `token_chunk` tokens, each device's rows apart (`token_chunks`: rows sharded
+over devices stay on their device); a `lax.scan` takes one chunk at a time under `jax.checkpoint`, so the
+backward pass recomputes a chunk's logits instead of keeping them: the largest vocabulary-sized buffer is one
+chunk's `[token_chunk, V]` (or `[token_chunk, vocab_chunk]`, below), split over the devices that hold the rows.
+With
 `vocab_chunk` > 0 the vocabulary is streamed too: a running max m, the sum s of exp(z - m) and the sum a of
 exp(z - m) * (z - m) are carried over vocabulary slices, rescaled whenever m grows, and give
 
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrl_reason.models.attention import AttentionMask, causal, positions_from_mask
+from jaxrl_reason.models.sharding import activation_shards, constrain
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -33,9 +36,10 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class LogpSpec:
     """How log-probs are computed (hashable: part of the jitted functions' identity).
 
-    logits_chunk: tokens per LM-head chunk (0: all N*R tokens in one chunk). vocab_chunk: vocabulary columns per
-    streamed slice (0: the whole vocabulary at once). compute_dtype: dtype the params are cast to for the
-    forward pass ("float32" | "bfloat16").
+    logits_chunk: tokens per LM-head chunk, logits_chunk / S of them on each of the S devices the rows are
+    sharded over (0: all N*R tokens in one chunk). vocab_chunk: vocabulary columns per streamed slice (0: the
+    whole vocabulary at once). compute_dtype: dtype the params are cast to for the forward pass ("float32" |
+    "bfloat16").
     """
     logits_chunk: int = 1024
     vocab_chunk: int = 0
@@ -129,33 +133,67 @@ def chunked_token_logps(h_NxRxD: jax.Array, w_DxV: jax.Array, targets_NxR: jax.A
                         vocab_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """`token_logps(h @ w, targets)` without the `[N, R, V]` logits (module docstring); float32 `[N, R]` each.
 
-    The hidden states and head are used in their own dtype (the matmul accumulates in float32). The token axis is
-    padded up to a multiple of `token_chunk` with zero states, whose results are dropped.
+    The hidden states and head are used in their own dtype (the matmul accumulates in float32), in the chunks of
+    `token_chunks` (padded with zero states, whose results are dropped).
     """
-    n, r, _ = h_NxRxD.shape
     chunk_fn = jax.checkpoint(lambda w, h, t: chunk_logps(w, h, t, vocab_chunk), prevent_cse=False)
+    w_DxV = whole_head(w_DxV)
 
     def body(_, xs):
-        return None, chunk_fn(w_DxV, *xs)
+        h_SxCxD, t_SxC = xs
+        logp, entropy = chunk_fn(w_DxV, h_SxCxD.reshape(-1, h_SxCxD.shape[-1]), t_SxC.reshape(-1))
+        return None, (logp.reshape(t_SxC.shape), entropy.reshape(t_SxC.shape))
 
-    _, (logp, entropy) = jax.lax.scan(body, None, token_chunks(h_NxRxD, targets_NxR, token_chunk))
-    return logp.reshape(-1)[:n * r].reshape(n, r), entropy.reshape(-1)[:n * r].reshape(n, r)
+    _, (logp_KxSxC, entropy_KxSxC) = jax.lax.scan(body, None, token_chunks(h_NxRxD, targets_NxR, token_chunk))
+    return untile(logp_KxSxC, targets_NxR.shape), untile(entropy_KxSxC, targets_NxR.shape)
+
+
+def chunked_logits(h_NxRxD: jax.Array, w_DxV: jax.Array, token_chunk: int) -> jax.Array:
+    """float32 logits `[N, R, V]` computed in `chunked_token_logps`' chunks, each row by the same matmul shape and
+    layout as there (the exact sampler samples from them and must score what the trainer scores)."""
+    w_DxV = whole_head(w_DxV)
+    h_KxSxCxD, _ = token_chunks(h_NxRxD, jnp.zeros(h_NxRxD.shape[:2], jnp.int32), token_chunk)
+    z_KxSxCxV = jax.lax.map(lambda h_SxCxD: lm_head_logits(h_SxCxD.reshape(-1, h_SxCxD.shape[-1]), w_DxV)
+                            .reshape(*h_SxCxD.shape[:2], -1), h_KxSxCxD)
+    return untile(z_KxSxCxV, h_NxRxD.shape[:2])
+
+
+def whole_head(w_DxV: jax.Array) -> jax.Array:
+    """The LM head gathered whole over the hidden axis (vocabulary over 'tensor') on the current mesh: every
+    device multiplies its own rows by it, one gather per pass instead of one per chunk (no-op outside a mesh)."""
+    return constrain(w_DxV, ("act_embed", "act_vocab"))
 
 
 def token_chunks(h_NxRxD: jax.Array, targets_NxR: jax.Array, token_chunk: int) -> tuple[jax.Array, jax.Array]:
-    """The N*R hidden states and targets flattened row by row, padded with zero states up to a multiple of the
-    chunk and cut into chunks: (`[K, C, D]`, int32 `[K, C]`), C = min(token_chunk, N*R) (all of them when <= 0)."""
+    """The hidden states and targets in chunks for the LM head: (`[K, S, C, D]`, int32 `[K, S, C]`).
+
+    The N rows are cut into S blocks of consecutive rows, S = the devices the rows are sharded over on the current
+    mesh (1 outside a mesh); each block's tokens are flattened row by row, padded with zero states up to a multiple
+    of C = token_chunk // S (at least 1, at most the block's tokens; all of them when token_chunk <= 0) and cut into
+    K chunks. Chunk k holds every block's k-th piece with the block axis pinned to the devices of its rows, so each
+    device runs the LM head on its own rows only, as one device would on them alone (chunks of all N*R tokens
+    would each sit on one device, and XLA would gather every chunk to every device or split the hidden axis and
+    sum the logits across devices). Unsharded (S = 1) the chunks are the flattened N*R tokens, token_chunk each.
+    """
     n, r, d = h_NxRxD.shape
-    total = n * r
-    chunk = total if token_chunk <= 0 else min(token_chunk, total)
-    num = -(-total // chunk)
-    pad = num * chunk - total
-    h_TxD = h_NxRxD.reshape(total, d)
-    t_T = targets_NxR.reshape(total).astype(jnp.int32)
-    if pad:
-        h_TxD = jnp.concatenate([h_TxD, jnp.zeros((pad, d), h_TxD.dtype)])
-        t_T = jnp.concatenate([t_T, jnp.zeros((pad,), jnp.int32)])
-    return h_TxD.reshape(num, chunk, d), t_T.reshape(num, chunk)
+    shards = activation_shards(n)
+    tokens = n // shards * r
+    chunk = tokens if token_chunk <= 0 else max(1, min(tokens, token_chunk // shards))
+    num = -(-tokens // chunk)
+    pad = ((0, 0), (0, num * chunk - tokens))
+    h_SxTxD = jnp.pad(h_NxRxD.reshape(shards, tokens, d), pad + ((0, 0),))
+    t_SxT = jnp.pad(targets_NxR.reshape(shards, tokens).astype(jnp.int32), pad)
+    h_KxSxCxD = constrain(jnp.swapaxes(h_SxTxD.reshape(shards, num, chunk, d), 0, 1),
+                          (None, "act_batch", "act_len", "act_embed"))
+    return h_KxSxCxD, jnp.swapaxes(t_SxT.reshape(shards, num, chunk), 0, 1)
+
+
+def untile(x_KxSxC: jax.Array, rows_tokens: tuple[int, int]) -> jax.Array:
+    """Per-chunk results `[K, S, C, ...]` back to `[N, R, ...]` (the inverse of `token_chunks`, padding dropped)."""
+    k, s, c = x_KxSxC.shape[:3]
+    n, r = rows_tokens
+    rest = x_KxSxC.shape[3:]
+    return jnp.swapaxes(x_KxSxC, 0, 1).reshape(s, k * c, *rest)[:, :n // s * r].reshape(n, r, *rest)
 
 
 def causal_forward_inputs(batch) -> tuple[jax.Array, jax.Array, AttentionMask]:

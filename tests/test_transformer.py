@@ -229,8 +229,10 @@ def test_scanned_and_rematerialized_equal_unrolled(scan, remat):
     nnx.replace_by_pure_dict(other, _stacked(params) if scan else nnx.to_pure_dict(params))
     loss, grads = _loss_and_grad(other_graphdef)(other, *args)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), nnx.to_pure_dict(grads),
-                 want_grads)
+    # The two programs sum in different orders: a gradient entry near 0 carries float32 rounding of the leaf's
+    # largest terms, so the absolute tolerance scales with the leaf (a wrong gradient is off by orders more).
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(w).max())),
+                 nnx.to_pure_dict(grads), want_grads)
     jaxpr = str(jax.make_jaxpr(lambda p: _loss_and_grad.__wrapped__(other_graphdef)(p, *args))(other))
     assert ("checkpoint" in jaxpr or "remat" in jaxpr) == (remat != "none")
     assert ("scan" in jaxpr) == scan

@@ -17,13 +17,13 @@ What the table reports (B rows, P prompt and R new tokens, d hidden, V vocabular
   decode step         sampler seconds / decode steps (the longest response); the shared prefill (P tokens of one row
                       per group) is inside it: at the defaults 4096 prefill tokens against 512 steps of 256 rows;
   decode bandwidth    (weight bytes + KV-cache bytes) read per decode step / decode step, against the chip's HBM
-                      bandwidth (`bench_train.HBM_GBPS`). Weight bytes: the matmul weights in the compute dtype (the
+                      bandwidth (`_accel.HBM_GBPS`). Weight bytes: the matmul weights in the compute dtype (the
                       embedding gather reads B rows, a tied table is read once as the LM head). KV bytes of step t:
                       B * layers * 2 * kv_heads * head_dim * itemsize * (P + end of t's decode segment): the sampler
                       attends over the whole cache it carries (`sampling/autoregressive.py`), averaged over the steps;
   weight transfer     bytes read (float32) and written (compute dtype) by sampler_copy / its seconds, against HBM;
-  MFU                 model FLOPs / seconds / the chip's dense bf16 peak (`bench_train.BF16_PEAK_TFLOPS`), update
-                      FLOPs = ppo_epochs * (bench_train.update_flops(B, P + R) - 6 d V B P): the loss's LM head runs
+  MFU                 model FLOPs / seconds / the chip's dense bf16 peak (`_accel.BF16_PEAK_TFLOPS`), update
+                      FLOPs = ppo_epochs * (_accel.update_flops(B, P + R) - 6 d V B P): the loss's LM head runs
                       on the R response positions only (`train/logprobs.ar_logps`); a log-prob pass is a third of it
                       (forward only), once for the policy and once for the reference.
 
@@ -66,7 +66,7 @@ class IterationCase:
 
 def model_config(case: IterationCase, config):
     """TransformerConfig of the case with the config's layer layout (scan, remat) and float32 masters."""
-    from experiments import bench_train
+    from experiments._accel import shape_config
 
     from jaxrl_reason.models.transformer import TransformerConfig
 
@@ -74,7 +74,7 @@ def model_config(case: IterationCase, config):
         cfg = TransformerConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                                 num_kv_heads=2, qkv_bias=True, tie_embeddings=True)
     else:
-        cfg = bench_train.shape_config(case.model, "float32")
+        cfg = shape_config(case.model, "float32")
     m = config.model
     cfg = dataclasses.replace(cfg, param_dtype=m.param_dtype, scan_layers=bool(m.scan_layers), remat=m.remat,
                               remat_names=tuple(m.remat_names), attention_impl=m.attention_impl)
@@ -109,9 +109,9 @@ def iteration_config(case: IterationCase):
 
 # ------------------------------------------------------------------------------------------------- counts
 def matmul_weight_bytes(cfg, itemsize: int) -> int:
-    """Bytes of the weights one decode step reads: the matmul weights (bench_train.matmul_params) in the compute
+    """Bytes of the weights one decode step reads: the matmul weights (_accel.matmul_params) in the compute
     dtype."""
-    from experiments.bench_train import matmul_params
+    from experiments._accel import matmul_params
 
     return matmul_params(cfg) * itemsize
 
@@ -129,8 +129,8 @@ def kv_bytes_per_step(cfg, rows: int, prompt_len: int, new_tokens: int, steps: i
 
 
 def update_model_flops(cfg, rows: int, prompt_len: int, new_tokens: int) -> float:
-    """FLOPs of one update over `rows` sequences: bench_train.update_flops without the LM head on the prompt."""
-    from experiments.bench_train import update_flops
+    """FLOPs of one update over `rows` sequences: _accel.update_flops without the LM head on the prompt."""
+    from experiments._accel import update_flops
 
     full = update_flops(cfg, rows, prompt_len + new_tokens)["total"]
     return full - 6 * cfg.hidden_size * cfg.vocab_size * rows * prompt_len
@@ -260,7 +260,7 @@ def _of(rate: float, peak: float | None, what: str) -> str:
 def table(res: dict, device_kind: str) -> str:
     """One markdown table: each phase's seconds, its share of the iteration, its rate and that rate against the
     chip's peak (HBM bandwidth for the memory-bound phases, dense bf16 FLOP/s for the passes)."""
-    from experiments.bench_train import bf16_peak, hbm_bandwidth
+    from experiments._accel import bf16_peak, hbm_bandwidth
 
     c, s = res["case"], res["secs"]
     peak, hbm = bf16_peak(device_kind), hbm_bandwidth(device_kind)

@@ -44,13 +44,16 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def launch(commands: list[list[str]], log_dir, timeout_s: float, procs: list | None = None) -> list[tuple[int, str]]:
+def launch(commands: list[list[str]], log_dir, timeout_s: float, procs: list | None = None,
+           kill_when=None) -> list[tuple[int, str]]:
     """Runs the commands concurrently; returns [(returncode, output tail)] once all exit.
 
     The first worker to fail gets every other group killed (its peers would only wait for it). On the deadline
-    every group is killed and TimeoutError is raised. `procs`, if given, receives the Popen objects.
+    every group is killed and TimeoutError is raised. `procs`, if given, receives the Popen objects. `kill_when`,
+    if given, is polled with the index of each running worker: once it returns True that worker's group is
+    SIGKILLed on purpose (a kill the test asked for, not a failure: the other workers go on).
     """
-    procs, logs = ([] if procs is None else procs), []
+    procs, logs, killed = ([] if procs is None else procs), [], set()
     for i, cmd in enumerate(commands):
         log = open(os.path.join(log_dir, f"worker{i}.log"), "w+")
         logs.append(log)
@@ -61,7 +64,11 @@ def launch(commands: list[list[str]], log_dir, timeout_s: float, procs: list | N
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"multi-process workers still running after {timeout_s:.0f}s; killed them.")
-            if any(p.poll() not in (None, 0) for p in procs):
+            for i, p in enumerate(procs):
+                if kill_when is not None and p.poll() is None and kill_when(i):
+                    kill_group(p)
+                    killed.add(i)
+            if any(p.poll() not in (None, 0) for i, p in enumerate(procs) if i not in killed):
                 break
             time.sleep(0.2)
     finally:
@@ -75,9 +82,10 @@ def launch(commands: list[list[str]], log_dir, timeout_s: float, procs: list | N
     return out
 
 
-def launch_joined(make_commands, log_dir, timeout_s: float) -> list[tuple[int, str]]:
-    """`launch(make_commands(port), ...)` for workers joined through a coordinator on a free loopback `port`;
-    returns [(0, output tail)] when every worker succeeded.
+def launch_joined(make_commands, log_dir, timeout_s: float, kill_when=None) -> list[tuple[int, str]]:
+    """`launch(make_commands(port), ..., kill_when)` for workers joined through a coordinator on a free loopback
+    `port`; returns [(returncode, output tail)] when every worker succeeded: exited 0, or was SIGKILLed while
+    `kill_when(i)` held (it must stay True once True, e.g. a marker file the worker wrote).
 
     A coordinator port taken between choosing it and binding it is retried on a new port (`make_commands` is called
     again); a worker reporting that this platform cannot run CPU multi-process collectives (exit code 77) skips the
@@ -85,8 +93,9 @@ def launch_joined(make_commands, log_dir, timeout_s: float) -> list[tuple[int, s
     the launcher killed because of it).
     """
     for attempt in range(3):
-        results = launch(make_commands(free_port()), log_dir, timeout_s)
-        failed = [(i, rc, log) for i, (rc, log) in enumerate(results) if rc != 0]
+        results = launch(make_commands(free_port()), log_dir, timeout_s, kill_when=kill_when)
+        failed = [(i, rc, log) for i, (rc, log) in enumerate(results)
+                  if rc != 0 and not (rc == -signal.SIGKILL and kill_when is not None and kill_when(i))]
         if not failed:
             return results
         i, rc, log = ([f for f in failed if f[1] != -signal.SIGKILL] or failed)[0]

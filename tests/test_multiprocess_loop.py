@@ -1,13 +1,14 @@
-"""The whole RL loop as two JAX processes == the same loop as one process, including a stop and resume.
+"""The whole RL loop as two JAX processes == the same loop as one process, including a kill and resume.
 
 Two CPU processes of 2 fake devices each are joined by `jax.distributed` on loopback (gloo collectives) and run
 `train/loop.run` through `tests/multiprocess_loop_worker.py`: tiny GRPO with the zero-variance group filter (its
 refill rounds are decided from rows sampled on both processes), a checkpoint every iteration and the Hugging Face
 export, on a (data=1, fsdp=4, tensor=1) mesh, so every weight matrix is split over both processes and each process
-samples and scores its own 2 of the 4 groups of a round. The two-process run is stopped after iteration 1 (a first
-launch with `train.num_steps=1`; the schedule is constant, so the number of steps does not change an update) and a
-second launch resumes it from that checkpoint to iteration 2. Alongside the first launch one process runs the same
-config alone on 4 devices with the same mesh, uninterrupted, to iteration 2.
+samples and scores its own 2 of the 4 groups of a round. The two-process run (2 iterations) is SIGKILLed, both
+process groups, once checkpoint 1 is finalized on disk and before checkpoint 2 is begun (`--hang_after_checkpoint=1`:
+each process writes a marker file and blocks there; the kill waits for both markers, so it lands at the same point
+on every run). A second launch of the same commands resumes it from checkpoint 1 to iteration 2. Alongside the
+first launch one process runs the same config alone on 4 devices with the same mesh, uninterrupted, to iteration 2.
 
 Checked: every line of metrics.jsonl (held-out evaluations, rewards, filter rounds, losses) and the exported
 Hugging Face files (weights allclose, the rest byte-equal) of the resumed two-process run equal the uninterrupted
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 
 import numpy as np
@@ -29,11 +31,10 @@ WORKER = os.path.join(ROOT, "tests", "multiprocess_loop_worker.py")
 DEADLINE_S = 300.0  # generous for a loaded 2-core machine; each launch takes ~20-30 s on an idle one
 
 
-def _cmd(workdir, steps: int, *, num_processes: int = 1, process_id: int = 0, port: int = 0) -> list[str]:
-    cmd = [sys.executable, WORKER, f"--workdir={workdir}", f"--num_steps={steps}",
-           f"--num_processes={num_processes}", f"--process_id={process_id}",
-           f"--local_devices={4 // num_processes}"]
-    return cmd + ([f"--coordinator=127.0.0.1:{port}"] if num_processes > 1 else [])
+def _cmd(workdir, *, num_processes: int = 1, process_id: int = 0, port: int = 0) -> list[str]:
+    cmd = [sys.executable, WORKER, f"--workdir={workdir}", "--num_steps=2", f"--num_processes={num_processes}",
+           f"--process_id={process_id}", f"--local_devices={4 // num_processes}"]
+    return cmd + ([f"--coordinator=127.0.0.1:{port}", "--hang_after_checkpoint=1"] if num_processes > 1 else [])
 
 
 def _fresh(*dirs):
@@ -45,18 +46,21 @@ def _fresh(*dirs):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess_loop")
     two, one = tmp / "two", tmp / "one"
+    markers = [two / f"hung_after_checkpoint.process{p}" for p in (0, 1)]
+
+    def two_processes(port):
+        return [_cmd(two, num_processes=2, process_id=p, port=port) for p in (0, 1)]
 
     def first(port):  # a retried launch starts from empty workdirs
         _fresh(two, one)
-        return [_cmd(two, 1, num_processes=2, process_id=0, port=port),
-                _cmd(two, 1, num_processes=2, process_id=1, port=port), _cmd(one, 2)]
+        return two_processes(port) + [_cmd(one)]
 
-    logs = [log for _, log in launch_joined(first, str(tmp), DEADLINE_S)]
-    after_first = sorted(os.listdir(two / "checkpoints"))
-    logs += [log for _, log in launch_joined(
-        lambda port: [_cmd(two, 2, num_processes=2, process_id=p, port=port) for p in (0, 1)], str(tmp),
-        DEADLINE_S)]
-    return dict(two=two, one=one, logs=logs, after_first=after_first)
+    # both two-process workers are killed together, once both hang after checkpoint 1; the reference runs on
+    first_launch = launch_joined(first, str(tmp), DEADLINE_S, kill_when=lambda i: i < 2 and all(
+        m.exists() for m in markers))
+    after_kill = sorted(os.listdir(two / "checkpoints"))
+    second_launch = launch_joined(two_processes, str(tmp), DEADLINE_S)
+    return dict(two=two, one=one, first=first_launch, second=second_launch, after_kill=after_kill)
 
 
 def _metrics(workdir) -> list[dict]:
@@ -65,12 +69,17 @@ def _metrics(workdir) -> list[dict]:
 
 
 def test_runs_are_what_they_claim(runs):
-    first0, first1, ref, second0, second1 = runs["logs"]
-    assert "WORKER_DONE process 0/2 iterations=1" in first0 and "WORKER_DONE process 1/2 iterations=1" in first1
+    (rc0, first0), (rc1, first1), (rc_ref, ref) = runs["first"]
+    # the first two-process launch was killed, after both processes had checkpoint 1 on disk and before checkpoint 2
+    assert rc0 == rc1 == -signal.SIGKILL and rc_ref == 0
+    for p, log in enumerate((first0, first1)):
+        assert "WORKER_HANGING after checkpoint 1" in log and "WORKER_DONE" not in log
+        assert (runs["two"] / f"hung_after_checkpoint.process{p}").exists()
+    assert runs["after_kill"] == ["1"]
     assert "WORKER_DONE process 0/1 iterations=2" in ref
-    assert "WORKER_DONE process 0/2 iterations=2" in second0 and "WORKER_DONE process 1/2 iterations=2" in second1
-    assert runs["after_first"] == ["1"]  # the first launch stopped after iteration 1 ...
-    assert "resumed from" in second0 and "at iteration 1" in second0  # ... and the second resumed from there
+    for p, (rc, log) in enumerate(runs["second"]):  # ... and the same commands resumed from checkpoint 1
+        assert rc == 0 and "resumed from" in log and "at iteration 1" in log
+        assert f"WORKER_DONE process {p}/2 iterations=2" in log and "WORKER_HANGING" not in log
     for log in (first0, ref):
         assert "mesh: {'data': 1, 'fsdp': 4, 'tensor': 1} over 4 cpu devices" in log
     assert sorted(os.listdir(runs["two"] / "checkpoints")) == ["1", "2"]

@@ -94,7 +94,7 @@ def _all_objectives(params, mb, rng, *, pg, vg):
 
 
 def test_micro_batched_rl_loss_equals_one_batch():
-    """M = 1, 2, 4 micro-batches: same loss, logged loss terms, grad_norm and SGD-updated params, for every
+    """M = 1 and 4 micro-batches: same loss, logged loss terms, grad_norm and SGD-updated params, for every
     aggregation of the PPO loss and for GSPO, with KL, entropy and critic terms on and uneven response lengths.
 
     Each objective's total is the sum of its logged terms with their coefficients (entropy with a minus sign), and
@@ -104,7 +104,7 @@ def test_micro_batched_rl_loss_equals_one_batch():
     tx = optax.sgd(0.5)
     batch = _batch()
     out = {}
-    for m in (1, 2, 4):
+    for m in (1, 4):  # M = 4 also cuts the batch where M = 2 would
         state = init_train_state(jax.tree.map(jnp.copy, params), tx, seed=0)
         new_state, metrics = step_lib.make_train_step(loss_fn, tx, num_micro_batches=m, donate=False)(state, batch)
         out[m] = (jax.device_get(metrics), jax.device_get(new_state.params))
@@ -117,7 +117,7 @@ def test_micro_batched_rl_loss_equals_one_batch():
         np.testing.assert_allclose(ref_metrics[f"loss_{i}"], parts, rtol=1e-6, atol=1e-7, err_msg=f"{cfg}")
         assert t["kl_loss"] > 0 and t["entropy"] > 0
     np.testing.assert_allclose(ref_metrics["vf_loss_0"], _numpy_value_loss(vg, params["value"], batch), rtol=1e-5)
-    for m in (2, 4):
+    for m in (4,):
         metrics, new_params = out[m]
         for key in ref_metrics:
             if key == "loss" or key == "grad_norm" or key.startswith(("loss_",) + TERMS):

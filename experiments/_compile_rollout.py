@@ -84,18 +84,10 @@ def search(compile_rows, cands: list[int], start: int, tries: int):
 
 def report(name, compiled, seconds, refusal, *, args, resident, kv_bytes, top) -> float | None:
     """Prints one rollout compile's per-device memory beside the KV-cache estimate; returns the need in bytes."""
-    from jaxrl_reason.train import preflight
-
-    gib = ct.gib
     print(f"\n### {name} (compiled in {seconds:.1f} s)")
-    print(f"  KV cache estimate {gib(kv_bytes)} GiB per device (layers x 2 x rows x kv_heads x head_dim x (P + R, "
+    print(f"  KV cache estimate {ct.gib(kv_bytes)} GiB per device (layers x 2 x rows x kv_heads x head_dim x (P + R, "
           "or R + P / G with share_prefix) x 2 bytes / row shards)")
-    if compiled is None:
-        return ct.refused_need(args, refusal, resident)
-    mem = preflight.memory_report(compiled)
-    need = mem.peak + resident
-    print(f"  arguments {gib(mem.argument)} GiB | outputs {gib(mem.output - mem.alias)} GiB | temporaries "
-          f"{gib(mem.temp)} GiB ({mem.temp / kv_bytes:.2f} x the KV cache estimate) | code {gib(mem.code)} GiB | "
-          f"resident beside it {gib(resident)} GiB | total {gib(need)} GiB per device")
-    ct.print_largest_buffers(compiled.as_text(), top)
+    need = ct.print_memory(compiled, refusal, args=args, resident=resident, per_temp=(kv_bytes, "the KV cache estimate"))
+    if compiled is not None:
+        ct.print_largest_buffers(compiled.as_text(), top)
     return need

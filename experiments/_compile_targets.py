@@ -231,6 +231,23 @@ def parse_oom(message: str) -> dict:
     return out
 
 
+def print_memory(compiled, refusal, *, args: int, resident: int, per_temp: tuple[int, str] | None = None):
+    """Prints a program's per-device memory (a refused one's from XLA's message) and returns the bytes it needs per
+    device with what stays resident beside it (None: unknown). `per_temp` = (bytes, name) adds the temporaries'
+    ratio to that reference (the rollout's KV-cache estimate)."""
+    if compiled is None:
+        return refused_need(args, refusal, resident)
+    from jaxrl_reason.train import preflight
+
+    mem = preflight.memory_report(compiled)
+    need = mem.peak + resident
+    ratio = f" ({mem.temp / per_temp[0]:.2f} x {per_temp[1]})" if per_temp else ""
+    print(f"  arguments {gib(mem.argument)} GiB | outputs {gib(mem.output - mem.alias)} GiB (beyond donated) | "
+          f"temporaries {gib(mem.temp)} GiB{ratio} | code {gib(mem.code)} GiB | resident beside it {gib(resident)} "
+          f"GiB | total {gib(need)} GiB per device")
+    return need
+
+
 def refused_need(args: int, refusal: dict, resident: int) -> int | None:
     """Prints and returns the bytes per device a program XLA refused would need: its arguments, the temporaries
     XLA's out-of-memory message names, and what stays resident beside it (None: the message names no size)."""

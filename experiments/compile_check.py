@@ -193,17 +193,10 @@ def print_flops(text, compiled, model_flops, n_devices):
 
 def report_program(name, compiled, seconds, refusal, *, args, resident, model_flops, n_devices, top):
     """Prints one program's per-device table; returns the bytes it needs per device (None: unknown)."""
-    from jaxrl_reason.train import preflight
-
-    gib = ct.gib
     print(f"\n### {name} (compiled in {seconds:.1f} s)")
+    need = ct.print_memory(compiled, refusal, args=args, resident=resident)
     if compiled is None:
-        return ct.refused_need(args, refusal, resident)
-    mem = preflight.memory_report(compiled)
-    need = mem.peak + resident
-    print(f"  arguments {gib(mem.argument)} GiB | outputs {gib(mem.output - mem.alias)} GiB (beyond donated) | "
-          f"temporaries {gib(mem.temp)} GiB | code {gib(mem.code)} GiB | resident beside it {gib(resident)} GiB | "
-          f"total {gib(need)} GiB per device")
+        return need
     text = compiled.as_text()
     if _DUMP.value:
         os.makedirs(_DUMP.value, exist_ok=True)

@@ -120,12 +120,6 @@ def _batch_sharding(config, mesh):
     return jax.sharding.NamedSharding(mesh, jax.P())
 
 
-def _global(batch: dict, sharding) -> dict:
-    """Host arrays (identical on every process) -> global jax arrays with `sharding`; multi-host safe."""
-    return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: np.asarray(x)[i]),
-                        batch)
-
-
 def update_batch_spec(config, sharding) -> UpdateBatch | None:
     """ShapeDtypeStructs of one mini-batch as `parts.split` hands it to the step (autoregressive policies; None for
     the masked-diffusion layout, whose row count depends on the sampled trajectories)."""
@@ -168,7 +162,7 @@ def _preflight(config, mesh, step, state, batch_sh, capacity: int | None):
     layout = None if spec is None else jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), spec)
 
     def update(state, mb):
-        batch = _global(mb, batch_sh)
+        batch = multihost.global_from_host(mb, batch_sh)
         if compiled is not None and jax.tree.map(lambda x: (x.shape, np.dtype(x.dtype)), batch) == layout:
             return compiled(state, batch)
         with jax.set_mesh(mesh):  # traced under the mesh like the compiled program: same activation constraints

@@ -283,7 +283,7 @@ def _generate(params_state, prompt_tokens_BxP, prompt_mask_BxP, key, hapo_stats,
     model = nnx.merge(graphdef, params_state)
     head = model.lm_head_slices(decode_vocab_chunk())  # sliced once, outside the decode loop
     # Prefill into a P-slot cache (attention P x P, not P x (P + R)); only the last prompt position goes through
-    # the LM head. The cache then grows segment by segment (or, shared-prefix, gets its response slots at once).
+    # the LM head. The cache then grows segment by segment (shared-prefix: its response part only).
     if prefix:
         logits_BxV, cache = prefill_shared_prefix(model, head, prompt_tokens_BxP, prompt_mask_BxP, share)
     else:
